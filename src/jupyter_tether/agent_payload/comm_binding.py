@@ -1,0 +1,103 @@
+"""Binds the Supervisor to ipykernel comms: the only payload module that touches the kernel.
+
+Clients always open the comm (JupyterLab closes kernel-opened comms it does not know).
+Replies go back on the comm that asked; events go out once, on the most recently opened
+live comm: iopub is broadcast to every websocket attached to the kernel, so every attached
+controller sees them, and ``seq`` stays contiguous for all of them.
+"""
+
+import os
+import threading
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import app, wire
+from .supervisor import Supervisor
+
+_lock = threading.Lock()
+_state: Dict[str, Any] = {"supervisor": None, "comms": []}
+
+
+def _kernel() -> Any:
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None or not hasattr(shell, "kernel"):
+        raise RuntimeError("jupyter-tether's payload must run inside an IPython kernel")
+    return shell.kernel
+
+
+def _send(data: bytes, blobs: Sequence[bytes], channel: Any) -> None:
+    comm = channel
+    if comm is None:
+        with _lock:
+            comms: List[Any] = list(_state["comms"])
+        if not comms:
+            return  # nobody attached: the event waits in the replay ring
+        comm = comms[-1]
+    comm.send(data={"tether": wire.PROTOCOL_VERSION}, buffers=[data, *blobs])
+
+
+def _on_msg(comm: Any, msg: Dict[str, Any]) -> None:
+    supervisor: Optional[Supervisor] = _state["supervisor"]
+    if supervisor is None:
+        return
+    buffers = msg.get("buffers") or []
+    if not buffers:
+        # A JSON-only message (no envelope buffer): answer with a clear error, keep serving.
+        envelope = wire.encode(wire.reply_error(None, wire.ErrorCode.MALFORMED,
+                                                "comm message without an envelope buffer"))
+        _send(envelope, (), comm)
+        return
+    supervisor.handle(buffers[0], buffers[1:], comm)
+
+
+def _on_open(comm: Any, open_msg: Dict[str, Any]) -> None:
+    with _lock:
+        _state["comms"].append(comm)
+
+    def on_close(_msg: Dict[str, Any]) -> None:
+        with _lock:
+            if comm in _state["comms"]:
+                _state["comms"].remove(comm)
+
+    comm.on_msg(lambda msg: _on_msg(comm, msg))
+    comm.on_close(on_close)
+
+
+def start(payload_hash: str, config: Dict[str, Any]) -> Supervisor:
+    """Create the supervisor and listen for client comms. Called once per install."""
+    kernel = _kernel()
+    supervisor = app.create_supervisor(
+        _send,
+        root_dir=config.get("root_dir") or os.getcwd(),
+        state_dir=config.get("state_dir"),
+        payload_hash=payload_hash,
+    )
+    _state["supervisor"] = supervisor
+    kernel.comm_manager.register_target(wire.COMM_TARGET, _on_open)
+    return supervisor
+
+
+def is_live() -> bool:
+    supervisor = _state["supervisor"]
+    return supervisor is not None and not getattr(supervisor, "_closed", True)
+
+
+def shutdown() -> None:
+    """Stop this supervisor (for an upgrade); jobs keep running and are re-adopted."""
+    supervisor = _state["supervisor"]
+    _state["supervisor"] = None
+    with _lock:
+        comms = list(_state["comms"])
+        _state["comms"] = []
+    for comm in comms:
+        try:
+            comm.close()
+        except Exception:
+            pass
+    try:
+        _kernel().comm_manager.unregister_target(wire.COMM_TARGET, _on_open)
+    except Exception:
+        pass
+    if supervisor is not None:
+        supervisor.close()

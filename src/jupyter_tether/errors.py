@@ -1,0 +1,98 @@
+"""Every exception jupyter-tether raises, in one tree, so callers can catch at the right level.
+
+::
+
+    TetherError
+    ├── ConfigError            bad target URL, missing token, unreadable config file
+    ├── ConnectionLost         the link is down and did not come back within the wait
+    ├── AuthError              401/403 from the server (expired or wrong token / URL)
+    ├── ServerError            the Jupyter REST API answered with an unexpected error
+    ├── KernelError            a kernel died, or would not start
+    ├── TetherTimeout          a bounded wait ran out (the remote work may still go on)
+    ├── RemoteError            the supervisor answered with a typed error (``.code``)
+    │   ├── NotFound           code "not_found"
+    │   └── InvalidArgument    code "invalid_argument"
+    ├── ExecError              code run with ``exec`` raised (``.ename``, ``.traceback``)
+    ├── JobError               a job failed to start, or ``wait(check=True)`` saw a failure
+    └── TransferError          an upload / download / sync could not complete
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TetherError(Exception):
+    """Base class of every jupyter-tether error."""
+
+
+class ConfigError(TetherError):
+    """The target or configuration is unusable; the message says what to fix."""
+
+
+class ConnectionLost(TetherError):
+    """The connection to the remote Jupyter server is down and did not come back in time."""
+
+
+class AuthError(TetherError):
+    """The server refused our credentials (401/403)."""
+
+
+class ServerError(TetherError):
+    """The Jupyter REST API answered with an unexpected status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class KernelError(TetherError):
+    """A kernel died, restarted under us, or could not be started."""
+
+
+class TetherTimeout(TetherError, TimeoutError):
+    """A bounded wait ran out. The remote work itself may still be running."""
+
+
+class RemoteError(TetherError):
+    """The supervisor answered a request with a typed error."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+    @staticmethod
+    def from_wire(error: dict[str, Any]) -> RemoteError:
+        code = str(error.get("code", "internal"))
+        message = str(error.get("message", "remote error"))
+        details = error.get("details") or {}
+        cls = {"not_found": NotFound, "invalid_argument": InvalidArgument}.get(code, RemoteError)
+        return cls(code, message, details)
+
+
+class NotFound(RemoteError):
+    """The remote path, job or kernel does not exist."""
+
+
+class InvalidArgument(RemoteError):
+    """The supervisor rejected an argument."""
+
+
+class ExecError(TetherError):
+    """Code run through ``exec`` raised an exception on the remote kernel."""
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        super().__init__(f"{ename}: {evalue}")
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = traceback
+
+
+class JobError(TetherError):
+    """A job could not be started, or finished with a failure the caller asked to check."""
+
+
+class TransferError(TetherError):
+    """A file transfer or sync could not be completed."""
