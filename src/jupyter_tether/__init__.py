@@ -1,0 +1,50 @@
+"""jupyter-tether: run work on a remote Jupyter Server through one persistent, resilient link.
+
+    import jupyter_tether
+    with jupyter_tether.connect("https://host/...", token="...") as t:
+        print(t.exec("import torch; torch.cuda.is_available()").results)
+"""
+
+from .controller.blocking import Tether, connect
+from .controller.execute import ExecResult
+from .controller.link import LinkOptions
+from .controller.tether import AsyncTether
+from .errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLost,
+    ExecError,
+    InvalidArgument,
+    JobError,
+    KernelError,
+    NotFound,
+    RemoteError,
+    ServerError,
+    TetherError,
+    TetherTimeout,
+    TransferError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncTether",
+    "AuthError",
+    "ConfigError",
+    "ConnectionLost",
+    "ExecError",
+    "ExecResult",
+    "InvalidArgument",
+    "JobError",
+    "KernelError",
+    "LinkOptions",
+    "NotFound",
+    "RemoteError",
+    "ServerError",
+    "Tether",
+    "TetherError",
+    "TetherTimeout",
+    "TransferError",
+    "__version__",
+    "connect",
+]

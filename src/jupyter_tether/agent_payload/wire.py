@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 try:  # msgpack is optional on the remote side: fall back to JSON without it.
     import msgpack as _msgpack
 except ImportError:  # pragma: no cover - depends on the remote environment
-    _msgpack = None  # type: ignore[assignment]
+    _msgpack = None
 
 PROTOCOL_VERSION = 1
 COMM_TARGET = "jupyter_tether"

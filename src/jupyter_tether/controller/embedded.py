@@ -1,0 +1,108 @@
+"""A local Jupyter server that jupyter-tether starts and stops itself (the no-URL default).
+
+Also what the test suite runs against: a real ``jupyter_server`` process on a free loopback
+port, with a random token and its own root directory.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx2
+
+from ..errors import TetherError
+from .target import Target
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalJupyterServer:
+    """``with LocalJupyterServer() as server: connect(server.url, server.token)``."""
+
+    def __init__(self, root_dir: str | os.PathLike[str] | None = None, *, port: int | None = None,
+                 token: str | None = None, extra_args: list[str] | None = None,
+                 log_path: str | os.PathLike[str] | None = None) -> None:
+        self.root_dir = Path(root_dir) if root_dir else Path.cwd()
+        self.port = port or free_port()
+        self.token = secrets.token_hex(16) if token is None else token
+        self.extra_args = extra_args or []
+        self.log_path = Path(log_path) if log_path else Path(
+            tempfile.gettempdir()) / f"jupyter-tether-server-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def target(self) -> Target:
+        return Target(self.url, self.token, name="local")
+
+    def start(self, timeout: float = 60.0) -> LocalJupyterServer:
+        self.root_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable, "-m", "jupyter_server",
+            "--no-browser",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.root_dir={self.root_dir}",
+            f"--IdentityProvider.token={self.token}",
+            "--ServerApp.open_browser=False",
+            *self.extra_args,
+        ]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            argv.append("--allow-root")  # containers and CI run as root
+        env = dict(os.environ)
+        # Keep user-level config out of what we start.
+        env.setdefault("JUPYTER_PLATFORM_DIRS", "1")
+        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=self.root_dir, env=env, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        headers = {"Authorization": f"token {self.token}"} if self.token else {}
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TetherError(
+                    f"the local Jupyter server exited with {self.process.returncode}; "
+                    f"see {self.log_path}"
+                )
+            try:
+                if httpx2.get(self.url + "api/status", headers=headers, timeout=2).status_code == 200:
+                    return self
+            except httpx2.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TetherError(f"the local Jupyter server did not start in {timeout}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()  # jupyter_server shuts its kernels down on SIGTERM
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+    def __enter__(self) -> LocalJupyterServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

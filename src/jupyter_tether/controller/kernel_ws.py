@@ -1,0 +1,287 @@
+"""One kernel websocket (``/api/kernels/<id>/channels``): framing, routing and TCP tuning.
+
+Speaks the ``v1.kernel.websocket.jupyter.org`` binary protocol when the server offers it and
+the legacy JSON protocol otherwise. A reader task routes every incoming message: replies and
+outputs to whoever waits on the parent ``msg_id``, comm messages to a comm handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import socket
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import websockets
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from jupyter_client.jsonutil import json_default
+from jupyter_client.session import Session
+from jupyter_server.services.kernels.connection.base import (
+    deserialize_binary_message,
+    deserialize_msg_from_ws_v1,
+    serialize_binary_message,
+    serialize_msg_to_ws_v1,
+)
+from websockets.asyncio.client import ClientConnection
+
+from ..errors import AuthError, ConnectionLost, KernelError
+from .target import Target, redact
+
+log = logging.getLogger(__name__)
+
+V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
+
+
+@dataclass
+class KernelMessage:
+    """A decoded Jupyter message as it came off the websocket."""
+
+    channel: str
+    header: dict[str, Any]
+    parent_header: dict[str, Any]
+    metadata: dict[str, Any]
+    content: dict[str, Any]
+    buffers: list[bytes] = field(default_factory=list)
+
+    @property
+    def msg_type(self) -> str:
+        return str(self.header.get("msg_type", ""))
+
+    @property
+    def parent_id(self) -> str | None:
+        value = self.parent_header.get("msg_id")
+        return str(value) if value else None
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, default=json_default, separators=(",", ":")).encode()
+
+
+def _tune_socket(connection: ClientConnection) -> socket.socket | None:
+    """Disable Nagle: a stock server would otherwise stall every small round trip ~40 ms."""
+    sock = connection.transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None) if sys.platform.startswith("linux") else None
+
+
+class KernelSocket:
+    """A connected kernel websocket with a reader task and message routing.
+
+    ``open`` connects and starts the reader in the caller's task group; ``closed`` is set
+    when the connection ends for any reason, so an owner can reconnect.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        kernel_id: str,
+        *,
+        session_id: str,
+        cookies: dict[str, str] | None = None,
+        ping_interval: float | None = 10.0,
+        ping_timeout: float | None = 10.0,
+        open_timeout: float = 20.0,
+    ) -> None:
+        self.target = target
+        self.kernel_id = kernel_id
+        # The server re-signs what we send; a key only silences the "signing disabled" warning.
+        self.session = Session(session=session_id, username="jupyter-tether",
+                               key=secrets.token_bytes(16))
+        self._cookies = cookies or {}
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._open_timeout = open_timeout
+        self._connection: ClientConnection | None = None
+        self._sock: socket.socket | None = None
+        self.protocol = "legacy"
+        self.closed = anyio.Event()
+        self.close_reason = ""
+        self._waiters: dict[str, MemoryObjectSendStream[KernelMessage]] = {}
+        self.comm_handler: Callable[[KernelMessage], None] | None = None
+        self.status_handler: Callable[[KernelMessage], None] | None = None
+
+    @property
+    def session_id(self) -> str:
+        return str(self.session.session)
+
+    async def open(self, task_group: anyio.abc.TaskGroup) -> None:
+        url = self.target.ws_url(f"api/kernels/{self.kernel_id}/channels",
+                                 session_id=self.session_id)
+        headers = dict(self.target.auth_headers())
+        if self._cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self._cookies.items())
+        try:
+            self._connection = await websockets.connect(
+                url,
+                additional_headers=headers,
+                subprotocols=[V1_PROTOCOL],  # type: ignore[list-item]
+                max_size=None,  # file chunks and log batches are bigger than the 1 MiB default
+                compression=None,  # binary chunks do not compress; save the CPU
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_timeout,
+                open_timeout=self._open_timeout,
+                write_limit=4 * 1024 * 1024,
+                max_queue=None,
+                proxy=None,
+            )
+        except websockets.InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise AuthError(
+                    f"the server refused the kernel websocket (HTTP {status}): the token or URL "
+                    "may have expired; pass the fresh URL/token"
+                ) from None
+            if status == 404:
+                raise KernelError(f"kernel {self.kernel_id} does not exist on the server") from None
+            raise ConnectionLost(f"kernel websocket refused: HTTP {status}") from None
+        except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+            raise ConnectionLost(
+                f"cannot open the kernel websocket to {self.target.display_url}: "
+                f"{redact(str(exc)) or type(exc).__name__}"
+            ) from None
+        self.protocol = "v1" if self._connection.subprotocol == V1_PROTOCOL else "legacy"
+        self._sock = _tune_socket(self._connection)
+        task_group.start_soon(self._reader)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def build(self, msg_type: str, content: dict[str, Any], *, channel: str = "shell",
+              metadata: dict[str, Any] | None = None,
+              header_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        msg = self.session.msg(msg_type, content, metadata=metadata)
+        if header_extra:
+            msg["header"].update(header_extra)
+        msg["channel"] = channel
+        return msg
+
+    async def send(self, msg: dict[str, Any], buffers: list[bytes] | tuple[bytes, ...] = ()) -> str:
+        connection = self._connection
+        if connection is None or self.closed.is_set():
+            raise ConnectionLost(f"kernel websocket is closed ({self.close_reason or 'not open'})")
+        channel = msg["channel"]
+        if self.protocol == "v1":
+            parts = [_dumps(msg["header"]), _dumps(msg["parent_header"]),
+                     _dumps(msg["metadata"]), _dumps(msg["content"]), *buffers]
+            frame: bytes | str = serialize_msg_to_ws_v1(parts, channel)
+        elif buffers:
+            legacy = {k: msg[k] for k in ("header", "parent_header", "metadata", "content",
+                                          "channel")}
+            legacy["buffers"] = list(buffers)
+            frame = serialize_binary_message(legacy)
+        else:
+            frame = json.dumps(msg, default=json_default)
+        try:
+            await connection.send(frame)
+        except websockets.ConnectionClosed as exc:
+            self._mark_closed(f"send failed: {exc}")
+            raise ConnectionLost(f"kernel websocket closed while sending: {exc}") from None
+        return str(msg["header"]["msg_id"])
+
+    # --- receiving --------------------------------------------------------------------------
+
+    def expect(self, msg_id: str, size: int = 1000) -> MemoryObjectReceiveStream[KernelMessage]:
+        """A stream of every message whose parent is ``msg_id``; call before sending it."""
+        send, receive = anyio.create_memory_object_stream[KernelMessage](size)
+        self._waiters[msg_id] = send
+        return receive
+
+    def forget(self, msg_id: str) -> None:
+        stream = self._waiters.pop(msg_id, None)
+        if stream is not None:
+            stream.close()
+
+    def _decode(self, frame: bytes | str) -> KernelMessage:
+        if isinstance(frame, str):
+            msg = json.loads(frame)
+            return KernelMessage(msg.get("channel", ""), msg["header"], msg["parent_header"],
+                                 msg.get("metadata", {}), msg.get("content", {}),
+                                 list(msg.get("buffers", [])))
+        if self.protocol == "v1":
+            channel, parts = deserialize_msg_from_ws_v1(frame)
+            header, parent, metadata, content = (json.loads(p) for p in parts[:4])
+            return KernelMessage(channel, header, parent, metadata, content,
+                                 [bytes(p) for p in parts[4:]])
+        msg = deserialize_binary_message(frame)
+        return KernelMessage(msg.get("channel", ""), msg["header"], msg["parent_header"],
+                             msg.get("metadata", {}), msg.get("content", {}),
+                             [bytes(b) for b in msg.get("buffers", [])])
+
+    async def _reader(self) -> None:
+        assert self._connection is not None
+        reason = "closed"
+        try:
+            async for frame in self._connection:
+                if self._sock is not None and _QUICKACK is not None:
+                    # Linux drops back to delayed ACKs after each read; re-arm every time.
+                    with contextlib.suppress(OSError):
+                        self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                try:
+                    msg = self._decode(frame)
+                except Exception:
+                    log.warning("undecodable kernel message dropped", exc_info=True)
+                    continue
+                self._route(msg)
+        except websockets.ConnectionClosed as exc:
+            reason = f"connection closed: {exc}"
+        except (OSError, anyio.BrokenResourceError) as exc:
+            reason = f"connection error: {exc}"
+        finally:
+            self._mark_closed(reason)
+
+    def _route(self, msg: KernelMessage) -> None:
+        if msg.channel == "iopub" and msg.msg_type in ("comm_msg", "comm_close"):
+            if self.comm_handler is not None:
+                try:
+                    self.comm_handler(msg)
+                except Exception:
+                    log.exception("comm handler failed")
+            return
+        if msg.channel == "iopub" and msg.msg_type == "status" and self.status_handler:
+            with contextlib.suppress(Exception):
+                self.status_handler(msg)
+        parent = msg.parent_id
+        if parent is not None:
+            stream = self._waiters.get(parent)
+            if stream is not None:
+                try:
+                    stream.send_nowait(msg)
+                except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
+
+    def _mark_closed(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_reason = reason
+            self.closed.set()
+            for stream in self._waiters.values():
+                stream.close()
+            self._waiters.clear()
+
+    async def aclose(self) -> None:
+        connection = self._connection
+        self._mark_closed("closed by us")
+        if connection is not None:
+            with anyio.move_on_after(2, shield=True):
+                await connection.close()
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once (used when keepalive says it is dead)."""
+        self._mark_closed("aborted")
+        if self._connection is not None:
+            self._connection.transport.abort()
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex

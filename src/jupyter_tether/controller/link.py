@@ -1,0 +1,419 @@
+"""The link to the remote supervisor: inject, attach, call ops, receive events, reconnect.
+
+One websocket to the dedicated supervisor kernel carries one comm. ``call`` sends a request
+and waits for its reply across reconnects (idempotent ops are re-sent; others fail with
+``ConnectionLost`` saying they may have run). Events are deduplicated by ``seq`` and gaps are
+filled from the supervisor's replay ring. A maintainer task notices drops (keepalive pings,
+closed sockets, kernel restarts) and reconnects with jittered exponential backoff, re-using
+the same websocket ``session_id`` so the server replays what it buffered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ..agent_payload import bundle, wire
+from ..errors import AuthError, ConnectionLost, KernelError, RemoteError, TetherTimeout
+from .execute import control_request, execute, kernel_info
+from .kernel_ws import KernelMessage, KernelSocket, new_session_id
+from .kernels import SUPERVISOR_SESSION, find_or_start
+from .rest import JupyterRest
+from .rpc import Event, EventSequencer, PendingCall, PendingCalls, Reply
+from .state import TargetState
+from .target import Target
+
+log = logging.getLogger(__name__)
+
+EventListener = Callable[[Event], None]
+
+
+@dataclass
+class LinkOptions:
+    """Tunables of the link; the defaults suit a remote server over the internet."""
+
+    kernel_name: str = "python3"
+    ping_interval: float = 5.0
+    ping_timeout: float = 10.0
+    #: how long a call made while disconnected waits for the link to come back
+    reconnect_wait: float = 60.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    use_subshell: bool = True
+    remote_state_dir: str | None = None
+
+
+_SESSIONS_IN_USE: set[str] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_session_id(state: TargetState) -> str:
+    """Re-use the saved websocket session id unless another live controller holds it.
+
+    The server replays buffered messages to a returning session id, but two live sockets
+    with one id make the server drop one of them, so concurrent controllers need their own.
+    """
+    saved = state.load()
+    session_id = saved.get("supervisor_session_id")
+    owner = saved.get("supervisor_session_owner")
+    taken = session_id in _SESSIONS_IN_USE or (
+        isinstance(owner, int) and owner != os.getpid() and _pid_alive(owner))
+    if not session_id or taken:
+        session_id = new_session_id()
+    _SESSIONS_IN_USE.add(session_id)
+    return str(session_id)
+
+
+class SupervisorLink:
+    """Owns the supervisor kernel's websocket and comm, and keeps them alive."""
+
+    def __init__(self, target: Target, rest: JupyterRest, state: TargetState,
+                 options: LinkOptions | None = None) -> None:
+        self.target = target
+        self.rest = rest
+        self.state = state
+        self.options = options or LinkOptions()
+        self.session_id = _claim_session_id(state)
+        self.kernel_id: str | None = None
+        self.comm_id: str | None = None
+        self.subshell_id: str | None = None
+        self.facts: dict[str, Any] = {}
+        self.install_outcome = ""
+        self.reconnects = 0
+        self.last_error = ""
+        self.connected_at: float | None = None
+        self._sock: KernelSocket | None = None
+        self._codec = wire.JSON
+        self._generation = 0
+        self._connected = anyio.Event()
+        self._dropped = anyio.Event()
+        self._closing = False
+        self._pending = PendingCalls()
+        self._sequencer = EventSequencer()
+        self._listeners: list[EventListener] = []
+        self._reattach_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._replay_requested = False
+
+    # --- public ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def last_seq(self) -> int:
+        return self._sequencer.contiguous
+
+    async def start(self, task_group: anyio.abc.TaskGroup) -> None:
+        """First connect (errors propagate to the caller), then keep the link alive."""
+        self._task_group = task_group
+        await self._connect()
+        task_group.start_soon(self._maintain)
+
+    def add_listener(self, listener: EventListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def on_reattach(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` after every reconnect (to re-subscribe follows, say)."""
+        self._reattach_hooks.append(hook)
+
+    async def call(self, op: str, args: dict[str, Any] | None = None, *,
+                   buffers: list[bytes] | tuple[bytes, ...] = (), timeout: float | None = 60.0,
+                   idempotent: bool = True) -> Reply:
+        """Send ``op`` and return its reply; raise RemoteError, ConnectionLost or TetherTimeout."""
+        call = self._pending.new(op, args or {}, list(buffers), idempotent)
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    await self._wait_connected(op)
+                    if call.sent_generation != self._generation:
+                        if call.sent_generation >= 0 and not call.idempotent:
+                            raise ConnectionLost(
+                                f"the connection dropped while {op!r} was in flight; it may or "
+                                "may not have run on the remote: check before retrying"
+                            )
+                        call.rearm()
+                        await self._send_request(call)
+                    await call.wakeup.wait()
+                    if call.error is not None:
+                        raise call.error
+                    if call.reply is not None:
+                        return call.reply
+                    call.rearm()
+        except TimeoutError:
+            raise TetherTimeout(
+                f"{op!r} got no reply within {timeout}s"
+                + ("" if self.connected else f" (link down: {self.last_error})")
+            ) from None
+        finally:
+            self._pending.discard(call)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        _SESSIONS_IN_USE.discard(self.session_id)
+        if self._sock is not None:
+            if self.comm_id is not None:
+                msg = self._sock.build("comm_close", {"comm_id": self.comm_id, "data": {}},
+                                       header_extra=self._subshell_header())
+                try:
+                    await self._sock.send(msg)
+                except ConnectionLost:
+                    pass
+            await self._sock.aclose()
+        self._connected = anyio.Event()
+        self._pending.wake_all()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "kernel_id": self.kernel_id,
+            "session_id": self.session_id,
+            "comm_id": self.comm_id,
+            "subshell_id": self.subshell_id,
+            "protocol": self._sock.protocol if self._sock else None,
+            "codec": self._codec,
+            "install": self.install_outcome,
+            "payload_hash": self.facts.get("payload_hash"),
+            "supervisor_pid": self.facts.get("pid"),
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+            "last_seq": self.last_seq,
+            "connected_since": self.connected_at,
+        }
+
+    # --- connecting -----------------------------------------------------------------------
+
+    async def _wait_connected(self, op: str) -> None:
+        if self._connected.is_set():
+            return
+        if self._closing:
+            raise ConnectionLost("the tether is closed")
+        with anyio.move_on_after(self.options.reconnect_wait):
+            await self._connected.wait()
+            return
+        raise ConnectionLost(
+            f"cannot run {op!r}: the link to {self.target.display_url} has been down for "
+            f"{self.options.reconnect_wait:.0f}s (last error: {self.last_error or 'unknown'})"
+        )
+
+    async def _connect(self) -> None:
+        assert self._task_group is not None
+        kernel_id, _ = await find_or_start(self.rest, SUPERVISOR_SESSION,
+                                           kernel_name=self.options.kernel_name,
+                                           state=self.state)
+        sock = KernelSocket(self.target, kernel_id, session_id=self.session_id,
+                            cookies=self.rest.cookies,
+                            ping_interval=self.options.ping_interval,
+                            ping_timeout=self.options.ping_timeout)
+        await sock.open(self._task_group)
+        try:
+            sock.comm_handler = self._on_comm
+            sock.status_handler = self._on_status
+            info = await kernel_info(sock)
+            self.subshell_id = None
+            if self.options.use_subshell and "kernel subshells" in info.get("supported_features", []):
+                # A subshell keeps comm traffic off the main shell thread entirely.
+                reply = await control_request(sock, "create_subshell_request", {})
+                if reply.get("status") == "ok":
+                    self.subshell_id = reply.get("subshell_id")
+            await self._inject(sock, kernel_id)
+            self.comm_id = uuid.uuid4().hex
+            await sock.send(sock.build("comm_open", {
+                "comm_id": self.comm_id, "target_name": wire.COMM_TARGET, "data": {}},
+                header_extra=self._subshell_header()))
+            self._sock = sock
+            self.kernel_id = kernel_id
+            self._generation += 1
+            self._codec = wire.JSON
+            hello = await self._handshake(sock)
+        except BaseException:
+            await sock.aclose()
+            raise
+        previous_instance = self.facts.get("instance_id")
+        self.facts = hello
+        if "msgpack" in hello.get("codecs", []) and "msgpack" in wire.available_codecs():
+            self._codec = wire.MSGPACK
+        if previous_instance != hello.get("instance_id"):
+            # A new supervisor numbers its events from 1 again.
+            self._sequencer = EventSequencer()
+        self.state.update(supervisor_session_id=self.session_id, supervisor_session_owner=os.getpid())
+        self._dropped = anyio.Event()
+        self._connected.set()
+        self.connected_at = time.time()
+        await self._request_replay()
+
+    async def _inject(self, sock: KernelSocket, kernel_id: str) -> None:
+        config: dict[str, Any] = {}
+        if self.options.remote_state_dir:
+            config["state_dir"] = self.options.remote_state_dir
+        result = await execute(sock, bundle.install_code(config), timeout=60, silent=True,
+                               store_history=False,
+                               user_expressions={"outcome": "_jupyter_tether_outcome"})
+        if result.status != "ok":
+            detail = result.error or {}
+            raise KernelError(
+                f"installing the supervisor in kernel {kernel_id} failed: "
+                f"{detail.get('ename')}: {detail.get('evalue')}\n"
+                + "\n".join(detail.get("traceback", [])[-5:])
+            )
+        outcome = result.user_expressions.get("outcome", {})
+        text = (outcome.get("data") or {}).get("text/plain", "") if isinstance(outcome, dict) else ""
+        self.install_outcome = text.strip("'\"")
+
+    async def _handshake(self, sock: KernelSocket) -> dict[str, Any]:
+        # hello goes out in JSON: a remote without msgpack can always read it.
+        call = self._pending.new("hello", {"protocol": wire.PROTOCOL_VERSION,
+                                           "last_seq": self._sequencer.contiguous}, [], True)
+        try:
+            await self._send_request(call)
+            with anyio.fail_after(30):
+                await call.wakeup.wait()
+        except TimeoutError:
+            raise KernelError("the supervisor did not answer hello within 30s") from None
+        finally:
+            self._pending.discard(call)
+        if call.error is not None:
+            raise call.error
+        assert call.reply is not None
+        result: dict[str, Any] = call.reply.result
+        return result
+
+    def _subshell_header(self) -> dict[str, Any] | None:
+        return {"subshell_id": self.subshell_id} if self.subshell_id else None
+
+    async def _send_request(self, call: PendingCall) -> None:
+        sock = self._sock
+        if sock is None:
+            raise ConnectionLost("not connected")
+        envelope = wire.encode(wire.request(call.id, call.op, call.args), self._codec)
+        msg = sock.build("comm_msg", {"comm_id": self.comm_id, "data": {"tether": 1}},
+                         header_extra=self._subshell_header())
+        call.sent_generation = self._generation
+        try:
+            await sock.send(msg, [envelope, *call.buffers])
+        except ConnectionLost:
+            pass  # the maintainer reconnects; call() re-sends or fails it
+
+    async def _request_replay(self) -> None:
+        """Ask the supervisor to re-send events we have not seen (after a drop or a gap)."""
+        if self._replay_requested:
+            return
+        self._replay_requested = True
+        try:
+            reply = await self.call("events_since", {"seq": self._sequencer.contiguous},
+                                    timeout=30)
+            if not reply.result.get("complete", True):
+                log.warning("events before the replay ring were lost; followers re-read files")
+            # Whatever is still missing below what the supervisor has sent is gone for good.
+            self._sequencer.skip_to(min(self._sequencer.highest, reply.result.get("last_seq", 0)))
+        except (ConnectionLost, TetherTimeout, RemoteError) as exc:
+            log.info("event replay failed: %s", exc)
+        finally:
+            self._replay_requested = False
+
+    # --- incoming ---------------------------------------------------------------------------
+
+    def _on_comm(self, msg: KernelMessage) -> None:
+        content = msg.content
+        if msg.msg_type == "comm_close":
+            if content.get("comm_id") == self.comm_id and self._sock is not None:
+                self.last_error = "the supervisor closed our comm (upgrade or shutdown)"
+                self._sock.abort()
+            return
+        if not isinstance(content.get("data"), dict) or "tether" not in content["data"]:
+            return
+        if not msg.buffers:
+            return
+        try:
+            envelope, _ = wire.decode(msg.buffers[0])
+        except wire.DecodeError:
+            log.warning("undecodable envelope from the supervisor dropped")
+            return
+        kind = envelope.get("type")
+        if kind == "reply":
+            if content.get("comm_id") == self.comm_id:
+                self._pending.resolve(envelope, msg.buffers[1:])
+        elif kind == "event":
+            seq = envelope.get("seq")
+            if not isinstance(seq, int) or not self._sequencer.accept(seq):
+                return
+            event = Event(seq, str(envelope.get("event")), envelope.get("body") or {},
+                          msg.buffers[1:])
+            for listener in list(self._listeners):
+                try:
+                    listener(event)
+                except Exception:
+                    log.exception("event listener failed")
+            if self._sequencer.has_gap and not self._replay_requested and self._task_group:
+                self._task_group.start_soon(self._request_replay)
+
+    def _on_status(self, msg: KernelMessage) -> None:
+        state = msg.content.get("execution_state")
+        if state in ("restarting", "dead") and self._sock is not None:
+            # The kernel (and the supervisor in it) is gone: reconnect and re-inject.
+            self.last_error = f"supervisor kernel {state}"
+            self._sock.abort()
+
+    # --- keeping alive ------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        while not self._closing:
+            sock = self._sock
+            assert sock is not None
+            await sock.closed.wait()
+            if self._closing:
+                return
+            self._connected = anyio.Event()
+            self.connected_at = None
+            self.last_error = self.last_error or sock.close_reason
+            log.info("link to %s dropped: %s", self.target.display_url, sock.close_reason)
+            self._pending.wake_all()
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        delay = self.options.backoff_initial
+        while not self._closing:
+            try:
+                await self._connect()
+            except AuthError as exc:
+                # Retrying with the same credentials cannot help; calls fail with this message.
+                self.last_error = str(exc)
+            except (ConnectionLost, KernelError, RemoteError, TetherTimeout, OSError) as exc:
+                self.last_error = str(exc)
+            else:
+                self.reconnects += 1
+                self.last_error = ""
+                self._pending.wake_all()
+                for hook in list(self._reattach_hooks):
+                    try:
+                        await hook()
+                    except Exception:
+                        log.exception("re-attach hook failed")
+                return
+            await anyio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.options.backoff_max)
+
+    def force_drop(self) -> None:
+        """Abort the current connection (tests, and callers who know it is dead)."""
+        if self._sock is not None:
+            self._sock.abort()

@@ -1,0 +1,252 @@
+"""``AsyncTether``: the async controller API over one remote (or embedded local) Jupyter server."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import platformdirs
+
+from ..errors import ConfigError, ConnectionLost, KernelError
+from .embedded import LocalJupyterServer
+from .execute import ExecResult, OutputCallback, execute
+from .kernel_ws import KernelSocket, new_session_id
+from .kernels import SUPERVISOR_SESSION, WORK_SESSION, find_or_start
+from .link import LinkOptions, SupervisorLink
+from .rest import JupyterRest
+from .state import TargetState
+from .target import URL_ENV, Target, parse_target
+
+
+def default_output_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("jupyter-tether")) / "outputs"
+
+
+class AsyncTether:
+    """Async handle on a remote Jupyter server and the supervisor injected into it.
+
+    ``async with AsyncTether(url, token) as t: await t.exec("print(1)")``. With no URL (and no
+    ``REMOTE_JUPYTER_URL``) it starts an embedded local Jupyter server and uses that.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        target: Target | None = None,
+        options: LinkOptions | None = None,
+        output_dir: str | os.PathLike[str] | None = None,
+        embedded_root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self._embedded: LocalJupyterServer | None = None
+        if target is None and url is None and not os.environ.get(URL_ENV):
+            self._embedded = LocalJupyterServer(embedded_root)
+        elif target is None:
+            target = parse_target(url, token)
+        self._target = target
+        self.options = options or LinkOptions()
+        self.output_dir = Path(output_dir) if output_dir else default_output_dir()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._rest: JupyterRest | None = None
+        self._link: SupervisorLink | None = None
+        self._work_sockets: dict[str, KernelSocket] = {}
+        self._work_locks: dict[str, anyio.Lock] = {}
+        self._default_work_kernel: str | None = None
+        self._state: TargetState | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncTether:
+        if self._embedded is not None:
+            await anyio.to_thread.run_sync(self._embedded.start)
+            self._target = self._embedded.target
+        assert self._target is not None
+        self._state = TargetState(self._target.key)
+        self._rest = JupyterRest(self._target)
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        try:
+            await self._rest.status()  # fail fast, with a clear message, on a bad URL/token
+            self._link = SupervisorLink(self._target, self._rest, self._state, self.options)
+            await self._link.start(self._task_group)
+        except BaseException as exc:
+            await self._shutdown(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._shutdown(exc_type, exc, tb)
+
+    async def _shutdown(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._link is not None:
+                await self._link.aclose()
+            for sock in self._work_sockets.values():
+                await sock.aclose()
+        if self._task_group is not None:
+            # Exited outside the shield: a task group must close in the scope it opened in.
+            self._task_group.cancel_scope.cancel()
+            # The caller's exception did not come from our tasks: do not wrap it in a group.
+            await self._task_group.__aexit__(None, None, None)
+            self._task_group = None
+        with anyio.CancelScope(shield=True):
+            if self._rest is not None:
+                await self._rest.aclose()
+            if self._embedded is not None:
+                await anyio.to_thread.run_sync(self._embedded.stop)
+
+    async def aclose(self) -> None:
+        await self._shutdown(None, None, None)
+
+    # --- internals shared with the services ------------------------------------------------
+
+    @property
+    def link(self) -> SupervisorLink:
+        if self._link is None:
+            raise ConnectionLost("the tether is not open: use `async with AsyncTether(...)`")
+        return self._link
+
+    @property
+    def rest(self) -> JupyterRest:
+        if self._rest is None:
+            raise ConnectionLost("the tether is not open: use `async with AsyncTether(...)`")
+        return self._rest
+
+    @property
+    def target(self) -> Target:
+        assert self._target is not None
+        return self._target
+
+    @property
+    def task_group(self) -> anyio.abc.TaskGroup:
+        assert self._task_group is not None
+        return self._task_group
+
+    # --- server and supervisor ----------------------------------------------------------------
+
+    async def ping(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Round trip to the supervisor; returns the RTT and the server's version."""
+        started = time.perf_counter()
+        await self.link.call("ping", timeout=timeout)
+        rtt = time.perf_counter() - started
+        version = await self.rest.version()
+        return {"ok": True, "rtt_ms": round(rtt * 1000, 3), "server_version": version.get("version"),
+                "url": self.target.display_url, "supervisor_pid": self.link.facts.get("pid")}
+
+    async def info(self) -> dict[str, Any]:
+        """What the supervisor told us at ``hello``: python, host, root dir, capabilities."""
+        return dict(self.link.facts)
+
+    async def env_snapshot(self, timeout: float = 120.0) -> dict[str, Any]:
+        reply = await self.link.call("env_snapshot", {"timeout": max(5.0, timeout - 5)},
+                                     timeout=timeout)
+        result: dict[str, Any] = reply.result
+        return result
+
+    async def status(self) -> dict[str, Any]:
+        link = self.link
+        return {"target": self.target.display_url, "name": self.target.name,
+                "embedded": self._embedded is not None, **link.status(),
+                "work_kernel_id": self._default_work_kernel,
+                "root_dir": link.facts.get("root_dir"), "hostname": link.facts.get("hostname")}
+
+    # --- kernels and sessions -------------------------------------------------------------
+
+    async def server_version(self) -> dict[str, Any]:
+        return await self.rest.version()
+
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        return await self.rest.list_kernels()
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        return await self.rest.list_sessions()
+
+    async def start_kernel(self, kernel_name: str = "python3") -> dict[str, Any]:
+        return await self.rest.start_kernel(kernel_name, path="")
+
+    async def shutdown_kernel(self, kernel_id: str, now: bool = True) -> None:
+        if kernel_id == self.link.kernel_id:
+            raise ConfigError(
+                f"kernel {kernel_id} is jupyter-tether's supervisor; shutting it down would stop "
+                "job supervision (jobs keep running). Use `jupyter-tether` status to see it."
+            )
+        sock = self._work_sockets.pop(kernel_id, None)
+        if sock is not None:
+            await sock.aclose()
+        if not now:
+            # A polite shutdown: ask the kernel itself first, then let the server reap it.
+            await self.rest.interrupt_kernel(kernel_id)
+        await self.rest.shutdown_kernel(kernel_id)
+        if kernel_id == self._default_work_kernel:
+            self._default_work_kernel = None
+
+    # --- exec ---------------------------------------------------------------------------------
+
+    async def work_kernel_id(self) -> str:
+        """The persistent default work kernel (a named session), started on first use."""
+        if self._default_work_kernel is None:
+            assert self._state is not None
+            kernel_id, _ = await find_or_start(self.rest, WORK_SESSION,
+                                               kernel_name=self.options.kernel_name,
+                                               state=self._state)
+            self._default_work_kernel = kernel_id
+        return self._default_work_kernel
+
+    async def _work_socket(self, kernel_id: str) -> KernelSocket:
+        sock = self._work_sockets.get(kernel_id)
+        if sock is None or sock.closed.is_set():
+            assert self._state is not None
+            saved = self._state.load().get(f"ws_session:{kernel_id}") or new_session_id()
+            self._state.update(**{f"ws_session:{kernel_id}": saved})
+            sock = KernelSocket(self.target, kernel_id, session_id=saved,
+                                cookies=self.rest.cookies, ping_interval=self.options.ping_interval,
+                                ping_timeout=self.options.ping_timeout)
+            await sock.open(self.task_group)
+            self._work_sockets[kernel_id] = sock
+        return sock
+
+    async def exec(
+        self,
+        code: str,
+        *,
+        kernel_id: str | None = None,
+        timeout: float | None = 120.0,
+        max_output_chars: int = 20_000,
+        on_output: OutputCallback | None = None,
+        output_dir: str | os.PathLike[str] | None = None,
+    ) -> ExecResult:
+        """Run Python in a work kernel (never the supervisor's) and return its outputs.
+
+        Streams output to ``on_output(kind, text)`` as it arrives; on timeout the kernel is
+        interrupted and the result's status is ``"timeout"``. Images are saved to files.
+        """
+        if kernel_id is not None and kernel_id == self.link.kernel_id:
+            raise ConfigError(
+                "that kernel runs jupyter-tether's supervisor; user code runs in a work kernel "
+                "(omit kernel_id for the default one)"
+            )
+        target_kernel = kernel_id or await self.work_kernel_id()
+        if kernel_id is not None and await self.rest.get_kernel(kernel_id) is None:
+            raise KernelError(f"no kernel {kernel_id} on {self.target.display_url}; "
+                              "list them with list_kernels()")
+        lock = self._work_locks.setdefault(target_kernel, anyio.Lock())
+        async with lock:
+            sock = await self._work_socket(target_kernel)
+
+            async def interrupt() -> None:
+                await self.rest.interrupt_kernel(target_kernel)
+
+            image_dir = Path(output_dir) if output_dir else self.output_dir
+            return await execute(sock, code, timeout=timeout, max_output_chars=max_output_chars,
+                                 image_dir=image_dir, on_output=on_output, interrupt=interrupt)
+
+
+__all__ = ["SUPERVISOR_SESSION", "AsyncTether"]

@@ -1,0 +1,54 @@
+"""Shared fixtures: one real Jupyter Server for the whole run, and tethers attached to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jupyter_tether import LinkOptions, Tether
+from jupyter_tether.controller.embedded import LocalJupyterServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_local_state(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Controller state (session ids, kernel ids) must not leak between test runs or users.
+    os.environ["JUPYTER_TETHER_STATE_DIR"] = str(tmp_path_factory.mktemp("local-state"))
+
+
+@pytest.fixture(scope="session")
+def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalJupyterServer]:
+    """A real jupyter_server on a random loopback port with a token and a temporary root."""
+    root = tmp_path_factory.mktemp("server-root")
+    with LocalJupyterServer(root, log_path=root.parent / "jupyter-server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def server_root(jupyter_server: LocalJupyterServer) -> Path:
+    return jupyter_server.root_dir
+
+
+def fast_options(**overrides: object) -> LinkOptions:
+    """Link options for loopback tests: quick keepalive and reconnect."""
+    values: dict[str, object] = {"ping_interval": 1.0, "ping_timeout": 2.0,
+                                 "reconnect_wait": 30.0, "backoff_max": 0.5}
+    values.update(overrides)
+    return LinkOptions(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tether(jupyter_server: LocalJupyterServer,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tether]:
+    """A blocking Tether attached to the shared server (shared by tests that do not break it)."""
+    out = tmp_path_factory.mktemp("outputs")
+    with Tether(jupyter_server.url, jupyter_server.token, options=fast_options(),
+                output_dir=out) as t:
+        yield t
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
