@@ -2,7 +2,7 @@
 
 from typing import Optional
 
-from . import hostinfo
+from . import files, hostinfo, jobs
 from .supervisor import SendFn, Supervisor
 
 
@@ -16,4 +16,6 @@ def create_supervisor(
     supervisor = Supervisor(send, root_dir=root_dir, state_dir=state_dir,
                             payload_hash=payload_hash)
     hostinfo.register(supervisor)
+    files.register(supervisor)
+    jobs.register(supervisor)
     return supervisor

@@ -18,6 +18,8 @@ MODULES = (
     "paths",
     "supervisor",
     "hostinfo",
+    "jobs",
+    "files",
     "app",
     "comm_binding",
 )

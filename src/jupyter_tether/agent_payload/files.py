@@ -122,9 +122,7 @@ def _compile_rule(line: str) -> Optional[_Rule]:
     if not text or text.startswith("#"):
         return None
     negate = text.startswith("!")
-    if negate:
-        text = text[1:]
-    elif text.startswith(("\\!", "\\#")):
+    if negate or text.startswith(("\\!", "\\#")):  # "\!" and "\#" escape a literal
         text = text[1:]
     dir_only = text.endswith("/")
     text = text.rstrip("/")
@@ -183,12 +181,12 @@ class ExcludeMatcher:
         return self.excludes_entry("/".join(parts), is_dir)
 
 
-def make_matcher(patterns: Union[None, str, Iterable[str]]) -> ExcludeMatcher:
+def make_matcher(patterns: Union[str, Iterable[str], None]) -> ExcludeMatcher:
     """Build an exclude matcher from a list of patterns, or from a comma/newline separated str."""
     if patterns is None:
         return ExcludeMatcher(())
     if isinstance(patterns, str):
-        patterns = [p for p in re.split(r"[,\n]", patterns)]
+        patterns = re.split(r"[,\n]", patterns)
     return ExcludeMatcher(patterns)
 
 
@@ -376,7 +374,7 @@ class HashCache:
 
 def build_manifest(
     root: str,
-    excludes: Union[None, str, Iterable[str], ExcludeMatcher] = None,
+    excludes: Union[str, Iterable[str], ExcludeMatcher, None] = None,
     *,
     hash_files: bool = True,
     cache: Optional[HashCache] = None,
@@ -450,7 +448,7 @@ def build_manifest(
                                     cache.put(entry.path, st, digest)
                             else:
                                 result["cached"] += 1
-                            persisted[rel] = list(_cache_key(st)) + [digest]
+                            persisted[rel] = [*_cache_key(st), digest]
                         files.append({"path": rel, "size": st.st_size,
                                       "mtime": st.st_mtime, "mtime_ns": st.st_mtime_ns,
                                       "sha256": digest, "mode": stat.S_IMODE(st.st_mode)})
@@ -560,7 +558,7 @@ def _optional_mtime_ns(args: Dict[str, Any]) -> Optional[int]:
     if mtime_ns is not None:
         return int(mtime_ns)
     mtime = arg(args, "mtime", float, None, allow_none=True)
-    return None if mtime is None else int(round(mtime * 1e9))
+    return None if mtime is None else round(mtime * 1e9)
 
 
 def _optional_mode(args: Dict[str, Any]) -> Optional[int]:
@@ -942,8 +940,10 @@ class FilesService:
                 if other is not None and other.target != target:
                     raise OpError(ErrorCode.CONFLICT, "transfer_id %r is in use for %s"
                                   % (wanted_id, other.target), {"transfer_id": wanted_id})
-            if current is not None and (current.size, current.sha256) == (size, sha256) \
-                    and not current.committing:
+            if current is not None and current.committing:
+                raise OpError(ErrorCode.BUSY, "%s: an upload to this path is being committed"
+                              % target, {"path": target})
+            if current is not None and (current.size, current.sha256) == (size, sha256):
                 upload = current  # a retried or resumed begin: keep what arrived
             else:
                 if current is not None:
@@ -1281,7 +1281,8 @@ class FilesService:
         targets = [join_inside(root, rel, real_root=real_root) for rel, _, _, _ in plan]
         written = 0
         total = 0
-        for target, (rel, data, mode, mtime_ns) in zip(targets, plan):
+        for index, (_, data, mode, mtime_ns) in enumerate(plan):
+            target = targets[index]
             try:
                 _refuse_directory(target)
                 _ensure_parent(target, True)
@@ -1306,7 +1307,8 @@ class FilesService:
         deleted: List[str] = []
         missing: List[str] = []
         pruned = 0
-        for rel, target in zip(rels, targets):
+        for index, rel in enumerate(rels):
+            target = targets[index]
             try:
                 st = os.lstat(target)
                 if stat.S_ISDIR(st.st_mode):
@@ -1377,8 +1379,8 @@ class FilesService:
         return Result({"root": root, "files": entries, "remaining": remaining}, blobs)
 
 
-def register(supervisor: Supervisor) -> FilesService:
-    """Register the file ops on ``supervisor``; returns the service (tests poke at it)."""
+def register(supervisor: Supervisor) -> None:
+    """Register the file ops on ``supervisor``."""
     service = FilesService(supervisor)
     quick = {
         "fs_list": service.fs_list,
@@ -1409,4 +1411,3 @@ def register(supervisor: Supervisor) -> FilesService:
     for op, handler in handlers.items():
         supervisor.register(op, handler, blocking=op in slow)
     supervisor.add_closer(service.close)
-    return service

@@ -133,9 +133,10 @@ class SupervisorLink:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
-    def on_reattach(self, hook: Callable[[], Awaitable[None]]) -> None:
-        """Run ``hook`` after every reconnect (to re-subscribe follows, say)."""
+    def on_reattach(self, hook: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+        """Run ``hook`` after every reconnect (to re-subscribe follows, say); returns a remover."""
         self._reattach_hooks.append(hook)
+        return lambda: self._reattach_hooks.remove(hook) if hook in self._reattach_hooks else None
 
     async def call(self, op: str, args: dict[str, Any] | None = None, *,
                    buffers: list[bytes] | tuple[bytes, ...] = (), timeout: float | None = 60.0,

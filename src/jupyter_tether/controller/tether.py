@@ -15,6 +15,7 @@ import platformdirs
 from ..errors import ConfigError, ConnectionLost, KernelError
 from .embedded import LocalJupyterServer
 from .execute import ExecResult, OutputCallback, execute
+from .jobs import AsyncJobs
 from .kernel_ws import KernelSocket, new_session_id
 from .kernels import SUPERVISOR_SESSION, WORK_SESSION, find_or_start
 from .link import LinkOptions, SupervisorLink
@@ -75,6 +76,7 @@ class AsyncTether:
             await self._rest.status()  # fail fast, with a clear message, on a bad URL/token
             self._link = SupervisorLink(self._target, self._rest, self._state, self.options)
             await self._link.start(self._task_group)
+            self.jobs = AsyncJobs(self)
         except BaseException as exc:
             await self._shutdown(type(exc), exc, exc.__traceback__)
             raise

@@ -1,0 +1,136 @@
+"""Named targets: a small TOML file of Jupyter servers the CLI can reach by name.
+
+``targets.toml`` lives in the platform's config dir (``JUPYTER_TETHER_CONFIG`` overrides it)::
+
+    [kaggle]
+    url = "https://kkb-production.jupyter-proxy.kaggle.net/k/123/eyJ.../proxy"
+
+    [gpu-box]
+    url = "http://gpu-box:8888/"
+    token_env = "GPU_BOX_TOKEN"    # read the token from this env var (keeps it out of the file)
+
+    [lab]
+    url = "http://127.0.0.1:8888/"
+    token = "abc123"
+
+A top-level ``default = "gpu-box"`` names the target used when nothing else is given.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from .controller.target import URL_ENV, Target, parse_target, redact
+from .errors import ConfigError
+
+CONFIG_ENV = "JUPYTER_TETHER_CONFIG"
+
+
+def config_path() -> Path:
+    override = os.environ.get(CONFIG_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_config_dir("jupyter-tether")) / "targets.toml"
+
+
+def load_config(path: Path | None = None) -> dict[str, Any]:
+    """The parsed config file; ``{}`` when it does not exist."""
+    path = path or config_path()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        # The decoder's message names a line and column, never the file's values.
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def named_targets(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every ``[name]`` table of the config file (the ``default`` key is not a target)."""
+    return {name: value for name, value in load_config(path).items() if isinstance(value, dict)}
+
+
+def target_from_config(name: str, path: Path | None = None) -> Target:
+    path = path or config_path()
+    targets = named_targets(path)
+    entry = targets.get(name)
+    if entry is None:
+        known = ", ".join(sorted(targets)) or "none"
+        raise ConfigError(f"no target named {name!r} in {path} (known: {known})")
+    url = entry.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"target {name!r} in {path} has no url")
+    token = entry.get("token")
+    token_env = entry.get("token_env")
+    if token is None and isinstance(token_env, str):
+        token = os.environ.get(token_env)
+        if token is None:
+            raise ConfigError(f"target {name!r} reads its token from ${token_env}, which is not set")
+    if token is not None and not isinstance(token, str):
+        raise ConfigError(f"target {name!r} in {path}: token must be a string")
+    return parse_target(url, token, name=name)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which server a command talks to, and how to say so again without the secret."""
+
+    target: Target | None  # None: start the embedded local server
+    source: str  # "target", "url", "env", "default" or "embedded"
+
+    def cli_args(self) -> str:
+        """Options that select the same server again, for hints like "re-attach with ..."."""
+        if self.target is None or self.source in ("env", "default"):
+            return ""
+        if self.source == "target":
+            return f" --target {self.target.name}"
+        url = self.target.display_url
+        if "***" in url:  # the credential lives in the URL: never echo it
+            return " --url <URL>"
+        return f" --url {url}" + (" --token <TOKEN>" if self.target.token else "")
+
+
+def select_target(url: str | None = None, token: str | None = None, name: str | None = None,
+                  *, path: Path | None = None) -> Selection:
+    """``--target`` beats ``--url``, which beats the env vars, then the config's default."""
+    if name and url:
+        raise ConfigError("give either --target or --url, not both")
+    if name:
+        return Selection(target_from_config(name, path), "target")
+    if url:
+        return Selection(parse_target(url, token), "url")
+    if os.environ.get(URL_ENV):
+        return Selection(parse_target(None, token), "env")
+    default = load_config(path).get("default")
+    if isinstance(default, str) and default:
+        return Selection(target_from_config(default, path), "default")
+    if token:
+        raise ConfigError(f"--token given without a server: add --url or set {URL_ENV}")
+    return Selection(None, "embedded")
+
+
+def describe_targets(path: Path | None = None) -> list[dict[str, Any]]:
+    """The named targets as safe-to-print rows: URLs redacted, tokens reduced to a yes/no."""
+    path = path or config_path()
+    config = load_config(path)
+    rows = []
+    for name, entry in named_targets(path).items():
+        url = entry.get("url")
+        rows.append({
+            "name": name,
+            "url": redact(url) if isinstance(url, str) else None,
+            "token": ("env:" + entry["token_env"]) if isinstance(entry.get("token_env"), str)
+            else ("set" if entry.get("token") else "none"),
+            "default": config.get("default") == name,
+        })
+    return rows

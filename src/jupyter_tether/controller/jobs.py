@@ -1,0 +1,271 @@
+"""Jobs on the remote: start, status, tail, follow (pushed, lossless), wait, kill, run_commands.
+
+``follow`` is exact by byte offset: the supervisor pushes log chunks tagged with their
+offset; the client keeps ``next_offset``, drops what it already has, fills any gap (events
+lost to a drop or to iopub's rate limiter) from the log file with ``job_tail``, and after a
+reconnect re-subscribes from ``next_offset``. Every byte arrives once, in order.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..errors import JobError, TetherError, TetherTimeout
+from .rpc import Event
+
+if TYPE_CHECKING:
+    from .tether import AsyncTether
+
+FOLLOW_WINDOW = 8 * 1024 * 1024
+# With no event for this long, ask the supervisor directly (covers any lost notification).
+FOLLOW_IDLE_CHECK_S = 2.0
+_WAIT_SLICE_S = 30.0
+
+
+@dataclass
+class JobInfo:
+    """A job's state as the supervisor's registry knows it."""
+
+    job_id: str
+    state: str  # "running", "exited", "killed" or "lost"
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    command: str = ""
+    cwd: str = ""
+    log_path: str = ""
+    bytes_written: int = 0
+    name: str | None = None
+    idempotency_key: str | None = None
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> JobInfo:
+        known = {k: data.get(k) for k in cls.__dataclass_fields__ if k in data}
+        known.setdefault("state", "unknown")
+        return cls(**known)
+
+    @property
+    def done(self) -> bool:
+        return self.state != "running"
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "exited" and self.exit_code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        code = "" if self.exit_code is None else f" exit_code={self.exit_code}"
+        return f"job {self.job_id} {self.state}{code}: {self.command}"
+
+
+class AsyncJob:
+    """Handle on one remote job. Cheap to create; every method asks the supervisor."""
+
+    def __init__(self, tether: AsyncTether, job_id: str, info: JobInfo | None = None) -> None:
+        self._tether = tether
+        self.job_id = job_id
+        self.info = info
+
+    def __repr__(self) -> str:
+        state = self.info.state if self.info else "?"
+        return f"<AsyncJob {self.job_id} {state}>"
+
+    async def status(self) -> JobInfo:
+        reply = await self._tether.link.call("job_status", {"job_id": self.job_id})
+        self.info = JobInfo.from_wire(reply.result)
+        return self.info
+
+    async def read(self, offset: int = 0, max_bytes: int = 4 * 1024 * 1024) -> tuple[bytes, int]:
+        """Log bytes from ``offset`` (at most ``max_bytes``) and the offset after them."""
+        reply = await self._tether.link.call(
+            "job_tail", {"job_id": self.job_id, "offset": offset, "max_bytes": max_bytes})
+        data = reply.buffers[0] if reply.buffers else b""
+        return data, int(reply.result["offset_start"]) + len(data)
+
+    async def tail(self, lines: int = 200) -> str:
+        """The last ``lines`` lines of the log (bytes that are not UTF-8 are replaced)."""
+        reply = await self._tether.link.call("job_tail", {"job_id": self.job_id, "lines": lines})
+        data = reply.buffers[0] if reply.buffers else b""
+        return data.decode("utf-8", errors="replace")
+
+    async def wait(self, timeout: float | None = None) -> JobInfo:
+        """Wait until the job ends; raise TetherTimeout after ``timeout`` seconds."""
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        while True:
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                raise TetherTimeout(f"job {self.job_id} still running after {timeout}s")
+            slice_s = min(_WAIT_SLICE_S, remaining)
+            reply = await self._tether.link.call(
+                "job_wait", {"job_id": self.job_id, "timeout": slice_s}, timeout=slice_s + 30)
+            self.info = JobInfo.from_wire(reply.result)
+            if self.info.done:
+                return self.info
+
+    async def kill(self, signal: int = 15, grace: float = 5.0) -> JobInfo:
+        """Signal the job's whole process group; TERM escalates to KILL after ``grace``."""
+        reply = await self._tether.link.call(
+            "job_kill", {"job_id": self.job_id, "signal": signal, "grace": grace},
+            timeout=grace + 30)
+        self.info = JobInfo.from_wire(reply.result)
+        return self.info
+
+    async def follow(self, offset: int = 0, *, window: int = FOLLOW_WINDOW) -> AsyncIterator[bytes]:
+        """Yield the log from ``offset`` as it is written, until the job ends and all is read."""
+        link = self._tether.link
+        send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        job_id = self.job_id
+
+        def on_event(event: Event) -> None:
+            if event.name == "log":
+                if any(c.get("job_id") == job_id for c in event.body.get("chunks", [])):
+                    send.send_nowait(event)
+            elif event.name == "job_exit" and event.body.get("job_id") == job_id:
+                send.send_nowait(event)
+
+        next_offset = offset
+        acked = offset
+
+        async def subscribe() -> None:
+            await link.call("job_follow", {"job_id": job_id, "offset": next_offset,
+                                           "window": window})
+
+        remove_listener = link.add_listener(on_event)
+        remove_hook = link.on_reattach(subscribe)
+        exit_size: int | None = None
+        try:
+            await subscribe()
+            while True:
+                event: Event | None = None
+                with anyio.move_on_after(FOLLOW_IDLE_CHECK_S):
+                    event = await receive.receive()
+                if event is None:
+                    # Quiet: maybe the exit notification was lost. Ask, and re-subscribe.
+                    info = await self.status()
+                    if info.done:
+                        exit_size = info.bytes_written
+                    else:
+                        await subscribe()
+                        continue
+                elif event.name == "job_exit":
+                    size = event.body.get("size")
+                    if size is None:
+                        size = (await self.status()).bytes_written
+                    exit_size = int(size)
+                else:
+                    for chunk, blob in zip(event.body["chunks"], event.buffers, strict=False):
+                        if chunk.get("job_id") != job_id:
+                            continue
+                        start = int(chunk["offset"])
+                        if start > next_offset:  # a gap: read it from the log file
+                            async for data in self._read_range(next_offset, start):
+                                next_offset += len(data)
+                                yield data
+                        if start + len(blob) <= next_offset:
+                            continue  # already have it (a replay or a re-subscribe overlap)
+                        data = blob[next_offset - start:]
+                        next_offset += len(data)
+                        yield data
+                    if next_offset - acked >= window // 4:
+                        acked = next_offset
+                        self._tether.task_group.start_soon(self._ack, acked)
+                if exit_size is not None:
+                    async for data in self._read_range(next_offset, exit_size):
+                        next_offset += len(data)
+                        yield data
+                    return
+        finally:
+            remove_listener()
+            remove_hook()
+            send.close()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                try:
+                    await link.call("job_unfollow", {"job_id": job_id}, timeout=5)
+                except TetherError:
+                    pass
+
+    async def _read_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        while start < end:
+            data, after = await self.read(start, min(end - start, 4 * 1024 * 1024))
+            if not data:
+                return
+            start = after
+            yield data
+
+    async def _ack(self, offset: int) -> None:
+        try:
+            await self._tether.link.call("job_follow_ack", {"job_id": self.job_id,
+                                                            "offset": offset}, timeout=30)
+        except TetherError:
+            pass  # a lost ack only pauses the push; the idle check re-subscribes
+
+    def _repr_html_(self) -> str:
+        info = self.info
+        state = html.escape(info.state if info else "unknown")
+        command = html.escape(info.command if info else "")
+        return f"<b>job {html.escape(self.job_id)}</b> <code>{state}</code> {command}"
+
+
+class AsyncJobs:
+    """``tether.jobs``: start and find jobs, and run short command sequences."""
+
+    def __init__(self, tether: AsyncTether) -> None:
+        self._tether = tether
+
+    async def start(self, command: str, *, cwd: str = "", env: dict[str, str] | None = None,
+                    log_path: str | None = None, name: str | None = None,
+                    idempotency_key: str | None = None) -> AsyncJob:
+        """Start ``command`` in its own session on the remote; returns at once.
+
+        A retried start with the same ``idempotency_key`` returns the same job; one is
+        generated when none is given, so the link's own retry after a drop is safe too.
+        """
+        args: dict[str, Any] = {"command": command, "cwd": cwd,
+                                "idempotency_key": idempotency_key or uuid.uuid4().hex}
+        if env:
+            args["env_overrides"] = env
+        if log_path:
+            args["log_path"] = log_path
+        if name:
+            args["name"] = name
+        try:
+            reply = await self._tether.link.call("job_start", args)
+        except TetherError as exc:
+            raise JobError(f"could not start {command!r}: {exc}") from exc
+        info = JobInfo.from_wire(reply.result)
+        return AsyncJob(self._tether, info.job_id, info)
+
+    def get(self, job_id: str) -> AsyncJob:
+        return AsyncJob(self._tether, job_id)
+
+    async def list(self, state: str | None = None) -> list[JobInfo]:
+        args = {"state": state} if state else {}
+        reply = await self._tether.link.call("job_list", args)
+        return [JobInfo.from_wire(item) for item in reply.result.get("jobs", [])]
+
+    async def run_commands(self, commands: list[str], *, cwd: str = "",
+                           env: dict[str, str] | None = None, timeout_per_command: float = 600,
+                           fail_fast: bool = True, max_output_chars: int = 20_000) -> dict[str, Any]:
+        """Run shell commands one after another; each result has returncode, stdout, stderr."""
+        args: dict[str, Any] = {"commands": list(commands), "cwd": cwd,
+                                "timeout_s_per_command": timeout_per_command,
+                                "fail_fast": fail_fast, "max_output_chars": max_output_chars}
+        if env:
+            args["env_overrides"] = env
+        # Not idempotent: a command sequence must never silently run twice after a drop.
+        reply = await self._tether.link.call(
+            "run_commands", args, idempotent=False,
+            timeout=timeout_per_command * max(1, len(commands)) + 30)
+        result: dict[str, Any] = reply.result
+        return result

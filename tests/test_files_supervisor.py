@@ -1,0 +1,650 @@
+"""The payload's file service, driven in-process through the Supervisor (no kernel)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jupyter_tether.agent_payload import app, files, wire
+
+MiB = 1024 * 1024
+
+
+class RemoteFailure(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(f"{error['code']}: {error['message']}")
+        self.code = error["code"]
+        self.message = error["message"]
+        self.details = error.get("details") or {}
+
+
+class Harness:
+    """A supervisor plus a reply mailbox; blocking ops answer from worker threads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.replies: dict[Any, tuple[dict[str, Any], list[bytes]]] = {}
+        self.supervisor = app.create_supervisor(self._send, root_dir=str(root))
+
+    def _send(self, data: bytes, blobs: Any, channel: Any) -> None:
+        envelope, _ = wire.decode(data)
+        if envelope.get("type") == "reply":
+            with self._lock:
+                self.replies[envelope["id"]] = (envelope, [bytes(b) for b in blobs])
+
+    def submit(self, op: str, args: dict[str, Any] | None = None,
+               buffers: list[bytes] | tuple[bytes, ...] = ()) -> int:
+        request_id = next(self._ids)
+        self.supervisor.handle(wire.encode(wire.request(request_id, op, args)), list(buffers),
+                               "test-channel")
+        return request_id
+
+    def wait(self, request_id: Any, timeout: float = 20.0) -> tuple[dict[str, Any], list[bytes]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if request_id in self.replies:
+                    return self.replies.pop(request_id)
+            time.sleep(0.001)
+        raise AssertionError(f"no reply to request {request_id} within {timeout} s")
+
+    def call_full(self, op: str, args: dict[str, Any] | None = None,
+                  buffers: list[bytes] | tuple[bytes, ...] = ()) -> tuple[Any, list[bytes]]:
+        envelope, blobs = self.wait(self.submit(op, args, buffers))
+        if not envelope["ok"]:
+            raise RemoteFailure(envelope["error"])
+        return envelope["result"], blobs
+
+    def call(self, op: str, args: dict[str, Any] | None = None,
+             buffers: list[bytes] | tuple[bytes, ...] = ()) -> Any:
+        return self.call_full(op, args, buffers)[0]
+
+    def fails(self, code: str, op: str, args: dict[str, Any] | None = None,
+              buffers: list[bytes] | tuple[bytes, ...] = ()) -> RemoteFailure:
+        with pytest.raises(RemoteFailure) as info:
+            self.call(op, args, buffers)
+        assert info.value.code == code, info.value
+        return info.value
+
+    def close(self) -> None:
+        self.supervisor.close()
+
+
+@pytest.fixture
+def remote(tmp_path: Path):
+    root = tmp_path / "root"
+    root.mkdir()
+    harness = Harness(root)
+    yield harness
+    harness.close()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def debris(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()
+                  if files.PART_SUFFIX in p.name or files.TEMP_MARK in p.name)
+
+
+def chunks(data: bytes, size: int) -> list[tuple[int, bytes]]:
+    return [(offset, data[offset:offset + size]) for offset in range(0, len(data), size)]
+
+
+def begin_upload(remote: Harness, path: str, data: bytes, chunk: int, **extra: Any) -> dict:
+    return remote.call("upload_begin", {"path": path, "size": len(data), "sha256": sha(data),
+                                        "chunk_size": chunk, **extra})
+
+
+# --- upload -------------------------------------------------------------------------------
+
+
+def test_upload_out_of_order_chunks_commits_equal_hash_without_debris(remote: Harness):
+    data = os.urandom(5 * MiB + 123)
+    begun = begin_upload(remote, "data/model.bin", data, MiB)
+    assert begun["received"] == [] and begun["path"] == str(remote.root / "data" / "model.bin")
+    parts = chunks(data, MiB)
+    random.Random(7).shuffle(parts)
+    for offset, piece in parts:
+        reply = remote.call("upload_chunk", {"transfer_id": begun["transfer_id"],
+                                             "offset": offset}, [piece])
+    assert reply == {"received_bytes": len(data), "complete": True}
+    done = remote.call("upload_commit", {"transfer_id": begun["transfer_id"]})
+    target = remote.root / "data" / "model.bin"
+    assert done == {"path": str(target), "size": len(data), "sha256": sha(data)}
+    assert sha(target.read_bytes()) == sha(data)
+    assert debris(target.parent) == []
+    remote.fails("not_found", "upload_status", {"transfer_id": begun["transfer_id"]})
+
+
+def test_upload_in_order_hashes_as_it_goes_and_applies_mode_and_mtime(remote: Harness):
+    data = os.urandom(3 * MiB)
+    begun = begin_upload(remote, "run.sh", data, MiB, mode=0o750, mtime_ns=1_600_000_000_123)
+    for offset, piece in chunks(data, MiB):
+        remote.call("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": offset},
+                    [piece])
+    remote.call("upload_commit", {"transfer_id": begun["transfer_id"]})
+    st = (remote.root / "run.sh").stat()
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o750, 1_600_000_000_123)
+
+
+def test_upload_resumes_in_a_new_supervisor_sending_only_missing_chunks(tmp_path: Path):
+    root = tmp_path / "root"
+    root.mkdir()
+    data = os.urandom(4 * MiB + 5)
+    pieces = chunks(data, MiB)
+    first = Harness(root)
+    begun = begin_upload(first, "ckpt.pt", data, MiB)
+    for index in (0, 1, 3):
+        offset, piece = pieces[index]
+        first.call("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": offset},
+                   [piece])
+    # The same supervisor answers a retried begin with the same transfer and its ranges.
+    again = begin_upload(first, "ckpt.pt", data, MiB)
+    assert again["transfer_id"] == begun["transfer_id"]
+    assert again["received"] == [[0, 2 * MiB], [3 * MiB, 4 * MiB]]
+    first.close()  # the kernel restarts: only the part file and its sidecar remain
+
+    second = Harness(root)
+    try:
+        resumed = begin_upload(second, "ckpt.pt", data, MiB)
+        assert resumed["received"] == [[0, 2 * MiB], [3 * MiB, 4 * MiB]]
+        assert resumed["received_bytes"] == 3 * MiB
+        status = second.call("upload_status", {"transfer_id": resumed["transfer_id"]})
+        assert status["complete"] is False
+        for start, end in [[2 * MiB, 3 * MiB], [4 * MiB, len(data)]]:
+            second.call("upload_chunk", {"transfer_id": resumed["transfer_id"],
+                                         "offset": start}, [data[start:end]])
+        done = second.call("upload_commit", {"transfer_id": resumed["transfer_id"]})
+        assert done["sha256"] == sha(data)
+        assert (root / "ckpt.pt").read_bytes() == data
+        assert debris(root) == []
+    finally:
+        second.close()
+
+
+def test_upload_begin_with_a_different_hash_restarts_the_partial(remote: Harness):
+    old = os.urandom(2 * MiB)
+    begun = begin_upload(remote, "x.bin", old, MiB)
+    remote.call("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": 0},
+                [old[:MiB]])
+    new = os.urandom(2 * MiB)
+    restarted = begin_upload(remote, "x.bin", new, MiB)
+    assert restarted["received"] == []
+    remote.fails("not_found", "upload_chunk", {"transfer_id": begun["transfer_id"],
+                                               "offset": 0}, [old[:MiB]])
+
+
+def test_upload_commit_of_an_incomplete_file_is_a_conflict_and_keeps_the_partial(
+        remote: Harness):
+    data = os.urandom(2 * MiB)
+    begun = begin_upload(remote, "y.bin", data, MiB)
+    remote.call("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": MiB},
+                [data[MiB:]])
+    failure = remote.fails("conflict", "upload_commit", {"transfer_id": begun["transfer_id"]})
+    assert failure.details["missing"] == [[0, MiB]]
+    remote.call("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": 0},
+                [data[:MiB]])
+    assert remote.call("upload_commit", {"transfer_id": begun["transfer_id"]})["size"] == len(data)
+    assert (remote.root / "y.bin").read_bytes() == data
+
+
+def test_upload_with_the_wrong_hash_is_a_conflict_leaving_target_and_no_debris(
+        remote: Harness):
+    target = remote.root / "weights.bin"
+    target.write_bytes(b"previous version")
+    data = os.urandom(MiB + 1)
+    begun = remote.call("upload_begin", {"path": "weights.bin", "size": len(data),
+                                         "sha256": sha(b"something else"),
+                                         "chunk_size": MiB})
+    for offset, piece in chunks(data, MiB):
+        remote.call("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": offset},
+                    [piece])
+    failure = remote.fails("conflict", "upload_commit", {"transfer_id": begun["transfer_id"]})
+    assert failure.details["actual_sha256"] == sha(data)
+    assert failure.details["expected_sha256"] == sha(b"something else")
+    assert str(target) in failure.message
+    assert target.read_bytes() == b"previous version"
+    assert debris(remote.root) == []
+
+
+def test_upload_rewriting_hashed_bytes_still_verifies_the_file(remote: Harness):
+    data = os.urandom(2 * MiB)
+    begun = begin_upload(remote, "z.bin", data, MiB)
+    tid = begun["transfer_id"]
+    remote.call("upload_chunk", {"transfer_id": tid, "offset": 0}, [os.urandom(MiB)])
+    remote.call("upload_chunk", {"transfer_id": tid, "offset": 0}, [data[:MiB]])  # a resend
+    remote.call("upload_chunk", {"transfer_id": tid, "offset": MiB}, [data[MiB:]])
+    assert remote.call("upload_commit", {"transfer_id": tid})["sha256"] == sha(data)
+
+
+def test_reader_never_sees_a_half_written_target(remote: Harness):
+    target = remote.root / "live.bin"
+    old = os.urandom(8 * MiB)
+    target.write_bytes(old)
+    new = os.urandom(8 * MiB)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.add(sha(target.read_bytes()))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        begun = begin_upload(remote, "live.bin", new, 2 * MiB)
+        for offset, piece in chunks(new, 2 * MiB):
+            remote.call("upload_chunk", {"transfer_id": begun["transfer_id"],
+                                         "offset": offset}, [piece])
+            assert target.read_bytes() == old
+        remote.call("upload_commit", {"transfer_id": begun["transfer_id"]})
+        time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert seen <= {sha(old), sha(new)} and sha(old) in seen
+    assert target.read_bytes() == new
+
+
+def test_upload_rejects_oversize_out_of_range_and_unknown_chunks(remote: Harness):
+    data = os.urandom(1000)
+    tid = begin_upload(remote, "small.bin", data, 512)["transfer_id"]
+    failure = remote.fails("too_large", "upload_chunk", {"transfer_id": tid, "offset": 0},
+                           [b"\0" * (wire.MAX_CHUNK_BYTES + 1)])
+    assert failure.details["limit"] == wire.MAX_CHUNK_BYTES
+    remote.fails("invalid_argument", "upload_chunk", {"transfer_id": tid, "offset": 999},
+                 [b"ab"])
+    remote.fails("invalid_argument", "upload_chunk", {"transfer_id": tid, "offset": -1},
+                 [b"a"])
+    remote.fails("invalid_argument", "upload_chunk", {"transfer_id": tid, "offset": 0})
+    remote.fails("not_found", "upload_chunk", {"transfer_id": "nope", "offset": 0}, [b"a"])
+    remote.fails("invalid_argument", "upload_begin", {"path": "big.bin", "size": 10,
+                                                      "sha256": sha(b""),
+                                                      "chunk_size": wire.MAX_CHUNK_BYTES + 1})
+
+
+def test_upload_abort_removes_debris_even_from_an_earlier_supervisor(remote: Harness):
+    data = os.urandom(3000)
+    tid = begin_upload(remote, "a/b.bin", data, 1024)["transfer_id"]
+    remote.call("upload_chunk", {"transfer_id": tid, "offset": 0}, [data[:1024]])
+    assert debris(remote.root / "a") == ["b.bin.tether-part", "b.bin.tether-part.json"]
+    assert remote.call("upload_abort", {"transfer_id": tid})["aborted"] is True
+    assert debris(remote.root / "a") == []
+    (remote.root / "a" / "c.bin.tether-part").write_bytes(b"x")
+    removed = remote.call("upload_abort", {"path": "a/c.bin"})["removed"]
+    assert removed == [str(remote.root / "a" / "c.bin.tether-part")]
+
+
+def test_empty_file_uploads(remote: Harness):
+    tid = begin_upload(remote, "empty.txt", b"", MiB)["transfer_id"]
+    assert remote.call("upload_commit", {"transfer_id": tid})["sha256"] == sha(b"")
+    assert (remote.root / "empty.txt").read_bytes() == b""
+
+
+# --- download -------------------------------------------------------------------------------
+
+
+def test_download_chunks_in_flight_reassemble_to_equal_hash(remote: Harness):
+    data = os.urandom(5 * MiB + 7)
+    (remote.root / "out.bin").write_bytes(data)
+    begun = remote.call("download_begin", {"path": "out.bin"})
+    assert (begun["size"], begun["sha256"]) == (len(data), sha(data))
+    # A window of requests in flight at once, as the client drives it.
+    pending = {remote.submit("download_chunk", {"transfer_id": begun["transfer_id"],
+                                                "offset": offset, "length": MiB}): offset
+               for offset in range(0, len(data), MiB)}
+    pieces: dict[int, bytes] = {}
+    eofs = []
+    for request_id, offset in pending.items():
+        envelope, blobs = remote.wait(request_id)
+        assert envelope["ok"], envelope
+        assert envelope["result"]["offset"] == offset
+        assert envelope["result"]["length"] == len(blobs[0])
+        pieces[offset] = blobs[0]
+        eofs.append(envelope["result"]["eof"])
+    assembled = b"".join(pieces[o] for o in sorted(pieces))
+    assert sha(assembled) == begun["sha256"]
+    assert eofs.count(True) == 1 and eofs[-1] is True
+    assert remote.call("download_end", {"transfer_id": begun["transfer_id"]}) == {"closed": True}
+    # Without a transfer, by path.
+    result, blobs = remote.call_full("download_chunk", {"path": "out.bin", "offset": len(data) - 7,
+                                                        "length": MiB})
+    assert blobs[0] == data[-7:] and result["eof"] is True
+    remote.fails("too_large", "download_chunk", {"path": "out.bin", "offset": 0,
+                                                 "length": wire.MAX_CHUNK_BYTES + 1})
+    remote.fails("is_a_directory", "download_begin", {"path": ""})
+
+
+# --- manifests and sync ------------------------------------------------------------------------
+
+
+def make_tree(base: Path, count: int) -> None:
+    for index in range(count):
+        folder = base / f"pkg{index % 40:02d}" / ("deep" if index % 3 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"mod{index:04d}.py").write_text(f"value = {index}\n" * (1 + index % 5))
+
+
+def test_manifest_of_2000_files_then_cached_resync(tmp_path: Path, remote: Harness):
+    tree = remote.root / "proj"
+    make_tree(tree, 2000)
+    for junk in (".git/objects/ab", "__pycache__", "node_modules/x", "pkg00/__pycache__"):
+        (tree / junk).mkdir(parents=True, exist_ok=True)
+        (tree / junk / "junk.pyc").write_bytes(b"junk")
+    (tree / "escape").symlink_to("/etc")
+    (tree / "pkg01" / "x.py.tether-part").write_bytes(b"in flight")
+    excludes = [".git", "__pycache__", "node_modules/", "*.pyc"]
+
+    started = time.perf_counter()
+    first = remote.call("manifest", {"path": "proj", "excludes": excludes})
+    first_s = time.perf_counter() - started
+    assert first["exists"] is True and len(first["files"]) == 2000
+    assert first["hashed"] == 2000
+    assert first["symlinks"] == [{"path": "escape", "target": "/etc"}]
+    assert not any("pyc" in f["path"] or "tether" in f["path"] for f in first["files"])
+    sample = next(f for f in first["files"] if f["path"] == "pkg07/deep/mod0007.py")
+    assert sample["sha256"] == sha((tree / "pkg07/deep/mod0007.py").read_bytes())
+
+    started = time.perf_counter()
+    second = remote.call("manifest", {"path": "proj", "excludes": excludes})
+    second_s = time.perf_counter() - started
+    assert second["hashed"] == 0 and second["files"] == first["files"]
+
+    # A new supervisor (kernel restart) still has the persisted cache.
+    fresh = Harness(remote.root)
+    try:
+        started = time.perf_counter()
+        third = fresh.call("manifest", {"path": "proj", "excludes": excludes})
+        third_s = time.perf_counter() - started
+        assert third["hashed"] == 0 and third["files"] == first["files"]
+        (tree / "pkg03" / "mod0003.py").write_text("changed\n")
+        fourth = fresh.call("manifest", {"path": "proj", "excludes": excludes})
+        assert fourth["hashed"] == 1
+    finally:
+        fresh.close()
+    print(f"\nmanifest of 2000 files: first {first_s * 1000:.0f} ms, cached "
+          f"{second_s * 1000:.0f} ms, cached after restart {third_s * 1000:.0f} ms")
+
+    whole_root = remote.call("manifest", {"path": "", "hash": False})
+    assert (remote.root / ".jupyter_tether").is_dir()  # the supervisor's state: left out
+    assert not any(d.startswith(".jupyter_tether") for d in whole_root["dirs"])
+
+    blob_summary, blobs = remote.call_full("manifest", {"path": "proj", "excludes": excludes,
+                                                        "as_blob": True})
+    assert blob_summary["file_count"] == 2000 and blob_summary["codec"] == "msgpack"
+    assert len(wire.decode(blobs[0])[0]["files"]) == 2000
+
+
+def test_manifest_of_a_missing_tree_says_so(remote: Harness):
+    result = remote.call("manifest", {"path": "nowhere"})
+    assert result["exists"] is False and result["files"] == []
+    (remote.root / "file.txt").write_text("x")
+    remote.fails("not_a_directory", "manifest", {"path": "file.txt"})
+
+
+def test_batch_write_then_manifest_matches_and_sync_delete_prunes(remote: Harness):
+    contents = {"a.txt": b"alpha", "sub/b.bin": os.urandom(3000), "sub/deeper/c.txt": b""}
+    specs = [{"path": path, "size": len(data), "mtime_ns": 1_700_000_000_000_000_000 + i,
+              "mode": 0o640} for i, (path, data) in enumerate(contents.items())]
+    written = remote.call("batch_write", {"root": "dest", "files": specs},
+                          list(contents.values()))
+    assert written == {"root": str(remote.root / "dest"), "written": 3,
+                       "bytes": sum(map(len, contents.values()))}
+    manifest = remote.call("manifest", {"path": "dest"})
+    assert manifest["hashed"] == 0  # batch_write already knew the hashes
+    by_path = {f["path"]: f for f in manifest["files"]}
+    for spec, (path, data) in zip(specs, contents.items(), strict=True):
+        assert by_path[path]["sha256"] == sha(data)
+        assert by_path[path]["mtime_ns"] == spec["mtime_ns"]
+        assert by_path[path]["mode"] == 0o640
+        assert (remote.root / "dest" / path).read_bytes() == data
+    assert manifest["dirs"] == ["sub", "sub/deeper"]
+    assert debris(remote.root / "dest") == []
+
+    deleted = remote.call("sync_delete", {"root": "dest",
+                                          "paths": ["sub/deeper/c.txt", "gone.txt"]})
+    assert deleted["deleted"] == ["sub/deeper/c.txt"] and deleted["missing"] == ["gone.txt"]
+    assert not (remote.root / "dest" / "sub" / "deeper").exists()
+    assert (remote.root / "dest" / "sub" / "b.bin").exists()
+
+    result, blobs = remote.call_full("batch_read", {"root": "dest",
+                                                    "paths": ["a.txt", "sub/b.bin", "nope"]})
+    assert [f["path"] for f in result["files"]] == ["a.txt", "sub/b.bin", "nope"]
+    assert blobs[:2] == [contents["a.txt"], contents["sub/b.bin"]]
+    assert result["files"][2]["error"]["code"] == "not_found"
+    result, blobs = remote.call_full("batch_read", {"root": "dest", "max_bytes": 3000,
+                                                    "paths": ["a.txt", "sub/b.bin"]})
+    assert result["remaining"] == ["sub/b.bin"] and blobs == [b"alpha"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", "a\x00b", "", ".",
+                                 "sub/../../escape"])
+def test_sync_ops_refuse_paths_outside_the_root(remote: Harness, bad: str):
+    (remote.root / "dest").mkdir()
+    failure = remote.fails("invalid_argument", "batch_write",
+                           {"root": "dest", "files": [{"path": "ok.txt", "size": 2},
+                                                      {"path": bad, "size": 1}]}, [b"ok", b"x"])
+    assert failure.message
+    assert not (remote.root / "dest" / "ok.txt").exists()  # nothing written at all
+    remote.fails("invalid_argument", "sync_delete", {"root": "dest", "paths": [bad]})
+    remote.fails("invalid_argument", "batch_read", {"root": "dest", "paths": [bad]})
+
+
+def test_sync_ops_refuse_symlinks_leading_outside_the_root(tmp_path: Path, remote: Harness):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    dest = remote.root / "dest"
+    dest.mkdir()
+    (dest / "link").symlink_to(outside)
+    (dest / "file_link").symlink_to(outside / "secret.txt")
+    remote.fails("invalid_argument", "batch_write",
+                 {"root": "dest", "files": [{"path": "link/planted.txt", "size": 1}]}, [b"x"])
+    assert not (outside / "planted.txt").exists()
+    remote.fails("invalid_argument", "sync_delete", {"root": "dest",
+                                                      "paths": ["link/secret.txt"]})
+    assert (outside / "secret.txt").exists()
+    result, blobs = remote.call_full("batch_read", {"root": "dest", "paths": ["file_link"]})
+    assert result["files"][0]["error"]["code"] == "invalid_argument" and blobs == [b""]
+    # Deleting the link itself removes the link, not what it points to.
+    remote.call("sync_delete", {"root": "dest", "paths": ["link"]})
+    assert not (dest / "link").exists() and (outside / "secret.txt").exists()
+
+
+def test_batch_write_checks_sizes_against_buffers(remote: Harness):
+    remote.fails("invalid_argument", "batch_write",
+                 {"root": "d", "files": [{"path": "a", "size": 3}]}, [b"ab"])
+    remote.fails("invalid_argument", "batch_write",
+                 {"root": "d", "files": [{"path": "a", "size": 2}]}, [])
+
+
+# --- exclude matcher -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "is_dir", "excluded"), [
+    (".git", True, True),
+    ("src/.git/config", False, True),
+    ("a/__pycache__/m.cpython-311.pyc", False, True),
+    ("m.pyc", False, True),
+    ("node_modules", True, True),
+    ("web/node_modules/react/index.js", False, True),
+    ("node_modules", False, False),       # "node_modules/" matches directories only
+    ("build/out/x.o", False, True),        # anchored pattern with a slash
+    ("sub/build/out/x.o", False, False),
+    ("data/cache/a/b.bin", False, True),   # ** crosses directories
+    ("src/main.py", False, False),
+    ("keep.pyc", False, False),            # re-included by "!keep.pyc"
+])
+def test_exclude_matcher_is_gitignore_like(path: str, is_dir: bool, excluded: bool):
+    matcher = files.make_matcher([".git", "__pycache__", "*.pyc", "node_modules/", "# note",
+                                  "/build/out", "data/**/*.bin", "!keep.pyc"])
+    assert matcher(path, is_dir) is excluded
+
+
+def test_exclude_matcher_accepts_a_csv_string():
+    matcher = files.make_matcher(".venv,*.log\ndist/")
+    assert matcher("x/.venv/bin/python") and matcher("a.log") and matcher("dist", True)
+    assert not matcher("src/app.py")
+
+
+# --- small files -------------------------------------------------------------------------------
+
+
+def test_fs_write_read_list_stat_mkdir_remove(remote: Harness):
+    written = remote.call("fs_write", {"path": "notes/today.txt"}, [b"hello\nworld\n"])
+    assert written == {"path": str(remote.root / "notes" / "today.txt"), "size": 12,
+                       "sha256": sha(b"hello\nworld\n")}
+    result, blobs = remote.call_full("fs_read", {"path": "notes/today.txt", "offset": 6,
+                                                 "max_bytes": 3})
+    assert blobs == [b"wor"] and result["eof"] is False and result["size"] == 12
+    result, blobs = remote.call_full("fs_read", {"path": "notes/today.txt", "offset": 6})
+    assert blobs == [b"world\n"] and result["eof"] is True
+    remote.call("fs_write", {"path": "notes/t2.txt", "text": "héllo"})
+    assert (remote.root / "notes" / "t2.txt").read_text("utf-8") == "héllo"
+
+    assert remote.call("fs_mkdir", {"path": "notes/sub"})["created"] is True
+    assert remote.call("fs_mkdir", {"path": "notes/sub"})["created"] is False
+    (remote.root / "notes" / "link").symlink_to("today.txt")
+    listing = remote.call("fs_list", {"path": "notes"})
+    assert [(e["name"], e["type"]) for e in listing["entries"]] == [
+        ("link", "symlink"), ("sub", "directory"), ("t2.txt", "file"), ("today.txt", "file")]
+    assert listing["entries"][3]["size"] == 12
+
+    stat_result = remote.call("fs_stat", {"path": "notes/today.txt"})
+    assert stat_result["exists"] is True and stat_result["type"] == "file"
+    assert remote.call("fs_stat", {"path": "notes/nope"}) == {
+        "path": str(remote.root / "notes" / "nope"), "exists": False}
+
+    failure = remote.fails("conflict", "fs_remove", {"path": "notes"})
+    assert "recursive" in failure.message
+    assert remote.call("fs_remove", {"path": "notes/today.txt"})["type"] == "file"
+    assert remote.call("fs_remove", {"path": "notes", "recursive": True})["removed"] is True
+    assert not (remote.root / "notes").exists()
+    remote.fails("invalid_argument", "fs_remove", {"path": "", "recursive": True})
+
+
+def test_fs_read_of_a_directory_or_missing_file_names_the_resolved_path(remote: Harness):
+    (remote.root / "folder").mkdir()
+    failure = remote.fails("is_a_directory", "fs_read", {"path": "folder"})
+    assert str(remote.root / "folder") in failure.message
+    failure = remote.fails("not_found", "fs_read", {"path": "missing/file.txt"})
+    assert str(remote.root / "missing" / "file.txt") in failure.message
+    remote.fails("not_found", "fs_list", {"path": "missing"})
+    remote.fails("is_a_directory", "fs_write", {"path": "folder"}, [b"x"])
+    remote.fails("is_a_directory", "upload_begin", {"path": "folder", "size": 1,
+                                                    "sha256": sha(b"x")})
+
+
+def test_writing_under_a_regular_file_is_not_a_directory(remote: Harness):
+    (remote.root / "plain.txt").write_text("I am a file")
+    failure = remote.fails("not_a_directory", "fs_write", {"path": "plain.txt/child.txt"},
+                           [b"x"])
+    assert str(remote.root / "plain.txt") in failure.message
+    remote.fails("not_a_directory", "upload_begin", {"path": "plain.txt/a/b.bin", "size": 1,
+                                                     "sha256": sha(b"x")})
+    remote.fails("not_a_directory", "fs_list", {"path": "plain.txt"})
+    remote.fails("not_found", "fs_write", {"path": "no/dir/f.txt", "make_dirs": False}, [b"x"])
+
+
+def _permissions_bypassed() -> bool:
+    """Whether this process reads a chmod 000 file anyway (root with CAP_DAC_OVERRIDE)."""
+    with tempfile.NamedTemporaryFile() as handle:
+        os.chmod(handle.name, 0)
+        try:
+            with open(handle.name, "rb"):
+                return True
+        except PermissionError:
+            return False
+
+
+PERMISSIONS_BYPASSED = _permissions_bypassed()
+
+
+@pytest.mark.skipif(PERMISSIONS_BYPASSED,
+                    reason="this process bypasses file permissions (root); "
+                           "test_permission_denied_with_root_privileges_dropped runs it without")
+def test_unreadable_file_is_permission_denied(remote: Harness):
+    secret = remote.root / "secret.txt"
+    secret.write_text("x")
+    secret.chmod(0)
+    locked = remote.root / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        failure = remote.fails("permission_denied", "fs_read", {"path": "secret.txt"})
+        assert str(secret) in failure.message
+        remote.fails("permission_denied", "download_begin", {"path": "secret.txt"})
+        remote.fails("permission_denied", "fs_write", {"path": "locked/new.txt"}, [b"x"])
+        manifest = remote.call("manifest", {"path": ""})
+        assert {e["path"]: e["code"] for e in manifest["errors"]} == {
+            "secret.txt": "permission_denied", "locked": "permission_denied"}
+    finally:
+        secret.chmod(0o600)
+        locked.chmod(0o700)
+
+
+@pytest.mark.skipif(not PERMISSIONS_BYPASSED or shutil.which("setpriv") is None,
+                    reason="needs root (to drop its privileges) and setpriv")
+def test_permission_denied_with_root_privileges_dropped(tmp_path: Path):
+    caps = "-dac_override,-dac_read_search"
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set", caps, "--inh-caps", caps, sys.executable, "-m", "pytest",
+         "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"),
+         f"{__file__}::test_unreadable_file_is_permission_denied"],
+        capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and proc.stderr.startswith("setpriv:"):
+        pytest.skip(f"setpriv cannot drop capabilities here: {proc.stderr.strip()}")
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("op", "args"), [
+    ("fs_read", {"path": 5}),
+    ("fs_read", {"path": "a", "offset": "0"}),
+    ("fs_read", {"path": "a", "offset": -1}),
+    ("fs_list", {"path": ["a"]}),
+    ("fs_stat", {}),
+    ("fs_write", {"path": "a"}),
+    ("fs_remove", {"path": "a", "recursive": "yes"}),
+    ("upload_begin", {"path": "a", "size": "10", "sha256": "0" * 64}),
+    ("upload_begin", {"path": "a", "size": 10, "sha256": "xyz"}),
+    ("upload_begin", {"path": "a", "size": -1, "sha256": "0" * 64}),
+    ("upload_begin", {"path": "a", "size": 1, "sha256": "0" * 64, "transfer_id": "../x"}),
+    ("upload_chunk", {"offset": 0}),
+    ("upload_commit", {"transfer_id": 3}),
+    ("upload_abort", {}),
+    ("download_chunk", {"path": "a", "offset": 0, "length": 0}),
+    ("download_chunk", {"path": "a", "offset": True}),
+    ("manifest", {"path": "", "excludes": "*.pyc"}),
+    ("manifest", {"path": "", "excludes": [1]}),
+    ("batch_write", {"root": "d", "files": ["a"]}),
+    ("batch_write", {"root": "d", "files": [{"path": "a"}]}),
+    ("sync_delete", {"root": "d", "paths": "a"}),
+    ("batch_read", {"root": "d", "paths": ["a"], "max_bytes": 0}),
+])
+def test_malformed_arguments_are_invalid_argument(remote: Harness, op: str,
+                                                   args: dict[str, Any]):
+    remote.fails("invalid_argument", op, args, [b"x"] if op == "batch_write" else [])
+
+
+def test_the_supervisor_survives_garbage_and_keeps_serving(remote: Harness):
+    remote.supervisor.handle(b"\xc1not msgpack", [], None)
+    assert remote.wait(None)[0]["error"]["code"] == "malformed"
+    (remote.root / "still.txt").write_text("ok")
+    _, blobs = remote.call_full("fs_read", {"path": "still.txt"})
+    assert blobs == [b"ok"]

@@ -1,0 +1,400 @@
+"""The jobs service driven in-process through the Supervisor: no kernel, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from jupyter_tether.agent_payload import app, jobs, wire
+
+PY = shlex.quote(sys.executable)
+
+
+class Harness:
+    """A Supervisor with a recording ``send``; ``call`` waits for the reply with a deadline."""
+
+    def __init__(self, root: Path, **kwargs: Any) -> None:
+        self._cond = threading.Condition()
+        self.replies: dict[Any, tuple[dict[str, Any], list[bytes]]] = {}
+        self.events: list[tuple[dict[str, Any], list[bytes]]] = []
+        self._next = 0
+        self.sup = app.create_supervisor(self._send, root_dir=str(root), **kwargs)
+
+    def _send(self, data: bytes, blobs: Any, channel: Any) -> None:
+        envelope, _ = wire.decode(data)
+        with self._cond:
+            if envelope["type"] == "reply":
+                self.replies[envelope["id"]] = (envelope, [bytes(b) for b in blobs])
+            else:
+                self.events.append((envelope, [bytes(b) for b in blobs]))
+            self._cond.notify_all()
+
+    def request(self, op: str, args: dict[str, Any] | None = None,
+                timeout: float = 15.0) -> tuple[dict[str, Any], list[bytes]]:
+        self._next += 1
+        rid = self._next
+        self.sup.handle(wire.encode(wire.request(rid, op, args)), [], "chan")
+        with self._cond:
+            assert self._cond.wait_for(lambda: rid in self.replies, timeout), f"no reply to {op}"
+            return self.replies.pop(rid)
+
+    def ok(self, op: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
+        envelope, _ = self.request(op, args, **kw)
+        assert envelope["ok"], envelope
+        return envelope["result"]
+
+    def err(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        envelope, _ = self.request(op, args)
+        assert not envelope["ok"], envelope
+        return envelope["error"]
+
+    def wait_event(self, pred: Callable[[dict[str, Any]], bool],
+                   timeout: float = 15.0) -> dict[str, Any]:
+        with self._cond:
+            found: list[dict[str, Any]] = []
+
+            def match() -> bool:
+                found[:] = [e for e, _ in self.events if pred(e)]
+                return bool(found)
+
+            assert self._cond.wait_for(match, timeout), "event never came"
+            return found[0]
+
+    def start(self, command: str, **args: Any) -> dict[str, Any]:
+        return self.ok("job_start", {"command": command, **args})
+
+    def close(self) -> None:
+        self.sup.close()
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Any:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+def _alive(pid: int) -> bool:
+    """Alive and not a zombie (an orphan may wait a while for its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
+
+
+def _until(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def test_failing_job_exit_code_log_and_exit_event(h: Harness, tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    job = h.start("echo out; echo err >&2; echo $FOO; pwd; exit 7", cwd="sub",
+                  env_overrides={"FOO": "bar"}, name="failing")
+    assert job["state"] == "running" and job["reused"] is False
+    assert job["log_path"] == str(tmp_path / "logs" / f"job-{job['job_id']}.log")
+    assert job["job_id"].startswith("j") and len(job["job_id"]) == 11
+    done = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 10})
+    assert done["timed_out"] is False
+    assert (done["state"], done["exit_code"]) == ("exited", 7)
+    assert done["ended_at"] >= done["started_at"] and done["name"] == "failing"
+    log = (tmp_path / "logs" / f"job-{job['job_id']}.log").read_text()
+    assert log == f"out\nerr\nbar\n{tmp_path / 'sub'}\n"
+    assert done["bytes_written"] == len(log)
+    event = h.wait_event(lambda e: e["event"] == "job_exit")
+    assert event["body"] == {"job_id": job["job_id"], "state": "exited", "exit_code": 7,
+                             "ended_at": done["ended_at"], "size": len(log)}
+    time.sleep(0.2)  # announced once only
+    assert sum(e["event"] == "job_exit" for e, _ in h.events) == 1
+    listed = h.ok("job_list")
+    assert [j["job_id"] for j in listed["jobs"]] == [job["job_id"]]
+    ok = h.start("true", log_path="custom/out.log")
+    assert ok["log_path"] == str(tmp_path / "custom" / "out.log")
+    assert h.ok("job_wait", {"job_id": ok["job_id"], "timeout": 10})["exit_code"] == 0
+    assert [j["job_id"] for j in h.ok("job_list")["jobs"]] == [ok["job_id"], job["job_id"]]
+
+
+def test_idempotent_start_runs_once_even_across_supervisors(h: Harness, tmp_path: Path) -> None:
+    command = "echo ran >> counter.txt; sleep 0.3"
+    first = h.start(command, idempotency_key="key-1")
+    second = h.start(command, idempotency_key="key-1")
+    assert second["job_id"] == first["job_id"] and second["reused"] is True
+    h.ok("job_wait", {"job_id": first["job_id"], "timeout": 10})
+    other = Harness(tmp_path)  # a later supervisor on the same state dir
+    try:
+        third = other.start(command, idempotency_key="key-1")
+        assert third["job_id"] == first["job_id"] and third["state"] == "exited"
+        conflict = other.err("job_start", {"command": "echo else", "idempotency_key": "key-1"})
+        assert conflict["code"] == "conflict"
+    finally:
+        other.close()
+    assert (tmp_path / "counter.txt").read_text() == "ran\n"
+    fresh = h.start(command, idempotency_key="key-2")
+    assert fresh["job_id"] != first["job_id"]
+
+
+def test_follow_100k_lines_every_line_once_in_order(h: Harness) -> None:
+    script = "import sys\nfor i in range(100000): sys.stdout.write('%d\\n' % i)"
+    job = h.start(f"{PY} -c {shlex.quote(script)}")
+    job_id = job["job_id"]
+    sub = h.ok("job_follow", {"job_id": job_id, "offset": 0, "window": 64 * 1024})
+    assert sub["window"] == 64 * 1024
+    received = bytearray()
+    seen = 0
+    exit_body = None
+    deadline = time.monotonic() + 20
+    while exit_body is None:
+        assert time.monotonic() < deadline, "follow did not finish"
+        with h._cond:
+            h._cond.wait_for(lambda: len(h.events) > seen, 1.0)
+            batch = h.events[seen:]
+            seen = len(h.events)
+        for envelope, blobs in batch:
+            body = envelope["body"]
+            if envelope["event"] == "log":
+                assert len(blobs) == len(body["chunks"])
+                for chunk, blob in zip(body["chunks"], blobs):
+                    assert chunk["job_id"] == job_id
+                    assert chunk["offset"] == len(received), "gap or duplicate"
+                    assert chunk["length"] == len(blob) <= jobs.CHUNK_BYTES
+                    received += blob
+                h.ok("job_follow_ack", {"job_id": job_id, "offset": len(received)})
+            elif envelope["event"] == "job_exit" and body["job_id"] == job_id:
+                exit_body = body
+    assert exit_body["exit_code"] == 0 and exit_body["size"] == len(received)
+    assert received.decode().splitlines() == [str(i) for i in range(100000)]
+    seqs = [e["seq"] for e, _ in h.events]
+    assert seqs == sorted(seqs)
+    # the subscription is gone; a fresh follow from an offset replays from the file
+    assert h.ok("job_follow_ack", {"job_id": job_id, "offset": 5})["followed"] is False
+    mark = h.events[-1][0]["seq"]
+    h.ok("job_follow", {"job_id": job_id, "offset": len(received) - 6})
+    again = h.wait_event(lambda e: e["event"] == "job_exit" and e["seq"] > mark)
+    assert again["body"]["size"] == len(received)
+    replayed = [(c["offset"], b) for e, bs in h.events if e["event"] == "log" and e["seq"] > mark
+                for c, b in zip(e["body"]["chunks"], bs)]
+    assert replayed == [(len(received) - 6, b"99999\n")]
+
+
+def test_follow_window_bounds_what_is_in_flight(h: Harness) -> None:
+    job = h.start(f"{PY} -c {shlex.quote('import sys; sys.stdout.write(chr(120) * 300000)')}")
+    job_id = job["job_id"]
+    h.ok("job_wait", {"job_id": job_id, "timeout": 10})
+    h.ok("job_follow", {"job_id": job_id, "offset": 1000, "window": 1})  # clamped to 64 KiB
+    time.sleep(0.3)  # many ticks, no ack: one window and no more
+    sent = sum(c["length"] for e, _ in h.events if e["event"] == "log"
+               for c in e["body"]["chunks"])
+    assert sent == jobs.MIN_WINDOW
+    h.ok("job_unfollow", {"job_id": job_id})
+    assert h.ok("job_unfollow", {"job_id": job_id})["followed"] is False
+
+
+def test_tail_lines_offsets_partial_line_and_binary(h: Harness, tmp_path: Path) -> None:
+    (tmp_path / "data.bin").write_bytes(b"first\nsecond\n\xff\xfe raw \x00\nno newline")
+    job = h.start("cat data.bin")
+    job_id = job["job_id"]
+    h.ok("job_wait", {"job_id": job_id, "timeout": 10})
+
+    def tail(**args: Any) -> tuple[dict[str, Any], bytes]:
+        envelope, blobs = h.request("job_tail", {"job_id": job_id, **args})
+        assert envelope["ok"], envelope
+        assert len(blobs) == 1
+        return envelope["result"], blobs[0]
+
+    meta, data = tail(lines=1)
+    assert data == b"no newline"
+    assert (meta["offset_end"], meta["size"]) == (meta["offset_start"] + 10, 32)
+    assert tail(lines=2)[1] == b"\xff\xfe raw \x00\nno newline"
+    assert tail()[1] == b"first\nsecond\n\xff\xfe raw \x00\nno newline"
+    assert tail(lines=0)[1] == b""
+    meta, data = tail(offset=6, max_bytes=7)
+    assert data == b"second\n" and meta["offset_start"] == 6 and meta["truncated"] is True
+    meta, data = tail(offset=100)
+    assert data == b"" and meta["offset_start"] == 32
+
+    big = b"".join(b"line %06d\n" % i for i in range(30000))  # several scan blocks
+    (tmp_path / "big.txt").write_bytes(big)
+    job2 = h.start("cat big.txt")["job_id"]
+    h.ok("job_wait", {"job_id": job2, "timeout": 10})
+    envelope, blobs = h.request("job_tail", {"job_id": job2, "lines": 3})
+    assert blobs[0] == b"line 029997\nline 029998\nline 029999\n"
+    envelope, blobs = h.request("job_tail", {"job_id": job2, "lines": 20000, "max_bytes": 100})
+    assert envelope["result"]["truncated"] is True and blobs[0] == big[-100:]
+    envelope, blobs = h.request("job_tail", {"job_id": job2, "lines": 29999})
+    assert blobs[0] == big[len(b"line 000000\n"):]
+
+
+@pytest.mark.parametrize("command", [
+    # the shell and its child both ignore TERM
+    "trap '' TERM; sleep 100 & echo $! > child.pid; wait",
+    # the shell dies of TERM, its Python child ignores it and lives on in the group
+    f"{PY} -c \"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "open('child.pid', 'w').write(str(os.getpid())); time.sleep(100)\" & wait",
+])
+def test_kill_ends_the_whole_group(h: Harness, tmp_path: Path, command: str) -> None:
+    job = h.start(command)
+    child = int(_until(lambda: (tmp_path / "child.pid").exists()
+                       and (tmp_path / "child.pid").read_text().strip()))
+    time.sleep(0.1)  # let the child install its handler
+    assert _alive(child)
+    started = time.monotonic()
+    killed = h.ok("job_kill", {"job_id": job["job_id"], "grace": 0.5})
+    assert time.monotonic() - started < 5
+    assert killed["state"] == "killed" and killed["signalled"] is True
+    assert killed["escalated"] is True
+    _until(lambda: not _alive(child), 5)
+    again = h.ok("job_kill", {"job_id": job["job_id"]})
+    assert again["state"] == "killed" and again["signalled"] is False
+    event = h.wait_event(lambda e: e["event"] == "job_exit")
+    assert event["body"]["state"] == "killed"
+
+
+def test_kill_plain_job_with_term(h: Harness) -> None:
+    job = h.start("sleep 100")
+    killed = h.ok("job_kill", {"job_id": job["job_id"]})
+    assert killed["state"] == "killed" and killed["escalated"] is False
+    assert killed["exit_code"] in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    assert not _alive(job["pid"])
+
+
+def test_new_supervisor_re_adopts_a_running_job(tmp_path: Path) -> None:
+    first = Harness(tmp_path)
+    job = first.start("sleep 2; exit 3")
+    first.close()
+    second = Harness(tmp_path)
+    try:
+        hello = second.ok("hello")
+        assert [j["job_id"] for j in hello["jobs"]] == [job["job_id"]]
+        status = second.ok("job_status", {"job_id": job["job_id"]})
+        assert status["state"] == "running" and status["pid"] == job["pid"]
+        done = second.ok("job_wait", {"job_id": job["job_id"], "timeout": 10})
+        assert (done["state"], done["exit_code"]) == ("exited", 3)
+        event = second.wait_event(lambda e: e["event"] == "job_exit")
+        assert event["body"]["exit_code"] == 3
+        assert second.ok("hello")["jobs"] == []
+    finally:
+        second.close()
+
+
+def _fake_job(state_dir: Path, job_id: str, **meta: Any) -> None:
+    job_dir = state_dir / "jobs" / job_id
+    job_dir.mkdir(parents=True)
+    record = {"job_id": job_id, "command": "x", "cwd": str(state_dir),
+              "log_path": str(state_dir / f"{job_id}.log"), "started_at": time.time(),
+              "wrapper_pid": None, "wrapper_start": None}
+    record.update(meta)
+    (job_dir / "job.json").write_text(json.dumps(record))
+
+
+def test_recycled_pid_is_not_our_job(tmp_path: Path) -> None:
+    state = tmp_path / ".jupyter_tether"
+    me = os.getpid()
+    _fake_job(state, "jrecycled01", pid=me, pid_start="proc:1")
+    _fake_job(state, "jgenuine001", pid=me, pid_start=jobs._start_token(me))
+    _fake_job(state, "jfinished01", pid=me, pid_start="proc:1")
+    (state / "jobs" / "jfinished01" / "exit.json").write_text(
+        json.dumps({"exit_code": 4, "signal": None, "ended_at": 1.0}))
+    h = Harness(tmp_path)
+    try:
+        states = {j["job_id"]: (j["state"], j["exit_code"]) for j in h.ok("job_list")["jobs"]}
+        assert states == {"jrecycled01": ("lost", None), "jgenuine001": ("running", None),
+                          "jfinished01": ("exited", 4)}
+        assert h.ok("job_status", {"job_id": "jfinished01"})["ended_at"] == 1.0
+        assert h.err("job_tail", {"job_id": "jrecycled01"})["code"] == "not_found"
+        assert h.ok("job_kill", {"job_id": "jrecycled01"})["signalled"] is False
+    finally:
+        h.close()
+
+
+def test_run_commands_fail_fast_truncation_timeout(h: Harness, tmp_path: Path) -> None:
+    res = h.ok("run_commands", {"commands": ["echo one; echo two >&2", "exit 3", "echo never"]})
+    assert res["ok"] is False and len(res["results"]) == 2 and res["skipped"] == 1
+    first, second = res["results"]
+    assert (first["stdout"], first["stderr"], first["returncode"]) == ("one\n", "two\n", 0)
+    assert second["returncode"] == 3 and second["timed_out"] is False
+
+    res = h.ok("run_commands", {"commands": ["exit 3", "echo ran"], "fail_fast": False})
+    assert [r["returncode"] for r in res["results"]] == [3, 0] and res["ok"] is False
+
+    res = h.ok("run_commands", {"commands": [f"{PY} -c 'print(\"x\" * 50000 + \"END\")'"],
+                                "max_output_chars": 1000})
+    out = res["results"][0]["stdout"]
+    assert res["ok"] is True
+    assert out.startswith("[... 49004 chars truncated ...]\n") and out.endswith("xEND\n")
+    assert len(out.split("\n", 1)[1]) == 1000
+
+    (tmp_path / "d").mkdir()
+    started = time.monotonic()
+    res = h.ok("run_commands", {"commands": ["sleep 30 & sleep 30", "echo skipped"],
+                                "timeout_s_per_command": 0.5})
+    assert time.monotonic() - started < 10
+    only = res["results"]
+    assert len(only) == 1 and only[0]["timed_out"] is True and res["ok"] is False
+    res = h.ok("run_commands", {"commands": ["pwd; echo $V"], "cwd": "d",
+                                "env_overrides": {"V": "v1"}})
+    assert res["results"][0]["stdout"] == f"{tmp_path / 'd'}\nv1\n"
+
+
+def test_bad_arguments_get_clear_errors(h: Harness) -> None:
+    def code(op: str, args: dict[str, Any]) -> str:
+        return h.err(op, args)["code"]
+
+    error = h.err("job_status", {"job_id": "jdeadbeef00"})
+    assert error["code"] == "not_found" and "jdeadbeef00" in error["message"]
+    assert code("job_status", {"job_id": "../../etc"}) == "not_found"
+    assert code("job_status", {"job_id": 5}) == "invalid_argument"
+    assert code("job_status", {}) == "invalid_argument"
+    assert code("job_start", {}) == "invalid_argument"
+    assert code("job_start", {"command": "  "}) == "invalid_argument"
+    assert code("job_start", {"command": ["ls"]}) == "invalid_argument"
+    assert code("job_start", {"command": "true", "cwd": "missing"}) == "not_found"
+    assert code("job_start", {"command": "true", "env_overrides": "A=1"}) == "invalid_argument"
+    assert code("job_start", {"command": "true", "env_overrides": {"A": 1}}) == "invalid_argument"
+    assert code("job_start", {"command": "true", "idempotency_key": 7}) == "invalid_argument"
+    assert code("run_commands", {"commands": "echo"}) == "invalid_argument"
+    assert code("run_commands", {"commands": ["echo", 3]}) == "invalid_argument"
+    assert code("run_commands", {"commands": [], "timeout_s_per_command": -1}) == (
+        "invalid_argument")
+    job = h.start("sleep 0.1")["job_id"]
+    assert code("job_tail", {"job_id": job, "lines": -1}) == "invalid_argument"
+    assert code("job_tail", {"job_id": job, "lines": 1, "offset": 0}) == "invalid_argument"
+    assert code("job_tail", {"job_id": job, "lines": True}) == "invalid_argument"
+    assert code("job_kill", {"job_id": job, "signal": 0}) == "invalid_argument"
+    assert code("job_kill", {"job_id": job, "signal": 9999}) == "invalid_argument"
+    assert code("job_kill", {"job_id": job, "grace": "soon"}) == "invalid_argument"
+    assert code("job_wait", {"job_id": job, "timeout": "x"}) == "invalid_argument"
+    assert code("job_wait", {"job_id": job, "timeout": -1}) == "invalid_argument"
+    assert code("job_follow", {"job_id": job, "offset": -1}) == "invalid_argument"
+    assert code("job_follow_ack", {"job_id": job}) == "invalid_argument"
+    assert code("job_list", {"state": "weird"}) == "invalid_argument"
+    assert h.ok("ping")["pong"] is True
+    assert h.ok("job_wait", {"job_id": job, "timeout": 10})["exit_code"] == 0
+    assert {"job_start", "job_follow", "run_commands"} <= set(h.ok("ops"))
+
+
+def test_wait_times_out_and_close_leaves_jobs_running(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    job = h.start("sleep 30")
+    started = time.monotonic()
+    waited = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 0.2})
+    assert waited["timed_out"] is True and waited["state"] == "running"
+    assert time.monotonic() - started < 2
+    h.close()
+    assert _alive(job["pid"])
+    os.killpg(job["pid"], signal.SIGKILL)
