@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -9,8 +10,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -162,14 +164,14 @@ def test_follow_100k_lines_every_line_once_in_order(h: Harness) -> None:
     while exit_body is None:
         assert time.monotonic() < deadline, "follow did not finish"
         with h._cond:
-            h._cond.wait_for(lambda: len(h.events) > seen, 1.0)
+            h._cond.wait_for(functools.partial(_more_than, h.events, seen), 1.0)
             batch = h.events[seen:]
             seen = len(h.events)
         for envelope, blobs in batch:
             body = envelope["body"]
             if envelope["event"] == "log":
                 assert len(blobs) == len(body["chunks"])
-                for chunk, blob in zip(body["chunks"], blobs):
+                for chunk, blob in zip(body["chunks"], blobs, strict=True):
                     assert chunk["job_id"] == job_id
                     assert chunk["offset"] == len(received), "gap or duplicate"
                     assert chunk["length"] == len(blob) <= jobs.CHUNK_BYTES
@@ -188,8 +190,12 @@ def test_follow_100k_lines_every_line_once_in_order(h: Harness) -> None:
     again = h.wait_event(lambda e: e["event"] == "job_exit" and e["seq"] > mark)
     assert again["body"]["size"] == len(received)
     replayed = [(c["offset"], b) for e, bs in h.events if e["event"] == "log" and e["seq"] > mark
-                for c, b in zip(e["body"]["chunks"], bs)]
+                for c, b in zip(e["body"]["chunks"], bs, strict=True)]
     assert replayed == [(len(received) - 6, b"99999\n")]
+
+
+def _more_than(items: list[Any], count: int) -> bool:
+    return len(items) > count
 
 
 def test_follow_window_bounds_what_is_in_flight(h: Harness) -> None:

@@ -421,6 +421,10 @@ def build_manifest(
         with iterator:
             for entry in iterator:
                 rel = rel_dir + "/" + entry.name if rel_dir else entry.name
+                if not _encodable(entry.name):
+                    result["errors"].append({"path": _printable(rel), "code": "invalid_argument",
+                                             "message": "name is not valid UTF-8: skipped"})
+                    continue
                 try:
                     is_link = entry.is_symlink()
                     is_dir = not is_link and entry.is_dir(follow_symlinks=False)
@@ -466,6 +470,20 @@ def build_manifest(
     if cache is not None and hash_files:
         cache.save_root(root, persisted)
     return result
+
+
+def _encodable(name: str) -> bool:
+    # Undecodable bytes in a name come back from os.scandir as surrogates, which neither
+    # msgpack nor JSON can carry.
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(name: str) -> str:
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def _is_transfer_debris(name: str) -> bool:
@@ -538,7 +556,7 @@ def _ensure_parent(target: str, make_dirs: bool) -> None:
 
 
 def _refuse_directory(target: str) -> None:
-    if os.path.isdir(target) and not os.path.islink(target):
+    if os.path.isdir(target):
         raise OpError(ErrorCode.IS_A_DIRECTORY, "%s: is a directory" % target, {"path": target})
 
 
@@ -759,6 +777,8 @@ class FilesService:
             with os.scandir(path) as iterator:
                 for entry in iterator:
                     item: Dict[str, Any] = {"name": entry.name}
+                    if not _encodable(entry.name):
+                        item.update(name=_printable(entry.name), undecodable_name=True)
                     try:
                         st = entry.stat(follow_symlinks=False)
                         item.update(type=_file_type(st.st_mode), size=st.st_size,
@@ -809,13 +829,15 @@ class FilesService:
             fd = os.open(path, os.O_RDONLY | _O_BINARY)
             try:
                 size = os.fstat(fd).st_size
-                data = _read_at(fd, offset, max_bytes) if offset < size else b""
+                # Read past st_size: /proc and /sys files report 0 bytes yet have content.
+                data = _read_at(fd, offset, max_bytes)
             finally:
                 os.close(fd)
         except OSError as exc:
             raise paths.os_error(exc, path) from None
-        return Result({"path": path, "size": size, "offset": offset, "length": len(data),
-                       "eof": offset + len(data) >= size}, [data])
+        eof = len(data) < max_bytes or offset + len(data) >= size
+        return Result({"path": path, "size": max(size, offset + len(data)), "offset": offset,
+                       "length": len(data), "eof": eof}, [data])
 
     def fs_write(self, req: Request) -> Dict[str, Any]:
         path = self.resolve(arg(req.args, "path", str))

@@ -74,12 +74,18 @@ MAX_COMMAND_TIMEOUT_S = 7 * 24 * 3600.0
 DEFAULT_MAX_OUTPUT_CHARS = 20000
 MAX_OUTPUT_CHARS = 10 * 1000 * 1000
 
+# Wrappers we started and have not reaped yet, kept across supervisors of this module so
+# that none is left a zombie of the kernel (the pump of any live manager reaps them).
+_WRAPPERS: List[subprocess.Popen] = []
+_WRAPPERS_LOCK = threading.Lock()
+
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _HAS_PROC = os.path.exists("/proc/self/stat")
 
-# Runs as ``python -I -S -c _WRAPPER job_dir shell command`` with the job's cwd and env,
-# stderr on the log file and stdout on a pipe that carries one JSON line back to us.
-# Python >= 3.5, standard library only. Signals sent to the wrapper go on to the job.
+# Runs as ``python -I -S <jobs_dir>/_wrapper-<hash>.py job_dir shell command`` (a file, so
+# ``ps`` stays readable) with the job's cwd and env, stderr on the log file and stdout on a
+# pipe that carries one JSON line back to us. Python >= 3.5, standard library only.
+# Signals sent to the wrapper itself go on to the job's group.
 _WRAPPER = r"""
 import json, os, signal, subprocess, sys, time
 job_dir, shell, command = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -432,10 +438,10 @@ class JobManager:
 
     def _refresh(self, job: _Job) -> None:
         """Recompute a job's state from disk and the process table. Call with the lock held."""
-        if job.exit is not None and job.state != RUNNING:
-            return  # final
         if job.popen is not None and job.popen.poll() is not None:
             job.popen = None  # reaped: no zombie left behind
+        if job.exit is not None and job.state != RUNNING:
+            return  # final
         previous = job.state
         if job.exit is None:
             job.exit = _read_json(os.path.join(job.dir, "exit.json"))
@@ -604,7 +610,7 @@ class JobManager:
             _write_json(os.path.join(job_dir, "job.json"), meta)
             python = sys.executable or shutil.which("python3") or "python3"
             popen = subprocess.Popen(
-                [python, "-I", "-S", "-c", _WRAPPER, job_dir, shell, command],
+                [python, "-I", "-S", self._wrapper_file(), job_dir, shell, command],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd, cwd=cwd,
                 env=_build_env(overrides), start_new_session=True, close_fds=True)
         except OSError as exc:
@@ -628,6 +634,8 @@ class JobManager:
         _write_json(os.path.join(job_dir, "job.json"), meta)
         job = _Job(job_dir, meta)
         job.popen = popen
+        with _WRAPPERS_LOCK:
+            _WRAPPERS.append(popen)
         with self._lock:
             self._jobs[job_id] = job
             self._refresh(job)
@@ -636,6 +644,16 @@ class JobManager:
         self._ensure_pump()
         self._wake.set()
         return summary
+
+    def _wrapper_file(self) -> str:
+        digest = hashlib.sha256(_WRAPPER.encode("utf-8")).hexdigest()[:12]
+        path = os.path.join(self.jobs_dir, "_wrapper-%s.py" % digest)
+        if not os.path.exists(path):
+            tmp = "%s.%d.tmp" % (path, os.getpid())
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(_WRAPPER)
+            os.replace(tmp, path)
+        return path
 
     def _read_pids(self, popen: subprocess.Popen) -> Dict[str, Any]:
         """The wrapper's one JSON line: pids and start tokens (or a start error)."""
@@ -855,7 +873,7 @@ class JobManager:
                 with self._lock:
                     if self._follows:
                         delay = FOLLOW_TICK_S
-                    elif self._unannounced or any(
+                    elif self._unannounced or _WRAPPERS or any(
                             j.state == RUNNING for j in self._jobs.values()):
                         delay = WATCH_TICK_S
                     else:
@@ -883,6 +901,8 @@ class JobManager:
     def _tick(self) -> None:
         # 1. States first: a job seen finished here has written all its bytes before the
         #    reads below, so "finished and everything sent" is safe to announce.
+        with _WRAPPERS_LOCK:
+            _WRAPPERS[:] = [p for p in _WRAPPERS if p.poll() is None]
         with self._lock:
             for job in self._jobs.values():
                 if job.state == RUNNING:

@@ -94,6 +94,7 @@ class KernelSocket:
         ping_interval: float | None = 10.0,
         ping_timeout: float | None = 10.0,
         open_timeout: float = 20.0,
+        close_timeout: float = 1.0,
     ) -> None:
         self.target = target
         self.kernel_id = kernel_id
@@ -104,6 +105,7 @@ class KernelSocket:
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._open_timeout = open_timeout
+        self._close_timeout = close_timeout
         self._connection: ClientConnection | None = None
         self._sock: socket.socket | None = None
         self.protocol = "legacy"
@@ -133,6 +135,9 @@ class KernelSocket:
                 ping_interval=self._ping_interval,
                 ping_timeout=self._ping_timeout,
                 open_timeout=self._open_timeout,
+                # After a missed keepalive pong websockets waits this long for the server's
+                # FIN before dropping the TCP connection; on a dead path that FIN never comes.
+                close_timeout=self._close_timeout,
                 write_limit=4 * 1024 * 1024,
                 max_queue=None,
                 proxy=None,
@@ -249,7 +254,8 @@ class KernelSocket:
                 except Exception:
                     log.exception("comm handler failed")
             return
-        if msg.channel == "iopub" and msg.msg_type == "status" and self.status_handler:
+        if msg.channel == "iopub" and msg.msg_type in ("status", "shutdown_reply") \
+                and self.status_handler:
             with contextlib.suppress(Exception):
                 self.status_handler(msg)
         parent = msg.parent_id

@@ -369,8 +369,11 @@ class SupervisorLink:
                 self._task_group.start_soon(self._request_replay)
 
     def _on_status(self, msg: KernelMessage) -> None:
-        state = msg.content.get("execution_state")
-        if state in ("restarting", "dead") and self._sock is not None:
+        # A REST restart shows up only as the old kernel's shutdown_reply; a crash as a
+        # "restarting" or "dead" status from the server.
+        state = "shutting down" if msg.msg_type == "shutdown_reply" else \
+            msg.content.get("execution_state")
+        if state in ("restarting", "dead", "shutting down") and self._sock is not None:
             # The kernel (and the supervisor in it) is gone: reconnect and re-inject.
             self.last_error = f"supervisor kernel {state}"
             self._sock.abort()

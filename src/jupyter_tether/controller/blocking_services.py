@@ -1,0 +1,407 @@
+"""Blocking ``tether.jobs`` and ``tether.files``: the async services driven through the portal.
+
+Every call starts a task on the Tether's portal and waits for it in short slices, so that a
+Ctrl-C (or a notebook's interrupt) cancels the remote-facing task instead of leaving it
+running on the portal, where it would also block ``Tether.close()``. Progress displays are
+drawn from the caller's thread: a notebook routes output by the thread that writes it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import concurrent.futures
+import html
+import math
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import IO, Any, TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .jobs import AsyncJob, AsyncJobs, JobInfo
+
+T = TypeVar("T")
+ProgressCallback = Callable[[int, int], None]
+# None: a progress bar when running in a notebook; False: none; a callable: yours (it is
+# called on the portal's event loop thread, so keep it quick).
+ProgressArg = ProgressCallback | bool | None
+
+_TICK_S = 0.1
+_REPR_TIMEOUT_S = 5.0
+_REPR_TAIL_LINES = 20
+
+
+def run_on_portal(portal: BlockingPortal, func: Callable[..., Awaitable[T]], *args: Any,
+                  tick: Callable[[], None] | None = None) -> T:
+    """``portal.call`` that cancels its task when the waiting thread is interrupted."""
+    future: concurrent.futures.Future[T] = portal.start_task_soon(func, *args)
+    try:
+        while True:
+            done, _ = concurrent.futures.wait([future], timeout=_TICK_S)
+            if tick is not None:
+                tick()
+            if done:
+                return future.result()
+    except BaseException:
+        future.cancel()  # cancels the task's scope on the loop (a no-op once it is done)
+        raise
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where HTML displays render), False in a terminal."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    shell = ipython.get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _human_bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover - the loop always returns
+
+
+class NotebookProgress:
+    """A ``<progress>`` bar in a notebook cell, updated in place (no ipywidgets needed).
+
+    ``callback`` is handed to the async service and runs on the loop thread: it only stores
+    numbers. ``render()`` runs on the notebook's thread and redraws at most every tick.
+    """
+
+    def __init__(self, label: str) -> None:
+        from IPython.display import HTML, display
+
+        self._html = HTML
+        self.label = label
+        self.done = 0
+        self.total = 0
+        self.started = time.monotonic()
+        self._shown = (-1, -1)
+        self._handle = display(HTML(self._markup()), display_id=True)
+
+    def callback(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def _markup(self, final: str = "") -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.done / elapsed
+        text = f"{_human_bytes(self.done)}"
+        if self.total:
+            text += f" / {_human_bytes(self.total)}"
+        text += f" &middot; {_human_bytes(rate)}/s"
+        if self.total and rate > 0 and self.done < self.total:
+            text += f" &middot; ETA {math.ceil((self.total - self.done) / rate)} s"
+        maximum = max(self.total, 1)
+        value = min(self.done, maximum) if self.total else 0
+        return (f"<div><code>{html.escape(self.label)}</code> "
+                f"<progress value='{value}' max='{maximum}' style='width:40%'></progress> "
+                f"{text}{(' &middot; ' + html.escape(final)) if final else ''}</div>")
+
+    def render(self, final: str = "") -> None:
+        if not final and (self.done, self.total) == self._shown:
+            return
+        self._shown = (self.done, self.total)
+        if self._handle is not None:
+            self._handle.update(self._html(self._markup(final)))
+
+
+def _progress_for(progress: ProgressArg, label: str) -> tuple[ProgressCallback | None,
+                                                               NotebookProgress | None]:
+    if callable(progress):
+        return progress, None
+    if progress is False or (progress is None and not in_notebook()):
+        return None, None
+    if not in_notebook():
+        return None, None  # progress=True outside a notebook: the CLI draws its own bars
+    bar = NotebookProgress(label)
+    return bar.callback, bar
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+class LogFollower(Iterator[bytes]):
+    """A job's log as a blocking iterator of byte chunks, until the job ends.
+
+    One task on the portal runs the async ``follow`` and hands chunks over a small buffer,
+    so the async generator lives in a single task (as cancel scopes require). Closing the
+    iterator (or dropping it, or Ctrl-C) cancels that task.
+    """
+
+    def __init__(self, portal: BlockingPortal, job: AsyncJob, offset: int = 0,
+                 buffer: int = 64) -> None:
+        self._closed = False
+        self._portal = portal
+        self._job = job
+        self.offset = offset  # the log offset after the last chunk handed out
+        send, receive = anyio.create_memory_object_stream[bytes | BaseException](buffer)
+        self._receive: MemoryObjectReceiveStream[bytes | BaseException] = receive
+        self._pump = portal.start_task_soon(self._run_pump, send, offset)
+
+    async def _run_pump(self, send: MemoryObjectSendStream[bytes | BaseException],
+                        offset: int) -> None:
+        async with send:
+            try:
+                async for chunk in self._job.follow(offset):
+                    await send.send(chunk)
+            except Exception as exc:  # handed to the reader, raised in its thread
+                await send.send(exc)
+
+    def __next__(self) -> bytes:
+        if self._closed:
+            raise StopIteration
+        try:
+            item = run_on_portal(self._portal, self._receive.receive)
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self.close()
+            raise StopIteration from None
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        self.offset += len(item)
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            pump = getattr(self, "_pump", None)
+            if pump is not None:
+                pump.cancel()
+
+    def __enter__(self) -> LogFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A ``for`` loop left with ``break`` drops the iterator: stop the pump with it.
+        self.close()
+
+
+class Job:
+    """Blocking handle on a remote job: ``status``, ``tail``, ``follow``, ``wait``, ``kill``."""
+
+    def __init__(self, portal: BlockingPortal, aio: AsyncJob) -> None:
+        self._portal = portal
+        self.aio = aio
+
+    @property
+    def job_id(self) -> str:
+        return self.aio.job_id
+
+    @property
+    def info(self) -> JobInfo | None:
+        """The last state seen (no round trip); ``status()`` asks the remote."""
+        return self.aio.info
+
+    def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return run_on_portal(self._portal, func, *args)
+
+    def status(self) -> JobInfo:
+        return self._call(self.aio.status)
+
+    def tail(self, lines: int = 200) -> str:
+        return self._call(self.aio.tail, lines)
+
+    def read(self, offset: int = 0, max_bytes: int = 4 * 1024 * 1024) -> tuple[bytes, int]:
+        return self._call(self.aio.read, offset, max_bytes)
+
+    def follow(self, offset: int = 0) -> LogFollower:
+        """Iterate over the log from ``offset`` as it is written, until the job ends."""
+        return LogFollower(self._portal, self.aio, offset)
+
+    def wait(self, timeout: float | None = None) -> JobInfo:
+        return self._call(self.aio.wait, timeout)
+
+    def kill(self, signal: int = 15, grace: float = 5.0) -> JobInfo:
+        return self._call(self.aio.kill, signal, grace)
+
+    def watch(self, offset: int = 0, file: IO[str] | None = None) -> JobInfo:
+        """Print the log as it comes (from ``offset``) until the job ends; return its state."""
+        out = file or sys.stdout
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with self.follow(offset) as chunks:
+            for chunk in chunks:
+                out.write(decoder.decode(chunk))
+                out.flush()
+        out.write(decoder.decode(b"", final=True))
+        return self.wait()
+
+    # --- display -------------------------------------------------------------------------------
+
+    def _snapshot(self, tail_lines: int) -> tuple[JobInfo | None, str | None, str | None]:
+        """Fresh state and log tail for a repr; the last known state if the remote is slow."""
+
+        async def fetch() -> tuple[JobInfo, str | None]:
+            with anyio.fail_after(_REPR_TIMEOUT_S):
+                info = await self.aio.status()
+                text = await self.aio.tail(tail_lines) if tail_lines else None
+                return info, text
+
+        try:
+            info, text = run_on_portal(self._portal, fetch)
+            return info, text, None
+        except Exception as exc:  # a repr must not raise: show what we last knew
+            return self.aio.info, None, f"{type(exc).__name__}: {exc}"
+
+    def __repr__(self) -> str:
+        info, _, problem = self._snapshot(0)
+        return _job_text(self.job_id, info, problem)
+
+    def _repr_html_(self) -> str:
+        info, text, problem = self._snapshot(_REPR_TAIL_LINES)
+        return _job_html(self.job_id, info, text, problem)
+
+
+def _exit_text(info: JobInfo) -> str:
+    if info.state == "running":
+        return f"pid {info.pid}"
+    if info.signal:
+        return f"signal {info.signal}"
+    return "" if info.exit_code is None else f"exit {info.exit_code}"
+
+
+def _duration(info: JobInfo) -> str:
+    if info.started_at is None:
+        return ""
+    end = info.ended_at or time.time()
+    return f"{max(0.0, end - info.started_at):.1f}s"
+
+
+def _job_text(job_id: str, info: JobInfo | None, problem: str | None) -> str:
+    if info is None:
+        return f"<Job {job_id} unknown{' (' + problem + ')' if problem else ''}>"
+    bits = [info.state, _exit_text(info), _duration(info), repr(info.command[:80])]
+    stale = " (last known)" if problem else ""
+    return f"<Job {job_id} {' '.join(b for b in bits if b)}{stale}>"
+
+
+_STATE_COLOURS = {"running": "#1a73e8", "exited": "#188038", "killed": "#b06000", "lost": "#c5221f"}
+
+
+def _job_html(job_id: str, info: JobInfo | None, tail: str | None, problem: str | None) -> str:
+    state = info.state if info else "unknown"
+    if info is not None and info.state == "exited" and info.exit_code not in (0, None):
+        colour = "#c5221f"
+    else:
+        colour = _STATE_COLOURS.get(state, "#5f6368")
+    parts = [f"<div><b>job <code>{html.escape(job_id)}</code></b> "
+             f"<span style='color:{colour};font-weight:bold'>{html.escape(state)}</span>"]
+    if info is not None:
+        details = " &middot; ".join(html.escape(b) for b in (_exit_text(info), _duration(info)) if b)
+        if details:
+            parts.append(f" &middot; {details}")
+        parts.append(f"<br><code>{html.escape(info.command)}</code>")
+        if info.cwd:
+            parts.append(f" <small>in {html.escape(info.cwd)}</small>")
+    if problem:
+        parts.append(f"<br><small>(last known state: {html.escape(problem)})</small>")
+    if tail:
+        parts.append("<pre style='max-height:20em;overflow:auto;margin-top:0.5em'>"
+                     f"{html.escape(tail)}</pre>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+class Jobs:
+    """``tether.jobs`` on the blocking Tether."""
+
+    def __init__(self, portal: BlockingPortal, aio: AsyncJobs) -> None:
+        self._portal = portal
+        self.aio = aio
+
+    def start(self, command: str, *, cwd: str = "", env: dict[str, str] | None = None,
+              log_path: str | None = None, name: str | None = None,
+              idempotency_key: str | None = None) -> Job:
+        """Start ``command`` (a shell string) in its own session on the remote; returns at once."""
+
+        async def start() -> AsyncJob:
+            return await self.aio.start(command, cwd=cwd, env=env, log_path=log_path, name=name,
+                                        idempotency_key=idempotency_key)
+
+        return Job(self._portal, run_on_portal(self._portal, start))
+
+    def get(self, job_id: str) -> Job:
+        return Job(self._portal, self.aio.get(job_id))
+
+    def list(self, state: str | None = None) -> list[JobInfo]:
+        return run_on_portal(self._portal, self.aio.list, state)
+
+    def run_commands(self, commands: list[str], *, cwd: str = "", env: dict[str, str] | None = None,
+                     timeout_per_command: float = 600, fail_fast: bool = True,
+                     max_output_chars: int = 20_000) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            return await self.aio.run_commands(
+                commands, cwd=cwd, env=env, timeout_per_command=timeout_per_command,
+                fail_fast=fail_fast, max_output_chars=max_output_chars)
+
+        return run_on_portal(self._portal, run)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+class Files:
+    """``tether.files`` on the blocking Tether; transfers show a progress bar in notebooks."""
+
+    def __init__(self, portal: BlockingPortal, aio: Any) -> None:
+        self._portal = portal
+        self.aio = aio
+
+    def _transfer(self, label: str, func: Callable[..., Awaitable[T]], progress: ProgressArg,
+                  *args: Any, **kwargs: Any) -> T:
+        callback, bar = _progress_for(progress, label)
+
+        async def run() -> T:
+            return await func(*args, progress=callback, **kwargs)
+
+        result = run_on_portal(self._portal, run, tick=bar.render if bar else None)
+        if bar is not None:
+            bar.render(final="done")
+        return result
+
+    def upload(self, local: str | os.PathLike[str], remote: str, *,
+               progress: ProgressArg = None) -> Any:
+        return self._transfer(f"upload {local} -> {remote}", self.aio.upload, progress,
+                              local, remote)
+
+    def download(self, remote: str, local: str | os.PathLike[str], *,
+                 progress: ProgressArg = None) -> Any:
+        return self._transfer(f"download {remote} -> {local}", self.aio.download, progress,
+                              remote, local)
+
+    def sync(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
+             exclude: list[str] | None = None, delete: bool = False,
+             progress: ProgressArg = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._transfer(
+            f"sync {local_dir} -> {remote_dir}", self.aio.sync, progress, local_dir, remote_dir,
+            exclude=exclude, delete=delete)
+        return result
+
+    def download_dir(self, remote_dir: str, local_dir: str | os.PathLike[str], *,
+                     progress: ProgressArg = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._transfer(
+            f"download {remote_dir} -> {local_dir}", self.aio.download_dir, progress,
+            remote_dir, local_dir)
+        return result
+
+    def list(self, path: str = "") -> Any:
+        return run_on_portal(self._portal, self.aio.list, path)
+
+    def read_text(self, path: str) -> str:
+        text: str = run_on_portal(self._portal, self.aio.read_text, path)
+        return text
+
+    def write_text(self, path: str, content: str) -> Any:
+        return run_on_portal(self._portal, self.aio.write_text, path, content)

@@ -1,0 +1,176 @@
+"""One ``AsyncTether`` per target, opened on first use and held for the server's lifetime.
+
+An ``AsyncTether`` owns a task group, and anyio insists a task group is left from the task
+that entered it. Tool calls run in short-lived request tasks, so a tether is never entered
+there: each one lives in a holder task of the pool's own task group (opened by the server's
+lifespan), and closing the pool cancels the holders, which closes every tether.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ..controller.link import LinkOptions
+from ..controller.target import TOKEN_ENV, URL_ENV, Target, parse_target, redact
+from ..controller.tether import AsyncTether
+from ..errors import TetherError
+
+DEFAULT_KEY = "default"
+
+
+@dataclass
+class _Slot:
+    """A tether being opened or open; ``error`` is set when opening failed."""
+
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    tether: AsyncTether | None = None
+    error: BaseException | None = None
+    display_url: str = ""
+
+
+class TetherPool:
+    """Lazily opened tethers keyed by target, plus which target each known job lives on."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 options: LinkOptions | None = None,
+                 output_dir: str | os.PathLike[str] | None = None,
+                 embedded_root: str | os.PathLike[str] | None = None) -> None:
+        self._url = url or os.environ.get(URL_ENV) or None
+        self._token = token
+        self._options = options
+        self._output_dir = Path(output_dir) if output_dir else None
+        self._embedded_root = embedded_root
+        self._default_target = parse_target(self._url, token) if self._url else None
+        self._slots: dict[str, _Slot] = {}
+        self._lock = anyio.Lock()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self.job_targets: dict[str, str] = {}  # job_id -> pool key, for tools without server_url
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> TetherPool:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        task_group, self._task_group = self._task_group, None
+        if task_group is not None:
+            task_group.cancel_scope.cancel()  # holders leave their `async with tether` blocks
+            await task_group.__aexit__(None, None, None)
+        self._slots.clear()
+
+    # --- secrets ------------------------------------------------------------------------------
+
+    def secrets(self) -> list[str]:
+        """Every credential this pool may hold, so error text can be scrubbed of them."""
+        found = [self._token or "", os.environ.get(TOKEN_ENV, "")]
+        if self._default_target is not None:
+            found.append(self._default_target.token)
+        for slot in self._slots.values():
+            if slot.tether is not None and slot.tether._target is not None:
+                found.append(slot.tether.target.token)
+        return [s for s in found if len(s) >= 4]
+
+    def scrub(self, text: str) -> str:
+        text = redact(text)
+        for secret in self.secrets():
+            text = text.replace(secret, "***")
+        return text
+
+    # --- targets ------------------------------------------------------------------------------
+
+    def _resolve(self, server_url: str | None) -> tuple[str, Target | None]:
+        """The pool key and target for a tool's ``server_url`` (None target: embedded server)."""
+        if not server_url or not server_url.strip():
+            return DEFAULT_KEY, self._default_target
+        default = self._default_target
+        probe = parse_target(server_url, token="")
+        if default is not None and probe.base_url == default.base_url:
+            return DEFAULT_KEY, default
+        # A token in the URL wins; otherwise REMOTE_JUPYTER_TOKEN (the reference's rule).
+        target = parse_target(server_url, None)
+        return target.base_url, target
+
+    def key_for(self, server_url: str | None) -> str:
+        return self._resolve(server_url)[0]
+
+    async def get(self, server_url: str | None = None) -> AsyncTether:
+        """The open tether for ``server_url`` (default target when None), opening it once."""
+        if self._task_group is None:
+            raise TetherError("the MCP server is shutting down")
+        key, target = self._resolve(server_url)
+        async with self._lock:
+            slot = self._slots.get(key)
+            if slot is not None and slot.ready.is_set() and slot.tether is None:
+                del self._slots[key]  # the last attempt failed: try again
+                slot = None
+            if slot is None:
+                slot = _Slot(display_url=target.display_url if target else "embedded local server")
+                self._slots[key] = slot
+                self._task_group.start_soon(self._hold, key, slot, target)
+        # Opening goes on in the holder even if this caller gives up waiting.
+        await slot.ready.wait()
+        if slot.tether is None:
+            error = slot.error
+            raise TetherError(
+                f"could not connect to {slot.display_url}: {error}") from error
+        return slot.tether
+
+    async def _hold(self, key: str, slot: _Slot, target: Target | None) -> None:
+        kwargs: dict[str, Any] = {"options": self._options, "output_dir": self._output_dir}
+        if target is None:
+            if self._embedded_root is not None:
+                kwargs["embedded_root"] = self._embedded_root
+            tether = AsyncTether(**kwargs)
+        else:
+            tether = AsyncTether(target=target, **kwargs)
+        try:
+            async with tether:
+                slot.tether = tether
+                slot.display_url = tether.target.display_url
+                slot.ready.set()
+                await anyio.sleep_forever()
+        except Exception as exc:
+            slot.error = exc
+        finally:
+            slot.tether = None
+            slot.ready.set()
+
+    def opened(self) -> dict[str, AsyncTether]:
+        return {key: slot.tether for key, slot in self._slots.items() if slot.tether is not None}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Known targets, open or not, without credentials."""
+        rows = []
+        for key, slot in self._slots.items():
+            state = "open" if slot.tether else ("failed" if slot.ready.is_set() else "opening")
+            row: dict[str, Any] = {"target": slot.display_url, "default": key == DEFAULT_KEY,
+                                   "state": state}
+            if slot.error is not None:
+                row["error"] = self.scrub(str(slot.error))
+            rows.append(row)
+        return rows
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def remember_job(self, job_id: str, server_url: str | None) -> None:
+        self.job_targets[job_id] = self.key_for(server_url)
+
+    async def for_job(self, job_id: str, server_url: str | None = None) -> AsyncTether:
+        """The tether a job lives on: ``server_url`` if given, else where we saw it, else default."""
+        if server_url:
+            return await self.get(server_url)
+        key = self.job_targets.get(job_id, DEFAULT_KEY)
+        if key == DEFAULT_KEY:
+            return await self.get(None)
+        # The key is the target's base URL; its token comes from the environment again.
+        return await self.get(key)
