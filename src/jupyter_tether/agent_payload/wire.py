@@ -34,6 +34,7 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 # An envelope is metadata only; anything bigger is a malformed or hostile request.
 MAX_ENVELOPE_BYTES = 1024 * 1024
+MAX_REPLY_ENVELOPE_BYTES = 256 * 1024 * 1024
 
 MSGPACK = "msgpack"
 JSON = "json"
@@ -82,16 +83,20 @@ def encode(envelope: Dict[str, Any], codec: str = MSGPACK) -> bytes:
     return json.dumps(envelope, separators=(",", ":"), default=_json_default).encode("utf-8")
 
 
-def decode(data: Any) -> Tuple[Dict[str, Any], str]:
-    """Decode an envelope, returning it and the codec it used. Raises DecodeError."""
+def decode(data: Any, max_bytes: int = MAX_ENVELOPE_BYTES) -> Tuple[Dict[str, Any], str]:
+    """Decode an envelope, returning it and the codec it used. Raises DecodeError.
+
+    The supervisor keeps the default cap on what clients send; the controller passes a
+    larger one for replies it asked for (a big manifest, say).
+    """
     if isinstance(data, memoryview):
         data = data.tobytes()
     if not isinstance(data, (bytes, bytearray)):
         raise DecodeError("envelope must be bytes, got %s" % type(data).__name__)
     if len(data) == 0:
         raise DecodeError("empty envelope")
-    if len(data) > MAX_ENVELOPE_BYTES:
-        raise DecodeError("envelope of %d bytes exceeds %d" % (len(data), MAX_ENVELOPE_BYTES))
+    if len(data) > max_bytes:
+        raise DecodeError("envelope of %d bytes exceeds %d" % (len(data), max_bytes))
     try:
         if data[:1] == b"{":
             value = json.loads(bytes(data).decode("utf-8"))

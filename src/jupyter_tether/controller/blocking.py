@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from .blocking_services import Files, Jobs
 from .execute import ExecResult, OutputCallback
 from .tether import AsyncTether
 
@@ -42,6 +43,14 @@ class Tether:
     @property
     def portal(self) -> BlockingPortal:
         return self._portal
+
+    @property
+    def jobs(self) -> Jobs:
+        return Jobs(self._portal, self.aio.jobs)
+
+    @property
+    def files(self) -> Files:
+        return Files(self._portal, self.aio.files)  # type: ignore[attr-defined,unused-ignore]
 
     def close(self) -> None:
         if self._closed:

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
 import anyio
@@ -338,12 +338,12 @@ class Jobs:
     def list(self, state: str | None = None) -> list[JobInfo]:
         return run_on_portal(self._portal, self.aio.list, state)
 
-    def run_commands(self, commands: list[str], *, cwd: str = "", env: dict[str, str] | None = None,
+    def run_commands(self, commands: Sequence[str], *, cwd: str = "", env: dict[str, str] | None = None,
                      timeout_per_command: float = 600, fail_fast: bool = True,
                      max_output_chars: int = 20_000) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
             return await self.aio.run_commands(
-                commands, cwd=cwd, env=env, timeout_per_command=timeout_per_command,
+                list(commands), cwd=cwd, env=env, timeout_per_command=timeout_per_command,
                 fail_fast=fail_fast, max_output_chars=max_output_chars)
 
         return run_on_portal(self._portal, run)
@@ -382,7 +382,7 @@ class Files:
                               remote, local)
 
     def sync(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
-             exclude: list[str] | None = None, delete: bool = False,
+             exclude: Sequence[str] | None = None, delete: bool = False,
              progress: ProgressArg = None) -> dict[str, Any]:
         result: dict[str, Any] = self._transfer(
             f"sync {local_dir} -> {remote_dir}", self.aio.sync, progress, local_dir, remote_dir,

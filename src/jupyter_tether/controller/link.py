@@ -346,7 +346,7 @@ class SupervisorLink:
         if not msg.buffers:
             return
         try:
-            envelope, _ = wire.decode(msg.buffers[0])
+            envelope, _ = wire.decode(msg.buffers[0], wire.MAX_REPLY_ENVELOPE_BYTES)
         except wire.DecodeError:
             log.warning("undecodable envelope from the supervisor dropped")
             return

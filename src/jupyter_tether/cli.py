@@ -1,0 +1,928 @@
+"""The ``jupyter-tether`` command (also ``jupyter tether``, which jupyter_core dispatches to it).
+
+Exit codes: 0 ok; ``run`` (and ``submit --follow``) exit with the job's own exit code
+(128+N when a signal ended it); 1 remote or connection errors, and a failed ``exec``;
+2 usage and configuration errors; 130 when Ctrl-C detaches from (or interrupts) the work.
+Errors are one ``error: ...`` line on stderr; ``--json`` puts only JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import datetime as dt
+import functools
+import json
+import os
+import shlex
+import signal as signals
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rich import box
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .config import CONFIG_ENV, Selection, config_path, describe_targets, select_target
+from .controller.blocking import Tether
+from .controller.blocking_services import Files, Job, Jobs, ProgressCallback, run_on_portal
+from .controller.jobs import JobInfo
+from .controller.target import TOKEN_ENV, URL_ENV, redact
+from .errors import ConfigError, InvalidArgument, TetherError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "JUPYTER_TETHER_DEBUG"
+
+
+class UsageError(Exception):
+    """A problem with the command line itself (exit 2)."""
+
+
+# --- output helpers ---------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    json: bool
+    out: Console
+    err: Console
+    tty: bool
+    selection: Selection | None = None
+    _tether: Tether | None = field(default=None, repr=False)
+
+    def note(self, message: str) -> None:
+        """Human progress notes: stderr, never in --json mode."""
+        if not self.json:
+            self.err.print(message, style="dim", markup=False, highlight=False)
+
+    def emit_json(self, value: Any) -> None:
+        sys.stdout.write(json.dumps(value, indent=2, default=_json_default) + "\n")
+        sys.stdout.flush()
+
+    def connect(self) -> Tether:
+        if self._tether is None:
+            self.selection = select_target(self.args.url, self.args.token, self.args.target)
+            if self.selection.target is None:
+                self.note(f"no --target, --url or ${URL_ENV}: starting a local Jupyter server "
+                          f"in {Path.cwd()}")
+                self._tether = Tether()
+            else:
+                self._tether = Tether(target=self.selection.target)
+        return self._tether
+
+    def again(self, command: str) -> str:
+        """A command line that reaches the same server (with no secret in it)."""
+        extra = self.selection.cli_args() if self.selection else ""
+        return f"jupyter-tether{extra} {command}"
+
+    def close(self) -> None:
+        if self._tether is not None:
+            tether, self._tether = self._tether, None
+            tether.close()
+
+
+def _json_default(value: Any) -> Any:
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _table(ctx: Ctx, *columns: str) -> Table:
+    # Plain aligned columns (no box drawing) when piped, so grep/awk see clean text.
+    table = Table(box=box.SIMPLE_HEAD if ctx.tty else None, show_edge=False, pad_edge=False,
+                  header_style="bold" if ctx.tty else "")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _human_bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _when(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    stamp = dt.datetime.fromtimestamp(epoch)
+    if stamp.date() == dt.date.today():
+        return stamp.strftime("%H:%M:%S")
+    return stamp.strftime("%Y-%m-%d %H:%M")
+
+
+def _duration(info: JobInfo) -> str:
+    if not info.started_at:
+        return "-"
+    seconds = max(0.0, (info.ended_at or time.time()) - info.started_at)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _print_mapping(ctx: Ctx, mapping: dict[str, Any], title: str = "") -> None:
+    """A result dict as aligned ``key  value`` lines; lists shown as counts (use --json)."""
+    table = _table(ctx, "", "")
+    table.show_header = False
+    for key, value in mapping.items():
+        if isinstance(value, list):
+            shown = ", ".join(str(v) for v in value[:5]) + (" ..." if len(value) > 5 else "")
+            text = f"{len(value)}" + (f": {shown}" if value else "")
+        elif isinstance(value, dict):
+            text = json.dumps(value, default=_json_default)
+        else:
+            text = "-" if value is None else str(value)
+        table.add_row(key, text)
+    if title:
+        ctx.out.print(title, markup=False, highlight=False)
+    ctx.out.print(table)
+
+
+@contextlib.contextmanager
+def transfer_progress(ctx: Ctx, label: str) -> Iterator[ProgressCallback | None]:
+    """A rich bar (bytes, rate, ETA) when on a terminal; nothing when piped or --json."""
+    if ctx.json or not ctx.tty or not ctx.err.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=ctx.err, transient=True) as progress:
+        task = progress.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            # Called on the portal's loop thread; rich's Progress is thread-safe.
+            progress.update(task, completed=done, total=total or None)
+
+        yield update
+
+
+def _job_exit_code(info: JobInfo) -> int:
+    """What a shell would report: the exit code, or 128+N for a job ended by signal N."""
+    if info.signal:
+        return 128 + int(info.signal)
+    if info.exit_code is None:
+        return EXIT_ERROR
+    if info.exit_code < 0:
+        return 128 - info.exit_code
+    return min(int(info.exit_code), 255)
+
+
+def _job_row(info: JobInfo) -> dict[str, Any]:
+    row = info.to_dict()
+    row["duration_s"] = (round((info.ended_at or time.time()) - info.started_at, 3)
+                         if info.started_at else None)
+    return row
+
+
+def _stream_chunks(chunks: Iterator[bytes]) -> None:
+    out = sys.stdout.buffer
+    for chunk in chunks:
+        out.write(chunk)
+        out.flush()
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_status(ctx: Ctx) -> int:
+    tether = ctx.connect()
+    ping = tether.ping()
+    status = tether.status()
+    info = tether.info()
+    jobs = Jobs(tether.portal, tether.aio.jobs).list(state="running")
+    report = {
+        "target": status.get("target"), "name": status.get("name") or None,
+        "embedded": status.get("embedded"), "connected": status.get("connected"),
+        "server_version": ping.get("server_version"), "rtt_ms": ping.get("rtt_ms"),
+        "hostname": info.get("hostname"), "python": info.get("python"),
+        "root_dir": status.get("root_dir"), "supervisor_kernel": status.get("kernel_id"),
+        "supervisor_pid": status.get("supervisor_pid"), "protocol": status.get("protocol"),
+        "codec": status.get("codec"), "install": status.get("install"),
+        "reconnects": status.get("reconnects"), "running_jobs": len(jobs),
+    }
+    if ctx.json:
+        ctx.emit_json(report)
+    else:
+        _print_mapping(ctx, report)
+    return EXIT_OK
+
+
+def _read_code(ctx: Ctx) -> str:
+    args = ctx.args
+    if args.file and args.code:
+        raise UsageError("give CODE or -f FILE, not both")
+    if args.file == "-" or args.code == "-":
+        return sys.stdin.read()
+    if args.file:
+        try:
+            return Path(args.file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    if args.code is None:
+        raise UsageError("nothing to run: give CODE, -f FILE, or - for stdin")
+    return str(args.code)
+
+
+def cmd_exec(ctx: Ctx) -> int:
+    code = _read_code(ctx)
+    tether = ctx.connect()
+
+    def on_output(kind: str, text: str) -> None:
+        # stdout and results to stdout, stderr and tracebacks to stderr, as they arrive.
+        stream = sys.stderr if kind in ("stderr", "error") else sys.stdout
+        stream.write(text)
+        stream.flush()
+
+    call = functools.partial(tether.aio.exec, code, kernel_id=ctx.args.kernel,
+                             timeout=ctx.args.timeout,
+                             on_output=None if ctx.json else on_output)
+    try:
+        result = run_on_portal(tether.portal, call)
+    except KeyboardInterrupt:
+        # The kernel keeps running the cell unless told otherwise.
+        kernel = ctx.args.kernel or tether.aio._default_work_kernel
+        if kernel:
+            with contextlib.suppress(Exception):
+                tether.portal.call(tether.aio.rest.interrupt_kernel, kernel)
+        raise
+    if ctx.json:
+        ctx.emit_json(result.to_dict())
+    else:
+        for path in result.images:
+            ctx.note(f"image saved to {path}")
+        if result.status == "timeout":
+            _error(f"timed out after {ctx.args.timeout}s; the kernel was interrupted")
+        elif result.status == "aborted":
+            _error("the kernel aborted the execution")
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def _command_string(parts: Sequence[str]) -> str:
+    parts = list(parts)
+    if parts and parts[0] == "--":
+        parts = parts[1:]
+    if not parts:
+        raise UsageError("no command given")
+    # One argument is a shell string ("make && ./train"); several are an argv to quote.
+    return parts[0] if len(parts) == 1 else shlex.join(parts)
+
+
+def _env_pairs(pairs: Sequence[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--env wants NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+def _follow_job(ctx: Ctx, job: Job, offset: int = 0) -> int:
+    """Stream a job's log until it ends, then exit with its code; Ctrl-C only detaches."""
+    try:
+        if ctx.json:
+            info = job.wait()
+        else:
+            with job.follow(offset) as chunks:
+                _stream_chunks(chunks)
+            info = job.wait()
+    except KeyboardInterrupt:
+        ctx.err.print(f"\ndetached: job {job.job_id} keeps running. Re-attach with:\n  "
+                      + ctx.again(f"logs {job.job_id} -f"), markup=False, highlight=False)
+        return EXIT_INTERRUPTED
+    code = _job_exit_code(info)
+    if ctx.json:
+        ctx.emit_json({**_job_row(info), "log_tail": job.tail(50), "exit_status": code})
+    elif info.state == "lost":
+        _error(f"job {job.job_id} was lost: its process is gone and no exit code was recorded")
+    elif code != 0:
+        ctx.note(f"[job {job.job_id} {info.state}: exit status {code}]")
+    return code
+
+
+def cmd_run(ctx: Ctx) -> int:
+    args = ctx.args
+    command = _command_string(args.command)
+    env = _env_pairs(args.env)
+    tether = ctx.connect()
+    job = Jobs(tether.portal, tether.aio.jobs).start(command, cwd=args.cwd, env=env,
+                                                     log_path=args.log, name=args.name,
+                                                     idempotency_key=args.idempotency_key)
+    if args.detach:
+        if ctx.json:
+            ctx.emit_json(job.info.to_dict() if job.info else {"job_id": job.job_id})
+        else:
+            ctx.out.print(job.job_id, markup=False, highlight=False)
+            ctx.note("follow it with: " + ctx.again(f"logs {job.job_id} -f"))
+        return EXIT_OK
+    ctx.note(f"job {job.job_id} started; Ctrl-C detaches (the job keeps running)")
+    return _follow_job(ctx, job)
+
+
+def cmd_jobs(ctx: Ctx) -> int:
+    tether = ctx.connect()
+    infos = Jobs(tether.portal, tether.aio.jobs).list(state=ctx.args.state)
+    infos.sort(key=lambda i: i.started_at or 0)
+    if ctx.json:
+        ctx.emit_json([_job_row(i) for i in infos])
+        return EXIT_OK
+    if not infos:
+        ctx.note("no jobs")
+        return EXIT_OK
+    table = _table(ctx, "JOB", "STATE", "EXIT", "STARTED", "TIME", "COMMAND")
+    colours = {"running": "cyan", "exited": "green", "killed": "yellow", "lost": "red"}
+    for info in infos:
+        state = info.state
+        if ctx.tty:
+            colour = "red" if state == "exited" and info.exit_code else colours.get(state, "")
+            state = f"[{colour}]{state}[/]" if colour else state
+        exit_text = "-" if info.state == "running" else (
+            f"sig {info.signal}" if info.signal else str(info.exit_code))
+        command = info.command if len(info.command) <= 60 else info.command[:57] + "..."
+        table.add_row(info.job_id, state, exit_text, _when(info.started_at), _duration(info),
+                      command.replace("[", r"\["))
+    ctx.out.print(table)
+    return EXIT_OK
+
+
+def cmd_logs(ctx: Ctx) -> int:
+    args = ctx.args
+    tether = ctx.connect()
+    job = Jobs(tether.portal, tether.aio.jobs).get(args.job)
+    info = job.status()  # raises NotFound for an unknown job before anything else
+    if args.lines is not None and args.lines < 0:
+        raise UsageError("-n wants a number of lines >= 0")
+    if args.follow:
+        offset = 0
+        if args.lines is not None:
+            # Exactly the last N lines up to a known offset, then follow from that offset.
+            offset = info.bytes_written
+            start = max(0, offset - 1024 * 1024)
+            data, _ = job.read(start, offset - start)
+            lines = data.splitlines(keepends=True)
+            tail = b"".join(lines[-args.lines:]) if args.lines else b""
+            if ctx.json:
+                ctx.emit_json({"job_id": job.job_id, "data": tail.decode("utf-8", "replace")})
+            else:
+                sys.stdout.buffer.write(tail)
+        return _follow_logs(ctx, job, offset)
+    if args.lines is not None:
+        text = job.tail(args.lines) if args.lines else ""
+    else:
+        text = _read_all(job, info.bytes_written)
+    if ctx.json:
+        ctx.emit_json({"job_id": job.job_id, "state": info.state, "exit_code": info.exit_code,
+                       "log": text})
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+def _read_all(job: Job, size: int) -> str:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    parts, offset = [], 0
+    while offset < size:
+        data, offset = job.read(offset)
+        if not data:
+            break
+        parts.append(decoder.decode(data))
+    parts.append(decoder.decode(b"", final=True))
+    return "".join(parts)
+
+
+def _follow_logs(ctx: Ctx, job: Job, offset: int) -> int:
+    try:
+        with job.follow(offset) as chunks:
+            if ctx.json:  # JSON lines: one object per chunk, then the final state
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                for chunk in chunks:
+                    text = decoder.decode(chunk)
+                    if text:
+                        sys.stdout.write(json.dumps({"job_id": job.job_id, "data": text}) + "\n")
+                        sys.stdout.flush()
+            else:
+                _stream_chunks(chunks)
+        info = job.wait()
+    except KeyboardInterrupt:
+        ctx.note(f"\nstopped following; job {job.job_id} is not affected")
+        return EXIT_INTERRUPTED
+    if ctx.json:
+        sys.stdout.write(json.dumps({"job": _job_row(info)}, default=_json_default) + "\n")
+    else:
+        ctx.note(f"[job {job.job_id} {info.state}, exit status {_job_exit_code(info)}]")
+    return EXIT_OK
+
+
+def _parse_signal(value: str) -> int:
+    text = value.strip().upper()
+    if text.isdigit():
+        return int(text)
+    name = text if text.startswith("SIG") else "SIG" + text
+    try:
+        return int(signals.Signals[name])
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown signal {value!r}") from None
+
+
+def cmd_kill(ctx: Ctx) -> int:
+    tether = ctx.connect()
+    job = Jobs(tether.portal, tether.aio.jobs).get(ctx.args.job)
+    info = job.kill(signal=ctx.args.signal, grace=ctx.args.grace)
+    if ctx.json:
+        ctx.emit_json(_job_row(info))
+    else:
+        ctx.out.print(f"job {info.job_id}: {info.state}"
+                      + (f" (exit status {_job_exit_code(info)})" if info.done else ""),
+                      markup=False, highlight=False)
+    return EXIT_OK
+
+
+def _files(ctx: Ctx) -> Files:
+    tether = ctx.connect()
+    aio_files = getattr(tether.aio, "files", None)
+    if aio_files is None:
+        raise TetherError("file transfer is not available in this build (no tether.files)")
+    return Files(tether.portal, aio_files)
+
+
+def _report_transfer(ctx: Ctx, verb: str, source: str, dest: str, result: Any) -> None:
+    data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    if ctx.json:
+        ctx.emit_json(data)
+        return
+    size = data.get("bytes")
+    seconds = data.get("seconds")
+    if isinstance(size, int) and isinstance(seconds, (int, float)):
+        rate = f", {_human_bytes(size / seconds)}/s" if seconds > 0 else ""
+        ctx.out.print(f"{verb} {source} -> {dest}: {_human_bytes(size)} in {seconds:.2f}s{rate}",
+                      markup=False, highlight=False)
+    else:
+        _print_mapping(ctx, data, title=f"{verb} {source} -> {dest}")
+
+
+def cmd_put(ctx: Ctx) -> int:
+    local = Path(ctx.args.local)
+    if not local.exists():
+        raise UsageError(f"{local}: no such file or directory")
+    files = _files(ctx)
+    with transfer_progress(ctx, f"put {local.name}") as progress:
+        if local.is_dir():  # a directory goes up as a (delta) sync
+            result: Any = files.sync(local, ctx.args.remote, progress=progress or False)
+        else:
+            result = files.upload(local, ctx.args.remote, progress=progress or False)
+    _report_transfer(ctx, "uploaded", str(local), ctx.args.remote, result)
+    return EXIT_OK
+
+
+def _remote_is_dir(files: Files, remote: str) -> bool:
+    stat = getattr(files.aio, "stat", None)
+    if stat is not None:
+        info = run_on_portal(files._portal, stat, remote)
+        kind = info.get("type") if isinstance(info, dict) else getattr(info, "type", None)
+        return kind in ("dir", "directory")
+    try:  # no stat: a listing succeeds only for a directory
+        files.list(remote)
+        return True
+    except InvalidArgument:
+        return False
+    except TetherError as exc:
+        if getattr(exc, "code", "") == "not_a_directory":
+            return False
+        raise
+
+
+def cmd_get(ctx: Ctx) -> int:
+    files = _files(ctx)
+    remote, local = ctx.args.remote, Path(ctx.args.local)
+    is_dir = _remote_is_dir(files, remote)
+    if not is_dir and local.is_dir():
+        local = local / Path(remote.rstrip("/")).name  # like cp: into an existing directory
+    with transfer_progress(ctx, f"get {Path(remote).name}") as progress:
+        if is_dir:
+            result: Any = files.download_dir(remote, local, progress=progress or False)
+        else:
+            result = files.download(remote, local, progress=progress or False)
+    _report_transfer(ctx, "downloaded", remote, str(local), result)
+    return EXIT_OK
+
+
+def cmd_sync(ctx: Ctx) -> int:
+    local = Path(ctx.args.local_dir)
+    if not local.is_dir():
+        raise UsageError(f"{local}: not a directory")
+    files = _files(ctx)
+    with transfer_progress(ctx, f"sync {local.name or local}") as progress:
+        result = files.sync(local, ctx.args.remote_dir, exclude=ctx.args.exclude or None,
+                            delete=ctx.args.delete, progress=progress or False)
+    _report_transfer(ctx, "synced", str(local), ctx.args.remote_dir, result)
+    return EXIT_OK
+
+
+def _load_spec(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise UsageError(f"{path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {reason}") \
+            from None
+    if not isinstance(spec, dict):
+        raise UsageError(f"{path}: a job spec must be a mapping (JSON object / YAML dict)")
+    return spec
+
+
+def _submit_module() -> Any:
+    try:
+        from .controller import submit
+    except ImportError:
+        raise TetherError("submit/collect are not available in this build") from None
+    return submit
+
+
+def cmd_submit(ctx: Ctx) -> int:
+    spec = _load_spec(Path(ctx.args.spec))
+    submit = _submit_module()
+    tether = ctx.connect()
+    with transfer_progress(ctx, "upload") as progress:
+        result: dict[str, Any] = run_on_portal(
+            tether.portal, functools.partial(submit.submit, tether.aio, spec, progress=progress))
+    job_id = result.get("job_id")
+    if ctx.args.follow and job_id:
+        if not ctx.json:
+            ctx.note(f"job {job_id} submitted; Ctrl-C detaches (the job keeps running)")
+        return _follow_job(ctx, Jobs(tether.portal, tether.aio.jobs).get(str(job_id)))
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        _print_mapping(ctx, result)
+        if job_id:
+            ctx.note("follow it with: " + ctx.again(f"logs {job_id} -f"))
+    return EXIT_OK
+
+
+def cmd_collect(ctx: Ctx) -> int:
+    submit = _submit_module()
+    tether = ctx.connect()
+    result: dict[str, Any] = run_on_portal(
+        tether.portal, functools.partial(submit.collect, tether.aio, ctx.args.job, ctx.args.dir,
+                                         require_done=not ctx.args.allow_running))
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        _print_mapping(ctx, result, title=f"collected job {ctx.args.job} into {ctx.args.dir}")
+    return EXIT_OK
+
+
+def cmd_env(ctx: Ctx) -> int:
+    tether = ctx.connect()
+    snap = tether.env_snapshot(timeout=ctx.args.timeout)
+    if ctx.json:
+        ctx.emit_json(snap)
+        return EXIT_OK
+    torch = snap.get("torch") or {}
+    smi = snap.get("nvidia_smi_list") or {}
+    freeze = snap.get("pip_freeze") or {}
+    gpus = (smi.get("stdout") or "").strip().splitlines() if smi.get("returncode") == 0 else []
+    if torch.get("importable"):
+        torch_text = (f"{torch.get('version')} (cuda {torch.get('cuda')}, "
+                      f"available={torch.get('cuda_available')}, "
+                      f"devices={torch.get('device_count')})")
+    else:
+        torch_text = "not importable" + (f": {torch['error']}" if torch.get("error") else "")
+    packages = (freeze.get("stdout") or "").strip().splitlines()
+    summary = {
+        "python": (snap.get("python") or "").split()[0] or None,
+        "executable": snap.get("python_executable"), "platform": snap.get("platform"),
+        "cpus": snap.get("cpu_count"), "root_dir": snap.get("root_dir"),
+        "gpus": "; ".join(gpus) or "none (nvidia-smi " + (
+            "unavailable)" if not smi.get("available") else "failed)"),
+        "torch": torch_text, "packages": f"{len(packages)} (pip freeze; --json for the list)",
+        "cuda_env": ", ".join(sorted(snap.get("cuda_env") or {})) or "-",
+    }
+    _print_mapping(ctx, summary)
+    return EXIT_OK
+
+
+def cmd_targets(ctx: Ctx) -> int:
+    path = config_path()
+    rows = describe_targets(path)
+    if ctx.json:
+        ctx.emit_json({"config": str(path), "targets": rows})
+        return EXIT_OK
+    ctx.note(f"config: {path}" + ("" if path.exists() else " (does not exist)"))
+    if rows:
+        table = _table(ctx, "NAME", "URL", "TOKEN", "DEFAULT")
+        for row in rows:
+            table.add_row(row["name"], row["url"] or "-", row["token"], "*" if row["default"] else "")
+        ctx.out.print(table)
+    return EXIT_OK
+
+
+def cmd_mcp(ctx: Ctx) -> int:
+    args = ctx.args
+    try:
+        from .mcp_server import serve  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        raise TetherError("the MCP server is not available in this build") from None
+    selection = select_target(args.url, args.token, args.target)
+    target = selection.target
+    serve(transport="stdio" if args.stdio else "streamable-http", host=args.host, port=args.port,
+          path=args.path, url=target.base_url if target else None,
+          token=target.token if target else None, auth_token=args.auth_token)
+    return EXIT_OK
+
+
+# --- the parser -------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error of this command, pointing at --help.
+        self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    # SUPPRESS defaults: the options may come before or after the subcommand without the
+    # subparser's defaults overwriting values given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("target and output")
+    group.add_argument("--url", default=argparse.SUPPRESS,
+                       help=f"Jupyter server URL (default: ${URL_ENV}); a ?token=... in it is used")
+    group.add_argument("--token", default=argparse.SUPPRESS,
+                       help=f"Jupyter token (default: ${TOKEN_ENV}); prefer the env var")
+    group.add_argument("-t", "--target", default=argparse.SUPPRESS, metavar="NAME",
+                       help="a named target from the config file (see `jupyter-tether targets`)")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print machine-readable JSON only")
+    return common
+
+
+_TARGETS_HELP = f"""\
+which server:
+  --target NAME    a [NAME] table (url, token or token_env) in {config_path()}
+                   (${CONFIG_ENV} overrides the path; a top-level default = "NAME" applies
+                   when nothing else is given)
+  --url/--token    a server URL, as copied from the browser or Kaggle's "VSCode URL"
+  ${URL_ENV} / ${TOKEN_ENV}
+  nothing          a local Jupyter server is started for the command (root: the cwd)
+
+exit codes: 0 ok; `run` exits with the job's exit code (128+N if killed by signal N);
+  1 remote/connection error or failed exec; 2 usage/config error; 130 Ctrl-C (detached)
+"""
+
+
+def _sub(subparsers: Any, name: str, func: Callable[[Ctx], int], help_text: str,
+         examples: str, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name, help=help_text, description=help_text, parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "))
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = _Parser(
+        prog="jupyter-tether", parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run work on a remote Jupyter server: code, jobs with live logs, files.",
+        epilog="examples:\n"
+               "  export REMOTE_JUPYTER_URL='https://host/k/123/eyJ.../proxy'\n"
+               "  jupyter-tether status\n"
+               "  jupyter-tether run 'python train.py --epochs 3'\n"
+               "  jupyter-tether --target kaggle sync ./src work/src --exclude '*.pyc'\n"
+               "  jupyter-tether mcp\n\n" + _TARGETS_HELP)
+    parser.add_argument("--version", action="version", version=f"jupyter-tether {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = _sub(subparsers, "mcp", cmd_mcp, "serve the MCP server (streamable HTTP or stdio)", """
+        jupyter-tether mcp                         # http://127.0.0.1:8009/mcp
+        jupyter-tether mcp --stdio --target kaggle
+        jupyter-tether mcp --host 0.0.0.0 --auth-token "$MCP_TOKEN"
+        """, common)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8009, help="port (default: %(default)s)")
+    p.add_argument("--path", default="/mcp", help="HTTP path (default: %(default)s)")
+    p.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout instead")
+    p.add_argument("--auth-token", default=None,
+                   help="bearer token clients must send (required off loopback)")
+
+    _sub(subparsers, "status", cmd_status, "connect and show the server, supervisor and link", """
+        jupyter-tether status
+        jupyter-tether --json status | jq .rtt_ms
+        """, common)
+
+    p = _sub(subparsers, "exec", cmd_exec, "run Python code in the remote work kernel", """
+        jupyter-tether exec 'import torch; print(torch.cuda.is_available())'
+        jupyter-tether exec -f prepare.py
+        echo 'print(1 + 1)' | jupyter-tether exec -
+        jupyter-tether exec --json '6 * 7' | jq -r '.results[0].data["text/plain"]'
+        (exit status 1 when the code raises)
+        """, common)
+    p.add_argument("code", nargs="?", help="the code ('-' reads stdin)")
+    p.add_argument("-f", "--file", help="run this file's contents ('-' reads stdin)")
+    p.add_argument("--kernel", default=None, help="a kernel id (default: the work kernel)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="interrupt the code after this many seconds (default: no limit)")
+
+    p = _sub(subparsers, "run", cmd_run, "start a background job and follow its log", """
+        jupyter-tether run 'python train.py --epochs 3 2>&1 | tee train.txt'
+        jupyter-tether run python train.py --epochs 3     # several words: an argv, quoted
+        jupyter-tether run --cwd work --env CUDA_VISIBLE_DEVICES=0 -- python train.py
+        jupyter-tether run --detach 'sleep 600'           # prints the job id and returns
+        Ctrl-C detaches (the job keeps running): re-attach with `jupyter-tether logs JOB -f`.
+        The exit status is the job's.
+        """, common)
+    p.add_argument("--detach", "-d", action="store_true",
+                   help="print the job id and return at once")
+    p.add_argument("--cwd", default="", help="working directory (relative to the server root)")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE",
+                   help="set an environment variable (repeatable)")
+    p.add_argument("--name", default=None, help="a label for the job")
+    p.add_argument("--log", default=None, metavar="PATH", help="remote log file path")
+    p.add_argument("--idempotency-key", default=None,
+                   help="a retried run with the same key never starts a second job")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="the command: one shell string, or words after the options")
+
+    p = _sub(subparsers, "jobs", cmd_jobs, "list jobs", """
+        jupyter-tether jobs
+        jupyter-tether jobs --state running
+        jupyter-tether --json jobs | jq -r '.[] | select(.state=="running") | .job_id'
+        """, common)
+    p.add_argument("--state", choices=["running", "exited", "killed", "lost"], default=None,
+                   help="only jobs in this state")
+
+    p = _sub(subparsers, "logs", cmd_logs, "print a job's log (whole, last N lines, or follow)", """
+        jupyter-tether logs JOB            # the whole log so far
+        jupyter-tether logs JOB -n 50      # the last 50 lines
+        jupyter-tether logs JOB -f         # the whole log, then follow until the job ends
+        jupyter-tether logs JOB -f -n 0    # only new output
+        """, common)
+    p.add_argument("job", help="job id")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+    p.add_argument("-n", "--lines", type=int, default=None, help="only the last N lines")
+
+    p = _sub(subparsers, "kill", cmd_kill, "stop a job (its whole process group)", """
+        jupyter-tether kill JOB                  # TERM, then KILL after 5 s
+        jupyter-tether kill JOB --signal INT --grace 30
+        jupyter-tether kill JOB --signal KILL
+        """, common)
+    p.add_argument("job", help="job id")
+    p.add_argument("-s", "--signal", type=_parse_signal, default=int(signals.SIGTERM),
+                   help="signal name or number (default: TERM)")
+    p.add_argument("--grace", type=float, default=5.0,
+                   help="seconds before KILL follows (default: %(default)s)")
+
+    p = _sub(subparsers, "put", cmd_put, "upload a file (or a directory, as a sync)", """
+        jupyter-tether put model.ckpt work/model.ckpt
+        jupyter-tether put ./data work/data
+        """, common)
+    p.add_argument("local", help="local file or directory")
+    p.add_argument("remote", help="remote path (relative to the server root)")
+
+    p = _sub(subparsers, "get", cmd_get, "download a remote file or directory", """
+        jupyter-tether get work/out/metrics.json .
+        jupyter-tether get work/out ./out
+        """, common)
+    p.add_argument("remote", help="remote file or directory")
+    p.add_argument("local", help="local destination")
+
+    p = _sub(subparsers, "sync", cmd_sync, "send only what changed in a directory", """
+        jupyter-tether sync ./src work/src
+        jupyter-tether sync ./src work/src --delete --exclude '*.pyc' --exclude .git
+        """, common)
+    p.add_argument("local_dir", help="local directory")
+    p.add_argument("remote_dir", help="remote directory")
+    p.add_argument("--delete", action="store_true", help="delete remote files absent locally")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="skip matching paths (repeatable; .gitignore-style)")
+
+    p = _sub(subparsers, "submit", cmd_submit, "submit a job spec (sync, bootstrap, run)", """
+        jupyter-tether submit job.yaml
+        jupyter-tether submit job.json --follow
+        """, common)
+    p.add_argument("spec", help="a .json or .yaml job spec")
+    p.add_argument("--follow", action="store_true",
+                   help="follow the job's log and exit with its exit status")
+
+    p = _sub(subparsers, "collect", cmd_collect, "download a submitted job's artifacts", """
+        jupyter-tether collect JOB ./results
+        jupyter-tether collect JOB ./results --allow-running
+        """, common)
+    p.add_argument("job", help="job id")
+    p.add_argument("dir", help="local directory")
+    p.add_argument("--allow-running", action="store_true",
+                   help="collect even though the job has not ended")
+
+    p = _sub(subparsers, "env", cmd_env, "snapshot the remote environment (python, GPUs, torch)", """
+        jupyter-tether env
+        jupyter-tether --json env | jq .torch
+        """, common)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds (default: %(default)s)")
+
+    _sub(subparsers, "targets", cmd_targets, "list the named targets of the config file", """
+        jupyter-tether targets
+        """, common)
+    return parser
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def _error(message: str) -> None:
+    line = " ".join(redact(str(message)).split()) or "unknown error"
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    # Task groups wrap what failed inside them; the user wants the failure itself.
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("url", "token", "target"):
+        setattr(args, name, getattr(args, name, None))
+    args.json = getattr(args, "json", False)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    tty = sys.stdout.isatty()
+    ctx = Ctx(args=args, json=args.json, tty=tty,
+              out=Console(highlight=False, soft_wrap=not tty),
+              err=Console(stderr=True, highlight=False, soft_wrap=True))
+    try:
+        try:
+            return int(args.func(ctx))
+        finally:
+            ctx.close()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+    except BaseException as raised:
+        exc = _unwrap(raised)
+        if isinstance(exc, KeyboardInterrupt):
+            sys.stderr.write("interrupted\n")
+            return EXIT_INTERRUPTED
+        if isinstance(exc, SystemExit):
+            raise exc from None
+        if os.environ.get(DEBUG_ENV):
+            raise
+        if isinstance(exc, (UsageError, ConfigError)):
+            _error(str(exc))
+            return EXIT_USAGE
+        if isinstance(exc, TetherError):
+            _error(str(exc))
+            return EXIT_ERROR
+        if isinstance(exc, BrokenPipeError):  # `| head` closed the pipe: not our failure
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the exit flush
+            return EXIT_OK
+        _error(f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
