@@ -66,7 +66,8 @@ class _Connection:
     client_writer: asyncio.StreamWriter
     upstream_reader: asyncio.StreamReader | None = None
     upstream_writer: asyncio.StreamWriter | None = None
-    blackholed: bool = False
+    #: which directions swallow their bytes: "up" is client -> server
+    blackholed: frozenset[str] = frozenset()
     held: bool = False
     ended: int = 0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -182,9 +183,14 @@ class FaultProxy:
         """RST every current connection; with ``stay_down``, reset new ones until ``heal``."""
         return self._run(self._break_all("reset", stay_down, _reset))
 
-    def blackhole(self, *, new: Literal["drop", "hold"] = "drop") -> int:
-        """Silently drop every byte of current connections; do not forward new ones."""
-        return self._run(self._blackhole(new))
+    def blackhole(self, *, new: Literal["drop", "hold"] = "drop",
+                  direction: Literal["both", "up", "down"] = "both") -> int:
+        """Silently drop the bytes of current connections; do not forward new ones.
+
+        ``direction="down"`` drops only what the server sends: requests still arrive and
+        run, their replies are lost (the case idempotent retries must get right).
+        """
+        return self._run(self._blackhole(new, direction))
 
     def deny(self, status: int = 403) -> int:
         """Cut current connections and answer new ones with an HTTP ``status``."""
@@ -208,11 +214,12 @@ class FaultProxy:
             self._drop(conn, closer)
         return len(broken)
 
-    async def _blackhole(self, new: Literal["drop", "hold"]) -> int:
+    async def _blackhole(self, new: Literal["drop", "hold"], direction: str) -> int:
         self._mode = "blackhole"
         self._blackhole_new = new
+        dropped = frozenset({"up", "down"} if direction == "both" else {direction})
         for conn in self._connections:
-            conn.blackholed = True
+            conn.blackholed = dropped
         return len(self._connections)
 
     async def _heal(self) -> None:
@@ -243,7 +250,7 @@ class FaultProxy:
         if mode == "blackhole":
             self.counters.held += 1
             if self._blackhole_new == "drop":
-                conn.blackholed = True
+                conn.blackholed = frozenset({"up", "down"})
                 self._start(conn, self._pump(conn, reader, None, up=True))
             else:
                 # Not read at all: its bytes wait in the kernel's buffer until heal().
@@ -275,12 +282,13 @@ class FaultProxy:
                     writer: asyncio.StreamWriter | None, *, up: bool) -> None:
         """Copy one direction; in a blackhole, swallow bytes and never pass on FIN or RST."""
         error = False
+        direction = "up" if up else "down"
         try:
             while True:
                 data = await reader.read(_CHUNK)
                 if not data:
                     break
-                if conn.blackholed or writer is None:
+                if direction in conn.blackholed or writer is None:
                     if up:
                         self.counters.dropped_up += len(data)
                     else:

@@ -109,7 +109,7 @@ def test_failing_job_exit_code_log_and_exit_event(h: Harness, tmp_path: Path) ->
     (tmp_path / "sub").mkdir()
     job = h.start("echo out; echo err >&2; echo $FOO; pwd; exit 7", cwd="sub",
                   env_overrides={"FOO": "bar"}, name="failing")
-    assert job["state"] == "running" and job["reused"] is False
+    assert job["state"] in ("running", "exited") and job["reused"] is False
     assert job["log_path"] == str(tmp_path / "logs" / f"job-{job['job_id']}.log")
     assert job["job_id"].startswith("j") and len(job["job_id"]) == 11
     done = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 10})
@@ -277,6 +277,15 @@ def test_kill_plain_job_with_term(h: Harness) -> None:
     assert killed["state"] == "killed" and killed["escalated"] is False
     assert killed["exit_code"] in (-signal.SIGTERM, 128 + signal.SIGTERM)
     assert not _alive(job["pid"])
+
+    # a non-fatal signal is delivered, but the job is not marked killed for it
+    job = h.start("trap 'echo got usr1' USR1; for i in 1 2 3 4 5 6; do sleep 0.1; done")
+    time.sleep(0.15)
+    sent = h.ok("job_kill", {"job_id": job["job_id"], "signal": int(signal.SIGUSR1)})
+    assert sent["signalled"] is True and sent["state"] == "running"
+    done = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 10})
+    assert (done["state"], done["exit_code"]) == ("exited", 0)
+    assert "got usr1" in Path(done["log_path"]).read_text()
 
 
 def test_new_supervisor_re_adopts_a_running_job(tmp_path: Path) -> None:

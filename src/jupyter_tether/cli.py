@@ -94,6 +94,17 @@ class Ctx:
         extra = self.selection.cli_args() if self.selection else ""
         return f"jupyter-tether{extra} {command}"
 
+    def table(self, table: Table) -> None:
+        if self.tty:
+            self.out.print(table)
+            return
+        # Piped: no styling and no trailing padding, so scripts can split on whitespace.
+        with self.out.capture() as captured:
+            self.out.print(table)
+        text = "\n".join(line.rstrip() for line in captured.get().splitlines())
+        sys.stdout.write(text.strip("\n") + "\n")
+        sys.stdout.flush()
+
     def close(self) -> None:
         if self._tether is not None:
             tether, self._tether = self._tether, None
@@ -163,7 +174,7 @@ def _print_mapping(ctx: Ctx, mapping: dict[str, Any], title: str = "") -> None:
         table.add_row(key, text)
     if title:
         ctx.out.print(title, markup=False, highlight=False)
-    ctx.out.print(table)
+    ctx.table(table)
 
 
 @contextlib.contextmanager
@@ -371,7 +382,7 @@ def cmd_jobs(ctx: Ctx) -> int:
         command = info.command if len(info.command) <= 60 else info.command[:57] + "..."
         table.add_row(info.job_id, state, exit_text, _when(info.started_at), _duration(info),
                       command.replace("[", r"\["))
-    ctx.out.print(table)
+    ctx.table(table)
     return EXIT_OK
 
 
@@ -388,7 +399,7 @@ def cmd_logs(ctx: Ctx) -> int:
             # Exactly the last N lines up to a known offset, then follow from that offset.
             offset = info.bytes_written
             start = max(0, offset - 1024 * 1024)
-            data, _ = job.read(start, offset - start)
+            data = job.read(start, offset - start)[0] if offset > start else b""
             lines = data.splitlines(keepends=True)
             tail = b"".join(lines[-args.lines:]) if args.lines else b""
             if ctx.json:
@@ -575,37 +586,75 @@ def _submit_module() -> Any:
     return submit
 
 
+@contextlib.contextmanager
+def phase_progress(ctx: Ctx) -> Iterator[Callable[[str, int, int], None] | None]:
+    """One bar for multi-step work (submit, collect): ``progress(phase, done, total)``."""
+    if ctx.json or not ctx.tty or not ctx.err.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=ctx.err, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=None)
+            progress.update(tasks[phase], completed=done, total=total or None)
+
+        yield update
+
+
 def cmd_submit(ctx: Ctx) -> int:
     spec = _load_spec(Path(ctx.args.spec))
     submit = _submit_module()
     tether = ctx.connect()
-    with transfer_progress(ctx, "upload") as progress:
+    with phase_progress(ctx) as progress:
         result: dict[str, Any] = run_on_portal(
             tether.portal, functools.partial(submit.submit, tether.aio, spec, progress=progress))
     job_id = result.get("job_id")
     if ctx.args.follow and job_id:
         if not ctx.json:
+            if result.get("reused"):
+                ctx.note(f"an identical submit already started job {job_id}: following it")
             ctx.note(f"job {job_id} submitted; Ctrl-C detaches (the job keeps running)")
         return _follow_job(ctx, Jobs(tether.portal, tether.aio.jobs).get(str(job_id)))
     if ctx.json:
         ctx.emit_json(result)
     else:
-        _print_mapping(ctx, result)
+        _print_mapping(ctx, {k: v for k, v in result.items() if k not in ("job", "error")})
         if job_id:
             ctx.note("follow it with: " + ctx.again(f"logs {job_id} -f"))
+    if not result.get("ok", True):
+        _error(result.get("error") or "the submit failed")
+        return EXIT_ERROR
     return EXIT_OK
 
 
 def cmd_collect(ctx: Ctx) -> int:
     submit = _submit_module()
     tether = ctx.connect()
-    result: dict[str, Any] = run_on_portal(
-        tether.portal, functools.partial(submit.collect, tether.aio, ctx.args.job, ctx.args.dir,
-                                         require_done=not ctx.args.allow_running))
+    with phase_progress(ctx) as progress:
+        result: dict[str, Any] = run_on_portal(
+            tether.portal, functools.partial(submit.collect, tether.aio, ctx.args.job,
+                                             ctx.args.dir, require_done=not ctx.args.allow_running,
+                                             progress=progress))
     if ctx.json:
         ctx.emit_json(result)
     else:
-        _print_mapping(ctx, result, title=f"collected job {ctx.args.job} into {ctx.args.dir}")
+        table = _table(ctx, "ARTIFACT", "LOCAL", "RESULT")
+        for item in result.get("downloads", []):
+            remote = item.get("remote_path") or item.get("remote_dir") or str(item.get("artifact"))
+            local = item.get("local_path") or item.get("local_dir") or "-"
+            outcome = (_human_bytes(item["bytes"]) if isinstance(item.get("bytes"), int) else "ok") \
+                if item.get("ok") else f"failed: {item.get('error')}"
+            table.add_row(remote, local, outcome)
+        ctx.table(table)
+    missing = result.get("missing") or []
+    if missing:
+        _error(f"{len(missing)} artifact(s) could not be collected: "
+               + ", ".join(str(m) for m in missing))
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -650,7 +699,7 @@ def cmd_targets(ctx: Ctx) -> int:
         table = _table(ctx, "NAME", "URL", "TOKEN", "DEFAULT")
         for row in rows:
             table.add_row(row["name"], row["url"] or "-", row["token"], "*" if row["default"] else "")
-        ctx.out.print(table)
+        ctx.table(table)
     return EXIT_OK
 
 
@@ -891,7 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     tty = sys.stdout.isatty()
     ctx = Ctx(args=args, json=args.json, tty=tty,
-              out=Console(highlight=False, soft_wrap=not tty),
+              out=Console(highlight=False, soft_wrap=not tty, width=None if tty else 512),
               err=Console(stderr=True, highlight=False, soft_wrap=True))
     try:
         try:

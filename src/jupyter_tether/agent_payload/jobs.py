@@ -63,7 +63,10 @@ MIN_WINDOW = 64 * KIB
 MAX_WINDOW = 256 * MIB
 CHUNK_BYTES = MIB  # one blob of a log event
 TICK_BYTES = 4 * MIB  # all blobs of one log event
-FOLLOW_TICK_S = 0.015  # iopub allows ~1000 msg/s: one event per 15 ms is far below that
+FOLLOW_TICK_S = 0.012  # after an event: iopub allows ~1000 msg/s, ~80/s is far below that
+# After a quiet tick, look again soon: the first bytes after a pause go out within ~3 ms,
+# while a busy log is still batched into one event per FOLLOW_TICK_S.
+FOLLOW_POLL_S = 0.003
 WATCH_TICK_S = 0.05  # exit detection when nothing is followed
 IDLE_TICK_S = 1.0
 MAX_WAIT_S = 3600.0
@@ -212,6 +215,12 @@ def _group_alive(pgid: int) -> bool:
     except OSError:
         return True
     return True
+
+
+# Signals that do not ask a process to end: sending one does not make the job "killed".
+_NON_FATAL = {getattr(signal, name) for name in (
+    "SIGSTOP", "SIGCONT", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGWINCH", "SIGUSR1", "SIGUSR2",
+    "SIGCHLD", "SIGURG") if hasattr(signal, name)}
 
 
 def _killpg(pgid: int, sig: int) -> bool:
@@ -384,6 +393,7 @@ class JobManager:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._pump: Optional[threading.Thread] = None
+        self._last_refresh = 0.0
         self._fds: Dict[str, Tuple[str, int]] = {}  # pump thread only
         self._rr = 0
         self._scan()
@@ -740,7 +750,8 @@ class JobManager:
             self._refresh(job)
             running = job.state == RUNNING
             ours = _same_process(pgid, job.meta.get("pid_start"))
-            if running and ours and job.killed is None:
+            fatal = sig not in _NON_FATAL
+            if running and ours and fatal and job.killed is None:
                 job.killed = {"signal": sig, "at": time.time()}
                 _write_json(os.path.join(job.dir, "killed.json"), job.killed)
         if pgid:
@@ -756,7 +767,7 @@ class JobManager:
                 time.sleep(0.05)
             if _group_alive(pgid):
                 escalated = _killpg(pgid, signal.SIGKILL)
-        if signalled:  # let the wrapper record the end, so the reply has the final state
+        if signalled and fatal:  # let the wrapper record the end: the reply has the final state
             deadline = time.monotonic() + 5.0
             while time.monotonic() < deadline:
                 with self._lock:
@@ -866,13 +877,14 @@ class JobManager:
         try:
             while not self._stop.is_set():
                 self._wake.clear()
+                emitted = False
                 try:
-                    self._tick()
+                    emitted = self._tick()
                 except Exception:  # keep pumping: one bad tick must not end all follows
                     self.sup.counters["jobs_pump_errors"] += 1
                 with self._lock:
                     if self._follows:
-                        delay = FOLLOW_TICK_S
+                        delay = FOLLOW_TICK_S if emitted else FOLLOW_POLL_S
                     elif self._unannounced or _WRAPPERS or any(
                             j.state == RUNNING for j in self._jobs.values()):
                         delay = WATCH_TICK_S
@@ -898,14 +910,21 @@ class JobManager:
         self._fds[sub.job_id] = (sub.path, fd)
         return fd
 
-    def _tick(self) -> None:
+    def _tick(self) -> bool:
+        """One pump round; True when it published log bytes."""
         # 1. States first: a job seen finished here has written all its bytes before the
         #    reads below, so "finished and everything sent" is safe to announce.
         with _WRAPPERS_LOCK:
             _WRAPPERS[:] = [p for p in _WRAPPERS if p.poll() is None]
+        now = time.monotonic()
+        refresh_all = now - self._last_refresh >= WATCH_TICK_S / 2
         with self._lock:
+            if refresh_all:
+                self._last_refresh = now
             for job in self._jobs.values():
-                if job.state == RUNNING:
+                # Followed jobs every tick (their end decides when a follow is drained);
+                # the rest at the watch rate, so fast polling stays cheap.
+                if job.state == RUNNING and (refresh_all or job.job_id in self._follows):
                     self._refresh(job)
             work = []
             for sub in self._follows.values():
@@ -958,6 +977,7 @@ class JobManager:
             for job in list(self._unannounced.values()):
                 if job.job_id not in self._follows:
                     self._emit_exit(job, _file_size(job.meta["log_path"]))
+        return bool(chunks)
 
     def _emit_exit(self, job: _Job, size: Optional[int]) -> None:
         ended = job.exit or {}

@@ -1,49 +1,195 @@
 """Finding and starting the kernels jupyter-tether owns on a server, by session name.
 
 The supervisor and the default work kernel are registered as Jupyter sessions with fixed
-names, so any later controller (after a restart, on another laptop) finds them again. They
-are started with a root-level session path, so their working directory is the server root.
+names (and paths), so any later controller (after a restart, on another laptop) finds them
+again. They are started with a root-level session path, so their working directory is the
+server root.
+
+A Kernel Gateway has no sessions it will list (``GET /api/sessions`` and ``/api/kernels``
+answer 403 unless it runs with ``KG_LIST_KERNELS=True``), no contents API, and kernel models
+that carry nothing but id, kernelspec name and state: nothing on the server itself says
+which kernel is ours. There the durable record is a **marker file on the remote disk**,
+``<root>/.jupyter_tether/kernels.json`` (beside the supervisor's default state dir),
+mapping each name to its kernel id. A controller with no local state reads it from a fresh
+kernel it starts anyway: if the recorded kernel is alive, the fresh one is shut down and
+the recorded one is used; otherwise the fresh one claims the name (compare-and-set under a
+file lock, so two controllers racing end up on one kernel).
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import logging
 from typing import Any
 
-from ..errors import NotFound
+import anyio
+
+from ..errors import KernelError, NotFound, TetherError
+from .execute import execute
+from .kernel_ws import KernelSocket, new_session_id
 from .rest import JupyterRest
 from .state import TargetState
+
+log = logging.getLogger(__name__)
 
 SUPERVISOR_SESSION = "jupyter-tether-supervisor"
 WORK_SESSION = "jupyter-tether-work"
 
+#: where the marker lives, relative to the kernel's working directory (the server root)
+MARKER_PATH = ".jupyter_tether/kernels.json"
+#: the environment variable a gateway-started kernel is tagged with (KG passes KERNEL_*)
+ROLE_ENV = "KERNEL_JUPYTER_TETHER_ROLE"
+
+# Runs in a kernel of the target (any Python >= 3.6, standard library only). With ``new``
+# set it claims ``name`` for ``new`` if the marker still says ``expected``; either way it
+# leaves the marker's current kernel id for ``name`` in ``_jupyter_tether_marker``.
+_MARKER_CODE = """\
+def _jupyter_tether_marker_op(name, new, expected, rel={rel!r}):
+    import json, os, time
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    path = os.path.join(os.getcwd(), rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path) as handle:
+                data = json.load(handle)
+        except (OSError, ValueError):
+            data = {{}}
+        if not isinstance(data, dict):
+            data = {{}}
+        entry = data.get(name)
+        current = entry.get("kernel_id") if isinstance(entry, dict) else None
+        if new is not None and current == expected:
+            data[name] = {{"kernel_id": new, "claimed_at": time.time()}}
+            tmp = "%s.%d.tmp" % (path, os.getpid())
+            with open(tmp, "w") as handle:
+                json.dump(data, handle)
+            os.replace(tmp, path)
+            current = new
+        return current
+_jupyter_tether_marker = _jupyter_tether_marker_op({name!r}, {new!r}, {expected!r})
+"""
+
+
+def _session_matches(session: dict[str, Any], name: str) -> bool:
+    # jupyter_server keeps name and path; a Kernel Gateway keeps only notebook.path.
+    notebook = session.get("notebook") or {}
+    return name in (session.get("name"), session.get("path"), notebook.get("path"))
+
 
 async def find_session_kernel(rest: JupyterRest, name: str) -> dict[str, Any] | None:
-    """The live kernel of the named session, or None. Gateways (no sessions API) use state."""
-    try:
-        sessions = await rest.list_sessions()
-    except NotFound:
-        return None
+    """The live kernel of the named session, or None (also where sessions cannot be listed)."""
+    sessions = await rest.listable_sessions()
+    return _live_session_kernel(sessions or [], name)
+
+
+def _live_session_kernel(sessions: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     for session in sessions:
         kernel = session.get("kernel") or {}
-        if session.get("name") == name and kernel.get("execution_state") != "dead":
+        if _session_matches(session, name) and kernel.get("id") \
+                and kernel.get("execution_state") != "dead":
             return dict(kernel)
     return None
+
+
+async def _alive(rest: JupyterRest, kernel_id: str | None) -> bool:
+    if not kernel_id:
+        return False
+    model = await rest.get_kernel(kernel_id)
+    return model is not None and model.get("execution_state") != "dead"
+
+
+async def _start(rest: JupyterRest, name: str, kernel_name: str) -> str:
+    """Start a kernel registered as session ``name`` at the root, or a bare one without sessions."""
+    try:
+        session = await rest.create_session(name=name, path=name, kernel_name=kernel_name)
+        return str(session["kernel"]["id"])
+    except NotFound:
+        kernel = await rest.start_kernel(kernel_name, env={ROLE_ENV: name})
+        return str(kernel["id"])
 
 
 async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
                         state: TargetState) -> tuple[str, bool]:
     """Return (kernel_id, started_now) for the named kernel, starting it if needed."""
-    kernel = await find_session_kernel(rest, name)
+    sessions = await rest.listable_sessions()
+    kernel = _live_session_kernel(sessions or [], name)
     if kernel is not None:
-        return str(kernel["id"]), False
-    remembered = state.load().get(f"kernel:{name}")
-    if remembered and await rest.get_kernel(remembered) is not None:
-        return str(remembered), False
-    try:
-        session = await rest.create_session(name=name, path=name, kernel_name=kernel_name)
-        kernel_id = str(session["kernel"]["id"])
-    except NotFound:
-        # No sessions API (Kernel Gateway): a bare kernel, remembered in local state.
-        kernel_id = str((await rest.start_kernel(kernel_name))["id"])
+        kernel_id, started = str(kernel["id"]), False
+    else:
+        remembered = state.load().get(f"kernel:{name}")
+        if await _alive(rest, remembered):
+            return str(remembered), False
+        if sessions is not None:
+            # A server that lists its sessions: the session itself is the durable record.
+            kernel_id, started = await _start(rest, name, kernel_name), True
+        else:
+            kernel_id, started = await _find_or_claim_by_marker(rest, name, kernel_name)
     state.update(**{f"kernel:{name}": kernel_id})
-    return kernel_id, True
+    return kernel_id, started
+
+
+async def _find_or_claim_by_marker(rest: JupyterRest, name: str,
+                                   kernel_name: str) -> tuple[str, bool]:
+    """Gateways: read the marker from a fresh kernel; re-use its kernel or let the fresh one claim."""
+    fresh = await _start(rest, name, kernel_name)
+    chosen: str | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            sock = KernelSocket(rest.target, fresh, session_id=new_session_id(),
+                                cookies=rest.cookies, ping_interval=None)
+            await sock.open(tg)
+            try:
+                chosen = await _claim(rest, sock, name, fresh)
+            except _MarkerUnavailable as exc:
+                # A read-only root, say: the fresh kernel serves, found again only through
+                # this controller's local state.
+                log.warning("no durable marker for the %s kernel on %s: %s", name,
+                            rest.target.display_url, exc)
+                chosen = fresh
+            finally:
+                await sock.aclose()
+    finally:
+        if chosen != fresh:
+            with anyio.CancelScope(shield=True), contextlib.suppress(TetherError):
+                await rest.shutdown_kernel(fresh)
+    return chosen, chosen == fresh
+
+
+async def _claim(rest: JupyterRest, sock: KernelSocket, name: str, fresh: str) -> str:
+    expected = await _marker_op(sock, name, None, None)
+    for _ in range(5):
+        if expected is not None and await _alive(rest, expected):
+            return expected
+        current = await _marker_op(sock, name, fresh, expected)
+        if current == fresh:
+            return fresh
+        expected = current  # another controller claimed it first: check theirs
+    raise KernelError(f"could not claim the {name} kernel on {rest.target.display_url}: "
+                      "its marker keeps changing")
+
+
+class _MarkerUnavailable(KernelError):
+    """The marker file could not be read or written in the kernel."""
+
+
+async def _marker_op(sock: KernelSocket, name: str, new: str | None,
+                     expected: str | None) -> str | None:
+    code = _MARKER_CODE.format(rel=MARKER_PATH, name=name, new=new, expected=expected)
+    result = await execute(sock, code, timeout=60, silent=True, store_history=False,
+                           user_expressions={"marker": "_jupyter_tether_marker"})
+    if result.status != "ok":
+        detail = result.error or {}
+        raise _MarkerUnavailable(f"{MARKER_PATH}: {detail.get('ename')}: {detail.get('evalue')}")
+    outcome = result.user_expressions.get("marker") or {}
+    if outcome.get("status") != "ok":
+        raise _MarkerUnavailable(f"{MARKER_PATH}: {outcome.get('ename')}: {outcome.get('evalue')}")
+    text = (outcome.get("data") or {}).get("text/plain", "None")
+    value = ast.literal_eval(text)
+    return str(value) if value else None

@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 
 from ..agent_payload import bundle, wire
-from ..errors import AuthError, ConnectionLost, KernelError, RemoteError, TetherTimeout
+from ..errors import AuthError, ConnectionLost, KernelError, RemoteError, TetherError, TetherTimeout
 from .execute import control_request, execute, kernel_info
 from .kernel_ws import KernelMessage, KernelSocket, new_session_id
 from .kernels import SUPERVISOR_SESSION, find_or_start
@@ -99,6 +99,10 @@ class SupervisorLink:
         self.install_outcome = ""
         self.reconnects = 0
         self.last_error = ""
+        #: why the link last dropped, and when (kept after it comes back, for ``status``)
+        self.last_drop = ""
+        self.last_drop_at: float | None = None
+        self._auth_error: AuthError | None = None
         self.connected_at: float | None = None
         self._sock: KernelSocket | None = None
         self._codec = wire.JSON
@@ -198,6 +202,8 @@ class SupervisorLink:
             "supervisor_pid": self.facts.get("pid"),
             "reconnects": self.reconnects,
             "last_error": self.last_error,
+            "last_drop": self.last_drop,
+            "last_drop_at": self.last_drop_at,
             "last_seq": self.last_seq,
             "connected_since": self.connected_at,
         }
@@ -205,12 +211,24 @@ class SupervisorLink:
     # --- connecting -----------------------------------------------------------------------
 
     async def _wait_connected(self, op: str) -> None:
-        if self._connected.is_set():
-            return
-        if self._closing:
-            raise ConnectionLost("the tether is closed")
-        with anyio.move_on_after(self.options.reconnect_wait):
-            await self._connected.wait()
+        deadline = anyio.current_time() + self.options.reconnect_wait
+        while not self._connected.is_set():
+            if self._closing:
+                raise ConnectionLost("the tether is closed")
+            if self._auth_error is not None:
+                # Waiting cannot help: the server refuses these credentials.
+                raise AuthError(
+                    f"cannot run {op!r}: {self._auth_error} The supervisor and its jobs are "
+                    "still there: connect again with the fresh URL to re-attach to them."
+                )
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                break
+            # Poll: ``_connected`` is replaced on every drop, and closing or an auth failure
+            # must end the wait as well.
+            with anyio.move_on_after(min(remaining, 0.25)):
+                await self._connected.wait()
+        else:
             return
         raise ConnectionLost(
             f"cannot run {op!r}: the link to {self.target.display_url} has been down for "
@@ -390,6 +408,7 @@ class SupervisorLink:
             self._connected = anyio.Event()
             self.connected_at = None
             self.last_error = self.last_error or sock.close_reason
+            self.last_drop, self.last_drop_at = self.last_error, time.time()
             log.info("link to %s dropped: %s", self.target.display_url, sock.close_reason)
             self._pending.wake_all()
             await self._reconnect()
@@ -398,15 +417,23 @@ class SupervisorLink:
         delay = self.options.backoff_initial
         while not self._closing:
             try:
+                await self._probe()
                 await self._connect()
             except AuthError as exc:
                 # Retrying with the same credentials cannot help; calls fail with this message.
                 self.last_error = str(exc)
-            except (ConnectionLost, KernelError, RemoteError, TetherTimeout, OSError) as exc:
+                self._auth_error = exc
+                self._pending.wake_all()
+            except (TetherError, OSError) as exc:
                 self.last_error = str(exc)
+            except Exception as exc:
+                # An odd answer (a proxy's HTML page, say) must not end the reconnect loop.
+                log.warning("reconnect attempt failed", exc_info=True)
+                self.last_error = f"{type(exc).__name__}: {exc}"
             else:
                 self.reconnects += 1
                 self.last_error = ""
+                self._auth_error = None
                 self._pending.wake_all()
                 for hook in list(self._reattach_hooks):
                     try:
@@ -416,6 +443,20 @@ class SupervisorLink:
                 return
             await anyio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.options.backoff_max)
+
+    async def _probe(self) -> None:
+        """One cheap REST round trip, bounded like a keepalive ping.
+
+        On a dead path a request on a pooled (half-open) connection, or a connect that is
+        accepted but never answered, would hang a reconnect attempt for the HTTP client's
+        full timeout; cancelling it after ``ping_timeout`` drops that connection, and the
+        next attempt starts afresh.
+        """
+        with anyio.move_on_after(self.options.ping_timeout) as scope:
+            await self.rest.status()
+        if scope.cancelled_caught:
+            raise ConnectionLost(
+                f"the server did not answer within {self.options.ping_timeout:g}s")
 
     def force_drop(self) -> None:
         """Abort the current connection (tests, and callers who know it is dead)."""

@@ -9,6 +9,11 @@ import httpx2
 from ..errors import AuthError, ConnectionLost, NotFound, ServerError
 from .target import Target, redact
 
+_LISTING_FORBIDDEN = (
+    "the server at {url} refused to list {what} (HTTP 403): either the token is refused, or the "
+    "server does not allow listing (a Kernel Gateway needs KG_LIST_KERNELS=True)"
+)
+
 
 class JupyterRest:
     """Thin async client for the REST endpoints jupyter-tether needs."""
@@ -21,6 +26,8 @@ class JupyterRest:
             follow_redirects=True,
         )
         self._xsrf: str | None = None
+        #: False once the server answered 404 on /api/status (Kernel Gateway has none)
+        self._has_status = True
 
     @property
     def cookies(self) -> dict[str, str]:
@@ -85,13 +92,23 @@ class JupyterRest:
         return result
 
     async def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.get_json("api/status")
-        return result
+        """``/api/status``; a Kernel Gateway has none, so there ``/api`` (which it guards with
+        its token) answers instead, with the server version."""
+        if self._has_status:
+            try:
+                result: dict[str, Any] = await self.get_json("api/status")
+                return result
+            except NotFound:
+                self._has_status = False
+        return await self.version()
 
     # --- kernels ----------------------------------------------------------------------------
 
     async def list_kernels(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self.get_json("api/kernels")
+        response = await self.request("GET", "api/kernels", ok=(200, 403))
+        if response.status_code == 403:
+            raise AuthError(_LISTING_FORBIDDEN.format(what="kernels", url=self.target.display_url))
+        result: list[dict[str, Any]] = response.json()
         return result
 
     async def get_kernel(self, kernel_id: str) -> dict[str, Any] | None:
@@ -101,10 +118,13 @@ class JupyterRest:
         except NotFound:
             return None
 
-    async def start_kernel(self, name: str = "python3", path: str | None = None) -> dict[str, Any]:
+    async def start_kernel(self, name: str = "python3", path: str | None = None,
+                           env: dict[str, str] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name}
         if path is not None:
             body["path"] = path
+        if env:
+            body["env"] = env  # a Kernel Gateway passes KERNEL_* variables to the kernel
         result: dict[str, Any] = (await self.request("POST", "api/kernels", json=body)).json()
         return result
 
@@ -124,7 +144,24 @@ class JupyterRest:
     # --- sessions ---------------------------------------------------------------------------
 
     async def list_sessions(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self.get_json("api/sessions")
+        """The server's sessions; ``[]`` where there is no sessions API."""
+        response = await self.request("GET", "api/sessions", ok=(200, 403, 404))
+        if response.status_code == 403:
+            raise AuthError(_LISTING_FORBIDDEN.format(what="sessions", url=self.target.display_url))
+        result: list[dict[str, Any]] = [] if response.status_code == 404 else response.json()
+        return result
+
+    async def listable_sessions(self) -> list[dict[str, Any]] | None:
+        """The sessions, or None where the server cannot list them.
+
+        None means no sessions API (404), or a Kernel Gateway that refuses to list (403 to
+        ``GET /api/sessions`` and ``/api/kernels`` unless it runs with ``KG_LIST_KERNELS=True``,
+        even with the right token; a wrong token gets 401 there).
+        """
+        response = await self.request("GET", "api/sessions", ok=(200, 403, 404))
+        if response.status_code != 200:
+            return None
+        result: list[dict[str, Any]] = response.json()
         return result
 
     async def create_session(self, *, name: str, path: str, kernel_name: str = "python3",

@@ -81,10 +81,7 @@ def _check_keys(obj: dict[str, Any], allowed: set[str], where: str, problems: li
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str,
             problems: list[str]) -> bool:
     # bool is an int subclass: a flag is never a valid count, nor a number a valid flag.
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        ok = False
-    else:
-        ok = isinstance(value, kind)
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
     if not ok:
         problems.append(f"{where} must be {what}, got {type(value).__name__}")
     return ok
@@ -200,10 +197,9 @@ def validate_spec(spec: Any) -> dict[str, Any]:
                 if not isinstance(art["remote_path"], str) or not art["remote_path"].strip():
                     problems.append(f"{where}.remote_path must be a non-empty string")
                 item = {"remote_path": art["remote_path"]}
-                if art.get("local_path") is not None:
-                    if _expect(art["local_path"], str, f"{where}.local_path", "a string",
-                               problems):
-                        item["local_path"] = art["local_path"]
+                if art.get("local_path") is not None and _expect(
+                        art["local_path"], str, f"{where}.local_path", "a string", problems):
+                    item["local_path"] = art["local_path"]
                 out["artifacts"].append(item)
             else:
                 problems.append(f"{where} must be a remote file path string, "

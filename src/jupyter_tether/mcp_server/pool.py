@@ -120,9 +120,9 @@ class TetherPool:
         # Opening goes on in the holder even if this caller gives up waiting.
         await slot.ready.wait()
         if slot.tether is None:
-            error = slot.error
-            raise TetherError(
-                f"could not connect to {slot.display_url}: {error}") from error
+            if isinstance(slot.error, TetherError):
+                raise slot.error  # already names the target, and its type picks the hint
+            raise TetherError(f"could not connect to {slot.display_url}: {slot.error}")
         return slot.tether
 
     async def _hold(self, key: str, slot: _Slot, target: Target | None) -> None:
