@@ -321,7 +321,8 @@ class FaultProxy:
         try:
             with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 await asyncio.wait_for(conn.client_reader.readuntil(b"\r\n\r\n"), 5)
-            body = b'{"message": "Forbidden: the token has expired", "reason": null}'
+            body = (b'{"message": "%d %s from the fault proxy", "reason": null}'
+                    % (status, _REASONS.get(status, "Error").encode()))
             head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                     "Connection: close\r\n\r\n").encode()

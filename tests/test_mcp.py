@@ -190,8 +190,10 @@ async def test_tool_list_keeps_the_reference_contract(mcp_server: McpProcess) ->
     for tool in tools.values():
         assert tool.description and tool.output_schema, tool.name
         assert tool.annotations is not None and tool.annotations.read_only_hint is not None
-    assert tools["jupyter_job_status"].annotations.read_only_hint is True
-    assert tools["jupyter_shutdown_kernel"].annotations.destructive_hint is True
+    status_hints = tools["jupyter_job_status"].annotations
+    kill_hints = tools["jupyter_shutdown_kernel"].annotations
+    assert status_hints is not None and status_hints.read_only_hint is True
+    assert kill_hints is not None and kill_hints.destructive_hint is True
 
 
 # --- server, kernels, exec --------------------------------------------------------------------
@@ -406,9 +408,12 @@ async def test_file_tools(mcp_server: McpProcess, server_root: Path, tmp_path: P
         proj = _project(tmp_path)
         synced = await calls.ok("jupyter_sync_dir", {"local_dir": str(proj),
                                                      "remote_dir": "synced"})
-        assert synced["remote_dir"] == "synced"
+        assert synced["remote_dir"] == str(server_root / "synced"), synced
         assert (server_root / "synced" / "pkg" / "__init__.py").read_text() == "VERSION = 1\n"
         assert not (server_root / "synced" / ".git").exists(), "reference excludes apply"
+        again = await calls.ok("jupyter_sync_dir", {"local_dir": str(proj),
+                                                    "remote_dir": "synced"})
+        assert again["uploaded"] == 0 and again["unchanged"] == synced["uploaded"], "a delta"
         fetched = await calls.ok("jupyter_download_dir_to_local",
                                  {"remote_dir": "synced", "local_dir": str(tmp_path / "copy")})
         assert fetched["local_dir"] == str(tmp_path / "copy")
@@ -540,3 +545,22 @@ async def test_stdio_transport(jupyter_server: LocalJupyterServer, mcp_state: Pa
         waited = await calls.ok("jupyter_job_wait", {"job_id": job["job_id"]})
         assert waited["done"] and waited["job"]["exit_code"] == 0
         assert (await calls.follow_all(job["job_id"])) == "over-http\n"
+
+
+async def test_embedded_server_by_default_and_closed_with_the_mcp_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REMOTE_JUPYTER_URL", raising=False)
+    async with Client(build_server(embedded_root=tmp_path)) as client:
+        status = await Calls(client).ok("jupyter_status")
+        assert status["embedded"] and status["supervisor"]["root_dir"] == str(tmp_path)
+        supervisor_pid = status["supervisor"]["pid"]
+        os.kill(supervisor_pid, 0)
+    # The lifespan owned the tether: leaving it stopped the embedded server and its kernels.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(supervisor_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the embedded server's kernels outlived the MCP server")

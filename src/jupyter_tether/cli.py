@@ -41,9 +41,10 @@ from . import __version__
 from .config import CONFIG_ENV, Selection, config_path, describe_targets, select_target
 from .controller.blocking import Tether
 from .controller.blocking_services import Files, Job, Jobs, ProgressCallback, run_on_portal
+from .controller.files import DEFAULT_SYNC_MAX_BYTES
 from .controller.jobs import JobInfo
 from .controller.target import TOKEN_ENV, URL_ENV, redact
-from .errors import ConfigError, InvalidArgument, TetherError
+from .errors import ConfigError, NotFound, TetherError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -183,7 +184,7 @@ def transfer_progress(ctx: Ctx, label: str) -> Iterator[ProgressCallback | None]
     if ctx.json or not ctx.tty or not ctx.err.is_terminal:
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=ctx.err, transient=True) as progress:
         task = progress.add_task(label, total=None)
@@ -481,25 +482,48 @@ def cmd_kill(ctx: Ctx) -> int:
 
 def _files(ctx: Ctx) -> Files:
     tether = ctx.connect()
-    aio_files = getattr(tether.aio, "files", None)
-    if aio_files is None:
-        raise TetherError("file transfer is not available in this build (no tether.files)")
-    return Files(tether.portal, aio_files)
+    return Files(tether.portal, tether.aio.files)
+
+
+def _rate(size: int, seconds: float) -> str:
+    return f", {_human_bytes(size / seconds)}/s" if seconds > 0 else ""
 
 
 def _report_transfer(ctx: Ctx, verb: str, source: str, dest: str, result: Any) -> None:
-    data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    data: dict[str, Any] = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     if ctx.json:
         ctx.emit_json(data)
         return
-    size = data.get("bytes")
-    seconds = data.get("seconds")
-    if isinstance(size, int) and isinstance(seconds, (int, float)):
-        rate = f", {_human_bytes(size / seconds)}/s" if seconds > 0 else ""
-        ctx.out.print(f"{verb} {source} -> {dest}: {_human_bytes(size)} in {seconds:.2f}s{rate}",
-                      markup=False, highlight=False)
+    size, seconds = int(data.get("bytes") or 0), float(data.get("seconds") or 0.0)
+    line = f"{verb} {source} -> {dest}: "
+    if "uploaded" in data:  # a sync
+        line += (f"{data['uploaded']} files sent ({_human_bytes(size)}), "
+                 f"{data.get('unchanged', 0)} unchanged, {data.get('deleted', 0)} deleted")
+        skipped = data.get("skipped") or []
+        if skipped:
+            line += f", {len(skipped)} skipped (links or special files; see --json)"
+    elif "files" in data:  # a directory download
+        line += f"{data['files']} files, {_human_bytes(size)}"
     else:
-        _print_mapping(ctx, data, title=f"{verb} {source} -> {dest}")
+        line += _human_bytes(size)
+        if data.get("resumed_bytes"):
+            line += f" (resumed after {_human_bytes(data['resumed_bytes'])})"
+    line += f" in {seconds:.2f}s{_rate(size, seconds)}"
+    ctx.out.print(line, markup=False, highlight=False)
+
+
+def _parse_size(value: str) -> int | None:
+    """``200M``, ``2G``, ``5000`` (bytes); ``0`` or ``none`` lifts the limit."""
+    text = value.strip().lower()
+    if text in ("0", "none", "unlimited"):
+        return None
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        return int(float(number.removesuffix("i")) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {value!r} (like 500M or 2G)") from None
 
 
 def cmd_put(ctx: Ctx) -> int:
@@ -509,7 +533,8 @@ def cmd_put(ctx: Ctx) -> int:
     files = _files(ctx)
     with transfer_progress(ctx, f"put {local.name}") as progress:
         if local.is_dir():  # a directory goes up as a (delta) sync
-            result: Any = files.sync(local, ctx.args.remote, progress=progress or False)
+            result: Any = files.sync(local, ctx.args.remote, max_bytes=ctx.args.max_bytes,
+                                     progress=progress or False)
         else:
             result = files.upload(local, ctx.args.remote, progress=progress or False)
     _report_transfer(ctx, "uploaded", str(local), ctx.args.remote, result)
@@ -517,20 +542,11 @@ def cmd_put(ctx: Ctx) -> int:
 
 
 def _remote_is_dir(files: Files, remote: str) -> bool:
-    stat = getattr(files.aio, "stat", None)
-    if stat is not None:
-        info = run_on_portal(files._portal, stat, remote)
-        kind = info.get("type") if isinstance(info, dict) else getattr(info, "type", None)
-        return kind in ("dir", "directory")
-    try:  # no stat: a listing succeeds only for a directory
-        files.list(remote)
-        return True
-    except InvalidArgument:
-        return False
-    except TetherError as exc:
-        if getattr(exc, "code", "") == "not_a_directory":
-            return False
-        raise
+    info = files.stat(remote)
+    if not info.get("exists"):
+        raise NotFound("not_found", f"no such remote file or directory: {info.get('path', remote)}")
+    kind = info.get("target_type") if info.get("type") == "symlink" else info.get("type")
+    return kind == "directory"
 
 
 def cmd_get(ctx: Ctx) -> int:
@@ -555,7 +571,8 @@ def cmd_sync(ctx: Ctx) -> int:
     files = _files(ctx)
     with transfer_progress(ctx, f"sync {local.name or local}") as progress:
         result = files.sync(local, ctx.args.remote_dir, exclude=ctx.args.exclude or None,
-                            delete=ctx.args.delete, progress=progress or False)
+                            delete=ctx.args.delete, max_bytes=ctx.args.max_bytes,
+                            gitignore=not ctx.args.no_gitignore, progress=progress or False)
     _report_transfer(ctx, "synced", str(local), ctx.args.remote_dir, result)
     return EXIT_OK
 
@@ -592,7 +609,7 @@ def phase_progress(ctx: Ctx) -> Iterator[Callable[[str, int, int], None] | None]
     if ctx.json or not ctx.tty or not ctx.err.is_terminal:
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=ctx.err, transient=True) as progress:
         tasks: dict[str, Any] = {}
@@ -660,7 +677,8 @@ def cmd_collect(ctx: Ctx) -> int:
 
 def cmd_env(ctx: Ctx) -> int:
     tether = ctx.connect()
-    snap = tether.env_snapshot(timeout=ctx.args.timeout)
+    snap: dict[str, Any] = run_on_portal(
+        tether.portal, functools.partial(tether.aio.env_snapshot, ctx.args.timeout))
     if ctx.json:
         ctx.emit_json(snap)
         return EXIT_OK
@@ -866,6 +884,9 @@ def build_parser() -> argparse.ArgumentParser:
         """, common)
     p.add_argument("local", help="local file or directory")
     p.add_argument("remote", help="remote path (relative to the server root)")
+    p.add_argument("--max-bytes", type=_parse_size, default=DEFAULT_SYNC_MAX_BYTES,
+                   metavar="SIZE", help="for a directory: refuse to send more (default: 200M; "
+                   "0 = no limit)")
 
     p = _sub(subparsers, "get", cmd_get, "download a remote file or directory", """
         jupyter-tether get work/out/metrics.json .
@@ -882,7 +903,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("remote_dir", help="remote directory")
     p.add_argument("--delete", action="store_true", help="delete remote files absent locally")
     p.add_argument("--exclude", action="append", metavar="GLOB",
-                   help="skip matching paths (repeatable; .gitignore-style)")
+                   help="skip matching paths (repeatable; .gitignore-style; default: VCS "
+                   "dirs, caches, venvs, build outputs)")
+    p.add_argument("--no-gitignore", action="store_true",
+                   help="do not apply the tree's .gitignore files")
+    p.add_argument("--max-bytes", type=_parse_size, default=DEFAULT_SYNC_MAX_BYTES,
+                   metavar="SIZE", help="refuse, before sending, when more would travel "
+                   "(default: 200M; 0 = no limit)")
 
     p = _sub(subparsers, "submit", cmd_submit, "submit a job spec (sync, bootstrap, run)", """
         jupyter-tether submit job.yaml

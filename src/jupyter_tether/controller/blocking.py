@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from .blocking_services import Files, Jobs
+from .blocking_services import Files, Jobs, run_on_portal
 from .execute import ExecResult, OutputCallback
 from .tether import AsyncTether
 
@@ -38,7 +38,9 @@ class Tether:
         self._closed = False
 
     def _call(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
-        return self._portal.call(functools.partial(func, *args, **kwargs))
+        # Cancels the remote-side task if the caller is interrupted (Ctrl-C, notebook stop),
+        # so nothing is left running on the portal for close() to wait on.
+        return run_on_portal(self._portal, functools.partial(func, *args, **kwargs))
 
     @property
     def portal(self) -> BlockingPortal:
@@ -50,7 +52,7 @@ class Tether:
 
     @property
     def files(self) -> Files:
-        return Files(self._portal, self.aio.files)  # type: ignore[attr-defined,unused-ignore]
+        return Files(self._portal, self.aio.files)
 
     def close(self) -> None:
         if self._closed:

@@ -8,8 +8,10 @@ drawn from the caller's thread: a notebook routes output by the thread that writ
 
 from __future__ import annotations
 
+import builtins
 import codecs
 import concurrent.futures
+import functools
 import html
 import math
 import os
@@ -22,6 +24,7 @@ import anyio
 from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .files import DEFAULT_SYNC_MAX_BYTES, AsyncFiles, TransferResult
 from .jobs import AsyncJob, AsyncJobs, JobInfo
 
 T = TypeVar("T")
@@ -353,55 +356,78 @@ class Jobs:
 
 
 class Files:
-    """``tether.files`` on the blocking Tether; transfers show a progress bar in notebooks."""
+    """``tether.files`` on the blocking Tether; transfers show a progress bar in notebooks.
 
-    def __init__(self, portal: BlockingPortal, aio: Any) -> None:
+    ``progress``: None draws a bar when running in a notebook, False draws none, and a
+    callable ``progress(done_bytes, total_bytes)`` is called instead (on the loop thread).
+    """
+
+    def __init__(self, portal: BlockingPortal, aio: AsyncFiles) -> None:
         self._portal = portal
         self.aio = aio
+
+    def _call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        return run_on_portal(self._portal, functools.partial(func, *args, **kwargs))
 
     def _transfer(self, label: str, func: Callable[..., Awaitable[T]], progress: ProgressArg,
                   *args: Any, **kwargs: Any) -> T:
         callback, bar = _progress_for(progress, label)
-
-        async def run() -> T:
-            return await func(*args, progress=callback, **kwargs)
-
-        result = run_on_portal(self._portal, run, tick=bar.render if bar else None)
+        call = functools.partial(func, *args, progress=callback, **kwargs)
+        try:
+            result = run_on_portal(self._portal, call, tick=bar.render if bar else None)
+        except BaseException as exc:
+            if bar is not None:
+                bar.render(final=f"failed: {type(exc).__name__}")
+            raise
         if bar is not None:
             bar.render(final="done")
         return result
 
-    def upload(self, local: str | os.PathLike[str], remote: str, *,
-               progress: ProgressArg = None) -> Any:
-        return self._transfer(f"upload {local} -> {remote}", self.aio.upload, progress,
-                              local, remote)
+    def upload(self, local_path: str | os.PathLike[str], remote_path: str, *,
+               progress: ProgressArg = None) -> TransferResult:
+        return self._transfer(f"upload {local_path} -> {remote_path}", self.aio.upload, progress,
+                              local_path, remote_path)
 
-    def download(self, remote: str, local: str | os.PathLike[str], *,
-                 progress: ProgressArg = None) -> Any:
-        return self._transfer(f"download {remote} -> {local}", self.aio.download, progress,
-                              remote, local)
+    def download(self, remote_path: str, local_path: str | os.PathLike[str], *,
+                 progress: ProgressArg = None) -> TransferResult:
+        return self._transfer(f"download {remote_path} -> {local_path}", self.aio.download,
+                              progress, remote_path, local_path)
 
     def sync(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
-             exclude: Sequence[str] | None = None, delete: bool = False,
+             exclude: str | Sequence[str] | None = None, delete: bool = False,
+             max_bytes: int | None = DEFAULT_SYNC_MAX_BYTES, gitignore: bool = True,
              progress: ProgressArg = None) -> dict[str, Any]:
-        result: dict[str, Any] = self._transfer(
-            f"sync {local_dir} -> {remote_dir}", self.aio.sync, progress, local_dir, remote_dir,
-            exclude=exclude, delete=delete)
-        return result
+        return self._transfer(f"sync {local_dir} -> {remote_dir}", self.aio.sync, progress,
+                              local_dir, remote_dir, exclude=exclude, delete=delete,
+                              max_bytes=max_bytes, gitignore=gitignore)
 
     def download_dir(self, remote_dir: str, local_dir: str | os.PathLike[str], *,
+                     exclude: str | Sequence[str] | None = None,
                      progress: ProgressArg = None) -> dict[str, Any]:
-        result: dict[str, Any] = self._transfer(
-            f"download {remote_dir} -> {local_dir}", self.aio.download_dir, progress,
-            remote_dir, local_dir)
-        return result
+        return self._transfer(f"download {remote_dir} -> {local_dir}", self.aio.download_dir,
+                              progress, remote_dir, local_dir, exclude=exclude)
 
-    def list(self, path: str = "") -> Any:
-        return run_on_portal(self._portal, self.aio.list, path)
+    def list(self, path: str = "", *, max_entries: int = 10000) -> builtins.list[dict[str, Any]]:
+        return self._call(self.aio.list, path, max_entries=max_entries)
 
-    def read_text(self, path: str) -> str:
-        text: str = run_on_portal(self._portal, self.aio.read_text, path)
-        return text
+    def stat(self, path: str) -> dict[str, Any]:
+        return self._call(self.aio.stat, path)
 
-    def write_text(self, path: str, content: str) -> Any:
-        return run_on_portal(self._portal, self.aio.write_text, path, content)
+    def read_bytes(self, path: str, *, max_bytes: int | None = None) -> bytes:
+        return self._call(self.aio.read_bytes, path, max_bytes=max_bytes)
+
+    def read_text(self, path: str, **kwargs: Any) -> str:
+        return self._call(self.aio.read_text, path, **kwargs)
+
+    def write_bytes(self, path: str, data: bytes, *, mode: int | None = None) -> dict[str, Any]:
+        return self._call(self.aio.write_bytes, path, data, mode=mode)
+
+    def write_text(self, path: str, content: str, *, encoding: str = "utf-8") -> dict[str, Any]:
+        return self._call(self.aio.write_text, path, content, encoding=encoding)
+
+    def remove(self, path: str, recursive: bool = False, *,
+               missing_ok: bool = False) -> dict[str, Any]:
+        return self._call(self.aio.remove, path, recursive, missing_ok=missing_ok)
+
+    def mkdir(self, path: str, *, parents: bool = True) -> dict[str, Any]:
+        return self._call(self.aio.mkdir, path, parents=parents)

@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import KernelError, NotFound, TetherError
+from ..errors import KernelError, ServerError, TetherError
 from .execute import execute
 from .kernel_ws import KernelSocket, new_session_id
 from .rest import JupyterRest
@@ -38,8 +38,6 @@ WORK_SESSION = "jupyter-tether-work"
 
 #: where the marker lives, relative to the kernel's working directory (the server root)
 MARKER_PATH = ".jupyter_tether/kernels.json"
-#: the environment variable a gateway-started kernel is tagged with (KG passes KERNEL_*)
-ROLE_ENV = "KERNEL_JUPYTER_TETHER_ROLE"
 
 # Runs in a kernel of the target (any Python >= 3.6, standard library only). With ``new``
 # set it claims ``name`` for ``new`` if the marker still says ``expected``; either way it
@@ -105,14 +103,10 @@ async def _alive(rest: JupyterRest, kernel_id: str | None) -> bool:
     return model is not None and model.get("execution_state") != "dead"
 
 
-async def _start(rest: JupyterRest, name: str, kernel_name: str) -> str:
-    """Start a kernel registered as session ``name`` at the root, or a bare one without sessions."""
-    try:
-        session = await rest.create_session(name=name, path=name, kernel_name=kernel_name)
-        return str(session["kernel"]["id"])
-    except NotFound:
-        kernel = await rest.start_kernel(kernel_name, env={ROLE_ENV: name})
-        return str(kernel["id"])
+async def _start_bare(rest: JupyterRest, kernel_name: str) -> str:
+    # No ``env`` in the request: a Kernel Gateway would then give the kernel only PATH and
+    # the KERNEL_* variables instead of its whole environment (HOME, CUDA_*, ...).
+    return str((await rest.start_kernel(kernel_name, path=""))["id"])
 
 
 async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
@@ -126,10 +120,16 @@ async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
         remembered = state.load().get(f"kernel:{name}")
         if await _alive(rest, remembered):
             return str(remembered), False
+        kernel_id = ""
         if sessions is not None:
             # A server that lists its sessions: the session itself is the durable record.
-            kernel_id, started = await _start(rest, name, kernel_name), True
-        else:
+            try:
+                session = await rest.create_session(name=name, path=name, kernel_name=kernel_name)
+                kernel_id, started = str(session["kernel"]["id"]), True
+            except ServerError as exc:
+                # Kernel Gateway 3 answers 500 to a second session on one path.
+                log.info("cannot register the %s session (%s); using the marker", name, exc)
+        if not kernel_id:
             kernel_id, started = await _find_or_claim_by_marker(rest, name, kernel_name)
     state.update(**{f"kernel:{name}": kernel_id})
     return kernel_id, started
@@ -138,14 +138,15 @@ async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
 async def _find_or_claim_by_marker(rest: JupyterRest, name: str,
                                    kernel_name: str) -> tuple[str, bool]:
     """Gateways: read the marker from a fresh kernel; re-use its kernel or let the fresh one claim."""
-    fresh = await _start(rest, name, kernel_name)
+    fresh = await _start_bare(rest, kernel_name)
     chosen: str | None = None
+    error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
             sock = KernelSocket(rest.target, fresh, session_id=new_session_id(),
                                 cookies=rest.cookies, ping_interval=None)
-            await sock.open(tg)
             try:
+                await sock.open(tg)
                 chosen = await _claim(rest, sock, name, fresh)
             except _MarkerUnavailable as exc:
                 # A read-only root, say: the fresh kernel serves, found again only through
@@ -153,12 +154,18 @@ async def _find_or_claim_by_marker(rest: JupyterRest, name: str,
                 log.warning("no durable marker for the %s kernel on %s: %s", name,
                             rest.target.display_url, exc)
                 chosen = fresh
+            except Exception as exc:
+                error = exc  # raised below, outside the task group (not as an ExceptionGroup)
             finally:
                 await sock.aclose()
+        if error is not None:
+            raise error
     finally:
         if chosen != fresh:
-            with anyio.CancelScope(shield=True), contextlib.suppress(TetherError):
+            with anyio.CancelScope(shield=True) as scope, contextlib.suppress(TetherError):
+                scope.deadline = anyio.current_time() + 10
                 await rest.shutdown_kernel(fresh)
+    assert chosen is not None
     return chosen, chosen == fresh
 
 

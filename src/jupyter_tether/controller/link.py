@@ -152,11 +152,7 @@ class SupervisorLink:
                 while True:
                     await self._wait_connected(op)
                     if call.sent_generation != self._generation:
-                        if call.sent_generation >= 0 and not call.idempotent:
-                            raise ConnectionLost(
-                                f"the connection dropped while {op!r} was in flight; it may or "
-                                "may not have run on the remote: check before retrying"
-                            )
+                        self._check_resendable(call)
                         call.rearm()
                         await self._send_request(call)
                     await call.wakeup.wait()
@@ -164,6 +160,9 @@ class SupervisorLink:
                         raise call.error
                     if call.reply is not None:
                         return call.reply
+                    if not self.connected:
+                        # Say so now rather than after the link is back (or never).
+                        self._check_resendable(call)
                     call.rearm()
         except TimeoutError:
             raise TetherTimeout(
@@ -172,6 +171,14 @@ class SupervisorLink:
             ) from None
         finally:
             self._pending.discard(call)
+
+    @staticmethod
+    def _check_resendable(call: PendingCall) -> None:
+        if call.sent_generation >= 0 and not call.idempotent:
+            raise ConnectionLost(
+                f"the connection dropped while {call.op!r} was in flight; it may or "
+                "may not have run on the remote: check before retrying"
+            )
 
     async def aclose(self) -> None:
         self._closing = True

@@ -118,13 +118,10 @@ class JupyterRest:
         except NotFound:
             return None
 
-    async def start_kernel(self, name: str = "python3", path: str | None = None,
-                           env: dict[str, str] | None = None) -> dict[str, Any]:
+    async def start_kernel(self, name: str = "python3", path: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name}
         if path is not None:
             body["path"] = path
-        if env:
-            body["env"] = env  # a Kernel Gateway passes KERNEL_* variables to the kernel
         result: dict[str, Any] = (await self.request("POST", "api/kernels", json=body)).json()
         return result
 
@@ -156,9 +153,17 @@ class JupyterRest:
 
         None means no sessions API (404), or a Kernel Gateway that refuses to list (403 to
         ``GET /api/sessions`` and ``/api/kernels`` unless it runs with ``KG_LIST_KERNELS=True``,
-        even with the right token; a wrong token gets 401 there).
+        even with the right token; a wrong token gets 401 there), or a listing that fails
+        twice (Kernel Gateway 3 answers 500 once after a listed session's kernel went away,
+        dropping that session, so the second try lists the rest).
         """
-        response = await self.request("GET", "api/sessions", ok=(200, 403, 404))
+        for attempt in (1, 2):
+            try:
+                response = await self.request("GET", "api/sessions", ok=(200, 403, 404))
+                break
+            except ServerError:
+                if attempt == 2:
+                    return None
         if response.status_code != 200:
             return None
         result: list[dict[str, Any]] = response.json()

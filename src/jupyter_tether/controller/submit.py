@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ..errors import ConfigError, JobError, NotFound, TetherError
 
 if TYPE_CHECKING:
@@ -65,7 +67,21 @@ _FINGERPRINT_MAX_FILES = 200_000
 
 
 def split_globs(csv: str | None) -> list[str]:
-    return [part.strip() for part in (csv or "").split(",") if part.strip()]
+    """The reference tool's comma-separated globs as ``files.sync`` exclude patterns.
+
+    The reference pruned a directory when ``<dir>/**`` matched; in gitignore terms
+    ``X/**`` excludes X's contents but not X, so each such glob also excludes the
+    directory itself (``/X/``, anchored at the root as the reference's match was).
+    """
+    patterns: list[str] = []
+    for glob in (part.strip() for part in (csv or "").split(",")):
+        if not glob:
+            continue
+        patterns.append(glob)
+        if glob.endswith("/**") and len(glob) > 3:
+            base = glob[:-3]
+            patterns.append(("/" + base if "/" not in base else base) + "/")
+    return patterns
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -309,7 +325,8 @@ async def submit(tether: AsyncTether, spec: dict[str, Any], *,
     """
     norm = validate_spec(spec)
     explicit_key = norm["idempotency_key"]
-    derived = explicit_key or derive_key(norm)
+    # Walking the local trees is blocking file I/O: keep it off the event loop.
+    derived = explicit_key or await anyio.to_thread.run_sync(derive_key, norm)
     index = await _read_json(tether, _key_path(derived))
     attempt = 0
     if index is not None and isinstance(index.get("job_id"), str):
@@ -441,8 +458,7 @@ async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike
                     _emit(progress, phase, done, total)
 
                 result = await tether.files.download(remote, str(local), progress=on_file)
-                item.update(ok=True, **result.to_dict())
-                item["local_path"] = str(local)
+                item = {**item, **result.to_dict(), "ok": True, "local_path": str(local)}
             else:
                 remote = art["remote_dir"]
                 local = _inside(base, art.get("local_subdir", "artifact_dir"), "local_subdir")
@@ -453,8 +469,7 @@ async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike
                     _emit(progress, phase, done, total)
 
                 result_dir = await tether.files.download_dir(remote, str(local), progress=on_dir)
-                item.update(ok=True, **result_dir)
-                item["local_dir"] = str(local)
+                item = {**item, **result_dir, "ok": True, "local_dir": str(local)}
         except (TetherError, OSError) as exc:
             item = {"artifact": art, "ok": False, "error": str(exc)}
         downloads.append(item)

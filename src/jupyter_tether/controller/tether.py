@@ -15,6 +15,7 @@ import platformdirs
 from ..errors import ConfigError, ConnectionLost, KernelError
 from .embedded import LocalJupyterServer
 from .execute import ExecResult, OutputCallback, execute
+from .files import AsyncFiles
 from .jobs import AsyncJobs
 from .kernel_ws import KernelSocket, new_session_id
 from .kernels import SUPERVISOR_SESSION, WORK_SESSION, find_or_start
@@ -77,6 +78,7 @@ class AsyncTether:
             self._link = SupervisorLink(self._target, self._rest, self._state, self.options)
             await self._link.start(self._task_group)
             self.jobs = AsyncJobs(self)
+            self.files = AsyncFiles(self)
         except BaseException as exc:
             await self._shutdown(type(exc), exc, exc.__traceback__)
             raise

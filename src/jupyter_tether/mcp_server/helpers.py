@@ -56,7 +56,7 @@ async def bounded(seconds: float, what: str) -> AsyncIterator[None]:
         raise BoundExceeded(what, seconds) from None
 
 
-def _hint(exc: BaseException) -> str:
+def _hint(exc: BaseException, not_found: str) -> str:
     if isinstance(exc, BoundExceeded):
         return (f"{exc.what} did not finish within timeout_s={exc.seconds:g}s. Work already "
                 "sent to the remote may still be going on; raise timeout_s, or check with "
@@ -69,8 +69,7 @@ def _hint(exc: BaseException) -> str:
         return (f"{exc}. Check the server is up (jupyter_ping) and that the URL and token are "
                 "current, then retry")
     if isinstance(exc, NotFound):
-        return (f"{exc.message}. Check the path or id (jupyter_list_dir, jupyter_job_list, "
-                "jupyter_list_kernels)")
+        return f"{exc.message}. {not_found}"
     if isinstance(exc, InvalidArgument):
         return f"invalid argument: {exc.message}"
     if isinstance(exc, RemoteError):
@@ -86,9 +85,12 @@ def _hint(exc: BaseException) -> str:
     return f"internal error ({type(exc).__name__}): {exc}; this is a bug in jupyter-tether"
 
 
-def tool_errors(scrub: Callable[[str], str]) -> Callable[[Callable[P, Awaitable[R]]],
-                                                          Callable[P, Awaitable[R]]]:
-    """Turn every failure of a tool into a ToolError whose text says what to try (no secrets)."""
+def tool_errors(scrub: Callable[[str], str], not_found: str = "Check the name or id."
+                ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Turn every failure of a tool into a ToolError whose text says what to try (no secrets).
+
+    ``not_found`` is what to suggest when something the tool named does not exist.
+    """
 
     def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(fn)
@@ -98,7 +100,7 @@ def tool_errors(scrub: Callable[[str], str]) -> Callable[[Callable[P, Awaitable[
             except ToolError as exc:
                 raise ToolError(scrub(str(exc))) from None
             except Exception as exc:
-                message = scrub(_hint(exc))
+                message = scrub(_hint(exc, not_found))
                 if not isinstance(exc, TetherError | OSError | ValueError | TimeoutError
                                   | BoundExceeded):
                     # Unexpected: keep the traceback for the operator, scrubbed like the rest.

@@ -24,7 +24,16 @@ from .. import __version__
 from ..controller import submit as submit_mod
 from ..controller.jobs import AsyncJob, JobInfo
 from ..controller.tether import AsyncTether
-from .helpers import activity, bounded, cap_head, cap_tail, cap_value, tool_errors, utf8_prefix
+from .helpers import (
+    activity,
+    bounded,
+    cap_head,
+    cap_tail,
+    cap_value,
+    mib,
+    tool_errors,
+    utf8_prefix,
+)
 from .pool import TetherPool
 
 MAX_WAIT_S = 300.0
@@ -182,8 +191,16 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
 
     def tool(name: str, annotations: ToolAnnotations,
              ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        if "_job_" in name:
+            not_found = "List the jobs this server knows with jupyter_job_list."
+        elif "kernel" in name:
+            not_found = "List running kernels with jupyter_list_kernels."
+        else:
+            not_found = ("Check the path with jupyter_list_dir (relative paths start at the "
+                         "Jupyter server's root).")
+
         def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            wrapped = tool_errors(scrub)(fn)
+            wrapped = tool_errors(scrub, not_found)(fn)
             server.add_tool(wrapped, name=name, description=(fn.__doc__ or "").strip(),
                             annotations=annotations)
             return wrapped
@@ -319,12 +336,14 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
     ) -> dict[str, Any]:
         """List a remote directory: name, type, size, modification time of each entry."""
         async with bounded(timeout_s, "list dir"):
-            entries = await (await tether_for(server_url)).files.list(path)
-        shown = entries[:max_entries]
-        out: dict[str, Any] = {"path": path, "entries": shown, "count": len(entries)}
+            # One more than asked: tells whether there were more.
+            entries = await (await tether_for(server_url)).files.list(
+                path, max_entries=max_entries + 1)
+        out: dict[str, Any] = {"path": path, "entries": entries[:max_entries],
+                               "count": min(len(entries), max_entries)}
         if len(entries) > max_entries:
-            out["truncated"] = (f"showing {max_entries} of {len(entries)} entries; raise "
-                                "max_entries or list a subdirectory")
+            out["truncated"] = (f"showing the first {max_entries} entries; raise max_entries "
+                                "or list a subdirectory")
         return out
 
     @tool("jupyter_read_text", _hints(True, title="Read a remote text file"))
@@ -339,10 +358,17 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         """Read a remote text file. Long files are cut with a marker; fetch whole files with
         jupyter_download_to_local."""
         async with bounded(timeout_s, "read text"):
-            text = await (await tether_for(server_url)).files.read_text(path)
-        content, truncated = cap_head(text, max_chars, f"remote file {path} "
-                                      "(jupyter_download_to_local fetches it whole)")
-        return {"path": path, "content": content, "chars": len(text), "truncated": truncated}
+            tether = await tether_for(server_url)
+            # Never more than the cap needs (UTF-8 is at most 4 bytes a char), plus one to
+            # tell whether the file goes on.
+            text = await tether.files.read_text(path, max_bytes=4 * max_chars + 1)
+            size = None
+            if len(text) > max_chars:
+                size = (await tether.files.stat(path)).get("size")
+        content, truncated = cap_head(text, max_chars, f"remote file {path} (of {size} bytes; "
+                                      "jupyter_download_to_local fetches it whole)")
+        return {"path": path, "content": content, "truncated": truncated,
+                "bytes": size if size is not None else len(text.encode())}
 
     @tool("jupyter_write_text", _hints(False, destructive=True, idempotent=True,
                                        title="Write a remote text file"))
@@ -356,7 +382,7 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         """Write (create or replace) a remote text file, atomically."""
         async with bounded(timeout_s, "write text"):
             result = await (await tether_for(server_url)).files.write_text(path, content)
-        return {"path": path, **result}
+        return {**result, "path": path, "resolved_path": result.get("path")}
 
     @tool("jupyter_upload_base64", _hints(False, destructive=True, idempotent=True,
                                           title="Write remote bytes"))
@@ -376,7 +402,7 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
                             "with standard base64 (A-Z, a-z, 0-9, +, /, = padding)") from None
         async with bounded(timeout_s, "upload"):
             result = await (await tether_for(server_url)).files.write_bytes(path, data)
-        return {"path": path, **result}
+        return {**result, "path": path, "resolved_path": result.get("path")}
 
     @tool("jupyter_upload_local_file", _hints(False, destructive=True, idempotent=True,
                                               title="Upload a local file"))
@@ -412,14 +438,10 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         Prefer jupyter_download_to_local for anything big."""
         async with bounded(timeout_s, "download"):
             tether = await tether_for(server_url)
-            size = await _remote_size(tether, remote_path)
-            if size is not None and size > max_bytes:
-                raise ToolError(f"{remote_path} is {size} bytes, over max_bytes={max_bytes}; "
-                                "use jupyter_download_to_local instead")
-            data = await tether.files.read_bytes(remote_path)
+            data = await tether.files.read_bytes(remote_path, max_bytes=max_bytes + 1)
         if len(data) > max_bytes:
-            raise ToolError(f"{remote_path} is {len(data)} bytes, over max_bytes={max_bytes}; "
-                            "use jupyter_download_to_local instead")
+            raise ToolError(f"{remote_path} is larger than max_bytes={max_bytes}; use "
+                            "jupyter_download_to_local instead (no base64, any size)")
         return {"remote_path": remote_path, "bytes": len(data),
                 "content_base64": base64.b64encode(data).decode("ascii")}
 
@@ -734,9 +756,13 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         async with bounded(timeout_s, "collect"), activity(ctx, f"collect {job_id}") as act:
             tether = await pool().for_job(job_id, server_url)
 
+            # Bytes so far over all artifacts, so progress only ever grows.
+            seen: dict[str, int] = {}
+
             def on_progress(phase: str, done: int, total: int) -> None:
-                act.label = phase
-                act.transfer(done, total)
+                seen[phase] = done
+                act.progress = float(sum(seen.values()))
+                act.message = f"{phase}: {mib(done)} of {mib(total)} MiB"
 
             result = await submit_mod.collect(tether, job_id, local_dir,
                                               require_done=require_done, progress=on_progress)
@@ -777,18 +803,6 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
             "jobs": {"total": len(jobs), "running": sum(1 for i in jobs if i.state == "running"),
                      "recent": [_job_dict(i) for i in jobs[:10]]},
         }
-
-
-async def _remote_size(tether: AsyncTether, path: str) -> int | None:
-    stat = getattr(tether.files, "stat", None)
-    if stat is None:
-        return None
-    try:
-        info = await stat(path)
-    except Exception:
-        return None
-    size = info.get("size") if isinstance(info, dict) else getattr(info, "size", None)
-    return int(size) if isinstance(size, int) else None
 
 
 TOOL_NAMES = (
