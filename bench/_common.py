@@ -15,9 +15,9 @@ from jupyter_tether.controller.embedded import LocalJupyterServer
 
 @contextmanager
 def local_server(root: Path | None = None) -> Iterator[LocalJupyterServer]:
-    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
-        with LocalJupyterServer(root or Path(tmp)) as server:
-            yield server
+    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp, \
+            LocalJupyterServer(root or Path(tmp)) as server:
+        yield server
 
 
 def summary(samples_s: list[float]) -> dict[str, float]:

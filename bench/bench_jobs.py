@@ -16,11 +16,10 @@ import argparse
 import time
 
 import anyio
+from _common import fmt, local_server, summary
 
 from jupyter_tether import AsyncTether
 from jupyter_tether.controller.execute import execute
-
-from _common import fmt, local_server, summary
 
 TICKER = ("python3 -u -c \"import time\nfor i in range({n}):\n"
           "    print(repr(time.time()), flush=True); time.sleep(0.02)\"")

@@ -15,12 +15,11 @@ import time
 
 import anyio
 import httpx2
+from _common import fmt, local_server, summary
 
 from jupyter_tether import AsyncTether
 from jupyter_tether.controller.execute import execute
 from jupyter_tether.controller.kernel_ws import KernelSocket, new_session_id
-
-from _common import fmt, local_server, summary
 
 
 async def main(n: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -78,7 +79,7 @@ def test_200mib_up_and_down_with_equal_hash(tether: Tether, tmp_path: Path,
     assert (up.path, up.bytes, up.sha256) == (str(remote), 200 * MiB, digest)
     assert (up.resumed_bytes, up.sent_bytes) == (0, 200 * MiB)
     assert seen[-1] == (200 * MiB, 200 * MiB)
-    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
     assert remote.stat().st_size == 200 * MiB
     assert debris(server_root / "big") == []
 
@@ -162,6 +163,15 @@ def test_small_file_operations(tether: Tether, server_root: Path) -> None:
         hashlib.sha256(blob).hexdigest()
     assert run(tether, f.read_bytes, "small/blob.bin") == blob
 
+    empty = server_root / "small" / "zero.bin"
+    (server_root / "small" / "zero.src").write_bytes(b"")
+    assert run(tether, f.upload, server_root / "small" / "zero.src", "small/zero.bin").bytes == 0
+    assert empty.read_bytes() == b""
+    assert run(tether, f.download, "small/zero.bin", empty.with_suffix(".back")).bytes == 0
+    assert empty.with_suffix(".back").read_bytes() == b""
+    for name in ("zero.src", "zero.bin", "zero.back"):
+        (server_root / "small" / name).unlink()
+
     run(tether, f.mkdir, "small/empty/deeper")
     names = {e["name"]: e["type"] for e in run(tether, f.list, "small")}
     assert names == {"notes.txt": "file", "blob.bin": "file", "empty": "directory"}
@@ -196,6 +206,8 @@ def test_missing_paths_directories_and_permissions_give_clear_errors(
         run(tether, f.download, "no/such.bin", tmp_path / "x.bin")
     assert str(tmp_path / "x.bin") in str(info.value)
     assert list(tmp_path.iterdir()) == []  # no debris
+    with pytest.raises(NotFound, match=str(missing)):
+        run(tether, f.read_text, "no/such.bin")
     with pytest.raises(TransferError, match=str(tmp_path / "absent.bin")):
         run(tether, f.upload, tmp_path / "absent.bin", "x.bin")
     with pytest.raises(TransferError, match="is a directory"):
@@ -210,7 +222,7 @@ def test_missing_paths_directories_and_permissions_give_clear_errors(
     (server_root / "plain.txt").write_text("x")
     source = tmp_path / "s.txt"
     source.write_text("data")
-    with pytest.raises(RemoteError, match="plain.txt") as remote_info:
+    with pytest.raises(RemoteError, match=r"plain\.txt") as remote_info:
         run(tether, f.upload, source, "plain.txt/under.txt")
     assert remote_info.value.code == "not_a_directory"
     (tmp_path / "localdir").mkdir()
@@ -437,3 +449,39 @@ def test_sync_then_download_dir_round_trip_keeps_mtimes(tether: Tether, tmp_path
         twin = back / path.relative_to(local)
         assert twin.read_bytes() == path.read_bytes()
         assert twin.stat().st_mtime_ns == path.stat().st_mtime_ns
+
+
+def test_transfers_survive_a_supervisor_kernel_restart(tether: Tether, tmp_path: Path,
+                                                       server_root: Path) -> None:
+    """A new supervisor knows the upload only from its sidecar; both directions carry on."""
+    size = 40 * MiB
+    source = tmp_path / "through-restart.bin"
+    digest = random_file(source, size)
+
+    async def restart_at(threshold: int, transfer: Callable[..., Awaitable[TransferResult]],
+                         *args: Any) -> TransferResult:
+        aio = tether.aio
+        kernel_id = aio.link.kernel_id
+        assert kernel_id is not None
+        fired = False
+
+        def progress(done: int, total: int) -> None:
+            nonlocal fired
+            if done >= threshold and not fired:
+                fired = True
+                aio.task_group.start_soon(aio.rest.restart_kernel, kernel_id)
+
+        result = await transfer(*args, progress=progress, chunk_size=MiB, window=4)
+        assert fired
+        return result
+
+    old_pid = tether.info()["pid"]
+    up = tether.portal.call(restart_at, 12 * MiB, files(tether).upload, source, "restart/r.bin")
+    assert up.sha256 == digest and sha_of(server_root / "restart" / "r.bin") == digest
+    assert debris(server_root / "restart") == []
+    assert tether.info()["pid"] != old_pid
+
+    back = tmp_path / "back.bin"
+    down = tether.portal.call(restart_at, 12 * MiB, files(tether).download, "restart/r.bin", back)
+    assert down.sha256 == digest and sha_of(back) == digest
+    assert debris(tmp_path) == []

@@ -57,6 +57,7 @@ from ..agent_payload.files import (
     check_relpath,
 )
 from ..errors import ConnectionLost, NotFound, RemoteError, TetherTimeout, TransferError
+from .rpc import Reply
 from .state import state_dir
 
 if TYPE_CHECKING:
@@ -655,10 +656,11 @@ class AsyncFiles:
         self._hashes = HashCache(str(state_dir() / "hash-cache"))
 
     async def _call(self, op: str, args: dict[str, Any], *, buffers: Sequence[bytes] = (),
-                    timeout: float | None = 60.0, idempotent: bool = True) -> Any:
-        reply = await self._tether.link.call(op, args, buffers=list(buffers), timeout=timeout,
-                                             idempotent=idempotent)
-        return reply
+                    timeout: float | None = 60.0, idempotent: bool = True) -> Reply:
+        # Every file op is safe to repeat (chunks rewrite the same bytes, commits are checked),
+        # so the link may re-send any of them after a reconnect.
+        return await self._tether.link.call(op, args, buffers=list(buffers), timeout=timeout,
+                                            idempotent=idempotent)
 
     # --- small files ----------------------------------------------------------------------
 
@@ -847,13 +849,18 @@ class AsyncFiles:
                         committed = {"path": target}
                         break
                     continue
-                if exc.details.get("reason") == "incomplete" and attempt < MAX_ATTEMPTS:
-                    continue  # chunks lost in a drop: begin again, send what is missing
-                if _resumable(exc) and attempt < MAX_ATTEMPTS:
+                if (exc.details.get("reason") == "incomplete" or _resumable(exc)) \
+                        and attempt < MAX_ATTEMPTS:
+                    # Chunks lost, or a new supervisor (kernel restart) that knows the
+                    # upload only from its sidecar: begin again and send what is missing.
+                    log.info("%s: %s; resuming", where, exc)
                     continue
                 raise _with_context(exc, where) from None
             except (ConnectionLost, TetherTimeout) as exc:
-                if attempt < MAX_ATTEMPTS:
+                # ConnectionLost means the link stayed down for its whole reconnect wait:
+                # try again only if it is back by now.
+                if attempt < MAX_ATTEMPTS and (isinstance(exc, TetherTimeout)
+                                               or self._tether.link.connected):
                     log.info("%s: %s; resuming", where, exc)
                     continue
                 raise TransferError(f"{where}: {exc} (the remote keeps what arrived: upload "
@@ -1000,13 +1007,15 @@ class AsyncFiles:
                         os.utime(local, ns=(begun["mtime_ns"], begun["mtime_ns"]))
                 break
             except (ConnectionLost, TetherTimeout) as exc:
-                if attempt < MAX_ATTEMPTS:
+                if attempt < MAX_ATTEMPTS and (isinstance(exc, TetherTimeout)
+                                               or self._tether.link.connected):
                     log.info("%s: %s; resuming", where, exc)
                     continue
                 raise TransferError(f"{where}: {exc} (the partial {local}{PART_SUFFIX} is kept: "
                                     "download again to resume)") from exc
             except RemoteError as exc:
                 if _resumable(exc) and attempt < MAX_ATTEMPTS:
+                    log.info("%s: %s; resuming", where, exc)
                     continue
                 if exc.code == wire.ErrorCode.CONFLICT and attempt < MAX_ATTEMPTS:
                     keep_partial = False  # the file changed since begin: start over
@@ -1374,8 +1383,9 @@ class AsyncFiles:
         absolute paths, ``..`` and names that would resolve outside ``local_dir`` (through
         links already there) are refused; remote symlinks are not recreated and devices,
         FIFOs and sockets are not read: they are listed in ``skipped``. Files keep their
-        remote mtime. Raises TransferError at the end if some files could not be read or
-        written (the others are in place).
+        remote mtime. ``exclude`` (globs, as for ``sync``) is empty when None. Raises
+        TransferError at the end if some files could not be read or written (the others are
+        in place).
         """
         started = time.perf_counter()
         root = Path(os.path.abspath(os.path.expanduser(os.fspath(local_dir))))

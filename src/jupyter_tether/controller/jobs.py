@@ -8,6 +8,7 @@ reconnect re-subscribes from ``next_offset``. Every byte arrives once, in order.
 
 from __future__ import annotations
 
+import builtins
 import html
 import math
 import uuid
@@ -49,7 +50,7 @@ class JobInfo:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> JobInfo:
-        known = {k: data.get(k) for k in cls.__dataclass_fields__ if k in data}
+        known: dict[str, Any] = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         known.setdefault("state", "unknown")
         return cls(**known)
 
@@ -249,12 +250,12 @@ class AsyncJobs:
     def get(self, job_id: str) -> AsyncJob:
         return AsyncJob(self._tether, job_id)
 
-    async def list(self, state: str | None = None) -> list[JobInfo]:
+    async def list(self, state: str | None = None) -> builtins.list[JobInfo]:
         args = {"state": state} if state else {}
         reply = await self._tether.link.call("job_list", args)
         return [JobInfo.from_wire(item) for item in reply.result.get("jobs", [])]
 
-    async def run_commands(self, commands: list[str], *, cwd: str = "",
+    async def run_commands(self, commands: builtins.list[str], *, cwd: str = "",
                            env: dict[str, str] | None = None, timeout_per_command: float = 600,
                            fail_fast: bool = True, max_output_chars: int = 20_000) -> dict[str, Any]:
         """Run shell commands one after another; each result has returncode, stdout, stderr."""

@@ -11,7 +11,6 @@ the same websocket ``session_id`` so the server replays what it buffered.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 import uuid
@@ -25,7 +24,7 @@ import anyio.abc
 from ..agent_payload import bundle, wire
 from ..errors import AuthError, ConnectionLost, KernelError, RemoteError, TetherError, TetherTimeout
 from .execute import control_request, execute, kernel_info
-from .kernel_ws import KernelMessage, KernelSocket, new_session_id
+from .kernel_ws import KernelMessage, KernelSocket
 from .kernels import SUPERVISOR_SESSION, find_or_start
 from .rest import JupyterRest
 from .rpc import Event, EventSequencer, PendingCall, PendingCalls, Reply
@@ -52,36 +51,6 @@ class LinkOptions:
     remote_state_dir: str | None = None
 
 
-_SESSIONS_IN_USE: set[str] = set()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _claim_session_id(state: TargetState) -> str:
-    """Re-use the saved websocket session id unless another live controller holds it.
-
-    The server replays buffered messages to a returning session id, but two live sockets
-    with one id make the server drop one of them, so concurrent controllers need their own.
-    """
-    saved = state.load()
-    session_id = saved.get("supervisor_session_id")
-    owner = saved.get("supervisor_session_owner")
-    taken = session_id in _SESSIONS_IN_USE or (
-        isinstance(owner, int) and owner != os.getpid() and _pid_alive(owner))
-    if not session_id or taken:
-        session_id = new_session_id()
-    _SESSIONS_IN_USE.add(session_id)
-    return str(session_id)
-
-
 class SupervisorLink:
     """Owns the supervisor kernel's websocket and comm, and keeps them alive."""
 
@@ -91,7 +60,7 @@ class SupervisorLink:
         self.rest = rest
         self.state = state
         self.options = options or LinkOptions()
-        self.session_id = _claim_session_id(state)
+        self.session_id = state.claim_session_id("supervisor")
         self.kernel_id: str | None = None
         self.comm_id: str | None = None
         self.subshell_id: str | None = None
@@ -182,7 +151,7 @@ class SupervisorLink:
 
     async def aclose(self) -> None:
         self._closing = True
-        _SESSIONS_IN_USE.discard(self.session_id)
+        self.state.release_session_id(self.session_id)
         if self._sock is not None:
             if self.comm_id is not None:
                 msg = self._sock.build("comm_close", {"comm_id": self.comm_id, "data": {}},
@@ -282,7 +251,6 @@ class SupervisorLink:
         if previous_instance != hello.get("instance_id"):
             # A new supervisor numbers its events from 1 again.
             self._sequencer = EventSequencer()
-        self.state.update(supervisor_session_id=self.session_id, supervisor_session_owner=os.getpid())
         self._dropped = anyio.Event()
         self._connected.set()
         self.connected_at = time.time()

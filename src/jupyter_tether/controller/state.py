@@ -24,6 +24,19 @@ def state_dir() -> Path:
     return Path(override) if override else Path(platformdirs.user_state_dir("jupyter-tether"))
 
 
+_SESSIONS_IN_USE: set[str] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class TargetState:
     """A small JSON file per target; writes are atomic, reads tolerate a missing file."""
 
@@ -47,3 +60,29 @@ class TargetState:
                 json.dump(data, handle, indent=1)
             os.replace(tmp, self.path)
             return data
+
+    def claim_session_id(self, channel: str) -> str:
+        """The saved websocket session id for ``channel``, unless another live controller holds it.
+
+        The server replays buffered messages to a returning session id, but two live sockets
+        with one id make the server drop one of them, so concurrent controllers (two
+        processes, or two tethers in one) each need their own.
+        """
+        from .kernel_ws import new_session_id
+
+        with _lock:
+            saved = self.load()
+            session_id = saved.get(f"ws_session:{channel}")
+            owner = saved.get(f"ws_owner:{channel}")
+            taken = session_id in _SESSIONS_IN_USE or (
+                isinstance(owner, int) and owner != os.getpid() and _pid_alive(owner))
+            if not session_id or taken:
+                session_id = new_session_id()
+            _SESSIONS_IN_USE.add(session_id)
+        if not taken:
+            self.update(**{f"ws_session:{channel}": session_id, f"ws_owner:{channel}": os.getpid()})
+        return str(session_id)
+
+    @staticmethod
+    def release_session_id(session_id: str) -> None:
+        _SESSIONS_IN_USE.discard(session_id)

@@ -17,7 +17,7 @@ from .embedded import LocalJupyterServer
 from .execute import ExecResult, OutputCallback, execute
 from .files import AsyncFiles
 from .jobs import AsyncJobs
-from .kernel_ws import KernelSocket, new_session_id
+from .kernel_ws import KernelSocket
 from .kernels import SUPERVISOR_SESSION, WORK_SESSION, find_or_start
 from .link import LinkOptions, SupervisorLink
 from .rest import JupyterRest
@@ -95,6 +95,8 @@ class AsyncTether:
                 await self._link.aclose()
             for sock in self._work_sockets.values():
                 await sock.aclose()
+                if self._state is not None:
+                    self._state.release_session_id(sock.session_id)
         if self._task_group is not None:
             # Exited outside the shield: a task group must close in the scope it opened in.
             self._task_group.cancel_scope.cancel()
@@ -208,9 +210,10 @@ class AsyncTether:
         sock = self._work_sockets.get(kernel_id)
         if sock is None or sock.closed.is_set():
             assert self._state is not None
-            saved = self._state.load().get(f"ws_session:{kernel_id}") or new_session_id()
-            self._state.update(**{f"ws_session:{kernel_id}": saved})
-            sock = KernelSocket(self.target, kernel_id, session_id=saved,
+            if sock is not None:
+                self._state.release_session_id(sock.session_id)
+            session_id = self._state.claim_session_id(f"kernel:{kernel_id}")
+            sock = KernelSocket(self.target, kernel_id, session_id=session_id,
                                 cookies=self.rest.cookies, ping_interval=self.options.ping_interval,
                                 ping_timeout=self.options.ping_timeout)
             await sock.open(self.task_group)
