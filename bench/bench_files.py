@@ -7,8 +7,8 @@
    the comm), and, in the same run, the Jupyter contents API the way existing tools upload
    (one ``PUT /api/contents/<path>`` of ``{type: file, format: base64, content}``) and the
    fastest REST download (a streamed ``GET /files/<path>``). Each is run ``--repeat`` times;
-   the best and the median rate are printed, with the peak RSS growth of the client, the
-   Jupyter server and the supervisor kernel during the best tether run (sampled with psutil).
+   the best and the median rate are printed, with the largest peak RSS growth of the client,
+   the Jupyter server and the supervisor kernel over the runs (sampled with psutil).
 2. ``sync`` of a ``--files`` file tree: first, again with nothing changed, then with one
    file changed.
 
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import anyio
 import httpx2
+import psutil
 from _common import PeakRss, local_server
 
 from jupyter_tether import AsyncTether
@@ -45,24 +46,34 @@ MiB = 1024 * 1024
 class Run:
     """One timed transfer and the peak RSS growth of each process meanwhile."""
 
-    def __init__(self, seconds: float, nbytes: int, rss_mib: dict[str, float]) -> None:
+    def __init__(self, seconds: float, nbytes: int, rss_mib: dict[str, float],
+                 cpu_s: dict[str, float]) -> None:
         self.seconds = seconds
         self.nbytes = nbytes
         self.rss_mib = rss_mib
+        self.cpu_s = cpu_s
 
     @property
     def mb_s(self) -> float:
         return self.nbytes / self.seconds / 1e6
 
 
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 async def measured(pids: dict[str, int], nbytes: int,
                    action: Callable[[], Awaitable[object]]) -> Run:
+    # CPU seconds per process say where the time goes, even on a loaded machine.
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     with ExitStack() as stack:
         samplers = {name: stack.enter_context(PeakRss(pid)) for name, pid in pids.items()}
         started = time.perf_counter()
         await action()
         seconds = time.perf_counter() - started
-    return Run(seconds, nbytes, {name: s.growth_mib for name, s in samplers.items()})
+    return Run(seconds, nbytes, {name: s.growth_mib for name, s in samplers.items()},
+               {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()})
 
 
 def write_random(path: Path, size: int) -> None:
@@ -85,10 +96,14 @@ def make_tree(root: Path, count: int) -> None:
 def report(name: str, runs: list[Run]) -> Run:
     best = max(runs, key=lambda r: r.mb_s)
     median = statistics.median(r.mb_s for r in runs)
-    rss = "  ".join(f"{k} {v:+6.1f}" for k, v in best.rss_mib.items())
-    print(f"{name:<34} best {best.mb_s:7.1f} MB/s  median {median:7.1f} MB/s  "
-          f"({best.seconds:.2f} s)   peak RSS growth MiB: {rss}")
-    return best
+    # The worst RSS growth of any run, not the best run's: memory must stay bounded always.
+    worst = {k: max(r.rss_mib[k] for r in runs) for k in best.rss_mib}
+    rss = "  ".join(f"{k} {v:+6.1f}" for k, v in worst.items())
+    cpu = "  ".join(f"{k} {v:4.2f}" for k, v in best.cpu_s.items())
+    print(f"{name:<31} best {best.mb_s:6.1f} MB/s  median {median:6.1f} MB/s  "
+          f"({best.seconds:.2f} s)\n{'':<33}peak RSS growth MiB: {rss}\n"
+          f"{'':<33}CPU s (best run): {cpu}")
+    return Run(best.seconds, best.nbytes, worst, best.cpu_s)
 
 
 def verdict(ok: bool) -> str:

@@ -10,6 +10,7 @@ the same websocket ``session_id`` so the server replays what it buffered.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
@@ -63,6 +64,8 @@ class SupervisorLink:
         self.session_id = state.claim_session_id("supervisor")
         self.kernel_id: str | None = None
         self.comm_id: str | None = None
+        # Comms this link opened lately: a reply on an older one still answers our request.
+        self._comm_ids: collections.deque[str] = collections.deque(maxlen=8)
         self.subshell_id: str | None = None
         self.facts: dict[str, Any] = {}
         self.install_outcome = ""
@@ -118,21 +121,28 @@ class SupervisorLink:
         call = self._pending.new(op, args or {}, list(buffers), idempotent)
         try:
             with anyio.fail_after(timeout):
-                while True:
+                while not call.done:
                     await self._wait_connected(op)
+                    if call.done:
+                        # Answered while we waited: on reconnect the server replays the
+                        # replies it buffered for our session. Re-sending would run it twice
+                        # and wait for a second reply that resolve() ignores.
+                        break
                     if call.sent_generation != self._generation:
                         self._check_resendable(call)
                         call.rearm()
                         await self._send_request(call)
                     await call.wakeup.wait()
-                    if call.error is not None:
-                        raise call.error
-                    if call.reply is not None:
-                        return call.reply
+                    if call.done:
+                        break
                     if not self.connected:
                         # Say so now rather than after the link is back (or never).
                         self._check_resendable(call)
                     call.rearm()
+                if call.error is not None:
+                    raise call.error
+                assert call.reply is not None
+                return call.reply
         except TimeoutError:
             raise TetherTimeout(
                 f"{op!r} got no reply within {timeout}s"
@@ -233,6 +243,7 @@ class SupervisorLink:
                     self.subshell_id = reply.get("subshell_id")
             await self._inject(sock, kernel_id)
             self.comm_id = uuid.uuid4().hex
+            self._comm_ids.append(self.comm_id)
             await sock.send(sock.build("comm_open", {
                 "comm_id": self.comm_id, "target_name": wire.COMM_TARGET, "data": {}},
                 header_extra=self._subshell_header()))
@@ -345,7 +356,8 @@ class SupervisorLink:
             return
         kind = envelope.get("type")
         if kind == "reply":
-            if content.get("comm_id") == self.comm_id:
+            # Other controllers' replies reach us too (iopub is broadcast): only ours count.
+            if content.get("comm_id") in self._comm_ids:
                 self._pending.resolve(envelope, msg.buffers[1:])
         elif kind == "event":
             seq = envelope.get("seq")
