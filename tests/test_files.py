@@ -93,6 +93,23 @@ def test_200mib_up_and_down_with_equal_hash(tether: Tether, tmp_path: Path,
         path.unlink()
 
 
+def test_download_uses_ranged_files_get_where_served_and_the_comm_elsewhere(
+        tether: Tether, tmp_path: Path, server_root: Path) -> None:
+    plain = server_root / "dl" / "plain.bin"
+    hidden = server_root / ".hidden-dir" / "hidden.bin"  # /files refuses hidden paths
+    outside = tmp_path / "outside-root.bin"  # not under the server root at all
+    digests = {path: random_file(path, 5 * MiB + 123) for path in (plain, hidden, outside)}
+    cases = [("dl/plain.bin", "auto", "http", plain), ("dl/plain.bin", "comm", "comm", plain),
+             (".hidden-dir/hidden.bin", "auto", "comm", hidden),
+             (str(outside), "auto", "comm", outside)]
+    for index, (remote, via, expected, source) in enumerate(cases):
+        back = tmp_path / "back" / f"{index}.bin"
+        result = run(tether, files(tether).download, remote, back, via=via)
+        assert (result.via, result.sha256) == (expected, digests[source]), remote
+        assert sha_of(back) == digests[source]
+    assert debris(tmp_path) == []
+
+
 def test_interrupted_upload_resumes_without_resending(tether: Tether, tmp_path: Path,
                                                       server_root: Path) -> None:
     size = 48 * MiB

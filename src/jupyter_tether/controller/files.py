@@ -38,6 +38,7 @@ import shutil
 import stat
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import httpx2
 
 from ..agent_payload import wire
 from ..agent_payload.files import (
@@ -120,6 +122,8 @@ class TransferResult:
     #: bytes that travelled this time (``bytes - resumed_bytes`` unless chunks were re-sent)
     sent_bytes: int = 0
     direction: str = "upload"
+    #: how the bytes travelled: "comm" chunks, or "http" (ranged GET /files) for downloads
+    via: str = "comm"
 
     @property
     def mb_per_s(self) -> float:
@@ -633,6 +637,10 @@ class _DownloadPart:
                 path.unlink()
 
 
+class _NoHttp(Exception):
+    """The server will not serve this file over ``/files``: use the comm instead."""
+
+
 class _Slot:
     __slots__ = ("data", "error", "length", "offset", "ready")
 
@@ -942,22 +950,85 @@ class AsyncFiles:
     async def download(self, remote_path: str, local_path: str | os.PathLike[str], *,
                        progress: ProgressCallback | None = None,
                        chunk_size: int = DEFAULT_CHUNK_BYTES,
-                       window: int = DEFAULT_WINDOW) -> TransferResult:
+                       window: int = DEFAULT_WINDOW, via: str = "auto") -> TransferResult:
         """Download one remote file; the local file appears whole (sha256-verified) or not at all.
 
         A download interrupted by a dropped link, a timeout or cancellation keeps
         ``<local>.tether-part`` and ``<local>.tether-part.json``: downloading the same remote
         content to the same place again fetches only what is missing. Any other failure
         removes them.
+
+        ``via="auto"`` streams the bytes with ranged ``GET /files/<path>`` when the file is
+        under the server root and not hidden (the server relays that ~3x cheaper than kernel
+        websocket traffic), and uses comm chunks otherwise (gateways have no ``/files``).
+        Either way the supervisor's sha256 decides. ``via="comm"`` forces the comm path.
         """
         _check_tuning(chunk_size, window)
+        if via not in ("auto", "comm"):
+            raise ValueError("via must be 'auto' or 'comm'")
         local = Path(os.path.abspath(os.path.expanduser(os.fspath(local_path))))
         return await self._download(remote_path, local, progress=progress,
-                                    chunk_size=chunk_size, window=window)
+                                    chunk_size=chunk_size, window=window, via=via)
+
+    def _files_url_path(self, resolved: str) -> str | None:
+        """``files/<rel>`` for a path the server's /files handler will serve, else None."""
+        root = self._tether.link.facts.get("root_dir")
+        if not root or not _is_inside(resolved, root) or resolved == root:
+            return None
+        rel = os.path.relpath(resolved, root).replace(os.sep, "/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            return None  # a stock server refuses hidden paths
+        return "files/" + urllib.parse.quote(rel)
+
+    async def _fetch_http(self, url_path: str, part: _DownloadPart, tracker: _Progress) -> int:
+        """Fill what ``part`` misses with ranged GETs; raise _NoHttp if the server will not."""
+        fetched = 0
+        # Reading the socket and hashing+writing overlap: hashlib and file writes release the
+        # GIL, so a writer thread fed through a short queue keeps both cores busy.
+        send, receive = anyio.create_memory_object_stream[tuple[int, bytes]](8)
+
+        async def writer() -> None:
+            nonlocal fetched
+            async with receive:
+                async for offset, data in receive:
+                    await anyio.to_thread.run_sync(part.write, offset, data)
+                    fetched += len(data)
+                    tracker.add(len(data))
+
+        async def reader() -> None:
+            async with send:
+                for start, end in part.missing():
+                    headers = {"Range": f"bytes={start}-{end - 1}"}
+                    try:
+                        async with self._tether.rest.stream_get(url_path, headers) as response:
+                            if response.status_code != 206 and not (
+                                    response.status_code == 200 and start == 0
+                                    and end == part.size):
+                                raise _NoHttp(f"GET {url_path}: HTTP {response.status_code}")
+                            offset = start
+                            async for data in response.aiter_bytes(2 * 1024 * 1024):
+                                if offset + len(data) > end:
+                                    raise _NoHttp("the server sent more than the range asked for")
+                                await send.send((offset, data))
+                                offset += len(data)
+                            if offset != end:
+                                raise ConnectionLost(
+                                    f"GET {url_path} ended at {offset} of {end} bytes")
+                    except httpx2.HTTPError as exc:
+                        raise ConnectionLost(f"GET {url_path} failed: {exc}") from None
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(writer)
+                group.start_soon(reader)
+        except BaseExceptionGroup as group_error:
+            # One task failed and the other was cancelled: surface the real failure.
+            raise group_error.exceptions[0] from None
+        return fetched
 
     async def _download(self, remote_path: str, local: Path, *,
                         progress: ProgressCallback | None, chunk_size: int, window: int,
-                        keep_mtime: bool = False) -> TransferResult:
+                        keep_mtime: bool = False, via: str = "auto") -> TransferResult:
         where = f"download {remote_path} -> {local}"
         if local.is_dir():
             raise TransferError(f"{where}: {local} is a directory; give the file's local path")
@@ -970,6 +1041,7 @@ class AsyncFiles:
         resumed: int | None = None
         fetched = 0
         attempt = 0
+        used = "comm"
         while True:
             attempt += 1
             part: _DownloadPart | None = None
@@ -993,8 +1065,18 @@ class AsyncFiles:
                 tracker = _Progress(progress, size, part.received_bytes)
                 tracker.set(part.received_bytes)
                 keep_partial = True
-                fetched += await self._fetch_chunks(transfer_id, part, chunk_size, window,
-                                                    tracker)
+                url_path = self._files_url_path(target) if via == "auto" else None
+                if url_path is not None:
+                    try:
+                        fetched += await self._fetch_http(url_path, part, tracker)
+                        used = "http"
+                    except _NoHttp as exc:
+                        log.info("%s: %s; using the comm", where, exc)
+                        via = "comm"
+                if part.missing():
+                    used = "comm"
+                    fetched += await self._fetch_chunks(transfer_id, part, chunk_size, window,
+                                                        tracker)
                 keep_partial = False
                 actual = await anyio.to_thread.run_sync(part.digest)
                 if actual != digest:
@@ -1046,7 +1128,7 @@ class AsyncFiles:
         return TransferResult(path=part.remote_path, local_path=str(local), bytes=part.size,
                               seconds=time.perf_counter() - started, sha256=part.sha256,
                               resumed_bytes=resumed or 0, sent_bytes=fetched,
-                              direction="download")
+                              direction="download", via=used)
 
     async def _fetch_chunks(self, transfer_id: str, part: _DownloadPart, chunk_size: int,
                             window: int, tracker: _Progress) -> int:

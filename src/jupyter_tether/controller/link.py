@@ -11,6 +11,7 @@ the same websocket ``session_id`` so the server replays what it buffered.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 import time
@@ -230,7 +231,7 @@ class SupervisorLink:
                             cookies=self.rest.cookies,
                             ping_interval=self.options.ping_interval,
                             ping_timeout=self.options.ping_timeout)
-        await sock.open(self._task_group)
+        await self._open_watching(sock, kernel_id)
         try:
             sock.comm_handler = self._on_comm
             sock.status_handler = self._on_status
@@ -266,6 +267,34 @@ class SupervisorLink:
         self._connected.set()
         self.connected_at = time.time()
         await self._request_replay()
+
+    async def _open_watching(self, sock: KernelSocket, kernel_id: str) -> None:
+        """Open ``sock``, giving up as soon as the REST API says its kernel is gone.
+
+        jupyter_server holds the websocket handshake to a kernel that is shutting down until
+        the client's open timeout (20 s): a supervisor kernel deleted just as we reconnect
+        would otherwise stall the link that long before a new one is started.
+        """
+        assert self._task_group is not None
+        gone = False
+        async with anyio.create_task_group() as watchers:
+
+            async def watch() -> None:
+                nonlocal gone
+                while True:
+                    await anyio.sleep(0.5)
+                    with contextlib.suppress(TetherError):
+                        if await self.rest.get_kernel(kernel_id) is None:
+                            gone = True
+                            watchers.cancel_scope.cancel()
+                            return
+
+            watchers.start_soon(watch)
+            await sock.open(self._task_group)
+            watchers.cancel_scope.cancel()
+        if gone:
+            await sock.aclose()
+            raise KernelError(f"kernel {kernel_id} went away while we connected to it")
 
     async def _inject(self, sock: KernelSocket, kernel_id: str) -> None:
         config: dict[str, Any] = {}

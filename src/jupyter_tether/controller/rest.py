@@ -82,6 +82,11 @@ class JupyterRest:
             status=response.status_code,
         )
 
+    def stream_get(self, path: str, headers: dict[str, str] | None = None) -> Any:
+        """``async with rest.stream_get(path) as response``: a streamed GET, for bulk bytes."""
+        return self._client.stream("GET", self.target.http_url(path), headers=headers,
+                                   timeout=httpx2.Timeout(30.0, read=120.0))
+
     async def get_json(self, path: str, **params: Any) -> Any:
         return (await self.request("GET", path, params=params or None)).json()
 
