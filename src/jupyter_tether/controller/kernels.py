@@ -13,7 +13,11 @@ which kernel is ours. There the durable record is a **marker file on the remote 
 mapping each name to its kernel id. A controller with no local state reads it from a fresh
 kernel it starts anyway: if the recorded kernel is alive, the fresh one is shut down and
 the recorded one is used; otherwise the fresh one claims the name (compare-and-set under a
-file lock, so two controllers racing end up on one kernel).
+file lock, so two controllers racing end up on one kernel). A gateway that does list
+(``KG_LIST_KERNELS=True``) keeps a session's ``notebook.path`` and is served by sessions,
+falling back to the marker where it refuses a second session on one path (HTTP 500).
+Kernels a gateway starts elsewhere (Enterprise Gateway on Kubernetes or YARN) see the marker
+only if they share the root's filesystem.
 """
 
 from __future__ import annotations
