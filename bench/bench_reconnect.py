@@ -29,8 +29,8 @@ from _common import local_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jupyter_tether import AsyncTether, LinkOptions  # noqa: E402
-from tests.netfault import FaultProxy  # noqa: E402
+from jupyter_tether import AsyncTether, LinkOptions
+from tests.netfault import FaultProxy
 
 PROFILES = {
     "fast": dict(ping_interval=1.0, ping_timeout=2.0, reconnect_wait=60.0, backoff_max=0.5),

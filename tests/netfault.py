@@ -26,8 +26,9 @@ import asyncio
 import contextlib
 import socket
 import struct
+import sys
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -40,6 +41,7 @@ T = TypeVar("T")
 Mode = Literal["forward", "closed", "reset", "blackhole", "deny"]
 
 _CHUNK = 256 * 1024
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None) if sys.platform.startswith("linux") else None
 _REASONS = {401: "Unauthorized", 403: "Forbidden", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
@@ -53,7 +55,9 @@ class ProxyCounters:
     dropped_down: int = 0
     connections: int = 0
     forwarded: int = 0
+    #: answered at once with FIN, RST or an HTTP error while the path was down
     refused: int = 0
+    #: accepted during a blackhole and not forwarded (swallowed, or held until heal)
     held: int = 0
 
     def snapshot(self) -> dict[str, int]:
@@ -74,6 +78,9 @@ class _Connection:
 
     def writers(self) -> list[asyncio.StreamWriter]:
         return [w for w in (self.client_writer, self.upstream_writer) if w is not None]
+
+
+_Closer = Callable[[asyncio.StreamWriter], None]
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -176,7 +183,11 @@ class FaultProxy:
         return len(self._connections)
 
     def cut(self, *, stay_down: bool = True) -> int:
-        """FIN every current connection; with ``stay_down``, close new ones until ``heal``."""
+        """FIN every current connection; with ``stay_down``, close new ones until ``heal``.
+
+        Without ``stay_down`` the mode is left as it was (after ``heal``: forwarding).
+        Returns how many connections were broken.
+        """
         return self._run(self._break_all("closed", stay_down, _close))
 
     def reset(self, *, stay_down: bool = True) -> int:
@@ -205,8 +216,7 @@ class FaultProxy:
         assert self._loop is not None, "start the proxy first"
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
-    async def _break_all(self, mode: Mode, stay_down: bool,
-                         closer: Any) -> int:
+    async def _break_all(self, mode: Mode, stay_down: bool, closer: _Closer) -> int:
         if stay_down:
             self._mode = mode
         broken = list(self._connections)
@@ -272,15 +282,21 @@ class FaultProxy:
         conn.upstream_reader, conn.upstream_writer = reader, writer
         self.counters.forwarded += 1
         self._start(conn, self._pump(conn, conn.client_reader, writer, up=True))
-        self._start(conn, self._pump(conn, reader, conn.client_writer, up=False))
+        self._start(conn, self._pump(conn, reader, conn.client_writer, up=False,
+                                     quickack=sock))
 
     def _start(self, conn: _Connection, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
         conn.tasks.append(self._loop.create_task(coro))
 
     async def _pump(self, conn: _Connection, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter | None, *, up: bool) -> None:
-        """Copy one direction; in a blackhole, swallow bytes and never pass on FIN or RST."""
+                    writer: asyncio.StreamWriter | None, *, up: bool,
+                    quickack: Any = None) -> None:
+        """Copy one direction; in a blackhole, swallow bytes and never pass on FIN or RST.
+
+        ``quickack`` is the upstream socket: ACK the server at once after every read, as the
+        real client does, or the server's Nagle would add ~40 ms to every round trip here.
+        """
         error = False
         direction = "up" if up else "down"
         try:
@@ -288,6 +304,9 @@ class FaultProxy:
                 data = await reader.read(_CHUNK)
                 if not data:
                     break
+                if quickack is not None and _QUICKACK is not None:
+                    with contextlib.suppress(OSError):
+                        quickack.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
                 if direction in conn.blackholed or writer is None:
                     if up:
                         self.counters.dropped_up += len(data)
@@ -332,7 +351,7 @@ class FaultProxy:
             pass
         _close(conn.client_writer)
 
-    def _drop(self, conn: _Connection, closer: Any) -> None:
+    def _drop(self, conn: _Connection, closer: _Closer) -> None:
         self._connections.discard(conn)
         current = asyncio.current_task()
         for task in conn.tasks:

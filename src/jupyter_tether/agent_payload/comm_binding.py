@@ -14,7 +14,7 @@ from . import app, wire
 from .supervisor import Supervisor
 
 _lock = threading.Lock()
-_state: Dict[str, Any] = {"supervisor": None, "comms": []}
+_state: Dict[str, Any] = {"supervisor": None, "comms": [], "parked": None}
 
 
 def _kernel() -> Any:
@@ -64,6 +64,40 @@ def _on_open(comm: Any, open_msg: Dict[str, Any]) -> None:
     comm.on_close(on_close)
 
 
+async def park() -> None:
+    """Hold the current subshell with a cell that never ends (until shutdown).
+
+    ipykernel dispatches comm messages to a subshell whose cell is running without the
+    busy/idle status pair it wraps around every other shell message. One iopub message per
+    reply instead of three matters behind proxies: with Nagle left on by the server, the
+    second small message of a burst waits ~40 ms for the proxy's delayed ACK.
+    """
+    import asyncio
+
+    kernel = _kernel()
+    parent = kernel.get_parent() or {}
+    subshell_id = (parent.get("header") or {}).get("subshell_id")
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    _state["parked"] = {"subshell_id": subshell_id, "release": release, "loop": loop}
+    try:
+        await release.wait()
+    finally:
+        if _state.get("parked", {}) and _state["parked"].get("release") is release:
+            _state["parked"] = None
+
+
+def _unpark() -> None:
+    parked = _state.get("parked")
+    if parked:
+        parked["loop"].call_soon_threadsafe(parked["release"].set)
+
+
+def parked_subshell() -> Dict[str, Any]:
+    parked = _state.get("parked")
+    return {"parked_subshell_id": parked["subshell_id"] if parked else None}
+
+
 def start(payload_hash: str, config: Dict[str, Any]) -> Supervisor:
     """Create the supervisor and listen for client comms. Called once per install."""
     kernel = _kernel()
@@ -74,6 +108,7 @@ def start(payload_hash: str, config: Dict[str, Any]) -> Supervisor:
         payload_hash=payload_hash,
     )
     _state["supervisor"] = supervisor
+    supervisor.add_hello_extra(parked_subshell)
     kernel.comm_manager.register_target(wire.COMM_TARGET, _on_open)
     return supervisor
 
@@ -85,6 +120,7 @@ def is_live() -> bool:
 
 def shutdown() -> None:
     """Stop this supervisor (for an upgrade); jobs keep running and are re-adopted."""
+    _unpark()
     supervisor = _state["supervisor"]
     _state["supervisor"] = None
     with _lock:

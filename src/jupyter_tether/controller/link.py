@@ -36,6 +36,8 @@ from .target import Target
 log = logging.getLogger(__name__)
 
 EventListener = Callable[[Event], None]
+#: while a reconnect probe hangs (a blackholed path), start another this often
+_PROBE_EVERY_S = 0.5
 
 
 @dataclass
@@ -89,6 +91,7 @@ class SupervisorLink:
         self._reattach_hooks: list[Callable[[], Awaitable[None]]] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._replay_requested = False
+        self._retry_now = anyio.Event()
 
     # --- public ---------------------------------------------------------------------------
 
@@ -198,6 +201,8 @@ class SupervisorLink:
     # --- connecting -----------------------------------------------------------------------
 
     async def _wait_connected(self, op: str) -> None:
+        if not self._connected.is_set():
+            self._retry_now.set()  # someone waits: no need to sit out the backoff
         deadline = anyio.current_time() + self.options.reconnect_wait
         while not self._connected.is_set():
             if self._closing:
@@ -432,6 +437,8 @@ class SupervisorLink:
     async def _reconnect(self) -> None:
         delay = self.options.backoff_initial
         while not self._closing:
+            attempt_started = anyio.current_time()
+            self._retry_now = anyio.Event()
             try:
                 await self._probe()
                 await self._connect()
@@ -457,22 +464,49 @@ class SupervisorLink:
                     except Exception:
                         log.exception("re-attach hook failed")
                 return
-            await anyio.sleep(delay * (0.5 + random.random()))
+            # The backoff spaces the *starts* of attempts: one that already waited out a
+            # timeout (a blackholed path) is followed by the next at once. A call that
+            # starts waiting meanwhile cuts the wait short, so the first call after the
+            # path heals reconnects at once instead of after up to 1.5 * backoff_max.
+            pause = delay * (0.5 + random.random()) - (anyio.current_time() - attempt_started)
+            if pause > 0:
+                with anyio.move_on_after(pause):
+                    await self._retry_now.wait()
+                    await anyio.sleep(min(pause, self.options.backoff_initial))
             delay = min(delay * 2, self.options.backoff_max)
 
     async def _probe(self) -> None:
-        """One cheap REST round trip, bounded like a keepalive ping.
+        """Wait for one cheap REST round trip to succeed, for at most ``ping_timeout``.
 
         On a dead path a request on a pooled (half-open) connection, or a connect that is
-        accepted but never answered, would hang a reconnect attempt for the HTTP client's
-        full timeout; cancelling it after ``ping_timeout`` drops that connection, and the
-        next attempt starts afresh.
+        accepted but never answered, would hang for the HTTP client's full timeout. Each
+        probe is cancelled at the deadline (which drops its connection), and while one hangs
+        a fresh one starts every ``_PROBE_EVERY_S``: the first answer ends the wait, so a
+        healed path is noticed within about that long. An answer that is an error (refused,
+        403, 502) ends it at once.
         """
-        with anyio.move_on_after(self.options.ping_timeout) as scope:
-            await self.rest.status()
-        if scope.cancelled_caught:
+        outcome: list[BaseException | None] = []  # the first answer: None when it was good
+        async with anyio.create_task_group() as probes:
+
+            async def probe() -> None:
+                try:
+                    await self.rest.status()
+                except Exception as exc:
+                    outcome.append(exc)
+                else:
+                    outcome.append(None)
+                probes.cancel_scope.cancel()
+
+            with anyio.move_on_after(self.options.ping_timeout):
+                while True:
+                    probes.start_soon(probe)
+                    await anyio.sleep(min(_PROBE_EVERY_S, self.options.ping_timeout))
+            probes.cancel_scope.cancel()
+        if not outcome:
             raise ConnectionLost(
                 f"the server did not answer within {self.options.ping_timeout:g}s")
+        if outcome[0] is not None:
+            raise outcome[0]
 
     def force_drop(self) -> None:
         """Abort the current connection (tests, and callers who know it is dead)."""
