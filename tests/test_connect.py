@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,3 +218,29 @@ def test_embedded_server_starts_and_stops_cleanly(tmp_path: Path,
     assert process.poll() is not None, "the embedded server must stop with the tether"
     with pytest.raises(ConnectionLost):
         connect(server.url, server.token)
+
+
+def test_each_rpc_reply_is_a_single_iopub_message(tether: Tether) -> None:
+    # Behind a proxy, a second small message per reply waits ~40 ms for a delayed ACK (the
+    # server leaves Nagle on), so the supervisor's parked subshell must answer without the
+    # busy/idle status pair around each reply.
+    link = tether.aio.link
+    sock = link._sock
+    hello = tether.portal.call(lambda: link.call("hello", {"protocol": wire.PROTOCOL_VERSION}))
+    assert sock is not None and link.subshell_id == hello.result["parked_subshell_id"]
+    seen: list[str] = []
+    original = sock._route
+
+    def spy(msg: Any) -> None:
+        if msg.channel == "iopub":
+            seen.append(msg.msg_type)
+        original(msg)
+
+    sock._route = spy  # type: ignore[method-assign]
+    try:
+        for _ in range(20):
+            tether.ping()
+    finally:
+        sock._route = original  # type: ignore[method-assign]
+    assert seen.count("comm_msg") == 20
+    assert "status" not in seen

@@ -310,22 +310,13 @@ async def break_when(proxy: FaultProxy, t: AsyncTether, fault: Fault,
     proxy.heal()
 
 
-HTTP_DOWNLOAD_NOT_RESILIENT = (
-    "files.download(via='auto') streams ranged GET /files/...: on a drop it raises "
-    "TransferError unless the link is already back, and a blackholed GET stalls until "
-    "httpx's 30 s read timeout per attempt (~120 s)")
-
 
 def _transfer_cases() -> list[Any]:
     cases: list[Any] = []
     for fault in FAULTS:
         cases.append(pytest.param(fault, "upload", id=f"{fault}-upload"))
         cases.append(pytest.param(fault, "download-comm", id=f"{fault}-download-comm"))
-        marks = [pytest.mark.xfail(reason=HTTP_DOWNLOAD_NOT_RESILIENT, strict=False)]
-        if fault == "blackhole":
-            marks = [pytest.mark.skip(reason=HTTP_DOWNLOAD_NOT_RESILIENT)]
-        cases.append(pytest.param(fault, "download-http", id=f"{fault}-download-http",
-                                  marks=marks))
+        cases.append(pytest.param(fault, "download-http", id=f"{fault}-download-http"))
     return cases
 
 

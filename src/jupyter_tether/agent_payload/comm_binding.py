@@ -34,7 +34,13 @@ def _send(data: bytes, blobs: Sequence[bytes], channel: Any) -> None:
         if not comms:
             return  # nobody attached: the event waits in the replay ring
         comm = comms[-1]
-    comm.send(data={"tether": wire.PROTOCOL_VERSION}, buffers=[data, *blobs])
+    # Published directly rather than with comm.send(): ipykernel's Comm remembers the
+    # subshell of whatever thread last sent on it and routes the client's next messages
+    # there, so a send from the log pump thread would pull our traffic onto the main shell.
+    kernel = _kernel()
+    content = {"data": {"tether": wire.PROTOCOL_VERSION}, "comm_id": comm.comm_id}
+    kernel.session.send(kernel.iopub_socket, "comm_msg", content, parent={},
+                        ident=comm.topic, buffers=[data, *blobs])
 
 
 def _on_msg(comm: Any, msg: Dict[str, Any]) -> None:

@@ -995,6 +995,14 @@ class AsyncFiles:
                     fetched += len(data)
                     tracker.add(len(data))
 
+        async def watch_link() -> None:
+            # The comm link's keepalive notices a dead path within seconds; a streamed GET on
+            # a blackholed connection would only notice at its read timeout.
+            link = self._tether.link
+            while link.connected:
+                await anyio.sleep(0.2)
+            raise _NoHttp("the connection dropped")
+
         async def reader() -> None:
             async with send:
                 for start, end in part.missing():
@@ -1012,17 +1020,26 @@ class AsyncFiles:
                                 await send.send((offset, data))
                                 offset += len(data)
                             if offset != end:
-                                raise ConnectionLost(
-                                    f"GET {url_path} ended at {offset} of {end} bytes")
+                                raise _NoHttp(f"GET {url_path} ended at {offset} of {end} bytes")
                     except httpx2.HTTPError as exc:
-                        raise ConnectionLost(f"GET {url_path} failed: {exc}") from None
+                        # What arrived is kept; the comm path (which waits for the link to
+                        # come back) fetches the rest.
+                        raise _NoHttp(f"GET {url_path} failed: {exc}") from None
+            watcher.cancel()
+
+        watcher = anyio.CancelScope()
+
+        async def watch() -> None:
+            with watcher:
+                await watch_link()
 
         try:
             async with anyio.create_task_group() as group:
+                group.start_soon(watch)
                 group.start_soon(writer)
                 group.start_soon(reader)
         except BaseExceptionGroup as group_error:
-            # One task failed and the other was cancelled: surface the real failure.
+            # One task failed and the others were cancelled: surface the real failure.
             raise group_error.exceptions[0] from None
         return fetched
 
@@ -1071,7 +1088,7 @@ class AsyncFiles:
                         fetched += await self._fetch_http(url_path, part, tracker)
                         used = "http"
                     except _NoHttp as exc:
-                        log.info("%s: %s; using the comm", where, exc)
+                        log.info("%s: %s; fetching the rest over the comm", where, exc)
                         via = "comm"
                 if part.missing():
                     used = "comm"

@@ -242,22 +242,18 @@ class SupervisorLink:
             sock.status_handler = self._on_status
             info = await kernel_info(sock)
             self.subshell_id = None
-            if self.options.use_subshell and "kernel subshells" in info.get("supported_features", []):
-                # A subshell keeps comm traffic off the main shell thread entirely.
-                reply = await control_request(sock, "create_subshell_request", {})
-                if reply.get("status") == "ok":
-                    self.subshell_id = reply.get("subshell_id")
             await self._inject(sock, kernel_id)
             self.comm_id = uuid.uuid4().hex
             self._comm_ids.append(self.comm_id)
             await sock.send(sock.build("comm_open", {
-                "comm_id": self.comm_id, "target_name": wire.COMM_TARGET, "data": {}},
-                header_extra=self._subshell_header()))
+                "comm_id": self.comm_id, "target_name": wire.COMM_TARGET, "data": {}}))
             self._sock = sock
             self.kernel_id = kernel_id
             self._generation += 1
             self._codec = wire.JSON
             hello = await self._handshake(sock)
+            if self.options.use_subshell and "kernel subshells" in info.get("supported_features", []):
+                self.subshell_id = hello.get("parked_subshell_id") or await self._park(sock)
         except BaseException:
             await sock.aclose()
             raise
@@ -301,7 +297,41 @@ class SupervisorLink:
             await sock.aclose()
             raise KernelError(f"kernel {kernel_id} went away while we connected to it")
 
+    async def _park(self, sock: KernelSocket) -> str | None:
+        """Create a subshell for comm traffic and park a never-ending cell in it.
+
+        A subshell keeps comm traffic off the main shell; the parked cell makes ipykernel
+        dispatch our comm messages there without the busy/idle status pair, so each reply is
+        one iopub message (see ``comm_binding.park``). The cell ends when the supervisor is
+        upgraded or the kernel goes; every controller attached meanwhile shares it.
+        """
+        reply = await control_request(sock, "create_subshell_request", {})
+        if reply.get("status") != "ok":
+            return None
+        subshell_id = str(reply["subshell_id"])
+        park = sock.build("execute_request", {
+            "code": f"await __import__('sys').modules[{bundle.REMOTE_PACKAGE!r}]"
+                    ".comm_binding.park()",
+            "silent": True, "store_history": False, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": False},
+            header_extra={"subshell_id": subshell_id})
+        await sock.send(park)  # its reply comes only when the cell ends: nobody waits for it
+        return subshell_id
+
+    async def _already_installed(self, sock: KernelSocket) -> bool:
+        """One tiny round trip that saves re-sending ~150 KB of payload on every reconnect."""
+        probe = (f"(lambda m: bool(m) and getattr(m, 'PAYLOAD_HASH', None) == {bundle.payload_hash()!r} "
+                 f"and m.comm_binding.is_live())(__import__('sys').modules.get({bundle.REMOTE_PACKAGE!r}))"
+                 )
+        result = await execute(sock, "", timeout=30, silent=True, store_history=False,
+                               user_expressions={"live": probe})
+        live = result.user_expressions.get("live", {})
+        return isinstance(live, dict) and (live.get("data") or {}).get("text/plain") == "True"
+
     async def _inject(self, sock: KernelSocket, kernel_id: str) -> None:
+        if await self._already_installed(sock):
+            self.install_outcome = "reused"
+            return
         config: dict[str, Any] = {}
         if self.options.remote_state_dir:
             config["state_dir"] = self.options.remote_state_dir
