@@ -438,9 +438,6 @@ def test_supervisor_kernel_lost_gets_new_supervisor_and_jobs_readopted(
         assert len(sessions) == 1
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "find_or_start races: two controllers that see the supervisor kernel die both create a "
-    "session named jupyter-tether-supervisor, so two supervisors re-adopt the same jobs"))
 def test_two_controllers_losing_the_supervisor_kernel_converge_on_one_new_supervisor(
         own_server: LocalJupyterServer) -> None:
     url, token = own_server.url, own_server.token

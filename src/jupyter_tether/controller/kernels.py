@@ -130,6 +130,8 @@ async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
             try:
                 session = await rest.create_session(name=name, path=name, kernel_name=kernel_name)
                 kernel_id, started = str(session["kernel"]["id"]), True
+                kernel_id = await _converge(rest, name, str(session["id"]), kernel_id)
+                started = kernel_id == str(session["kernel"]["id"])
             except ServerError as exc:
                 # Kernel Gateway 3 answers 500 to a second session on one path.
                 log.info("cannot register the %s session (%s); using the marker", name, exc)
@@ -137,6 +139,32 @@ async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
             kernel_id, started = await _find_or_claim_by_marker(rest, name, kernel_name)
     state.update(**{f"kernel:{name}": kernel_id})
     return kernel_id, started
+
+
+#: how long concurrent creators wait to see each other's sessions before picking one
+_SETTLE_S = 0.3
+
+
+async def _converge(rest: JupyterRest, name: str, session_id: str, kernel_id: str) -> str:
+    """Two controllers that both found no live session may both create one: keep one.
+
+    Every creator lists the sessions after a short settle and picks the same winner (the
+    smallest session id); a loser deletes its own session, kernel and all, before anything
+    was injected into it, so jobs are never adopted by two supervisors.
+    """
+    await anyio.sleep(_SETTLE_S)
+    sessions = await rest.listable_sessions() or []
+    live = [s for s in sessions if _session_matches(s, name) and (s.get("kernel") or {}).get("id")
+            and (s.get("kernel") or {}).get("execution_state") != "dead"]
+    if len(live) <= 1:
+        return kernel_id
+    winner = min(live, key=lambda s: str(s.get("id")))
+    if str(winner.get("id")) == session_id:
+        return kernel_id
+    log.info("another controller started the %s kernel at the same time; using theirs", name)
+    with contextlib.suppress(TetherError):
+        await rest.delete_session(session_id)
+    return str(winner["kernel"]["id"])
 
 
 async def _find_or_claim_by_marker(rest: JupyterRest, name: str,
