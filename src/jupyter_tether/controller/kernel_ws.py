@@ -13,6 +13,7 @@ import logging
 import secrets
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,16 @@ def _tune_socket(connection: ClientConnection) -> socket.socket | None:
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None) if sys.platform.startswith("linux") else None
 
 
+class _TrackedConnection(ClientConnection):
+    """A websocket connection that notes when bytes last arrived, frame complete or not."""
+
+    last_data_at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.last_data_at = time.monotonic()
+        super().data_received(data)
+
+
 class KernelSocket:
     """A connected kernel websocket with a reader task and message routing.
 
@@ -132,8 +143,10 @@ class KernelSocket:
                 subprotocols=[V1_PROTOCOL],  # type: ignore[list-item]
                 max_size=None,  # file chunks and log batches are bigger than the 1 MiB default
                 compression=None,  # binary chunks do not compress; save the CPU
-                ping_interval=self._ping_interval,
-                ping_timeout=self._ping_timeout,
+                # Our own keepalive (below): websockets' would call a link dead whose pong
+                # is merely queued behind megabytes of download on a slow uplink.
+                ping_interval=None,
+                create_connection=_TrackedConnection,
                 open_timeout=self._open_timeout,
                 # After a missed keepalive pong websockets waits this long for the server's
                 # FIN before dropping the TCP connection; on a dead path that FIN never comes.
@@ -158,6 +171,8 @@ class KernelSocket:
                 f"{redact(str(exc)) or type(exc).__name__}"
             ) from None
         self.protocol = "v1" if self._connection.subprotocol == V1_PROTOCOL else "legacy"
+        if self._ping_interval:
+            task_group.start_soon(self._keepalive)
         self._sock = _tune_socket(self._connection)
         task_group.start_soon(self._reader)
 
@@ -223,6 +238,35 @@ class KernelSocket:
         return KernelMessage(msg.get("channel", ""), msg["header"], msg["parent_header"],
                              msg.get("metadata", {}), msg.get("content", {}),
                              [bytes(b) for b in msg.get("buffers", [])])
+
+    async def _keepalive(self) -> None:
+        """Ping every ``ping_interval``; abort when neither the pong nor any byte came back.
+
+        Any bytes received after the ping prove the path alive (the pong may be queued
+        behind a large frame); silence for ``ping_timeout`` means a dead path (a blackhole
+        sends no FIN), and the connection is dropped so the owner reconnects at once.
+        """
+        connection = self._connection
+        assert connection is not None and self._ping_interval
+        timeout = self._ping_timeout or self._ping_interval
+        while not self.closed.is_set():
+            await anyio.sleep(self._ping_interval)
+            sent_at = time.monotonic()
+            try:
+                pong = await connection.ping()
+            except websockets.ConnectionClosed:
+                return
+            try:
+                with anyio.move_on_after(timeout):
+                    await pong
+                    continue
+            except websockets.ConnectionClosed:
+                return
+            last = getattr(connection, "last_data_at", 0.0)
+            if last < sent_at and not self.closed.is_set():
+                self._mark_closed(f"keepalive: no answer for {timeout:g}s")
+                connection.transport.abort()
+                return
 
     async def _reader(self) -> None:
         assert self._connection is not None

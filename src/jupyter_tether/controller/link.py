@@ -45,8 +45,10 @@ class LinkOptions:
     """Tunables of the link; the defaults suit a remote server over the internet."""
 
     kernel_name: str = "python3"
-    ping_interval: float = 5.0
-    ping_timeout: float = 10.0
+    #: keepalive: a ping this often; the link is declared dead after ``ping_timeout`` s with
+    #: no pong and no byte received (bytes count, so a busy slow link is never cut)
+    ping_interval: float = 2.0
+    ping_timeout: float = 4.0
     #: how long a call made while disconnected waits for the link to come back
     reconnect_wait: float = 60.0
     backoff_initial: float = 0.1
