@@ -486,6 +486,31 @@ async def test_submit_follow_collect_across_a_server_restart(
         second.stop()
 
 
+async def test_job_started_before_an_mcp_server_restart_is_tailed_after_it(
+        jupyter_server: LocalJupyterServer, mcp_state: Path, tmp_path: Path) -> None:
+    first = McpProcess(jupyter_server, mcp_state, tmp_path / "first.log")
+    try:
+        async with connect(first.url) as client:
+            started = await Calls(client).ok("jupyter_job_start", {
+                "command": "for i in 1 2 3; do echo tick $i; sleep 0.3; done"})
+            job_id = started["job_id"]
+    finally:
+        first.stop()  # the job keeps running on the remote: it belongs to the supervisor
+    second = McpProcess(jupyter_server, mcp_state, tmp_path / "second.log")
+    try:
+        async with connect(second.url) as client:
+            calls = Calls(client)
+            waited = await calls.ok("jupyter_job_wait", {"job_id": job_id, "timeout_s": 30})
+            assert waited["done"]
+            assert (waited["job"]["state"], waited["job"]["exit_code"]) == ("exited", 0)
+            tail = await calls.ok("jupyter_job_tail", {"job_id": job_id, "lines": 10})
+            assert tail["text"] == "tick 1\ntick 2\ntick 3\n"
+            listed = await calls.ok("jupyter_job_list", {})
+            assert job_id in json.dumps(listed)
+    finally:
+        second.stop()
+
+
 # --- transports and security ------------------------------------------------------------------
 
 
