@@ -1,0 +1,58 @@
+"""The payload runs on remotes we do not control: Python >= 3.9, standard library only."""
+
+from __future__ import annotations
+
+import ast
+import sys
+
+import pytest
+
+from jupyter_tether.agent_payload import bundle
+
+# Optional speed-ups the payload uses when present and falls back from cleanly, and the
+# kernel itself (only comm_binding touches it).
+OPTIONAL = {"msgpack", "psutil", "zstandard", "IPython", "ipykernel"}
+
+
+@pytest.mark.parametrize("name", bundle.MODULES)
+def test_payload_module_parses_as_python_3_9(name: str) -> None:
+    source = bundle.sources()[name]
+    tree = ast.parse(source, feature_version=(3, 9))
+    for node in ast.walk(tree):
+        assert not isinstance(node, ast.Match), f"{name}: match needs Python 3.10"
+        annotations = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            annotations = [a.annotation for a in node.args.args + node.args.kwonlyargs]
+            annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            annotations = [node.annotation]
+        for annotation in annotations:
+            if annotation is None:
+                continue
+            for part in ast.walk(annotation):
+                # ``X | Y`` in an annotation is evaluated at definition time before 3.10.
+                assert not (isinstance(part, ast.BinOp) and isinstance(part.op, ast.BitOr)), \
+                    f"{name}:{node.lineno}: use Optional/Union in payload annotations"
+
+
+@pytest.mark.parametrize("name", bundle.MODULES)
+def test_payload_module_imports_only_the_standard_library(name: str) -> None:
+    tree = ast.parse(bundle.sources()[name])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # a sibling payload module
+                continue
+            roots = [(node.module or "").split(".")[0]]
+        else:
+            continue
+        for root in roots:
+            assert root in sys.stdlib_module_names or root in OPTIONAL, \
+                f"{name}:{node.lineno} imports {root}, which a remote kernel may not have"
+
+
+def test_install_code_is_one_valid_python_3_9_program() -> None:
+    code = bundle.install_code({"state_dir": "/tmp/x"})
+    ast.parse(code, feature_version=(3, 9))
+    assert len(code.encode()) < 10 * 1024 * 1024, "must fit one websocket frame"
