@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_tether import cli
-from jupyter_tether.config import select_target
+from jupyter_tether.config import resolve_name, select_target
 from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.jobs import JobInfo
 from jupyter_tether.errors import ConfigError
@@ -164,6 +164,25 @@ def test_target_selection_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert chosen.cli_args() == " --target a"
     with pytest.raises(ConfigError, match="not both"):
         select_target("http://x/", name="a", path=config)
+
+
+def test_a_server_url_may_name_a_target(tmp_path: Path) -> None:
+    # What the MCP tools' server_url accepts: a URL as before, or a configured target's name.
+    config = tmp_path / "t.toml"
+    config.write_text('[gpu-box]\nurl = "http://gpu:8888/"\ntoken = "tg"\n'
+                      '["lab.local"]\nurl = "http://lab:1/"\n')
+    named = resolve_name(" gpu-box ", config)
+    assert named is not None and (named.base_url, named.token, named.name) == \
+        ("http://gpu:8888/", "tg", "gpu-box")
+    assert resolve_name("lab.local", config) is not None  # a name wins over a host name
+    for url in ("http://gpu-box:8888/", "gpu-box:8888", "some.host", "127.0.0.1:9/x"):
+        assert resolve_name(url, config) is None, url
+    with pytest.raises(ConfigError, match=r"'nope'.*known targets: gpu-box, lab.local"):
+        resolve_name("nope", config)
+    config.write_text("not [toml\n")
+    assert resolve_name("host:8888", config) is None  # clearly a URL: a broken file is moot
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve_name("gpu-box", config)
 
 
 def test_job_exit_code_follows_shell_conventions() -> None:

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shlex
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mcp import Client
 
-from jupyter_tether import AsyncTether, Tether
+from jupyter_tether import AsyncTether, Tether, cli
 from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.jobs import AsyncJob
 from jupyter_tether.controller.state import TargetState
+from jupyter_tether.mcp_server import build_server
 
 from .conftest import fast_options
 from .remote_checks import expected_job_output
+from .test_cli import SCRIPT, cli_env, one_error_line, tether_cli
+from .test_mcp import Calls
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +119,156 @@ def test_blocking_tethers_on_two_targets_from_two_threads(
         thread.join(120)
     assert not errors, errors
     assert [results[s.url] for s in two_servers] == [expected_job_output(20000)] * 2
+
+
+# --- named targets: the MCP tools and the CLI reach each server by its config-file name ------
+
+
+@pytest.fixture
+def targets_toml(two_servers: list[LocalJupyterServer], tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Path:
+    """east and west as named targets (tokens from env vars), plus one that is down."""
+    east, west = two_servers
+    config = tmp_path / "targets.toml"
+    config.write_text(f'[east]\nurl = "{east.url}"\ntoken_env = "EAST_TOKEN"\n\n'
+                      f'[west]\nurl = "{west.url}"\ntoken_env = "WEST_TOKEN"\n\n'
+                      '[down]\nurl = "http://127.0.0.1:9/"\n')
+    monkeypatch.setenv("JUPYTER_TETHER_CONFIG", str(config))
+    monkeypatch.setenv("EAST_TOKEN", east.token)
+    monkeypatch.setenv("WEST_TOKEN", west.token)
+    return config
+
+
+def _value(out: dict[str, Any]) -> str:
+    assert out["status"] == "ok", out
+    return str(out["results"][0]["data"]["text/plain"])
+
+
+@pytest.mark.anyio
+async def test_mcp_server_url_takes_a_target_name(two_servers: list[LocalJupyterServer],
+                                                  targets_toml: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    east, west = two_servers
+    # The MCP server's own default is east; west is reached by name only (its token is
+    # WEST_TOKEN, never REMOTE_JUPYTER_TOKEN, which is east's).
+    monkeypatch.setenv("REMOTE_JUPYTER_TOKEN", east.token)
+    async with Client(build_server(url=east.url, token=east.token,
+                                   options=fast_options())) as client:
+        calls = Calls(client)
+        for name in ("east", "west"):
+            await calls.ok("jupyter_exec_python", {"code": f"where = {name!r}",
+                                                   "server_url": name})
+        assert _value(await calls.ok("jupyter_exec_python",
+                                     {"code": "where", "server_url": "west"})) == "'west'"
+        assert _value(await calls.ok("jupyter_exec_python",
+                                     {"code": "where", "server_url": "east"})) == "'east'"
+        # No server_url: the default target, which is east (so the name shares its tether).
+        assert _value(await calls.ok("jupyter_exec_python", {"code": "where"})) == "'east'"
+        # A URL still works as before, and reaches the same kernel as the name.
+        assert _value(await calls.ok("jupyter_exec_python", {
+            "code": "where", "server_url": f"{west.url}?token={west.token}"})) == "'west'"
+
+        # A job started by name is found again without server_url (with west's token).
+        job = await calls.ok("jupyter_job_start", {"command": "pwd", "server_url": "west"})
+        waited = await calls.ok("jupyter_job_wait", {"job_id": job["job_id"], "timeout_s": 30})
+        assert waited["done"] and waited["job"]["exit_code"] == 0
+        assert (await calls.follow_all(job["job_id"])).strip() == str(west.root_dir)
+
+        status = await calls.ok("jupyter_status", {"server_url": "west"})
+        assert status["supervisor"]["root_dir"] == str(west.root_dir)
+        named = {row["name"]: row for row in status["named_targets"]["targets"]}
+        assert set(named) == {"east", "west", "down"}
+        assert named["east"]["state"] == "open" and named["east"]["mcp_default"]
+        assert named["west"]["state"] == "open" and not named["west"]["mcp_default"]
+        assert named["down"]["state"] == "not opened"
+        assert named["west"]["token"] == "env:WEST_TOKEN"
+        opened = {row["name"]: row["state"] for row in status["mcp_server"]["targets"]}
+        assert opened.get("west") == "open"
+
+        text = await calls.error("jupyter_ping", {"server_url": "north"})
+        assert "north" in text and "east, west" in text.replace("down, ", "")
+        assert "cannot reach" in await calls.error("jupyter_ping",
+                                                   {"server_url": "down", "timeout_s": 10})
+        for text in calls.texts:
+            assert east.token not in text and west.token not in text
+
+
+def test_cli_status_all_lists_every_named_target(two_servers: list[LocalJupyterServer],
+                                                 targets_toml: Path) -> None:
+    east, west = two_servers
+    env = cli_env(JUPYTER_TETHER_CONFIG=str(targets_toml), EAST_TOKEN=east.token,
+                  WEST_TOKEN=west.token)
+    proc = tether_cli(None, "status", "--all", "--json", env=env)
+    assert proc.returncode == 1, proc.stderr  # one target is down
+    report = json.loads(proc.stdout)
+    rows = {row["name"]: row for row in report["targets"]}
+    assert [row["name"] for row in report["targets"]] == ["east", "west", "down"]
+    assert rows["east"]["ok"] and rows["east"]["root_dir"] == str(east.root_dir)
+    assert rows["west"]["ok"] and rows["west"]["root_dir"] == str(west.root_dir)
+    assert not rows["down"]["ok"] and "cannot reach" in rows["down"]["error"]
+    assert "down" in one_error_line(proc)
+
+    # Human output: one line per target, the failed one with its one-line error.
+    targets_toml.write_text(targets_toml.read_text().split("[down]")[0])
+    proc = tether_cli(None, "status", "--all", env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert set(lines) == {"east", "west"} and all(" ok " in line for line in lines.values())
+    for text in (proc.stdout, proc.stderr):
+        assert east.token not in text and west.token not in text
+
+
+def test_cli_submits_one_spec_to_two_targets_and_collects_from_each(
+        two_servers: list[LocalJupyterServer], targets_toml: Path, tmp_path: Path) -> None:
+    east, west = two_servers
+    env = cli_env(JUPYTER_TETHER_CONFIG=str(targets_toml), EAST_TOKEN=east.token,
+                  WEST_TOKEN=west.token)
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "main.sh").write_text("mkdir -p out && pwd > out/where.txt && echo ran\n")
+    spec = {"sync": [{"local_dir": str(project), "remote_dir": "multi/proj"}],
+            "run": {"cwd": "multi/proj", "command": "sh main.sh"},
+            "artifacts": ["multi/proj/out/where.txt"],
+            "idempotency_key": f"multi-{time.time_ns()}"}
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    proc = tether_cli(None, "submit", str(tmp_path / "job.json"), "--target", "east",
+                      "--target", "west", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    jobs = dict(line.split()[:2] for line in proc.stdout.splitlines()[1:])
+    assert set(jobs) == {"east", "west"} and jobs["east"] != jobs["west"]
+    collects = [line.strip() for line in proc.stderr.splitlines()
+                if line.strip().startswith("jupyter-tether") and " collect " in line]
+    follows = [line.strip() for line in proc.stderr.splitlines() if " logs " in line]
+    assert collects == [f"jupyter-tether --target {name} collect {jobs[name]} results/{name}"
+                        for name in ("east", "west")]
+    for name, server, follow, collect in zip(("east", "west"), (east, west), follows, collects,
+                                             strict=True):
+        followed = subprocess.run(shlex.split(follow.replace("jupyter-tether", str(SCRIPT), 1)),
+                                  capture_output=True, text=True, env=env, cwd=tmp_path,
+                                  timeout=60)
+        assert followed.returncode == 0 and followed.stdout == "ran\n", followed.stderr
+        collected = subprocess.run(shlex.split(collect.replace("jupyter-tether", str(SCRIPT), 1)),
+                                   capture_output=True, text=True, env=env, cwd=tmp_path,
+                                   timeout=60)
+        assert collected.returncode == 0, collected.stderr
+        assert (tmp_path / "results" / name / "where.txt").read_text().strip() == \
+            str(server.root_dir / "multi" / "proj")
+
+    # --json: one entry per target, with the same commands.
+    # (--target before and after the subcommand both count.)
+    as_json = tether_cli(None, "--json", "-t", "west", "submit", str(tmp_path / "job.json"),
+                         "-t", "east", env=env, cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    submits = json.loads(as_json.stdout)["submits"]
+    assert [(s["target"], s["job_id"], s["reused"]) for s in submits] == \
+        [("west", jobs["west"], True), ("east", jobs["east"], True)]
+    # Usage errors: an unknown name, --follow with several, several --target elsewhere.
+    unknown = tether_cli(None, "submit", str(tmp_path / "job.json"), "--target", "east",
+                         "--target", "nope", env=env)
+    assert unknown.returncode == 2 and "nope" in one_error_line(unknown)
+    follow = tether_cli(None, "submit", str(tmp_path / "job.json"), "--target", "east",
+                        "--target", "west", "--follow", env=env)
+    assert follow.returncode == 2 and "--follow" in one_error_line(follow)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--target", "east", "--target", "west", "status"])
+    assert exited.value.code == 2

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+import anyio
 from rich import box
 from rich.console import Console
 from rich.progress import (
@@ -38,12 +39,21 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .config import CONFIG_ENV, Selection, config_path, describe_targets, select_target
+from .config import (
+    CONFIG_ENV,
+    Selection,
+    config_path,
+    describe_targets,
+    named_targets,
+    select_target,
+    target_from_config,
+)
 from .controller.blocking import Tether
 from .controller.blocking_services import Files, Job, Jobs, ProgressCallback, run_on_portal
 from .controller.files import DEFAULT_SYNC_MAX_BYTES
 from .controller.jobs import JobInfo
-from .controller.target import TOKEN_ENV, URL_ENV, redact
+from .controller.target import TOKEN_ENV, URL_ENV, Target, redact
+from .controller.tether import AsyncTether
 from .errors import ConfigError, NotFound, TetherError
 
 EXIT_OK = 0
@@ -130,6 +140,15 @@ def _table(ctx: Ctx, *columns: str) -> Table:
     for column in columns:
         table.add_column(column, overflow="fold")
     return table
+
+
+def _escape(text: str) -> str:
+    """Text for a rich table cell, shown as is (no markup)."""
+    return text.replace("[", r"\[")
+
+
+def _styled(ctx: Ctx, text: str, colour: str) -> str:
+    return f"[{colour}]{_escape(text)}[/]" if ctx.tty else _escape(text)
 
 
 def _human_bytes(value: float) -> str:
@@ -224,13 +243,12 @@ def _stream_chunks(chunks: Iterator[bytes]) -> None:
 # --- commands ---------------------------------------------------------------------------------
 
 
-def cmd_status(ctx: Ctx) -> int:
-    tether = ctx.connect()
-    ping = tether.ping()
-    status = tether.status()
-    info = tether.info()
-    jobs = Jobs(tether.portal, tether.aio.jobs).list(state="running")
-    report = {
+async def _status_report(aio: AsyncTether, timeout: float = 30.0) -> dict[str, Any]:
+    ping = await aio.ping(timeout)
+    status = await aio.status()
+    info = await aio.info()
+    jobs = await aio.jobs.list("running")
+    return {
         "target": status.get("target"), "name": status.get("name") or None,
         "embedded": status.get("embedded"), "connected": status.get("connected"),
         "server_version": ping.get("server_version"), "rtt_ms": ping.get("rtt_ms"),
@@ -240,10 +258,112 @@ def cmd_status(ctx: Ctx) -> int:
         "codec": status.get("codec"), "install": status.get("install"),
         "reconnects": status.get("reconnects"), "running_jobs": len(jobs),
     }
+
+
+def cmd_status(ctx: Ctx) -> int:
+    if ctx.args.all:
+        return _status_all(ctx)
+    tether = ctx.connect()
+    report: dict[str, Any] = run_on_portal(tether.portal,
+                                           functools.partial(_status_report, tether.aio))
     if ctx.json:
         ctx.emit_json(report)
     else:
         _print_mapping(ctx, report)
+    return EXIT_OK
+
+
+def _one_line(exc: BaseException, target: Target | None = None) -> str:
+    """An exception as one line with no credential in it."""
+    text = str(exc) or type(exc).__name__
+    if target is not None and len(target.token) >= 4:
+        text = text.replace(target.token, "***")
+    return " ".join(redact(text).split())
+
+
+def _configured_targets(names: Sequence[str] | None = None
+                        ) -> list[tuple[str, Target | None, str | None]]:
+    """``(name, target, error)`` for the given names (default: every named target).
+
+    An entry that cannot be used (no url, its token env var unset) keeps its error, so one
+    bad entry does not hide the others; a name that is not in the file is a usage error.
+    """
+    path = config_path()
+    known = named_targets(path)
+    if names is None:
+        names = list(known)
+        if not names:
+            raise ConfigError(f"no named targets in {path}: add [NAME] tables with a url "
+                              "(see `jupyter-tether targets --help`)")
+    rows: list[tuple[str, Target | None, str | None]] = []
+    for name in names:
+        if name not in known:
+            target_from_config(name, path)  # raises the "no target named ..." error
+        try:
+            rows.append((name, target_from_config(name, path), None))
+        except ConfigError as exc:
+            rows.append((name, None, _one_line(exc)))
+    return rows
+
+
+async def _gather(items: Sequence[Any], work: Callable[[Any], Any]) -> list[Any]:
+    """``await work(item)`` for every item at once; results in the items' order."""
+    results: list[Any] = [None] * len(items)
+
+    async def one(index: int) -> None:
+        results[index] = await work(items[index])
+
+    async with anyio.create_task_group() as group:
+        for index in range(len(items)):
+            group.start_soon(one, index)
+    return results
+
+
+def _status_all(ctx: Ctx) -> int:
+    args = ctx.args
+    if args.url or args.target:
+        raise UsageError("--all shows every named target of the config file: leave out "
+                         "--target and --url")
+    timeout = args.timeout
+    entries = _configured_targets()
+
+    async def probe(entry: tuple[str, Target | None, str | None]) -> dict[str, Any]:
+        name, target, error = entry
+        row: dict[str, Any] = {"name": name, "target": target.display_url if target else None,
+                               "ok": False, "error": error}
+        if target is None:
+            return row
+        try:
+            with anyio.fail_after(timeout):
+                async with AsyncTether(target=target) as aio:
+                    report = await _status_report(aio, timeout)
+            row.update(report, name=name, ok=True)
+        except Exception as raised:
+            exc = _unwrap(raised)
+            row["error"] = (f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError)
+                            and not isinstance(exc, TetherError) else _one_line(exc, target))
+        return row
+
+    rows: list[dict[str, Any]] = anyio.run(_gather, entries, probe)
+    failed = [row["name"] for row in rows if not row["ok"]]
+    if ctx.json:
+        ctx.emit_json({"config": str(config_path()), "ok": not failed, "targets": rows})
+    else:
+        table = _table(ctx, "NAME", "URL", "STATUS", "RTT", "HOST", "RUNNING")
+        for row in rows:
+            name, url = _escape(row["name"]), _escape(row["target"] or "-")
+            if row["ok"]:
+                rtt = f"{row['rtt_ms']:.0f} ms" if row.get("rtt_ms") is not None else "-"
+                table.add_row(name, url, _styled(ctx, "ok", "green"), rtt,
+                              _escape(row.get("hostname") or "-"),
+                              str(row.get("running_jobs", "-")))
+            else:
+                table.add_row(name, url, _styled(ctx, f"error: {row['error']}", "red"),
+                              "-", "-", "-")
+        ctx.table(table)
+    if failed:
+        _error(f"{len(failed)} of {len(rows)} targets failed: {', '.join(failed)}")
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -622,9 +742,15 @@ def phase_progress(ctx: Ctx) -> Iterator[Callable[[str, int, int], None] | None]
         yield update
 
 
+def _collect_dir(name: str) -> str:
+    return f"results/{name}"
+
+
 def cmd_submit(ctx: Ctx) -> int:
     spec = _load_spec(Path(ctx.args.spec))
     submit = _submit_module()
+    if len(ctx.args.targets) > 1:
+        return _submit_many(ctx, spec, submit)
     tether = ctx.connect()
     with phase_progress(ctx) as progress:
         result: dict[str, Any] = run_on_portal(
@@ -642,8 +768,69 @@ def cmd_submit(ctx: Ctx) -> int:
         _print_mapping(ctx, {k: v for k, v in result.items() if k not in ("job", "error")})
         if job_id:
             ctx.note("follow it with: " + ctx.again(f"logs {job_id} -f"))
+            if result.get("artifacts"):
+                ctx.note("collect its artifacts with: " + ctx.again(f"collect {job_id} results"))
     if not result.get("ok", True):
         _error(result.get("error") or "the submit failed")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _submit_many(ctx: Ctx, spec: dict[str, Any], submit: Any) -> int:
+    """The same spec to several named targets at once: a job on each, collected from each."""
+    args = ctx.args
+    if args.url:
+        raise UsageError("several --target names and --url do not mix")
+    if args.follow:
+        raise UsageError("--follow follows one job: with several --target names, follow each "
+                         "job with `jupyter-tether --target NAME logs JOB -f`")
+    submit.validate_spec(spec)  # a bad spec is refused before anything is sent anywhere
+    entries = _configured_targets(args.targets)
+
+    async def one(entry: tuple[str, Target | None, str | None]) -> dict[str, Any]:
+        name, target, error = entry
+        row: dict[str, Any] = {"target": name, "ok": False, "job_id": None, "error": error}
+        if target is None:
+            return row
+        try:
+            async with AsyncTether(target=target) as aio:
+                result = await submit.submit(aio, spec)
+        except Exception as raised:
+            row["error"] = _one_line(_unwrap(raised), target)
+            return row
+        job_id = result.get("job_id")
+        row.update(ok=bool(result.get("ok", True)) and bool(job_id), job_id=job_id,
+                   reused=bool(result.get("reused")), error=result.get("error"), result=result)
+        if job_id:
+            row["follow"] = f"jupyter-tether --target {shlex.quote(name)} logs {job_id} -f"
+            row["collect"] = (f"jupyter-tether --target {shlex.quote(name)} collect {job_id} "
+                              f"{shlex.quote(_collect_dir(name))}")
+        return row
+
+    ctx.note(f"submitting {args.spec} to {len(entries)} targets: "
+             + ", ".join(name for name, _, _ in entries))
+    rows: list[dict[str, Any]] = anyio.run(_gather, entries, one)
+    failed = [row["target"] for row in rows if not row["ok"]]
+    if ctx.json:
+        ctx.emit_json({"ok": not failed, "submits": rows})
+    else:
+        table = _table(ctx, "TARGET", "JOB", "RESULT")
+        for row in rows:
+            if row["ok"]:
+                outcome = "reused (an identical submit)" if row.get("reused") else "started"
+                table.add_row(_escape(row["target"]), row["job_id"],
+                              _styled(ctx, outcome, "green"))
+            else:
+                table.add_row(_escape(row["target"]), row["job_id"] or "-",
+                              _styled(ctx, f"failed: {row['error']}", "red"))
+        ctx.table(table)
+        started = [row for row in rows if row.get("job_id")]
+        if started:
+            ctx.note("follow with:\n" + "\n".join(f"  {row['follow']}" for row in started))
+            ctx.note("collect the artifacts with:\n"
+                     + "\n".join(f"  {row['collect']}" for row in started))
+    if failed:
+        _error(f"the submit failed on {len(failed)} of {len(rows)} targets: {', '.join(failed)}")
         return EXIT_ERROR
     return EXIT_OK
 
@@ -744,6 +931,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
 
 
+class _AppendTarget(argparse.Action):
+    """``--target NAME``, repeatable; only ``submit`` accepts more than one (checked in main).
+
+    The names gather on the action itself: ``parents=`` shares this one action between the
+    top parser and every subcommand, while a subcommand parses into a fresh namespace whose
+    values replace the top parser's, so ``-t a submit SPEC -t b`` would otherwise lose ``a``.
+    (``build_parser`` makes a new action for every parse.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.names: list[str] = []
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        self.names.append(str(values))
+        setattr(namespace, self.dest, list(self.names))
+
+
 def _common_options() -> argparse.ArgumentParser:
     # SUPPRESS defaults: the options may come before or after the subcommand without the
     # subparser's defaults overwriting values given before it.
@@ -754,7 +960,9 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("--token", default=argparse.SUPPRESS,
                        help=f"Jupyter token (default: ${TOKEN_ENV}); prefer the env var")
     group.add_argument("-t", "--target", default=argparse.SUPPRESS, metavar="NAME",
-                       help="a named target from the config file (see `jupyter-tether targets`)")
+                       action=_AppendTarget,
+                       help="a named target from the config file (see `jupyter-tether "
+                       "targets`); `submit` takes several")
     group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print machine-readable JSON only")
     return common
@@ -765,6 +973,8 @@ which server:
   --target NAME    a [NAME] table (url, token or token_env) in {config_path()}
                    (${CONFIG_ENV} overrides the path; a top-level default = "NAME" applies
                    when nothing else is given)
+                   (`status --all` shows every named target; `submit --target A
+                   --target B` submits to several)
   --url/--token    a server URL, as copied from the browser or Kaggle's "VSCode URL"
   ${URL_ENV} / ${TOKEN_ENV}
   nothing          a local Jupyter server is started for the command (root: the cwd)
@@ -811,10 +1021,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token", default=None,
                    help="bearer token clients must send (required off loopback)")
 
-    _sub(subparsers, "status", cmd_status, "connect and show the server, supervisor and link", """
+    p = _sub(subparsers, "status", cmd_status, "connect and show the server, supervisor and link",
+             """
         jupyter-tether status
         jupyter-tether --json status | jq .rtt_ms
+        jupyter-tether status --all          # every named target of the config file
+        (--all exits 1 when any target fails)
         """, common)
+    p.add_argument("--all", action="store_true",
+                   help="connect to every named target of the config file at once and show each")
+    p.add_argument("--timeout", type=float, default=20.0,
+                   help="with --all: give up on a target after this many seconds "
+                   "(default: %(default)s)")
 
     p = _sub(subparsers, "exec", cmd_exec, "run Python code in the remote work kernel", """
         jupyter-tether exec 'import torch; print(torch.cuda.is_available())'
@@ -914,6 +1132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subparsers, "submit", cmd_submit, "submit a job spec (sync, bootstrap, run)", """
         jupyter-tether submit job.yaml
         jupyter-tether submit job.json --follow
+        jupyter-tether submit job.yaml --target east --target west   # a job on each
+        (with several targets it prints each job id and the collect command for each)
         """, common)
     p.add_argument("spec", help="a .json or .yaml job spec")
     p.add_argument("--follow", action="store_true",
@@ -959,12 +1179,16 @@ def _unwrap(exc: BaseException) -> BaseException:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("url", "token", "target"):
+    for name in ("url", "token"):
         setattr(args, name, getattr(args, name, None))
+    args.targets = list(dict.fromkeys(getattr(args, "target", None) or []))
+    args.target = args.targets[0] if len(args.targets) == 1 else None
     args.json = getattr(args, "json", False)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if len(args.targets) > 1 and args.func is not cmd_submit:
+        parser.error("--target may be given once (several only for submit)")
     tty = sys.stdout.isatty()
     ctx = Ctx(args=args, json=args.json, tty=tty,
               out=Console(highlight=False, soft_wrap=not tty, width=None if tty else 512),

@@ -81,6 +81,38 @@ def target_from_config(name: str, path: Path | None = None) -> Target:
     return parse_target(url, token, name=name)
 
 
+def _bare_word(value: str) -> bool:
+    """No scheme, port, path, query or dot: a target name, never meant as a URL."""
+    return bool(value) and not any(c in value for c in ":/.?@")
+
+
+def resolve_name(value: str, path: Path | None = None) -> Target | None:
+    """The configured target ``value`` names, or None when ``value`` is a URL.
+
+    For places that take a server URL and also accept a target's name (the MCP tools'
+    ``server_url``): a value with ``://`` is always a URL; otherwise a configured name wins;
+    a bare word (no port, path or dot) that names no target is an error listing the names.
+    """
+    value = value.strip()
+    if "://" in value:
+        return None
+    path = path or config_path()
+    try:
+        targets = named_targets(path)
+    except ConfigError:
+        if _bare_word(value):
+            raise
+        return None  # "host:8888" is a URL even when the config file is broken
+    if value in targets:
+        return target_from_config(value, path)
+    if _bare_word(value):
+        known = ", ".join(sorted(targets)) or "none"
+        raise ConfigError(f"{value!r} is neither a URL nor a target named in {path} "
+                          f"(known targets: {known}); give a target name or a URL such as "
+                          "http://host:8888/")
+    return None
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which server a command talks to, and how to say so again without the secret."""

@@ -8,6 +8,7 @@ lifespan), and closing the pool cancels the holders, which closes every tether.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from ..config import config_path, describe_targets, named_targets, resolve_name
 from ..controller.link import LinkOptions
 from ..controller.target import TOKEN_ENV, URL_ENV, Target, parse_target, redact
 from ..controller.tether import AsyncTether
-from ..errors import TetherError
+from ..errors import ConfigError, TetherError
 
 DEFAULT_KEY = "default"
 
@@ -33,6 +35,7 @@ class _Slot:
     tether: AsyncTether | None = None
     error: BaseException | None = None
     display_url: str = ""
+    name: str = ""  # the config file's name for the target, when reached by name
 
 
 class TetherPool:
@@ -49,6 +52,7 @@ class TetherPool:
         self._embedded_root = embedded_root
         self._default_target = parse_target(self._url, token) if self._url else None
         self._slots: dict[str, _Slot] = {}
+        self._targets: dict[str, Target] = {}  # pool key -> target, tokens included
         self._lock = anyio.Lock()
         self._task_group: anyio.abc.TaskGroup | None = None
         self.job_targets: dict[str, str] = {}  # job_id -> pool key, for tools without server_url
@@ -78,6 +82,7 @@ class TetherPool:
         for slot in self._slots.values():
             if slot.tether is not None and slot.tether._target is not None:
                 found.append(slot.tether.target.token)
+        found += [target.token for target in self._targets.values()]
         return [s for s in found if len(s) >= 4]
 
     def scrub(self, text: str) -> str:
@@ -89,15 +94,19 @@ class TetherPool:
     # --- targets ------------------------------------------------------------------------------
 
     def _resolve(self, server_url: str | None) -> tuple[str, Target | None]:
-        """The pool key and target for a tool's ``server_url`` (None target: embedded server)."""
+        """The pool key and target for a tool's ``server_url`` (None target: embedded server).
+
+        ``server_url`` is a URL (the reference's meaning) or the name of a target in the
+        config file (targets.toml), which brings its own token. Keys are base URLs, so a
+        server reached by name and by URL shares one tether.
+        """
         if not server_url or not server_url.strip():
             return DEFAULT_KEY, self._default_target
         default = self._default_target
-        probe = parse_target(server_url, token="")
-        if default is not None and probe.base_url == default.base_url:
+        # A URL: a token in it wins, otherwise REMOTE_JUPYTER_TOKEN (the reference's rule).
+        target = resolve_name(server_url) or parse_target(server_url, None)
+        if default is not None and target.base_url == default.base_url:
             return DEFAULT_KEY, default
-        # A token in the URL wins; otherwise REMOTE_JUPYTER_TOKEN (the reference's rule).
-        target = parse_target(server_url, None)
         return target.base_url, target
 
     def key_for(self, server_url: str | None) -> str:
@@ -105,18 +114,26 @@ class TetherPool:
 
     async def get(self, server_url: str | None = None) -> AsyncTether:
         """The open tether for ``server_url`` (default target when None), opening it once."""
+        key, target = self._resolve(server_url)
+        return await self._open(key, target)
+
+    async def _open(self, key: str, target: Target | None) -> AsyncTether:
         if self._task_group is None:
             raise TetherError("the MCP server is shutting down")
-        key, target = self._resolve(server_url)
+        if target is not None:
+            self._targets[key] = target
         async with self._lock:
             slot = self._slots.get(key)
             if slot is not None and slot.ready.is_set() and slot.tether is None:
                 del self._slots[key]  # the last attempt failed: try again
                 slot = None
             if slot is None:
-                slot = _Slot(display_url=target.display_url if target else "embedded local server")
+                slot = _Slot(display_url=target.display_url if target else "embedded local server",
+                             name=target.name if target else "")
                 self._slots[key] = slot
                 self._task_group.start_soon(self._hold, key, slot, target)
+            elif target is not None and target.name and not slot.name:
+                slot.name = target.name  # first reached by URL, now by its name too
         # Opening goes on in the holder even if this caller gives up waiting.
         await slot.ready.wait()
         if slot.tether is None:
@@ -149,16 +166,43 @@ class TetherPool:
         return {key: slot.tether for key, slot in self._slots.items() if slot.tether is not None}
 
     def describe(self) -> list[dict[str, Any]]:
-        """Known targets, open or not, without credentials."""
+        """Targets this server has used, open or not, without credentials."""
         rows = []
         for key, slot in self._slots.items():
             state = "open" if slot.tether else ("failed" if slot.ready.is_set() else "opening")
-            row: dict[str, Any] = {"target": slot.display_url, "default": key == DEFAULT_KEY,
-                                   "state": state}
+            row: dict[str, Any] = {"target": slot.display_url, "name": slot.name or None,
+                                   "default": key == DEFAULT_KEY, "state": state}
             if slot.error is not None:
                 row["error"] = self.scrub(str(slot.error))
             rows.append(row)
         return rows
+
+    def configured(self) -> dict[str, Any]:
+        """Every named target of the config file (no secrets), with its state in this pool:
+        one of open, opening, failed, or not opened."""
+        path = config_path()
+        out: dict[str, Any] = {"config": str(path), "targets": []}
+        try:
+            rows = describe_targets(path)
+            entries = named_targets(path)
+        except ConfigError as exc:
+            out["error"] = self.scrub(str(exc))
+            return out
+        default_url = self._default_target.base_url if self._default_target else None
+        for row in rows:
+            url = entries.get(row["name"], {}).get("url")
+            key = None
+            if isinstance(url, str) and url.strip():
+                with contextlib.suppress(ConfigError):
+                    key = parse_target(url, token="").base_url
+            is_default = key is not None and key == default_url
+            slot = self._slots.get(DEFAULT_KEY if is_default else key or "")
+            state = "not opened"
+            if slot is not None:
+                state = "open" if slot.tether else ("failed" if slot.ready.is_set()
+                                                    else "opening")
+            out["targets"].append({**row, "mcp_default": is_default, "state": state})
+        return out
 
     # --- jobs ---------------------------------------------------------------------------------
 
@@ -172,5 +216,6 @@ class TetherPool:
         key = self.job_targets.get(job_id, DEFAULT_KEY)
         if key == DEFAULT_KEY:
             return await self.get(None)
-        # The key is the target's base URL; its token comes from the environment again.
-        return await self.get(key)
+        # The target (and token) that reached the job before, even if given by name.
+        target = self._targets.get(key)
+        return await self._open(key, target) if target is not None else await self.get(key)

@@ -50,9 +50,11 @@ class PoolHolder(Protocol):
 # --- argument types ---------------------------------------------------------------------------
 
 ServerUrl = Annotated[str | None, Field(
-    description="Jupyter server base URL (a token may ride in ?token=). Default: the server's "
-                "--url or REMOTE_JUPYTER_URL (token from REMOTE_JUPYTER_TOKEN), else an "
-                "embedded local Jupyter server.")]
+    description="Jupyter server base URL (a token may ride in ?token=), or the name of a "
+                "target in jupyter-tether's config file (targets.toml; jupyter_status lists "
+                "them), which brings its own token. Default: the server's --url or "
+                "REMOTE_JUPYTER_URL (token from REMOTE_JUPYTER_TOKEN), else an embedded local "
+                "Jupyter server.")]
 KernelCompat = Annotated[str | None, Field(
     description="Accepted for compatibility and ignored: jupyter-tether does this through "
                 "its persistent supervisor, never in a user kernel.")]
@@ -713,7 +715,7 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
             "max_bytes}], bootstrap: {cwd, commands, fail_fast, env_overrides, "
             "timeout_s_per_command}, run: {cwd, command, log_path, env_overrides} (required), "
             "artifacts: [remote file path | {remote_path} | {remote_dir, local_subdir}], "
-            "server_url, kernel_id, idempotency_key}."))],
+            "server_url (a URL or a target name), kernel_id, idempotency_key}."))],
     ) -> dict[str, Any]:
         """Sync local directories, run bootstrap commands, then start `run` as a background
         job and return at once with its job_id. The artifact list is stored on the remote
@@ -777,7 +779,8 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
     ) -> dict[str, Any]:
         """Where things stand: the target, the link (connected, reconnect count, protocol),
         the supervisor (pid, python, host), the kernels it uses, and the jobs (running and
-        recent)."""
+        recent). Also every named target of the config file (pass its name as server_url
+        to any tool) and every target this MCP server has opened."""
         async with bounded(timeout_s, "status"):
             tether = await tether_for(server_url)
             link = await tether.status()
@@ -787,6 +790,7 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         return {
             "mcp_server": {"version": __version__, "pid": os.getpid(),
                            "targets": pool().describe()},
+            "named_targets": pool().configured(),
             "target": link.get("target"),
             "embedded": link.get("embedded"),
             "link": {k: link.get(k) for k in ("connected", "protocol", "codec", "reconnects",
