@@ -252,8 +252,16 @@ class AsyncTether:
                 await self.rest.interrupt_kernel(target_kernel)
 
             image_dir = Path(output_dir) if output_dir else self.output_dir
-            return await execute(sock, code, timeout=timeout, max_output_chars=max_output_chars,
-                                 image_dir=image_dir, on_output=on_output, interrupt=interrupt)
+            for _ in range(3):
+                result = await execute(sock, code, timeout=timeout,
+                                       max_output_chars=max_output_chars, image_dir=image_dir,
+                                       on_output=on_output, interrupt=interrupt)
+                # "aborted" means the kernel skipped the code without running it (it was
+                # still flushing its queue after an interrupted cell): safe to send again.
+                if result.status != "aborted":
+                    break
+                await anyio.sleep(0.2)
+            return result
 
 
 __all__ = ["SUPERVISOR_SESSION", "AsyncTether"]
