@@ -244,3 +244,29 @@ def test_each_rpc_reply_is_a_single_iopub_message(tether: Tether) -> None:
         sock._route = original  # type: ignore[method-assign]
     assert seen.count("comm_msg") == 20
     assert "status" not in seen
+
+
+def test_exec_output_cap_counts_what_it_cut_without_holding_it_all(tether: Tether) -> None:
+    result = tether.exec("for _ in range(100):\n    print('y' * 999)", max_output_chars=1000)
+    # 100 lines of 1000 chars (with newlines): 99,000 cut, the last 1,000 kept.
+    assert result.stdout == "[... 99000 chars truncated ...]\n" + "y" * 999 + "\n"
+
+
+def test_exec_recovers_when_the_default_work_kernel_was_shut_down_elsewhere(
+        tether: Tether) -> None:
+    tether.exec("1")
+    work = tether.status()["work_kernel_id"]
+    assert work
+    tether.portal.call(lambda: tether.aio.rest.shutdown_kernel(work))  # a culler, say
+    result = tether.exec("'fresh'")
+    assert result.results[0]["data"]["text/plain"] == "'fresh'"
+    assert tether.status()["work_kernel_id"] != work
+
+
+def test_target_repr_never_shows_credentials() -> None:
+    from jupyter_tether.controller.target import parse_target
+
+    kaggle = parse_target("https://kkb.example/k/123/eyJSECRETjwt/proxy/lab?reset", token="tok")
+    assert "eyJSECRETjwt" not in repr(kaggle) and "tok" not in repr(kaggle)
+    assert kaggle.http_url("api/kernels") == \
+        "https://kkb.example/k/123/eyJSECRETjwt/proxy/api/kernels"

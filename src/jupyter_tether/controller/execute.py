@@ -74,11 +74,43 @@ class ExecResult:
         return f"ExecResult({', '.join(bits)})"
 
 
+class _TailText:
+    """Accumulates text but keeps only about the last ``limit`` chars, counting what it drops.
+
+    A cell printing for hours must not grow the controller's memory without bound.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[str] = []
+        self.size = 0
+        self.dropped = 0
+
+    def append(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.limit > 0 and self.size > 2 * self.limit:
+            joined = "".join(self.parts)
+            self.dropped += len(joined) - self.limit
+            self.parts, self.size = [joined[-self.limit:]], self.limit
+
+    def text(self) -> tuple[str, bool]:
+        """The kept tail, with a marker saying how much was cut (same form as cap_text)."""
+        whole = "".join(self.parts)
+        cut = self.dropped
+        if self.limit > 0 and len(whole) > self.limit:
+            cut += len(whole) - self.limit
+            whole = whole[-self.limit:]
+        if not cut:
+            return whole, False
+        return f"[... {cut} chars truncated ...]\n" + whole, True
+
+
 class _Collector:
     def __init__(self, max_output_chars: int, image_dir: Path | None,
                  on_output: OutputCallback | None) -> None:
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
+        self.stdout = _TailText(max_output_chars)
+        self.stderr = _TailText(max_output_chars)
         self.results: list[dict[str, Any]] = []
         self.images: list[str] = []
         self.error: dict[str, Any] | None = None
@@ -127,8 +159,8 @@ class _Collector:
                 self.on_output("error", "\n".join(tb) + "\n")
 
     def result(self, status: str) -> ExecResult:
-        stdout, cut_out = cap_text("".join(self.stdout), self.max_output_chars)
-        stderr, cut_err = cap_text("".join(self.stderr), self.max_output_chars)
+        stdout, cut_out = self.stdout.text()
+        stderr, cut_err = self.stderr.text()
         return ExecResult(status=status, stdout=stdout, stderr=stderr, results=self.results,
                           error=self.error, truncated=cut_out or cut_err, images=self.images)
 
@@ -183,6 +215,8 @@ async def execute(
                             break
                         if incoming.channel == "iopub" and incoming.msg_type != "status":
                             collector.feed(incoming.msg_type, incoming.content, msg_id)
+        elif reply is None and sock.kernel_lost:
+            raise KernelError(f"{sock.kernel_lost} while running the code; its state is gone")
         elif reply is None:
             raise ConnectionLost(
                 f"the connection to kernel {sock.kernel_id} ended before the code finished "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import secrets
 import socket
 import sys
@@ -124,7 +125,8 @@ class KernelSocket:
         self.close_reason = ""
         self._waiters: dict[str, MemoryObjectSendStream[KernelMessage]] = {}
         self.comm_handler: Callable[[KernelMessage], None] | None = None
-        self.status_handler: Callable[[KernelMessage], None] | None = None
+        #: set when the kernel itself went away (restart, shutdown, crash), not just the link
+        self.kernel_lost = ""
 
     @property
     def session_id(self) -> str:
@@ -212,9 +214,13 @@ class KernelSocket:
 
     # --- receiving --------------------------------------------------------------------------
 
-    def expect(self, msg_id: str, size: int = 1000) -> MemoryObjectReceiveStream[KernelMessage]:
-        """A stream of every message whose parent is ``msg_id``; call before sending it."""
-        send, receive = anyio.create_memory_object_stream[KernelMessage](size)
+    def expect(self, msg_id: str) -> MemoryObjectReceiveStream[KernelMessage]:
+        """A stream of every message whose parent is ``msg_id``; call before sending it.
+
+        Unbounded on purpose: dropping a message here could lose the reply or the idle
+        status. The reader is the one consumer and drains it as fast as messages come.
+        """
+        send, receive = anyio.create_memory_object_stream[KernelMessage](math.inf)
         self._waiters[msg_id] = send
         return receive
 
@@ -298,10 +304,16 @@ class KernelSocket:
                 except Exception:
                     log.exception("comm handler failed")
             return
-        if msg.channel == "iopub" and msg.msg_type in ("status", "shutdown_reply") \
-                and self.status_handler:
-            with contextlib.suppress(Exception):
-                self.status_handler(msg)
+        if msg.channel == "iopub" and msg.msg_type in ("status", "shutdown_reply"):
+            # A REST restart or shutdown shows up only as the old kernel's shutdown_reply; a
+            # crash as a "restarting" or "dead" status from the server. Either way the kernel
+            # we talk to is gone: close, so owners notice now rather than at a timeout.
+            state = "shut down" if msg.msg_type == "shutdown_reply" else \
+                msg.content.get("execution_state")
+            if state in ("restarting", "dead", "shut down"):
+                self.kernel_lost = f"kernel {self.kernel_id} {state}"
+                self.abort(self.kernel_lost)
+                return
         parent = msg.parent_id
         if parent is not None:
             stream = self._waiters.get(parent)
@@ -326,9 +338,9 @@ class KernelSocket:
             with anyio.move_on_after(2, shield=True):
                 await connection.close()
 
-    def abort(self) -> None:
-        """Drop the TCP connection at once (used when keepalive says it is dead)."""
-        self._mark_closed("aborted")
+    def abort(self, reason: str = "aborted") -> None:
+        """Drop the TCP connection at once (keepalive says it is dead, or the kernel went)."""
+        self._mark_closed(reason)
         if self._connection is not None:
             self._connection.transport.abort()
 

@@ -85,12 +85,6 @@ def _session_matches(session: dict[str, Any], name: str) -> bool:
     return name in (session.get("name"), session.get("path"), notebook.get("path"))
 
 
-async def find_session_kernel(rest: JupyterRest, name: str) -> dict[str, Any] | None:
-    """The live kernel of the named session, or None (also where sessions cannot be listed)."""
-    sessions = await rest.listable_sessions()
-    return _live_session_kernel(sessions or [], name)
-
-
 def _live_session_kernel(sessions: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     for session in sessions:
         kernel = session.get("kernel") or {}
@@ -128,9 +122,11 @@ async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
         if sessions is not None:
             # A server that lists its sessions: the session itself is the durable record.
             try:
+                began = anyio.current_time()
                 session = await rest.create_session(name=name, path=name, kernel_name=kernel_name)
                 kernel_id, started = str(session["kernel"]["id"]), True
-                kernel_id = await _converge(rest, name, str(session["id"]), kernel_id)
+                kernel_id = await _converge(rest, name, str(session["id"]), kernel_id,
+                                            settle=anyio.current_time() - began)
                 started = kernel_id == str(session["kernel"]["id"])
             except ServerError as exc:
                 # Kernel Gateway 3 answers 500 to a second session on one path.
@@ -141,18 +137,17 @@ async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
     return kernel_id, started
 
 
-#: how long concurrent creators wait to see each other's sessions before picking one
-_SETTLE_S = 0.3
-
-
-async def _converge(rest: JupyterRest, name: str, session_id: str, kernel_id: str) -> str:
+async def _converge(rest: JupyterRest, name: str, session_id: str, kernel_id: str, *,
+                    settle: float) -> str:
     """Two controllers that both found no live session may both create one: keep one.
 
-    Every creator lists the sessions after a short settle and picks the same winner (the
-    smallest session id); a loser deletes its own session, kernel and all, before anything
-    was injected into it, so jobs are never adopted by two supervisors.
+    The server lists a session only once its kernel has started, so a rival that began its
+    create just before ours appeared may show up to one kernel start later: each creator
+    waits as long as its own create took (plus a margin), lists the sessions, and picks
+    the same winner (the smallest session id). A loser deletes its own session, kernel and
+    all, before anything was injected into it, so jobs are never adopted twice.
     """
-    await anyio.sleep(_SETTLE_S)
+    await anyio.sleep(min(settle, 5.0) + 0.3)
     sessions = await rest.listable_sessions() or []
     live = [s for s in sessions if _session_matches(s, name) and (s.get("kernel") or {}).get("id")
             and (s.get("kernel") or {}).get("execution_state") != "dead"]

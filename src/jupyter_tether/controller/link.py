@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 
 from ..agent_payload import bundle, wire
-from ..errors import AuthError, ConnectionLost, KernelError, RemoteError, TetherError, TetherTimeout
+from ..errors import AuthError, ConnectionLost, KernelError, TetherError, TetherTimeout
 from .execute import control_request, execute, kernel_info
 from .kernel_ws import KernelMessage, KernelSocket
 from .kernels import SUPERVISOR_SESSION, find_or_start
@@ -85,7 +85,6 @@ class SupervisorLink:
         self._codec = wire.JSON
         self._generation = 0
         self._connected = anyio.Event()
-        self._dropped = anyio.Event()
         self._closing = False
         self._pending = PendingCalls()
         self._sequencer = EventSequencer()
@@ -150,10 +149,12 @@ class SupervisorLink:
                 assert call.reply is not None
                 return call.reply
         except TimeoutError:
-            raise TetherTimeout(
-                f"{op!r} got no reply within {timeout}s"
-                + ("" if self.connected else f" (link down: {self.last_error})")
-            ) from None
+            if not self.connected:
+                raise ConnectionLost(
+                    f"{op!r} got no reply within {timeout}s: the link to "
+                    f"{self.target.display_url} is down ({self.last_error or 'reconnecting'})"
+                ) from None
+            raise TetherTimeout(f"{op!r} got no reply within {timeout}s") from None
         finally:
             self._pending.discard(call)
 
@@ -241,14 +242,18 @@ class SupervisorLink:
         await self._open_watching(sock, kernel_id)
         try:
             sock.comm_handler = self._on_comm
-            sock.status_handler = self._on_status
             info = await kernel_info(sock)
             self.subshell_id = None
             await self._inject(sock, kernel_id)
+            previous_comm = self.comm_id
             self.comm_id = uuid.uuid4().hex
             self._comm_ids.append(self.comm_id)
             await sock.send(sock.build("comm_open", {
                 "comm_id": self.comm_id, "target_name": wire.COMM_TARGET, "data": {}}))
+            if previous_comm is not None:
+                # The old comm lives on in the kernel after a drop: close it, or every
+                # reconnect would leave one more behind.
+                await sock.send(sock.build("comm_close", {"comm_id": previous_comm, "data": {}}))
             self._sock = sock
             self.kernel_id = kernel_id
             self._generation += 1
@@ -266,10 +271,10 @@ class SupervisorLink:
         if previous_instance != hello.get("instance_id"):
             # A new supervisor numbers its events from 1 again.
             self._sequencer = EventSequencer()
-        self._dropped = anyio.Event()
         self._connected.set()
         self.connected_at = time.time()
-        await self._request_replay()
+        # In the background: the maintainer must be back watching the socket at once.
+        self._task_group.start_soon(self._request_replay)
 
     async def _open_watching(self, sock: KernelSocket, kernel_id: str) -> None:
         """Open ``sock``, giving up as soon as the REST API says its kernel is gone.
@@ -293,8 +298,16 @@ class SupervisorLink:
                             return
 
             watchers.start_soon(watch)
-            await sock.open(self._task_group)
+            failure: BaseException | None = None
+            try:
+                await sock.open(self._task_group)
+            except Exception as exc:
+                # Raised after the group: from inside it would arrive as an ExceptionGroup,
+                # which the reconnect loop's ``except AuthError`` would never match.
+                failure = exc
             watchers.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         if gone:
             await sock.aclose()
             raise KernelError(f"kernel {kernel_id} went away while we connected to it")
@@ -353,12 +366,16 @@ class SupervisorLink:
 
     async def _handshake(self, sock: KernelSocket) -> dict[str, Any]:
         # hello goes out in JSON: a remote without msgpack can always read it.
-        call = self._pending.new("hello", {"protocol": wire.PROTOCOL_VERSION,
-                                           "last_seq": self._sequencer.contiguous}, [], True)
+        call = self._pending.new("hello", {"protocol": wire.PROTOCOL_VERSION}, [], True)
         try:
             await self._send_request(call)
             with anyio.fail_after(30):
-                await call.wakeup.wait()
+                while not call.done:
+                    if sock.closed.is_set():
+                        raise ConnectionLost(f"the connection closed during hello: "
+                                             f"{sock.close_reason}")
+                    with anyio.move_on_after(0.25):
+                        await call.wakeup.wait()
         except TimeoutError:
             raise KernelError("the supervisor did not answer hello within 30s") from None
         finally:
@@ -397,7 +414,7 @@ class SupervisorLink:
                 log.warning("events before the replay ring were lost; followers re-read files")
             # Whatever is still missing below what the supervisor has sent is gone for good.
             self._sequencer.skip_to(min(self._sequencer.highest, reply.result.get("last_seq", 0)))
-        except (ConnectionLost, TetherTimeout, RemoteError) as exc:
+        except TetherError as exc:  # runs as a background task: nothing may escape it
             log.info("event replay failed: %s", exc)
         finally:
             self._replay_requested = False
@@ -438,16 +455,6 @@ class SupervisorLink:
                     log.exception("event listener failed")
             if self._sequencer.has_gap and not self._replay_requested and self._task_group:
                 self._task_group.start_soon(self._request_replay)
-
-    def _on_status(self, msg: KernelMessage) -> None:
-        # A REST restart shows up only as the old kernel's shutdown_reply; a crash as a
-        # "restarting" or "dead" status from the server.
-        state = "shutting down" if msg.msg_type == "shutdown_reply" else \
-            msg.content.get("execution_state")
-        if state in ("restarting", "dead", "shutting down") and self._sock is not None:
-            # The kernel (and the supervisor in it) is gone: reconnect and re-inject.
-            self.last_error = f"supervisor kernel {state}"
-            self._sock.abort()
 
     # --- keeping alive ------------------------------------------------------------------------
 
@@ -490,11 +497,11 @@ class SupervisorLink:
                 self.last_error = ""
                 self._auth_error = None
                 self._pending.wake_all()
+                # In the background, like the replay: a hook waiting on a reply must not keep
+                # the maintainer from noticing the next drop.
+                assert self._task_group is not None
                 for hook in list(self._reattach_hooks):
-                    try:
-                        await hook()
-                    except Exception:
-                        log.exception("re-attach hook failed")
+                    self._task_group.start_soon(self._run_hook, hook)
                 return
             # The backoff spaces the *starts* of attempts: one that already waited out a
             # timeout (a blackholed path) is followed by the next at once. A call that
@@ -506,6 +513,13 @@ class SupervisorLink:
                     await self._retry_now.wait()
                     await anyio.sleep(min(pause, self.options.backoff_initial))
             delay = min(delay * 2, self.options.backoff_max)
+
+    @staticmethod
+    async def _run_hook(hook: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await hook()
+        except Exception:
+            log.warning("re-attach hook failed", exc_info=True)
 
     async def _probe(self) -> None:
         """Wait for one cheap REST round trip to succeed, for at most ``ping_timeout``.

@@ -139,11 +139,6 @@ class JupyterRest:
     async def restart_kernel(self, kernel_id: str) -> None:
         await self.request("POST", f"api/kernels/{kernel_id}/restart")
 
-    async def kernelspecs(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.get_json("api/kernelspecs")
-        return result
-
-    # --- sessions ---------------------------------------------------------------------------
 
     async def list_sessions(self) -> list[dict[str, Any]]:
         """The server's sessions; ``[]`` where there is no sessions API."""
@@ -183,10 +178,3 @@ class JupyterRest:
 
     async def delete_session(self, session_id: str) -> None:
         await self.request("DELETE", f"api/sessions/{session_id}")
-
-    # --- contents (listing and small text only; bulk data goes over the comm) ----------------
-
-    async def contents(self, path: str, *, content: bool = True) -> dict[str, Any]:
-        result: dict[str, Any] = await self.get_json(
-            f"api/contents/{path.lstrip('/')}", content=int(content))
-        return result

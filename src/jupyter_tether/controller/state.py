@@ -6,12 +6,19 @@ kernel ids let a restarted controller find its supervisor without asking the ser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: threads are still serialised by _lock
+    fcntl = None  # type: ignore[assignment]
 
 import platformdirs
 
@@ -50,15 +57,27 @@ class TargetState:
         except (OSError, ValueError):
             return {}
 
-    def update(self, **changes: Any) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive across threads and, where flock exists, across processes."""
         with _lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(str(self.path) + ".lock", "a") as lock_file:
+                if fcntl is not None:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX)
+                yield
+
+    def _write(self, data: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1)
+        os.replace(tmp, self.path)
+
+    def update(self, **changes: Any) -> dict[str, Any]:
+        with self._locked():
             data = self.load()
             data.update(changes)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle, indent=1)
-            os.replace(tmp, self.path)
+            self._write(data)
             return data
 
     def claim_session_id(self, channel: str) -> str:
@@ -70,7 +89,7 @@ class TargetState:
         """
         from .kernel_ws import new_session_id
 
-        with _lock:
+        with self._locked():  # two processes starting together must not take one id
             saved = self.load()
             session_id = saved.get(f"ws_session:{channel}")
             owner = saved.get(f"ws_owner:{channel}")
@@ -79,8 +98,9 @@ class TargetState:
             if not session_id or taken:
                 session_id = new_session_id()
             _SESSIONS_IN_USE.add(session_id)
-        if not taken:
-            self.update(**{f"ws_session:{channel}": session_id, f"ws_owner:{channel}": os.getpid()})
+            if not taken:
+                saved.update({f"ws_session:{channel}": session_id, f"ws_owner:{channel}": os.getpid()})
+                self._write(saved)
         return str(session_id)
 
     @staticmethod

@@ -25,6 +25,10 @@ class Target:
     token: str = field(default="", repr=False)
     name: str = ""
 
+    def __repr__(self) -> str:
+        # Never the credentials: a Kaggle URL carries its JWT in the path.
+        return f"Target({self.display_url!r}, name={self.name!r})"
+
     @property
     def key(self) -> str:
         """A stable local identity for this target (state file key): never the token itself."""
@@ -71,7 +75,9 @@ def parse_target(url: str | None = None, token: str | None = None, name: str = "
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     url_token = query.pop("token", "")
     path = re.sub(r"/(lab|tree|notebooks|doc)(/.*)?$", "", parts.path).rstrip("/")
-    base = urlunsplit((parts.scheme, parts.netloc, path + "/", urlencode(query), ""))
+    # Other query parameters (a browser URL's ?reset, say) are dropped: kept, they would
+    # end up in front of every API path built from the base URL.
+    base = urlunsplit((parts.scheme, parts.netloc, path + "/", "", ""))
     if token is None:
         token = url_token or os.environ.get(TOKEN_ENV, "")
     return Target(base_url=base, token=token.strip(), name=name)

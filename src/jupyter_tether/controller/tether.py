@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import anyio
 import anyio.abc
 import platformdirs
 
-from ..errors import ConfigError, ConnectionLost, KernelError
+from ..errors import ConfigError, ConnectionLost, KernelError, TetherError
 from .embedded import LocalJupyterServer
 from .execute import ExecResult, OutputCallback, execute
 from .files import AsyncFiles
@@ -97,17 +98,20 @@ class AsyncTether:
                 await sock.aclose()
                 if self._state is not None:
                     self._state.release_session_id(sock.session_id)
-        if self._task_group is not None:
-            # Exited outside the shield: a task group must close in the scope it opened in.
-            self._task_group.cancel_scope.cancel()
-            # The caller's exception did not come from our tasks: do not wrap it in a group.
-            await self._task_group.__aexit__(None, None, None)
-            self._task_group = None
-        with anyio.CancelScope(shield=True):
-            if self._rest is not None:
-                await self._rest.aclose()
-            if self._embedded is not None:
-                await anyio.to_thread.run_sync(self._embedded.stop)
+        try:
+            if self._task_group is not None:
+                # Exited outside the shield: a task group must close in the scope it opened in.
+                task_group, self._task_group = self._task_group, None
+                task_group.cancel_scope.cancel()
+                # The caller's exception did not come from our tasks: do not wrap it in a group.
+                await task_group.__aexit__(None, None, None)
+        finally:
+            # Whatever the tasks raised, the HTTP client and the embedded server must go.
+            with anyio.CancelScope(shield=True):
+                if self._rest is not None:
+                    await self._rest.aclose()
+                if self._embedded is not None:
+                    await anyio.to_thread.run_sync(self._embedded.stop)
 
     async def aclose(self) -> None:
         await self._shutdown(None, None, None)
@@ -246,10 +250,19 @@ class AsyncTether:
                               "list them with list_kernels()")
         lock = self._work_locks.setdefault(target_kernel, anyio.Lock())
         async with lock:
-            sock = await self._work_socket(target_kernel)
+            try:
+                sock = await self._work_socket(target_kernel)
+            except KernelError:
+                if kernel_id is not None:
+                    raise
+                # The default work kernel was culled or shut down elsewhere: start anew.
+                self._default_work_kernel = None
+                target_kernel = await self.work_kernel_id()
+                sock = await self._work_socket(target_kernel)
 
             async def interrupt() -> None:
-                await self.rest.interrupt_kernel(target_kernel)
+                with contextlib.suppress(TetherError):  # a kernel gone meanwhile says so itself
+                    await self.rest.interrupt_kernel(target_kernel)
 
             image_dir = Path(output_dir) if output_dir else self.output_dir
             for _ in range(3):
