@@ -393,7 +393,8 @@ def test_mcp_passes_the_selected_target_to_serve(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("JUPYTER_TETHER_CONFIG", str(config))
     assert cli.main(["mcp", "--target", "gpu", "--port", "9100", "--auth-token", "a"]) == 0
     assert seen == {"transport": "streamable-http", "host": "127.0.0.1", "port": 9100,
-                    "path": "/mcp", "url": "http://gpu:8888/", "token": "tok", "auth_token": "a"}
+                    "path": "/mcp", "url": "http://gpu:8888/", "token": "tok", "auth_token": "a",
+                    "output_dir": None, "embedded_root": None}
     monkeypatch.delenv("REMOTE_JUPYTER_URL", raising=False)
     monkeypatch.setenv("JUPYTER_TETHER_CONFIG", str(tmp_path / "none.toml"))
     assert cli.main(["mcp", "--stdio"]) == 0
@@ -407,3 +408,102 @@ def test_env_snapshot_summary_and_json(jupyter_server: LocalJupyterServer) -> No
     assert not any(line != line.rstrip() for line in plain.stdout.splitlines())
     snap = json.loads(tether_cli(jupyter_server, "env", "--json").stdout)
     assert "pip_freeze" in snap and snap["root_dir"] == str(jupyter_server.root_dir)
+
+
+# --- entry points, secrets, streaming ---------------------------------------------------------
+
+
+def test_mcp_module_entry_point_is_the_cli_mcp_command(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    import jupyter_tether.mcp_server as mcp_server
+    from jupyter_tether.mcp_server.__main__ import main as module_main
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(mcp_server, "serve", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("JUPYTER_TETHER_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.delenv("REMOTE_JUPYTER_URL", raising=False)
+    assert module_main(["--stdio", "--output-dir", "out", "--embedded-root", "root"]) == 0
+    assert seen["transport"] == "stdio" and seen["url"] is None
+    assert (seen["output_dir"], seen["embedded_root"]) == ("out", "root")
+    assert module_main(["--url", "http://gpu:8888/", "--token", "tok", "--port", "9101"]) == 0
+    assert (seen["url"], seen["token"], seen["port"]) == ("http://gpu:8888/", "tok", 9101)
+    # One definition of the options: the CLI's `mcp` has --output-dir and --embedded-root.
+    assert cli.main(["mcp", "--output-dir", "o2", "--embedded-root", "r2"]) == 0
+    assert (seen["output_dir"], seen["embedded_root"]) == ("o2", "r2")
+
+
+def test_error_lines_never_show_the_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("REMOTE_JUPYTER_URL", "REMOTE_JUPYTER_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "targets.toml"
+    config.write_text('[lab]\nurl = "http://127.0.0.1:9/"\ntoken = "named-target-secret"\n')
+    monkeypatch.setenv("JUPYTER_TETHER_CONFIG", str(config))
+
+    def error_for(*argv: str) -> str:
+        code = cli.main(list(argv))
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        return err
+
+    # Errors whose text holds the token itself, not as token=...: only *** is printed.
+    err = error_for("--url", "http://127.0.0.1:9/", "--token", "flag-token-secret",
+                    "put", str(tmp_path / "flag-token-secret"), "x")
+    assert "flag-token-secret" not in err and "***" in err
+    err = error_for("--url", "http://127.0.0.1:9/?token=url-token-secret",
+                    "put", str(tmp_path / "url-token-secret.bin"), "x")
+    assert "url-token-secret" not in err and "***" in err
+    err = error_for("--target", "lab", "put", str(tmp_path / "named-target-secret"), "x")
+    assert "named-target-secret" not in err and "***" in err
+    monkeypatch.setenv("REMOTE_JUPYTER_TOKEN", "env-token-secret")
+    err = error_for("put", str(tmp_path / "env-token-secret"), "x")
+    assert "env-token-secret" not in err and "***" in err
+    # argparse's own usage errors, which quote the bad value, too.
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--token", "argv-token-secret", "exec", "--timeout", "argv-token-secret", "1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argv-token-secret" not in err and "***" in err
+
+
+def test_logs_streams_the_log_bytes_as_written(jupyter_server: LocalJupyterServer) -> None:
+    # More than one 4 MiB read, with bytes that are not UTF-8: passed through untouched.
+    script = ("import sys; out = sys.stdout.buffer; out.write(bytes([0xff, 0xfe]) + b'\\n'); "
+              "[out.write(b'%07d ' % i + b'x' * 92 + b'\\n') for i in range(90000)]; "
+              "out.write(b'end\\n')")
+    started = tether_cli(jupyter_server, "--json", "run", "python3", "-c", script)
+    assert started.returncode == 0, started.stderr
+    job_id = json.loads(started.stdout)["job_id"]
+    proc = subprocess.run([str(SCRIPT), "--url", jupyter_server.url, "--token",
+                           jupyter_server.token, "logs", job_id], capture_output=True,
+                          timeout=120, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    expected = bytes([0xff, 0xfe]) + b"\n" + b"".join(
+        b"%07d " % i + b"x" * 92 + b"\n" for i in range(90000)) + b"end\n"
+    assert len(expected) > 8 * 1024 * 1024
+    assert proc.stdout == expected
+    last = tether_cli(jupyter_server, "logs", job_id, "-n", "1")
+    assert last.stdout == "end\n"
+
+
+def test_ctrl_c_during_exec_interrupts_the_work_kernel(
+        jupyter_server: LocalJupyterServer) -> None:
+    proc = subprocess.Popen(
+        [str(SCRIPT), "--url", jupyter_server.url, "--token", jupyter_server.token, "exec",
+         "import time\nprint('sleeping', flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "sleeping\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    # The cell was interrupted: the work kernel answers at once, not after the sleep.
+    started = time.monotonic()
+    after = tether_cli(jupyter_server, "exec", "print('free')", timeout=60)
+    assert after.returncode == 0 and after.stdout == "free\n", after.stderr
+    assert time.monotonic() - started < 45

@@ -21,13 +21,17 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
-from jupyter_tether.controller.submit import DEFAULT_SYNC_EXCLUDES
 from jupyter_tether.errors import ConfigError
 from jupyter_tether.mcp_server import TOOL_NAMES, build_server, http_app
 
 pytestmark = pytest.mark.anyio
 
 REQUIRED = object()
+# The reference server's default exclude_globs_csv, written out (not imported from the
+# implementation, which would make the contract compare the implementation with itself).
+REFERENCE_EXCLUDE_GLOBS_CSV = (
+    ".git/**,.hg/**,.svn/**,**/__pycache__/**,**/*.pyc,.venv/**,venv/**,build/**,dist/**,"
+    "*.egg-info/**,.mypy_cache/**,.pytest_cache/**,.ruff_cache/**")
 # The reference server's contract (SEED_TOOLS.md): argument names and defaults.
 REFERENCE: dict[str, dict[str, Any]] = {
     "jupyter_ping": {"server_url": None, "timeout_s": 30},
@@ -54,7 +58,7 @@ REFERENCE: dict[str, dict[str, Any]] = {
                                       "archive_remote_path": None, "kernel_id": None,
                                       "server_url": None, "timeout_s": 600},
     "jupyter_sync_dir": {"local_dir": REQUIRED, "remote_dir": REQUIRED,
-                         "exclude_globs_csv": DEFAULT_SYNC_EXCLUDES, "clean_remote": True,
+                         "exclude_globs_csv": REFERENCE_EXCLUDE_GLOBS_CSV, "clean_remote": True,
                          "keep_archive": False, "max_bytes": 200 * 1024 * 1024,
                          "kernel_id": None, "server_url": None, "timeout_s": 600},
     "jupyter_run_commands": {"commands": REQUIRED, "cwd": "", "env_overrides": None,
@@ -589,3 +593,117 @@ async def test_embedded_server_by_default_and_closed_with_the_mcp_server(
             return
         time.sleep(0.1)
     raise AssertionError("the embedded server's kernels outlived the MCP server")
+
+
+# --- bounds, timeouts, env values -------------------------------------------------------------
+
+
+async def test_bounded_converts_only_its_own_deadline() -> None:
+    import anyio
+
+    from jupyter_tether.errors import TetherTimeout
+    from jupyter_tether.mcp_server.helpers import BoundExceeded, _hint, bounded
+
+    # The link's own timeout (a TimeoutError subclass) is not the tool's timeout_s.
+    with pytest.raises(TetherTimeout):
+        async with bounded(30, "x"):
+            raise TetherTimeout("the supervisor did not answer within 2s")
+    with pytest.raises(BoundExceeded) as exceeded:
+        async with bounded(0.2, "x"):
+            await anyio.sleep(10)
+    assert exceeded.value.seconds == 0.2
+    assert "raise timeout_s" in _hint(exceeded.value, "")
+    hint = _hint(TetherTimeout("the supervisor did not answer within 2s"), "")
+    assert "did not answer within 2s" in hint and "may still be running" in hint
+
+
+@asynccontextmanager
+async def _stuck_pool(monkeypatch: pytest.MonkeyPatch, behaviour: str) -> AsyncIterator[Calls]:
+    """An in-process server whose targets never open ('hang') or whose link times out."""
+    import anyio
+
+    from jupyter_tether.errors import TetherTimeout
+    from jupyter_tether.mcp_server.pool import TetherPool
+
+    async def get(self: TetherPool, server_url: str | None = None) -> Any:
+        if behaviour == "hang":
+            await anyio.sleep_forever()
+        raise TetherTimeout("the supervisor did not answer within 2s")
+
+    monkeypatch.setattr(TetherPool, "get", get)
+    async with Client(build_server(url="http://127.0.0.1:9/")) as client:
+        yield Calls(client)
+
+
+async def test_a_link_timeout_keeps_its_own_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import anyio
+
+    async with _stuck_pool(monkeypatch, "link-timeout") as calls:
+        for name, args in [("jupyter_ping", {}), ("jupyter_job_status", {"job_id": "j1"}),
+                           ("jupyter_job_wait", {"job_id": "j1"}),
+                           ("jupyter_job_submit", {"spec": {"run": {"command": "true"}}})]:
+            with anyio.fail_after(20):
+                text = await calls.error(name, args)
+            assert "did not answer within 2s" in text and "may still be running" in text, text
+            assert "did not finish within timeout_s" not in text, text
+
+
+async def test_opening_the_target_counts_against_timeout_s(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import anyio
+
+    async with _stuck_pool(monkeypatch, "hang") as calls:
+        for name, args in [
+                ("jupyter_job_submit", {"spec": {"run": {"command": "true"}}, "timeout_s": 0.5}),
+                ("jupyter_job_status", {"job_id": "j1", "timeout_s": 0.5}),
+                ("jupyter_ping", {"timeout_s": 0.5})]:
+            started = time.monotonic()
+            with anyio.fail_after(20):
+                text = await calls.error(name, args)
+            assert "did not finish within timeout_s=0.5" in text, text
+            assert time.monotonic() - started < 10
+
+
+async def test_submit_reports_progress_through_bootstrap_and_takes_timeout_s(
+        mcp_server: McpProcess, tmp_path: Path) -> None:
+    import uuid
+
+    proj = _project(tmp_path)
+    spec = {"sync": [{"local_dir": str(proj), "remote_dir": f"prog/{tmp_path.name}"}],
+            "bootstrap": {"commands": ["sleep 2.5"]},
+            "run": {"command": "echo $N-$B", "env_overrides": {"N": 0, "B": True}},
+            "idempotency_key": uuid.uuid4().hex}
+    messages: list[str] = []
+    values: list[float] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        values.append(value)
+        messages.append(message or "")
+
+    async with connect(mcp_server.url) as client:
+        calls = Calls(client)
+        out = await calls.ok("jupyter_job_submit", {"spec": spec, "timeout_s": 120},
+                             progress_callback=on_progress)
+        assert out["ok"] and out["job_id"]
+        assert any(m.startswith("bootstrap: 0 of 1 commands done") for m in messages), messages
+        assert values == sorted(values)
+        assert await calls.follow_all(out["job_id"]) == "0-True\n"
+        # Its own bound: a bootstrap longer than timeout_s gives up, saying the work may go on.
+        slow = {**spec, "bootstrap": {"commands": ["sleep 20"]},
+                "idempotency_key": uuid.uuid4().hex}
+        text = await calls.error("jupyter_job_submit", {"spec": slow, "timeout_s": 2})
+        assert "did not finish within timeout_s=2" in text
+
+
+async def test_env_overrides_take_numbers_and_booleans(mcp_server: McpProcess) -> None:
+    async with connect(mcp_server.url) as client:
+        calls = Calls(client)
+        env = {"CUDA_VISIBLE_DEVICES": 0, "RATE": 1.5, "DEBUG": True, "NAME": "x"}
+        run = await calls.ok("jupyter_run_commands", {
+            "commands": ["echo $CUDA_VISIBLE_DEVICES $RATE $DEBUG $NAME"], "env_overrides": env})
+        assert run["ok"] and run["results"][0]["stdout"] == "0 1.5 True x\n"
+        job = await calls.ok("jupyter_job_start", {"command": "echo $CUDA_VISIBLE_DEVICES",
+                                                   "env_overrides": env})
+        assert await calls.follow_all(job["job_id"]) == "0\n"
+        assert "env_overrides" in await calls.error("jupyter_run_commands", {
+            "commands": ["true"], "env_overrides": {"X": [1]}})

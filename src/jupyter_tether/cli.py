@@ -48,11 +48,20 @@ from .config import (
     select_target,
     target_from_config,
 )
+from .controller import submit as submit_mod
 from .controller.blocking import Tether
-from .controller.blocking_services import Files, Job, Jobs, ProgressCallback, run_on_portal
+from .controller.blocking_services import (
+    Files,
+    Job,
+    Jobs,
+    ProgressCallback,
+    human_bytes,
+    job_duration,
+    run_on_portal,
+)
 from .controller.files import DEFAULT_SYNC_MAX_BYTES
 from .controller.jobs import JobInfo
-from .controller.target import TOKEN_ENV, URL_ENV, Target, redact
+from .controller.target import TOKEN_ENV, URL_ENV, Target, parse_target, redact
 from .controller.tether import AsyncTether
 from .errors import ConfigError, NotFound, TetherError
 
@@ -65,6 +74,53 @@ DEBUG_ENV = "JUPYTER_TETHER_DEBUG"
 
 class UsageError(Exception):
     """A problem with the command line itself (exit 2)."""
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+#: Tokens this command knows (``--token``, a token in ``--url``, the config's targets): no
+#: line it prints may show them. Filled by ``main``; ``REMOTE_JUPYTER_TOKEN`` is read live.
+_SECRETS: set[str] = set()
+_MIN_SECRET = 4  # shorter "tokens" would blank out ordinary words
+
+
+def _remember_secrets(*tokens: str | None) -> None:
+    _SECRETS.update(t for t in tokens if t and len(t) >= _MIN_SECRET)
+
+
+def scrub(text: str, *tokens: str | None) -> str:
+    """``text`` with no credential in it: URL tokens redacted and every known token -> ***."""
+    text = redact(text)
+    known = {*_SECRETS, os.environ.get(TOKEN_ENV, ""), *(t or "" for t in tokens)}
+    for secret in sorted((t for t in known if len(t) >= _MIN_SECRET), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _tokens_in_argv(argv: Sequence[str]) -> list[str]:
+    """``--token`` values, before argparse runs (its usage errors may quote them)."""
+    found = []
+    for index, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name.startswith("--to") and "--token".startswith(name):  # argparse takes prefixes
+            if eq:
+                found.append(value)
+            elif index + 1 < len(argv):
+                found.append(argv[index + 1])
+    return found
+
+
+def _collect_secrets(args: argparse.Namespace) -> None:
+    """Every token this command may hold: --token, --url's, and each configured target's."""
+    _remember_secrets(args.token)
+    if args.url:
+        with contextlib.suppress(Exception):
+            _remember_secrets(parse_target(args.url, args.token).token)
+    with contextlib.suppress(Exception):  # a broken config is reported where it is used
+        path = config_path()
+        for name in named_targets(path):
+            with contextlib.suppress(Exception):
+                _remember_secrets(target_from_config(name, path).token)
 
 
 # --- output helpers ---------------------------------------------------------------------------
@@ -97,6 +153,7 @@ class Ctx:
                           f"in {Path.cwd()}")
                 self._tether = Tether()
             else:
+                _remember_secrets(self.selection.target.token)
                 self._tether = Tether(target=self.selection.target)
         return self._tether
 
@@ -151,14 +208,6 @@ def _styled(ctx: Ctx, text: str, colour: str) -> str:
     return f"[{colour}]{_escape(text)}[/]" if ctx.tty else _escape(text)
 
 
-def _human_bytes(value: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _when(epoch: float | None) -> str:
     if not epoch:
         return "-"
@@ -166,17 +215,6 @@ def _when(epoch: float | None) -> str:
     if stamp.date() == dt.date.today():
         return stamp.strftime("%H:%M:%S")
     return stamp.strftime("%Y-%m-%d %H:%M")
-
-
-def _duration(info: JobInfo) -> str:
-    if not info.started_at:
-        return "-"
-    seconds = max(0.0, (info.ended_at or time.time()) - info.started_at)
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _print_mapping(ctx: Ctx, mapping: dict[str, Any], title: str = "") -> None:
@@ -276,9 +314,7 @@ def cmd_status(ctx: Ctx) -> int:
 def _one_line(exc: BaseException, target: Target | None = None) -> str:
     """An exception as one line with no credential in it."""
     text = str(exc) or type(exc).__name__
-    if target is not None and len(target.token) >= 4:
-        text = text.replace(target.token, "***")
-    return " ".join(redact(text).split())
+    return " ".join(scrub(text, target.token if target else None).split())
 
 
 def _configured_targets(names: Sequence[str] | None = None
@@ -383,6 +419,17 @@ def _read_code(ctx: Ctx) -> str:
     return str(args.code)
 
 
+INTERRUPT_TIMEOUT_S = 5.0
+
+
+async def _interrupt_kernel(aio: AsyncTether, kernel_id: str | None) -> None:
+    """Interrupt ``kernel_id``, or the work kernel if one was started (never start one)."""
+    with anyio.fail_after(INTERRUPT_TIMEOUT_S):
+        kernel = kernel_id or (await aio.status()).get("work_kernel_id")
+        if kernel:
+            await aio.rest.interrupt_kernel(kernel)
+
+
 def cmd_exec(ctx: Ctx) -> int:
     code = _read_code(ctx)
     tether = ctx.connect()
@@ -400,10 +447,8 @@ def cmd_exec(ctx: Ctx) -> int:
         result = run_on_portal(tether.portal, call)
     except KeyboardInterrupt:
         # The kernel keeps running the cell unless told otherwise.
-        kernel = ctx.args.kernel or tether.aio._default_work_kernel
-        if kernel:
-            with contextlib.suppress(Exception):
-                tether.portal.call(tether.aio.rest.interrupt_kernel, kernel)
+        with contextlib.suppress(Exception):
+            tether.portal.call(_interrupt_kernel, tether.aio, ctx.args.kernel)
         raise
     if ctx.json:
         ctx.emit_json(result.to_dict())
@@ -501,8 +546,8 @@ def cmd_jobs(ctx: Ctx) -> int:
         exit_text = "-" if info.state == "running" else (
             f"sig {info.signal}" if info.signal else str(info.exit_code))
         command = info.command if len(info.command) <= 60 else info.command[:57] + "..."
-        table.add_row(info.job_id, state, exit_text, _when(info.started_at), _duration(info),
-                      command.replace("[", r"\["))
+        table.add_row(info.job_id, state, exit_text, _when(info.started_at),
+                      job_duration(info) or "-", command.replace("[", r"\["))
     ctx.table(table)
     return EXIT_OK
 
@@ -527,11 +572,16 @@ def cmd_logs(ctx: Ctx) -> int:
                 ctx.emit_json({"job_id": job.job_id, "data": tail.decode("utf-8", "replace")})
             else:
                 sys.stdout.buffer.write(tail)
+                sys.stdout.buffer.flush()
         return _follow_logs(ctx, job, offset)
     if args.lines is not None:
         text = job.tail(args.lines) if args.lines else ""
-    else:
+    elif ctx.json:
         text = _read_all(job, info.bytes_written)
+    else:
+        # The log as it is now, chunk by chunk: never all of it in memory, bytes as written.
+        _stream_chunks(_log_chunks(job, info.bytes_written))
+        return EXIT_OK
     if ctx.json:
         ctx.emit_json({"job_id": job.job_id, "state": info.state, "exit_code": info.exit_code,
                        "log": text})
@@ -541,14 +591,19 @@ def cmd_logs(ctx: Ctx) -> int:
     return EXIT_OK
 
 
-def _read_all(job: Job, size: int) -> str:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    parts, offset = [], 0
+def _log_chunks(job: Job, size: int) -> Iterator[bytes]:
+    """The first ``size`` bytes of a job's log (at least), one read at a time."""
+    offset = 0
     while offset < size:
         data, offset = job.read(offset)
         if not data:
             break
-        parts.append(decoder.decode(data))
+        yield data
+
+
+def _read_all(job: Job, size: int) -> str:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    parts = [decoder.decode(data) for data in _log_chunks(job, size)]
     parts.append(decoder.decode(b"", final=True))
     return "".join(parts)
 
@@ -606,7 +661,7 @@ def _files(ctx: Ctx) -> Files:
 
 
 def _rate(size: int, seconds: float) -> str:
-    return f", {_human_bytes(size / seconds)}/s" if seconds > 0 else ""
+    return f", {human_bytes(size / seconds)}/s" if seconds > 0 else ""
 
 
 def _report_transfer(ctx: Ctx, verb: str, source: str, dest: str, result: Any) -> None:
@@ -617,17 +672,17 @@ def _report_transfer(ctx: Ctx, verb: str, source: str, dest: str, result: Any) -
     size, seconds = int(data.get("bytes") or 0), float(data.get("seconds") or 0.0)
     line = f"{verb} {source} -> {dest}: "
     if "uploaded" in data:  # a sync
-        line += (f"{data['uploaded']} files sent ({_human_bytes(size)}), "
+        line += (f"{data['uploaded']} files sent ({human_bytes(size)}), "
                  f"{data.get('unchanged', 0)} unchanged, {data.get('deleted', 0)} deleted")
         skipped = data.get("skipped") or []
         if skipped:
             line += f", {len(skipped)} skipped (links or special files; see --json)"
     elif "files" in data:  # a directory download
-        line += f"{data['files']} files, {_human_bytes(size)}"
+        line += f"{data['files']} files, {human_bytes(size)}"
     else:
-        line += _human_bytes(size)
+        line += human_bytes(size)
         if data.get("resumed_bytes"):
-            line += f" (resumed after {_human_bytes(data['resumed_bytes'])})"
+            line += f" (resumed after {human_bytes(data['resumed_bytes'])})"
     line += f" in {seconds:.2f}s{_rate(size, seconds)}"
     ctx.out.print(line, markup=False, highlight=False)
 
@@ -715,14 +770,6 @@ def _load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
-def _submit_module() -> Any:
-    try:
-        from .controller import submit
-    except ImportError:
-        raise TetherError("submit/collect are not available in this build") from None
-    return submit
-
-
 @contextlib.contextmanager
 def phase_progress(ctx: Ctx) -> Iterator[Callable[[str, int, int], None] | None]:
     """One bar for multi-step work (submit, collect): ``progress(phase, done, total)``."""
@@ -748,13 +795,13 @@ def _collect_dir(name: str) -> str:
 
 def cmd_submit(ctx: Ctx) -> int:
     spec = _load_spec(Path(ctx.args.spec))
-    submit = _submit_module()
     if len(ctx.args.targets) > 1:
-        return _submit_many(ctx, spec, submit)
+        return _submit_many(ctx, spec)
     tether = ctx.connect()
     with phase_progress(ctx) as progress:
         result: dict[str, Any] = run_on_portal(
-            tether.portal, functools.partial(submit.submit, tether.aio, spec, progress=progress))
+            tether.portal,
+            functools.partial(submit_mod.submit, tether.aio, spec, progress=progress))
     job_id = result.get("job_id")
     if ctx.args.follow and job_id:
         if not ctx.json:
@@ -776,7 +823,7 @@ def cmd_submit(ctx: Ctx) -> int:
     return EXIT_OK
 
 
-def _submit_many(ctx: Ctx, spec: dict[str, Any], submit: Any) -> int:
+def _submit_many(ctx: Ctx, spec: dict[str, Any]) -> int:
     """The same spec to several named targets at once: a job on each, collected from each."""
     args = ctx.args
     if args.url:
@@ -784,7 +831,7 @@ def _submit_many(ctx: Ctx, spec: dict[str, Any], submit: Any) -> int:
     if args.follow:
         raise UsageError("--follow follows one job: with several --target names, follow each "
                          "job with `jupyter-tether --target NAME logs JOB -f`")
-    submit.validate_spec(spec)  # a bad spec is refused before anything is sent anywhere
+    submit_mod.validate_spec(spec)  # a bad spec is refused before anything is sent anywhere
     entries = _configured_targets(args.targets)
 
     async def one(entry: tuple[str, Target | None, str | None]) -> dict[str, Any]:
@@ -794,7 +841,7 @@ def _submit_many(ctx: Ctx, spec: dict[str, Any], submit: Any) -> int:
             return row
         try:
             async with AsyncTether(target=target) as aio:
-                result = await submit.submit(aio, spec)
+                result = await submit_mod.submit(aio, spec)
         except Exception as raised:
             row["error"] = _one_line(_unwrap(raised), target)
             return row
@@ -836,11 +883,10 @@ def _submit_many(ctx: Ctx, spec: dict[str, Any], submit: Any) -> int:
 
 
 def cmd_collect(ctx: Ctx) -> int:
-    submit = _submit_module()
     tether = ctx.connect()
     with phase_progress(ctx) as progress:
         result: dict[str, Any] = run_on_portal(
-            tether.portal, functools.partial(submit.collect, tether.aio, ctx.args.job,
+            tether.portal, functools.partial(submit_mod.collect, tether.aio, ctx.args.job,
                                              ctx.args.dir, require_done=not ctx.args.allow_running,
                                              progress=progress))
     if ctx.json:
@@ -850,7 +896,7 @@ def cmd_collect(ctx: Ctx) -> int:
         for item in result.get("downloads", []):
             remote = item.get("remote_path") or item.get("remote_dir") or str(item.get("artifact"))
             local = item.get("local_path") or item.get("local_dir") or "-"
-            outcome = (_human_bytes(item["bytes"]) if isinstance(item.get("bytes"), int) else "ok") \
+            outcome = (human_bytes(item["bytes"]) if isinstance(item.get("bytes"), int) else "ok") \
                 if item.get("ok") else f"failed: {item.get('error')}"
             table.add_row(remote, local, outcome)
         ctx.table(table)
@@ -910,15 +956,15 @@ def cmd_targets(ctx: Ctx) -> int:
 
 def cmd_mcp(ctx: Ctx) -> int:
     args = ctx.args
-    try:
-        from .mcp_server import serve  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        raise TetherError("the MCP server is not available in this build") from None
+    # Imported here, not at the top: the MCP SDK would slow every other command's start.
+    from . import mcp_server
+
     selection = select_target(args.url, args.token, args.target)
     target = selection.target
-    serve(transport="stdio" if args.stdio else "streamable-http", host=args.host, port=args.port,
-          path=args.path, url=target.base_url if target else None,
-          token=target.token if target else None, auth_token=args.auth_token)
+    mcp_server.serve(transport="stdio" if args.stdio else "streamable-http", host=args.host,
+                     port=args.port, path=args.path, url=target.base_url if target else None,
+                     token=target.token if target else None, auth_token=args.auth_token,
+                     output_dir=args.output_dir, embedded_root=args.embedded_root)
     return EXIT_OK
 
 
@@ -928,7 +974,8 @@ def cmd_mcp(ctx: Ctx) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, like every other error of this command, pointing at --help.
-        self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
+        line = " ".join(scrub(message).split())
+        self.exit(EXIT_USAGE, f"error: {line} (see '{self.prog} --help')\n")
 
 
 class _AppendTarget(argparse.Action):
@@ -1013,6 +1060,7 @@ def build_parser() -> argparse.ArgumentParser:
         jupyter-tether mcp                         # http://127.0.0.1:8009/mcp
         jupyter-tether mcp --stdio --target kaggle
         jupyter-tether mcp --host 0.0.0.0 --auth-token "$MCP_TOKEN"
+        (python -m jupyter_tether.mcp_server takes the same options)
         """, common)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     p.add_argument("--port", type=int, default=8009, help="port (default: %(default)s)")
@@ -1020,6 +1068,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout instead")
     p.add_argument("--auth-token", default=None,
                    help="bearer token clients must send (required off loopback)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="where exec images are saved (default: the user cache dir)")
+    p.add_argument("--embedded-root", default=None, metavar="DIR",
+                   help="root directory of the embedded local Jupyter server, used when no "
+                   "target is given (default: the cwd)")
 
     p = _sub(subparsers, "status", cmd_status, "connect and show the server, supervisor and link",
              """
@@ -1164,7 +1217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    line = " ".join(redact(str(message)).split()) or "unknown error"
+    line = " ".join(scrub(str(message)).split()) or "unknown error"
     sys.stderr.write(f"error: {line}\n")
     sys.stderr.flush()
 
@@ -1177,10 +1230,14 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _SECRETS.clear()
+    _remember_secrets(*_tokens_in_argv(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("url", "token"):
         setattr(args, name, getattr(args, name, None))
+    _collect_secrets(args)
     args.targets = list(dict.fromkeys(getattr(args, "target", None) or []))
     args.target = args.targets[0] if len(args.targets) == 1 else None
     args.json = getattr(args, "json", False)

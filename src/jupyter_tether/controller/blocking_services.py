@@ -63,12 +63,25 @@ def in_notebook() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def _human_bytes(value: float) -> str:
+def human_bytes(value: float) -> str:
+    """``512 B``, ``1.5 MiB``, ... (binary units up to TiB)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
+        if abs(value) < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
-    return f"{value:.1f} GiB"  # pragma: no cover - the loop always returns
+    return f"{value:.1f} TiB"
+
+
+def job_duration(info: JobInfo) -> str:
+    """How long a job ran (or has been running): ``4.2s``, ``3m05s``, ``1h02m``; '' if unknown."""
+    if not info.started_at:
+        return ""
+    seconds = max(0.0, (info.ended_at or time.time()) - info.started_at)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 class NotebookProgress:
@@ -95,10 +108,10 @@ class NotebookProgress:
     def _markup(self, final: str = "") -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = self.done / elapsed
-        text = f"{_human_bytes(self.done)}"
+        text = f"{human_bytes(self.done)}"
         if self.total:
-            text += f" / {_human_bytes(self.total)}"
-        text += f" &middot; {_human_bytes(rate)}/s"
+            text += f" / {human_bytes(self.total)}"
+        text += f" &middot; {human_bytes(rate)}/s"
         if self.total and rate > 0 and self.done < self.total:
             text += f" &middot; ETA {math.ceil((self.total - self.done) / rate)} s"
         maximum = max(self.total, 1)
@@ -119,9 +132,7 @@ def _progress_for(progress: ProgressArg, label: str) -> tuple[ProgressCallback |
                                                                NotebookProgress | None]:
     if callable(progress):
         return progress, None
-    if progress is False or (progress is None and not in_notebook()):
-        return None, None
-    if not in_notebook():
+    if progress is False or not in_notebook():
         return None, None  # progress=True outside a notebook: the CLI draws its own bars
     bar = NotebookProgress(label)
     return bar.callback, bar
@@ -275,17 +286,10 @@ def _exit_text(info: JobInfo) -> str:
     return "" if info.exit_code is None else f"exit {info.exit_code}"
 
 
-def _duration(info: JobInfo) -> str:
-    if info.started_at is None:
-        return ""
-    end = info.ended_at or time.time()
-    return f"{max(0.0, end - info.started_at):.1f}s"
-
-
 def _job_text(job_id: str, info: JobInfo | None, problem: str | None) -> str:
     if info is None:
         return f"<Job {job_id} unknown{' (' + problem + ')' if problem else ''}>"
-    bits = [info.state, _exit_text(info), _duration(info), repr(info.command[:80])]
+    bits = [info.state, _exit_text(info), job_duration(info), repr(info.command[:80])]
     stale = " (last known)" if problem else ""
     return f"<Job {job_id} {' '.join(b for b in bits if b)}{stale}>"
 
@@ -302,7 +306,7 @@ def _job_html(job_id: str, info: JobInfo | None, tail: str | None, problem: str 
     parts = [f"<div><b>job <code>{html.escape(job_id)}</code></b> "
              f"<span style='color:{colour};font-weight:bold'>{html.escape(state)}</span>"]
     if info is not None:
-        details = " &middot; ".join(html.escape(b) for b in (_exit_text(info), _duration(info)) if b)
+        details = " &middot; ".join(html.escape(b) for b in (_exit_text(info), job_duration(info)) if b)
         if details:
             parts.append(f" &middot; {details}")
         parts.append(f"<br><code>{html.escape(info.command)}</code>")

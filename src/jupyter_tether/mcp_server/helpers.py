@@ -48,12 +48,21 @@ class BoundExceeded(Exception):
 
 @asynccontextmanager
 async def bounded(seconds: float, what: str) -> AsyncIterator[None]:
-    """Give up after ``seconds`` with a message that says the remote side may still go on."""
-    try:
-        with anyio.fail_after(seconds):
+    """Give up after ``seconds`` with a message that says the remote side may still go on.
+
+    Only this bound's own deadline becomes ``BoundExceeded``: a ``TetherTimeout`` from inside
+    (the supervisor link's own wait ran out) goes through unchanged, to get its own hint.
+    """
+    with anyio.move_on_after(seconds) as scope:
+        try:
             yield
-    except TimeoutError:
-        raise BoundExceeded(what, seconds) from None
+        except TimeoutError as exc:
+            # A plain TimeoutError at our deadline is an inner fail_after racing this bound.
+            if isinstance(exc, TetherTimeout) or anyio.current_time() < scope.deadline:
+                raise
+            raise BoundExceeded(what, seconds) from None
+    if scope.cancelled_caught:
+        raise BoundExceeded(what, seconds)
 
 
 def _hint(exc: BaseException, not_found: str) -> str:

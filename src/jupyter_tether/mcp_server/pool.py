@@ -22,9 +22,12 @@ from ..config import config_path, describe_targets, named_targets, resolve_name
 from ..controller.link import LinkOptions
 from ..controller.target import TOKEN_ENV, URL_ENV, Target, parse_target, redact
 from ..controller.tether import AsyncTether
-from ..errors import ConfigError, TetherError
+from ..errors import ConfigError, TetherError, TetherTimeout
 
 DEFAULT_KEY = "default"
+#: The longest a caller waits for a tether to open (tool calls are bounded tighter still);
+#: opening goes on in its holder task, so a later call finds it open.
+OPEN_WAIT_S = 180.0
 
 
 @dataclass
@@ -80,7 +83,7 @@ class TetherPool:
         if self._default_target is not None:
             found.append(self._default_target.token)
         for slot in self._slots.values():
-            if slot.tether is not None and slot.tether._target is not None:
+            if slot.tether is not None:  # set only once the tether is open, target known
                 found.append(slot.tether.target.token)
         found += [target.token for target in self._targets.values()]
         return [s for s in found if len(s) >= 4]
@@ -135,7 +138,12 @@ class TetherPool:
             elif target is not None and target.name and not slot.name:
                 slot.name = target.name  # first reached by URL, now by its name too
         # Opening goes on in the holder even if this caller gives up waiting.
-        await slot.ready.wait()
+        with anyio.move_on_after(OPEN_WAIT_S) as scope:
+            await slot.ready.wait()
+        if scope.cancelled_caught:
+            raise TetherTimeout(f"connecting to {slot.display_url} took longer than "
+                                f"{OPEN_WAIT_S:g}s; "
+                                "it goes on in the background (jupyter_status shows its state)")
         if slot.tether is None:
             if isinstance(slot.error, TetherError):
                 raise slot.error  # already names the target, and its type picks the hint

@@ -60,8 +60,14 @@ KernelCompat = Annotated[str | None, Field(
                 "its persistent supervisor, never in a user kernel.")]
 JobId = Annotated[str, Field(description="Job id from jupyter_job_start / jupyter_job_submit.",
                              min_length=1)]
-EnvOverrides = Annotated[dict[str, str] | None, Field(
-    description="Environment variables to set for the command(s).")]
+EnvOverrides = Annotated[dict[str, str | int | float | bool] | None, Field(
+    description="Environment variables to set for the command(s); numbers and booleans are "
+                "turned into their text (0 -> \"0\").")]
+
+
+def _env(values: dict[str, str | int | float | bool] | None) -> dict[str, str] | None:
+    """Environment values as the strings a process gets (as a job spec's env_overrides)."""
+    return {name: str(value) for name, value in values.items()} if values else None
 
 
 def _timeout(description: str = "Upper bound on this call, in seconds.") -> Any:
@@ -548,7 +554,7 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
                 activity(ctx, f"running {len(commands)} command(s)"):
             tether = await tether_for(server_url)
             return await tether.jobs.run_commands(
-                commands, cwd=cwd, env=env_overrides, timeout_per_command=timeout_s_per_command,
+                commands, cwd=cwd, env=_env(env_overrides), timeout_per_command=timeout_s_per_command,
                 fail_fast=fail_fast, max_output_chars=max_output_chars)
 
     @tool("jupyter_job_start", _hints(False, title="Start a background job"))
@@ -574,7 +580,7 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         jupyter_job_follow, wait with jupyter_job_wait, stop with jupyter_job_kill."""
         async with bounded(timeout_s, "job start"):
             tether = await tether_for(server_url)
-            job = await tether.jobs.start(command, cwd=cwd, env=env_overrides,
+            job = await tether.jobs.start(command, cwd=cwd, env=_env(env_overrides),
                                           log_path=log_path, name=name,
                                           idempotency_key=idempotency_key)
             info = job.info or await job.status()
@@ -683,11 +689,11 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         """Wait for a job to end, up to timeout_s, sending progress notifications meanwhile.
         Returns done=false (not an error) if it is still running when the time is up."""
         started = anyio.current_time()
-        tether = await pool().for_job(job_id, server_url)
-        job = tether.jobs.get(job_id)
         info: JobInfo | None = None
-        async with activity(ctx, f"waiting for job {job_id}") as act, \
-                bounded(timeout_s + 30, "job wait"):
+        async with bounded(timeout_s + 30, "job wait"), \
+                activity(ctx, f"waiting for job {job_id}") as act:
+            tether = await pool().for_job(job_id, server_url)
+            job = tether.jobs.get(job_id)
             while True:
                 left = timeout_s - (anyio.current_time() - started)
                 if left <= 0:
@@ -716,26 +722,39 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
             "timeout_s_per_command}, run: {cwd, command, log_path, env_overrides} (required), "
             "artifacts: [remote file path | {remote_path} | {remote_dir, local_subdir}], "
             "server_url (a URL or a target name), kernel_id, idempotency_key}."))],
+        timeout_s: Annotated[float, _timeout(
+            "Bound on this call: sync, bootstrap commands and starting the run (not the run "
+            "itself, which goes on in the background).")] = 600.0,
     ) -> dict[str, Any]:
         """Sync local directories, run bootstrap commands, then start `run` as a background
         job and return at once with its job_id. The artifact list is stored on the remote
         with the job, so jupyter_job_collect works even after this MCP server restarts.
         A retried submit (same spec, same local files, within 10 minutes or while the job
         runs) returns the same job instead of starting it twice; set spec.idempotency_key to
-        force a new run. If a bootstrap command fails, the run is not started (ok=false)."""
+        force a new run. If a bootstrap command fails, the run is not started (ok=false).
+        Sends progress notifications through the sync, bootstrap and start phases."""
         norm = submit_mod.validate_spec(spec)
         server_url = norm.get("server_url")
-        tether = await tether_for(server_url)
-        async with activity(ctx, "submit") as act:
+        async with bounded(timeout_s, "job submit"), activity(ctx, "submit: connecting") as act:
+            # Phases: one per sync entry, then bootstrap, then starting the run.
             phases: dict[str, int] = {}
+            count = len(norm["sync"]) + 2
 
             def on_progress(phase: str, done: int, total: int) -> None:
                 if phase not in phases:
                     phases[phase] = len(phases)
-                    act.phase(phases[phase], len(norm["sync"]) + 2, phase)
-                if total:
-                    act.transfer(done, total)
+                    act.phase(phases[phase], count, phase)
+                if phase.startswith("sync "):
+                    if total:
+                        act.transfer(done, total)
+                elif phase == "bootstrap":
+                    act.message = (f"bootstrap: {done} of {total} commands done" if done < total
+                                   else f"bootstrap: {total} commands done")
+                else:
+                    act.message = "starting the run" if done < total else "run started"
 
+            tether = await tether_for(server_url)
+            act.label = act.message = "submit: checking for an identical earlier submit"
             result = await submit_mod.submit(tether, spec, progress=on_progress)
         if result.get("job_id"):
             pool().remember_job(result["job_id"], server_url)
