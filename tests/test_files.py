@@ -143,23 +143,26 @@ def test_interrupted_upload_resumes_without_resending(tether: Tether, tmp_path: 
     assert debris(remote.parent) == []
 
 
-def test_interrupted_download_keeps_a_partial_and_resumes(tether: Tether, tmp_path: Path,
-                                                          server_root: Path) -> None:
+@pytest.mark.parametrize(("via", "expected"), [("comm", "comm"), ("auto", "http")])
+def test_interrupted_download_keeps_a_partial_and_resumes(
+        tether: Tether, tmp_path: Path, server_root: Path, via: str, expected: str) -> None:
     size = 24 * MiB
-    digest = random_file(server_root / "dl" / "d.bin", size)
+    digest = random_file(server_root / "dl" / f"d-{via}.bin", size)
     local = tmp_path / "d.bin"
 
     async def interrupted() -> None:
         with anyio.CancelScope() as scope:
             await files(tether).download(
-                "dl/d.bin", local, chunk_size=MiB, window=4,
+                f"dl/d-{via}.bin", local, chunk_size=MiB, window=4, via=via,
                 progress=lambda done, total: scope.cancel() if done >= 8 * MiB else None)
 
     tether.portal.call(interrupted)
     assert not local.exists()
     assert Path(str(local) + PART_SUFFIX).exists() and Path(str(local) + SIDECAR_SUFFIX).exists()
 
-    result = run(tether, files(tether).download, "dl/d.bin", local, chunk_size=MiB)
+    result = run(tether, files(tether).download, f"dl/d-{via}.bin", local, chunk_size=MiB,
+                 via=via)
+    assert result.via == expected
     assert result.resumed_bytes >= 8 * MiB
     assert result.resumed_bytes + result.sent_bytes == size
     assert sha_of(local) == digest
@@ -356,6 +359,70 @@ def test_sync_replaces_a_remote_directory_in_the_way_only_with_delete(
     assert (server_root / "typed" / "thing").read_text() == "now a file"
 
 
+def test_sync_delete_keeps_remote_files_under_skipped_local_paths(
+        tether: Tether, tmp_path: Path, server_root: Path) -> None:
+    """A link the scan does not follow is not "absent locally": its remote twin stays."""
+    local = tmp_path / "linked"
+    (local / "sub").mkdir(parents=True)
+    (local / "main.py").write_text("print('hi')")
+    (local / "sub" / "s.txt").write_text("inside")
+    dataset = tmp_path / "big-dataset"
+    dataset.mkdir()
+    (local / "data").symlink_to(dataset)  # outside the tree: skipped
+    (local / "alias").symlink_to(local / "sub")  # a directory inside: skipped
+    os.mkfifo(local / "pipe")  # not a regular file: skipped
+    remote = server_root / "linked"
+    for rel in ("data/train.bin", "data/deep/val.bin", "alias/copy.txt", "pipe", "stale.txt"):
+        (remote / rel).parent.mkdir(parents=True, exist_ok=True)
+        (remote / rel).write_text("remote copy")
+
+    result = run(tether, files(tether).sync, local, "linked", delete=True)
+    assert {s["path"] for s in result["skipped"]} == {"alias", "data", "pipe"}
+    assert result["deleted_paths"] == ["stale.txt"]
+    for kept in ("data/train.bin", "data/deep/val.bin", "alias/copy.txt", "pipe"):
+        assert (remote / kept).read_text() == "remote copy", kept
+    assert not (remote / "stale.txt").exists()
+    assert (remote / "main.py").read_text() == "print('hi')"
+
+
+def test_sync_delete_is_refused_when_local_entries_cannot_be_read(
+        tether: Tether, tmp_path: Path, server_root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    local = tmp_path / "unread"
+    (local / "secret").mkdir(parents=True)
+    (local / "secret" / "a.txt").write_text("local")
+    (local / "new.txt").write_text("not sent: the whole sync is refused")
+    remote = server_root / "unread"
+    (remote / "secret").mkdir(parents=True)
+    (remote / "secret" / "a.txt").write_text("remote copy")
+    (remote / "stale.txt").write_text("remote only")
+    locked = local / "secret"
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root reads anything: fake the EACCES
+        real_scandir = os.scandir
+
+        def scandir(path: Any = ".") -> Any:
+            if os.fspath(path) == os.path.realpath(locked):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    else:
+        locked.chmod(0)
+    try:
+        with pytest.raises(TransferError, match=r"refusing delete=True.*\(secret\)") as info:
+            run(tether, files(tether).sync, local, "unread", delete=True)
+    finally:
+        locked.chmod(0o755)
+    assert "nothing was sent or deleted" in str(info.value)
+    assert (remote / "secret" / "a.txt").read_text() == "remote copy"
+    assert (remote / "stale.txt").exists() and not (remote / "new.txt").exists()
+    monkeypatch.undo()
+    # Readable again, the same sync goes through.
+    done = run(tether, files(tether).sync, local, "unread", delete=True)
+    assert done["deleted_paths"] == ["stale.txt"]
+    assert (remote / "secret" / "a.txt").read_text() == "local"
+
+
 def test_gitignore_patterns_are_scoped_to_their_directory(tmp_path: Path) -> None:
     assert scoped_gitignore_pattern("*.log", "") == "*.log"
     assert scoped_gitignore_pattern("*.log", "sub") == "sub/**/*.log"
@@ -498,7 +565,22 @@ def test_transfers_survive_a_supervisor_kernel_restart(tether: Tether, tmp_path:
     assert debris(server_root / "restart") == []
     assert tether.info()["pid"] != old_pid
 
+    # Chunks through the comm, i.e. through the supervisor the restart replaces.
     back = tmp_path / "back.bin"
-    down = tether.portal.call(restart_at, 12 * MiB, files(tether).download, "restart/r.bin", back)
+    down = tether.portal.call(restart_at, 12 * MiB,
+                              functools.partial(files(tether).download, via="comm"),
+                              "restart/r.bin", back)
+    assert down.via == "comm"
     assert down.sha256 == digest and sha_of(back) == digest
+    assert debris(tmp_path) == []
+
+    # "auto" streams ranged GET /files, which does not go through the supervisor; but the
+    # restart drops the comm link, which the HTTP path takes as a dead connection and
+    # leaves the rest to the comm (unless the GET finished first): both must end whole.
+    back_http = tmp_path / "back-http.bin"
+    down_http = tether.portal.call(restart_at, 12 * MiB,
+                                   functools.partial(files(tether).download, via="auto"),
+                                   "restart/r.bin", back_http)
+    assert down_http.via in ("http", "comm")
+    assert down_http.sha256 == digest and sha_of(back_http) == digest
     assert debris(tmp_path) == []

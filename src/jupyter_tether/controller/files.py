@@ -70,12 +70,26 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 DEFAULT_CHUNK_BYTES = wire.DEFAULT_CHUNK_BYTES
 DEFAULT_WINDOW = 8
-#: what ``sync`` leaves out when ``exclude`` is None (the reference tool's defaults)
-DEFAULT_SYNC_EXCLUDES: tuple[str, ...] = (
-    ".git", ".hg", ".svn", "__pycache__", "*.pyc", ".ipynb_checkpoints", ".venv", "venv",
-    "env", "node_modules", ".mypy_cache", ".pytest_cache", ".ruff_cache", "build", "dist",
-    "*.egg-info", ".DS_Store",
+# The default sync excludes, defined once. Each row: our gitignore-style pattern (a name
+# without "/" matches at any depth), then how the reference tool's ``exclude_globs_csv``
+# default spelled it, or None where the reference default lacked it. Everything derives from
+# this table: ``DEFAULT_SYNC_EXCLUDES`` (``sync(exclude=None)``, the CLI), the reference CSV
+# (the MCP/job-spec default, kept verbatim for the tool contract; ``submit.split_globs``
+# maps that exact string back to ``DEFAULT_SYNC_EXCLUDES``, so every default sync leaves
+# out the same things) and the submit fingerprint (which skips what sync would skip).
+_DEFAULT_EXCLUDE_TABLE: tuple[tuple[str, str | None], ...] = (
+    (".git", ".git/**"), (".hg", ".hg/**"), (".svn", ".svn/**"),
+    ("__pycache__", "**/__pycache__/**"), ("*.pyc", "**/*.pyc"),
+    (".ipynb_checkpoints", None), (".venv", ".venv/**"), ("venv", "venv/**"), ("env", None),
+    ("node_modules", None), ("build", "build/**"), ("dist", "dist/**"),
+    ("*.egg-info", "*.egg-info/**"), (".mypy_cache", ".mypy_cache/**"),
+    (".pytest_cache", ".pytest_cache/**"), (".ruff_cache", ".ruff_cache/**"),
+    (".DS_Store", None),
 )
+#: what ``sync`` leaves out when ``exclude`` is None
+DEFAULT_SYNC_EXCLUDES: tuple[str, ...] = tuple(ours for ours, _ in _DEFAULT_EXCLUDE_TABLE)
+#: the reference tool's default ``exclude_globs_csv``, verbatim (see the table above)
+REFERENCE_EXCLUDE_GLOBS_CSV: str = ",".join(ref for _, ref in _DEFAULT_EXCLUDE_TABLE if ref)
 DEFAULT_SYNC_MAX_BYTES = 200 * MiB
 # Files up to this size travel inside batch messages; bigger ones are uploaded in chunks.
 SMALL_FILE_BYTES = 1 * MiB
@@ -510,6 +524,11 @@ def _parents(rel: str) -> Iterator[str]:
     parts = rel.split("/")
     for depth in range(1, len(parts)):
         yield "/".join(parts[:depth])
+
+
+def _covered(rel: str, prefixes: set[str]) -> bool:
+    """Whether ``rel`` is one of ``prefixes`` or lies under one of them."""
+    return rel in prefixes or any(parent in prefixes for parent in _parents(rel))
 
 
 def _normal_excludes(exclude: str | Sequence[str] | None) -> list[str]:
@@ -1260,10 +1279,12 @@ class AsyncFiles:
         mtimes do not. ``exclude`` None means ``DEFAULT_SYNC_EXCLUDES``; ``.gitignore`` files
         apply too unless ``gitignore`` is False. ``delete`` removes remote files (not
         excluded ones) that the local tree lacks, and remote entries of the wrong type in
-        the way. Refuses, before sending anything, when more than ``max_bytes`` would travel.
-        Local symlinks to files inside ``local_dir`` are sent as files; other links are
-        not followed and are listed in ``skipped``. Raises TransferError at the end if some
-        local files could not be read (the others are sent).
+        the way; it never deletes a remote path at or under a local one listed in
+        ``skipped``, and it refuses (TransferError, nothing sent or deleted) when some local
+        entries could not be read. Refuses, before sending anything, when more than
+        ``max_bytes`` would travel. Local symlinks to files inside ``local_dir`` are sent as
+        files; other links are not followed and are listed in ``skipped``. Raises
+        TransferError at the end if some local files could not be read (the others are sent).
         """
         started = time.perf_counter()
         root = os.path.abspath(os.path.expanduser(os.fspath(local_dir)))
@@ -1276,6 +1297,15 @@ class AsyncFiles:
         # Scanned through its real path: the persisted hash cache is keyed by it.
         tree = await anyio.to_thread.run_sync(
             lambda: scan_local(real_root, patterns, gitignore=gitignore))
+        if delete and tree.errors:
+            # A remote file under an unreadable local directory may well exist locally too.
+            shown = "; ".join(e["error"] for e in tree.errors[:5])
+            raise TransferError(
+                f"{where}: refusing delete=True: {len(tree.errors)} local entries could not be "
+                f"read ({', '.join(e['path'] for e in tree.errors[:5])}"
+                f"{' ...' if len(tree.errors) > 5 else ''}), so remote files cannot be judged "
+                f"absent locally; nothing was sent or deleted. Make them readable, exclude "
+                f"them, or sync without delete. {shown}")
         try:
             remote = await self._manifest(remote_dir, tree.patterns, hash_files=False)
         except RemoteError as exc:
@@ -1320,7 +1350,11 @@ class AsyncFiles:
             needed_dirs.update(_parents(rel))
         blockers = sorted({rel for rel in tree.files if rel in rdirs}
                           | {d for d in needed_dirs if d in rfiles or d in rlinks or d in rothers})
-        extras = sorted((set(rfiles) | rlinks | rothers) - set(tree.files) - set(blockers))
+        # What the scan skipped (links to directories, FIFOs...) or could not read is not
+        # "absent locally": remote files at or under those paths are never extras.
+        unseen = {str(s["path"]) for s in tree.skipped} | {str(e["path"]) for e in tree.errors}
+        extras = sorted(rel for rel in (set(rfiles) | rlinks | rothers)
+                        - set(tree.files) - set(blockers) if not _covered(rel, unseen))
         if blockers and not delete:
             shown = ", ".join(f"{remote_root}/{b}" for b in blockers[:5])
             raise TransferError(f"{where}: remote entries of another type are in the way: "
@@ -1666,5 +1700,5 @@ async def _run_limited(jobs: Sequence[Callable[[], Any]], limit: int) -> None:
         raise failures[0]
 
 
-__all__ = ["DEFAULT_SYNC_EXCLUDES", "AsyncFiles", "TransferResult", "safe_local_path",
-           "scan_local", "scoped_gitignore_pattern"]
+__all__ = ["DEFAULT_SYNC_EXCLUDES", "REFERENCE_EXCLUDE_GLOBS_CSV", "AsyncFiles", "TransferResult",
+           "safe_local_path", "scan_local", "scoped_gitignore_pattern"]

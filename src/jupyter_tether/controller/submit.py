@@ -32,7 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..errors import ConfigError, JobError, NotFound, TetherError
+from ..agent_payload.files import check_relpath
+from ..agent_payload.wire import OpError
+from ..errors import ConfigError, JobError, NotFound, TetherError, TransferError
+from .files import DEFAULT_SYNC_EXCLUDES as FILES_DEFAULT_EXCLUDES
+from .files import REFERENCE_EXCLUDE_GLOBS_CSV, safe_local_path, scan_local
 
 if TYPE_CHECKING:
     from .tether import AsyncTether
@@ -44,11 +48,11 @@ RECORD_DIR = ".jupyter_tether/submits"
 REPEAT_WINDOW_S = 600.0
 RECORD_VERSION = 1
 
-#: The reference server's default sync excludes (VCS dirs, caches, venvs, build outputs).
-DEFAULT_SYNC_EXCLUDES = (
-    ".git/**,.hg/**,.svn/**,**/__pycache__/**,**/*.pyc,.venv/**,venv/**,build/**,dist/**,"
-    "*.egg-info/**,.mypy_cache/**,.pytest_cache/**,.ruff_cache/**"
-)
+#: ``exclude_globs_csv``'s default: the reference server's string, verbatim (VCS dirs,
+#: caches, venvs, build outputs). It is derived from the one default-exclude table in
+#: ``files``; ``split_globs`` reads this exact string as "the default excludes", so a sync
+#: with it leaves out what ``files.DEFAULT_SYNC_EXCLUDES`` (the CLI's default) does.
+DEFAULT_SYNC_EXCLUDES = REFERENCE_EXCLUDE_GLOBS_CSV
 DEFAULT_SYNC_MAX_BYTES = 200 * 1024 * 1024
 
 _TOP_KEYS = {"sync", "bootstrap", "run", "artifacts", "server_url", "kernel_id", "name",
@@ -60,19 +64,20 @@ _BOOTSTRAP_KEYS = {"cwd", "commands", "fail_fast", "env_overrides", "timeout_s_p
 _RUN_KEYS = {"cwd", "command", "log_path", "env_overrides", "timeout_s", "name"}
 _FILE_ARTIFACT_KEYS = {"remote_path", "local_path", "timeout_s"}
 _DIR_ARTIFACT_KEYS = {"remote_dir", "local_subdir", "archive_remote_path", "timeout_s"}
-# Directories never worth fingerprinting (the key only needs to notice edited sources).
-_FINGERPRINT_SKIP = {".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules",
-                     ".mypy_cache", ".pytest_cache", ".ruff_cache", "build", "dist"}
-_FINGERPRINT_MAX_FILES = 200_000
 
 
 def split_globs(csv: str | None) -> list[str]:
     """The reference tool's comma-separated globs as ``files.sync`` exclude patterns.
 
-    The reference pruned a directory when ``<dir>/**`` matched; in gitignore terms
-    ``X/**`` excludes X's contents but not X, so each such glob also excludes the
-    directory itself (``/X/``, anchored at the root as the reference's match was).
+    The default string (``DEFAULT_SYNC_EXCLUDES``) gives ``files.DEFAULT_SYNC_EXCLUDES``,
+    the same excludes as a sync without ``exclude`` (the CLI's), of which the reference's
+    globs are a subset. Any other string is taken literally: the reference pruned a
+    directory when ``<dir>/**`` matched; in gitignore terms ``X/**`` excludes X's contents
+    but not X, so each such glob also excludes the directory itself (``/X/``, anchored at
+    the root as the reference's match was).
     """
+    if csv is not None and csv.strip() == DEFAULT_SYNC_EXCLUDES:
+        return list(FILES_DEFAULT_EXCLUDES)
     patterns: list[str] = []
     for glob in (part.strip() for part in (csv or "").split(",")):
         if not glob:
@@ -109,6 +114,15 @@ def _check_env(value: Any, where: str, problems: list[str]) -> None:
     if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str | int | float) for k, v in value.items()):
         problems.append(f"{where} must be an object of string names to string values")
+
+
+def _check_local_name(name: str, where: str, problems: list[str]) -> None:
+    """An artifact's local name must stay inside collect's ``local_dir``."""
+    try:
+        check_relpath(name)
+    except OpError as exc:
+        problems.append(f"{where} {name!r} must be a path relative to collect's local_dir "
+                        f"({exc.message})")
 
 
 def validate_spec(spec: Any) -> dict[str, Any]:
@@ -207,6 +221,8 @@ def validate_spec(spec: Any) -> dict[str, Any]:
                 sub = art.get("local_subdir", "artifact_dir")
                 if not isinstance(sub, str) or not sub.strip():
                     problems.append(f"{where}.local_subdir must be a non-empty string")
+                else:
+                    _check_local_name(sub, f"{where}.local_subdir", problems)
                 out["artifacts"].append({"remote_dir": art["remote_dir"], "local_subdir": sub})
             elif isinstance(art, dict) and "remote_path" in art:
                 _check_keys(art, _FILE_ARTIFACT_KEYS, where, problems)
@@ -215,6 +231,8 @@ def validate_spec(spec: Any) -> dict[str, Any]:
                 item = {"remote_path": art["remote_path"]}
                 if art.get("local_path") is not None and _expect(
                         art["local_path"], str, f"{where}.local_path", "a string", problems):
+                    if art["local_path"]:  # "" means the default: the remote basename
+                        _check_local_name(art["local_path"], f"{where}.local_path", problems)
                     item["local_path"] = art["local_path"]
                 out["artifacts"].append(item)
             else:
@@ -234,34 +252,28 @@ def validate_spec(spec: Any) -> dict[str, Any]:
 # --- keys and records -------------------------------------------------------------------------
 
 
-def _fingerprint_dir(local_dir: str) -> str:
-    """A cheap fingerprint of a local tree (paths, sizes, mtimes): changes when sources do."""
+def _fingerprint_dir(local_dir: str, patterns: list[str]) -> str:
+    """A cheap fingerprint of what ``sync`` would send (paths, sizes, mtimes).
+
+    The tree is walked as ``files.sync`` walks it, with the same excludes (and
+    ``.gitignore`` files): it changes when synced sources do, and only then.
+    """
+    tree = scan_local(Path(local_dir).expanduser(), patterns)
     digest = hashlib.sha256()
-    count = 0
-    root = Path(local_dir).expanduser()
-    for current, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs
-                         if d not in _FINGERPRINT_SKIP and not d.endswith(".egg-info"))
-        for name in sorted(files):
-            if name.endswith(".pyc"):
-                continue
-            path = os.path.join(current, name)
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            digest.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
-                          .encode(errors="surrogateescape"))
-            count += 1
-            if count >= _FINGERPRINT_MAX_FILES:
-                return digest.hexdigest()
+    for rel in sorted(tree.files):
+        st = tree.files[rel].st
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                      .encode(errors="surrogateescape"))
+    for problem in sorted(e["path"] for e in tree.errors):
+        digest.update(f"unreadable\0{problem}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 
 def derive_key(spec: dict[str, Any]) -> str:
     """The idempotency key of a validated spec: its content plus the synced sources' state."""
     material = {k: spec[k] for k in ("sync", "bootstrap", "run", "artifacts", "name")}
-    material["trees"] = [_fingerprint_dir(item["local_dir"]) for item in spec["sync"]]
+    material["trees"] = [_fingerprint_dir(item["local_dir"], split_globs(item["exclude_globs_csv"]))
+                         for item in spec["sync"]]
     canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
     return "submit-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -418,12 +430,36 @@ def _env(values: dict[str, Any] | None) -> dict[str, str] | None:
 # --- collect ----------------------------------------------------------------------------------
 
 
-def _inside(base: Path, relative: str, what: str) -> Path:
-    """``base / relative``, refusing anything that would land outside ``base``."""
-    path = (base / relative).resolve() if not os.path.isabs(relative) else Path(relative)
-    if not os.path.isabs(relative) and base.resolve() not in (path, *path.parents):
-        raise ConfigError(f"{what} {relative!r} would land outside {base}")
-    return path
+def _plan_artifact(base: Path, art: Any) -> tuple[str, str, Path]:
+    """``(kind, remote, local)`` of one recorded artifact; TransferError if it is refused.
+
+    The record comes from the remote, so its local names are not trusted: every local
+    target goes through ``files.safe_local_path`` (no absolute paths, no ``..``, nothing
+    through a link that leads outside ``base``).
+    """
+    if isinstance(art, str):
+        kind, remote, rel = "file", art, None
+    elif isinstance(art, dict) and "remote_dir" in art:
+        kind, remote, rel = "dir", art["remote_dir"], art.get("local_subdir", "artifact_dir")
+    elif isinstance(art, dict) and "remote_path" in art:
+        kind, remote, rel = "file", art["remote_path"], art.get("local_path")
+    else:
+        raise TransferError(f"artifact {art!r} is neither a remote path, {{remote_path: ...}} "
+                            "nor {remote_dir: ...}")
+    if not isinstance(remote, str) or not remote.strip():
+        raise TransferError(f"artifact {art!r}: the remote path must be a non-empty string")
+    if kind == "file" and not rel:
+        rel = posixpath.basename(remote.rstrip("/"))
+    if not isinstance(rel, str):
+        raise TransferError(f"artifact {art!r}: the local name must be a string")
+    local = safe_local_path(base, rel)
+    if kind == "dir" and os.path.islink(local):
+        real_base = os.path.realpath(base)
+        real = os.path.realpath(local)
+        if real != real_base and not real.startswith(real_base.rstrip(os.sep) + os.sep):
+            raise TransferError(f"refusing local directory {local}: it is a link leading "
+                                f"outside {base}")
+    return kind, remote, local
 
 
 async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike[str], *,
@@ -432,24 +468,36 @@ async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike
     """Download the artifacts a submitted job listed into ``local_dir``.
 
     Refuses while the job runs if ``require_done``. A missing artifact does not stop the
-    others: each download reports ``ok`` and, on failure, ``error``.
+    others: each download reports ``ok`` and, on failure, ``error``. A file artifact lands
+    at its ``local_path``, else at its remote basename; an artifact whose local target is
+    refused (absolute, ``..``, outside ``local_dir``) or already taken by an earlier
+    artifact of the list is not downloaded and reports why.
     """
     record = await load_record(tether, job_id)
     info = await tether.jobs.get(job_id).status()
     if require_done and info.state == "running":
         raise JobError(f"job {job_id} is still running; wait for it (job wait) or collect "
                        "with require_done=false to take the artifacts as they are now")
+    artifacts = record.get("artifacts", [])
+    if not isinstance(artifacts, list):
+        raise JobError(f"the submit record {record_path(job_id)} of job {job_id} is damaged: "
+                       "its artifacts are not a list")
     base = Path(local_dir).expanduser()
     base.mkdir(parents=True, exist_ok=True)
     downloads: list[dict[str, Any]] = []
-    for art in record.get("artifacts", []):
+    taken: dict[Path, Any] = {}  # local target -> the artifact that claimed it
+    for art in artifacts:
         item: dict[str, Any]
         try:
-            if isinstance(art, str) or "remote_path" in art:
-                remote = art if isinstance(art, str) else art["remote_path"]
-                local_rel = (art.get("local_path") if isinstance(art, dict) else None) or \
-                    posixpath.basename(remote.rstrip("/"))
-                local = _inside(base, local_rel, "local_path")
+            kind, remote, local = _plan_artifact(base, art)
+            if local in taken:
+                raise TransferError(
+                    f"{remote!r} would land at {local}, where artifact {taken[local]!r} goes "
+                    "too; not downloaded rather than overwritten. Give it its own place: "
+                    '{"remote_path": ..., "local_path": ...} (or "local_subdir" for a '
+                    "directory)")
+            taken[local] = art
+            if kind == "file":
                 item = {"remote_path": remote, "local_path": str(local)}
                 local.parent.mkdir(parents=True, exist_ok=True)
                 phase = f"download {remote}"
@@ -460,8 +508,6 @@ async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike
                 result = await tether.files.download(remote, str(local), progress=on_file)
                 item = {**item, **result.to_dict(), "ok": True, "local_path": str(local)}
             else:
-                remote = art["remote_dir"]
-                local = _inside(base, art.get("local_subdir", "artifact_dir"), "local_subdir")
                 item = {"remote_dir": remote, "local_dir": str(local)}
                 phase = f"download {remote}/"
 
