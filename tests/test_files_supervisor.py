@@ -7,6 +7,7 @@ import itertools
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -329,6 +330,133 @@ def test_download_chunks_in_flight_reassemble_to_equal_hash(remote: Harness):
     remote.fails("too_large", "download_chunk", {"path": "out.bin", "offset": 0,
                                                  "length": wire.MAX_CHUNK_BYTES + 1})
     remote.fails("is_a_directory", "download_begin", {"path": ""})
+
+
+def _release_fifo(fifo: Path) -> None:
+    """Unblock any reader stuck opening ``fifo`` (only a payload without the fix has one)."""
+    for _ in range(50):
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody is waiting to read
+            return
+        os.close(fd)
+        time.sleep(0.01)
+
+
+def _service(remote: Harness) -> files.FilesService:
+    return remote.supervisor._ops["download_chunk"][0].__self__  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifos_and_sockets_are_refused_at_once_by_every_read(remote: Harness):
+    fifo = remote.root / "pipe"
+    os.mkfifo(fifo)
+    (remote.root / "pipe-link").symlink_to("pipe")
+    listener = None
+    specials = ["pipe", "pipe-link"]
+    sock_path = remote.root / "sock"
+    if hasattr(socket, "AF_UNIX") and len(str(sock_path)) < 100:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(sock_path))
+        specials.append("sock")
+    try:
+        for name in specials:
+            started = time.monotonic()
+            for op, args in [("fs_read", {"path": name}),
+                             ("download_begin", {"path": name}),
+                             ("download_chunk", {"path": name, "offset": 0, "length": 10})]:
+                envelope, _ = remote.wait(remote.submit(op, args), timeout=5)
+                assert not envelope["ok"], (op, name)
+                error = envelope["error"]
+                assert error["code"] == "invalid_argument", (op, name, error)
+                assert "not a regular file" in error["message"], error
+            envelope, _ = remote.wait(remote.submit(
+                "batch_read", {"root": "", "paths": [name, "ok.txt"]}), timeout=5)
+            assert envelope["ok"], envelope
+            entry = envelope["result"]["files"][0]
+            assert entry["error"]["code"] == "invalid_argument", entry
+            assert "not a regular file" in entry["error"]["message"]
+            assert time.monotonic() - started < 5
+        # The pool is not poisoned: far more FIFO requests than workers, then a real read.
+        ids = [remote.submit("download_chunk", {"path": "pipe", "offset": 0})
+               for _ in range(40)] + [remote.submit("batch_read", {"root": "", "paths": ["pipe"]})
+                                      for _ in range(40)]
+        for request_id in ids:
+            remote.wait(request_id, timeout=5)
+        (remote.root / "ok.txt").write_text("fine")
+        assert remote.call_full("fs_read", {"path": "ok.txt"})[1] == [b"fine"]
+    finally:
+        _release_fifo(fifo)
+        if listener is not None:
+            listener.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_download_whose_file_became_a_fifo_is_a_conflict_not_a_hang(remote: Harness):
+    target = remote.root / "swap.bin"
+    target.write_bytes(b"x" * 100)
+    begun = remote.call("download_begin", {"path": "swap.bin"})
+    _service(remote)._downloads[begun["transfer_id"]].close()  # as if evicted: reopens lazily
+    target.unlink()
+    os.mkfifo(target)
+    try:
+        envelope, _ = remote.wait(remote.submit(
+            "download_chunk", {"transfer_id": begun["transfer_id"], "offset": 0}), timeout=5)
+        assert envelope["error"]["code"] == "conflict", envelope
+    finally:
+        _release_fifo(target)
+
+
+def _open_part_files() -> list[str]:
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            where = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if where.endswith(files.PART_SUFFIX):
+            found.append(where)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_open_uploads_are_capped_and_reopen_on_their_next_chunk(
+        remote: Harness, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(files, "MAX_OPEN_UPLOADS", 2)
+    payloads = {f"up{index}.bin": os.urandom(3000) for index in range(6)}
+    transfers = {name: begin_upload(remote, name, data, 1000)["transfer_id"]
+                 for name, data in payloads.items()}
+    assert len(_open_part_files()) <= 2
+    for offset in (0, 1000, 2000):  # interleaved: every chunk may meet a closed part file
+        for name, data in payloads.items():
+            remote.call("upload_chunk", {"transfer_id": transfers[name], "offset": offset},
+                        [data[offset:offset + 1000]])
+            assert len(_open_part_files()) <= 2
+    for name, data in payloads.items():
+        done = remote.call("upload_commit", {"transfer_id": transfers[name]})
+        assert done["sha256"] == sha(data)
+        assert (remote.root / name).read_bytes() == data
+    assert _open_part_files() == [] and debris(remote.root) == []
+
+
+# --- the supervisor itself ----------------------------------------------------------------------
+
+
+def test_blocking_op_racing_close_gets_a_busy_reply_instead_of_an_exception(remote: Harness):
+    (remote.root / "f.txt").write_text("x")
+    remote.supervisor._pool.shutdown()  # what close() does, caught before _closed is seen
+    envelope, _ = remote.wait(remote.submit("fs_read", {"path": "f.txt"}), timeout=5)
+    assert envelope["error"]["code"] == "busy"
+    assert "shutting down" in envelope["error"]["message"]
+
+
+def test_after_close_blocking_ops_are_refused_not_run_on_the_shell_thread(remote: Harness):
+    (remote.root / "f.txt").write_text("x")
+    remote.supervisor.close()
+    envelope, _ = remote.wait(remote.submit("fs_read", {"path": "f.txt"}), timeout=5)
+    assert envelope["error"]["code"] == "busy", envelope
+    assert "shutting down" in envelope["error"]["message"]
+    assert remote.call("ping")["pong"] is True  # quick ops still answer
 
 
 # --- manifests and sync ------------------------------------------------------------------------

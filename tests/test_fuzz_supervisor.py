@@ -7,7 +7,8 @@ id got exactly one reply, and that no input made an op fail with an internal err
 
 Safety: the fuzzed ops run for real in a temporary root. Random text never contains ``/``,
 ``.`` or ``~`` (so no path can leave that root), and the ops that run commands only ever get
-wrongly typed commands.
+wrongly typed commands. The root holds special files (FIFOs, a socket, a link to
+``/dev/zero``) that reads must refuse at once rather than block a worker forever.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -45,7 +49,7 @@ ARG_NAMES = ["path", "offset", "size", "sha256", "chunk_size", "transfer_id", "l
              "parents", "recursive", "missing_ok", "mode", "mtime_ns", "hash", "as_blob",
              "excludes", "paths", "files", "prune_empty_dirs", "idempotency_key", "name",
              "env_overrides", "log_path", "fail_fast", "timeout_s_per_command",
-             "max_output_chars"]
+             "max_output_chars", "root", "subscriber"]
 #: the arguments each op reads, so that examples reach past "missing argument"
 OP_ARGS = {
     "fs_list": ["path", "max_entries"], "fs_stat": ["path"],
@@ -55,19 +59,23 @@ OP_ARGS = {
     "upload_chunk": ["transfer_id", "offset"], "upload_commit": ["transfer_id"],
     "upload_abort": ["transfer_id"], "upload_status": ["transfer_id", "path"],
     "download_begin": ["path", "hash", "transfer_id"],
-    "download_chunk": ["transfer_id", "offset", "length"], "download_end": ["transfer_id"],
+    "download_chunk": ["transfer_id", "offset", "length", "path"],
+    "download_end": ["transfer_id"],
     "manifest": ["path", "hash", "as_blob", "excludes"],
-    "batch_write": ["files", "path", "make_dirs"],
-    "sync_delete": ["paths", "path", "prune_empty_dirs"],
-    "batch_read": ["paths", "max_bytes", "path"],
-    "job_status": ["job_id"], "job_unfollow": ["job_id"],
+    "batch_write": ["files", "root", "make_dirs"],
+    "sync_delete": ["paths", "root", "prune_empty_dirs"],
+    "batch_read": ["paths", "max_bytes", "root"],
+    "job_status": ["job_id"], "job_unfollow": ["job_id", "subscriber"],
     "job_tail": ["job_id", "offset", "lines", "max_bytes"], "job_wait": ["job_id", "timeout"],
-    "job_kill": ["job_id", "signal", "grace"], "job_follow": ["job_id", "offset", "window"],
-    "job_follow_ack": ["job_id", "offset"], "job_list": ["state", "limit"],
+    "job_kill": ["job_id", "signal", "grace"],
+    "job_follow": ["job_id", "offset", "window", "subscriber"],
+    "job_follow_ack": ["job_id", "offset", "subscriber"], "job_list": ["state", "limit"],
     "events_since": ["seq"], "hello": ["protocol"],
 }
 #: live objects the fixture creates, so that ops on them get hostile offsets and sizes
 UPLOAD_ID, DOWNLOAD_ID = "fuzz-upload", "fuzz-download"
+#: special files in the root (made by the harness, remade when an op replaced them)
+SPECIAL_FILES = ["fifo", "sub_dir/fifo", "fifo_link", "sock", "zero"]
 KNOWN_JOBS: list[str] = []
 EXAMPLES = 300
 
@@ -84,7 +92,43 @@ class Harness:
         self._arrived = threading.Condition(self._lock)
         self.replies: list[dict[str, Any]] = []
         self._ping_ids = itertools.count(1)
+        self._socket: socket.socket | None = None
         self.supervisor: Supervisor = app.create_supervisor(self._send, root_dir=str(root))
+
+    def make_special_files(self) -> None:
+        """FIFOs, a socket and a link to a device in the root, each remade if an op replaced it."""
+        def kind(rel: str) -> int:
+            try:
+                return os.lstat(self.root / rel).st_mode
+            except OSError:
+                return 0
+
+        def clear(rel: str) -> None:
+            path = self.root / rel
+            if path.is_dir() and not path.is_symlink():
+                import shutil
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                path.unlink()
+
+        if not hasattr(os, "mkfifo"):
+            return
+        for rel in ("fifo", "sub_dir/fifo"):
+            if not stat.S_ISFIFO(kind(rel)):
+                clear(rel)
+                (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.mkfifo(self.root / rel)
+        for rel, target in (("fifo_link", "fifo"), ("zero", "/dev/zero")):
+            if not stat.S_ISLNK(kind(rel)) or os.readlink(self.root / rel) != target:
+                clear(rel)
+                (self.root / rel).symlink_to(target)
+        sock_path = str(self.root / "sock")
+        if hasattr(socket, "AF_UNIX") and len(sock_path) < 100 and not stat.S_ISSOCK(kind("sock")):
+            clear("sock")
+            if self._socket is not None:
+                self._socket.close()
+            self._socket = socket.socket(socket.AF_UNIX)
+            self._socket.bind(sock_path)
 
     def _send(self, data: bytes, blobs: Any, channel: Any) -> None:
         envelope, _ = wire.decode(data)
@@ -123,6 +167,7 @@ class Harness:
         """An upload and a download in progress, and a finished job; returns the job ids."""
         data = bytes(range(256)) * 4096
         (self.root / "data.bin").write_bytes(data)
+        self.make_special_files()
         begun = self.call("upload_begin", {"path": "up.bin", "size": len(data),
                                            "sha256": "0" * 64, "transfer_id": UPLOAD_ID})
         assert begun["ok"], begun
@@ -136,6 +181,8 @@ class Harness:
 
     def close(self) -> None:
         self.supervisor.close()
+        if self._socket is not None:
+            self._socket.close()
 
 
 def _same_id(a: Any, b: Any) -> bool:
@@ -161,6 +208,8 @@ _SURROGATES: tuple[Literal["Cs"]] = ("Cs",)  # not encodable as UTF-8
 safe_text = st.text(st.characters(blacklist_characters="/.~\\", blacklist_categories=_SURROGATES),
                     min_size=1, max_size=24)
 safe_path = st.from_regex(r"[a-z0-9_]{1,10}(/[a-z0-9_]{1,10}){0,2}", fullmatch=True)
+#: a path in the root, now and then one of the special files
+some_path = st.one_of(safe_path, safe_path, st.sampled_from(SPECIAL_FILES))
 huge_ints = st.sampled_from([-(2**63), -1, 2**31, 2**32 + 7, 2**40, 2**53 + 1, 2**62,
                              2**63 - 1, 2**64 - 1])
 msgpack_ints = st.integers(-(2**63), 2**64 - 1)
@@ -185,7 +234,8 @@ def encode(envelope: Any, codec: str) -> bytes:
 sizes = st.one_of(st.integers(-(2**20), 2**22), huge_ints)
 #: a plausibly typed value per argument name, so that fuzzing reaches past the type checks
 plausible: dict[str, st.SearchStrategy[Any]] = {
-    "path": safe_path, "cwd": safe_path, "log_path": safe_path,
+    "path": some_path, "cwd": safe_path, "log_path": safe_path,
+    "root": st.one_of(st.just(""), safe_path), "subscriber": safe_text,
     "offset": sizes, "size": sizes, "length": sizes, "max_bytes": sizes, "chunk_size": sizes,
     "max_entries": sizes, "lines": sizes, "limit": sizes, "seq": sizes, "window": sizes,
     "max_output_chars": sizes, "mtime_ns": sizes, "mode": sizes, "signal": st.integers(-5, 80),
@@ -197,8 +247,8 @@ plausible: dict[str, st.SearchStrategy[Any]] = {
                              st.from_regex(r"[A-Za-z0-9_-]{1,70}", fullmatch=True), safe_text),
     "job_id": st.one_of(st.deferred(lambda: st.sampled_from(KNOWN_JOBS or ["jnone"])),
                         st.from_regex(r"j[0-9a-f]{0,12}", fullmatch=True)),
-    "paths": st.lists(safe_path, max_size=3),
-    "files": st.lists(st.fixed_dictionaries({"path": safe_path, "size": sizes}), max_size=3),
+    "paths": st.lists(some_path, max_size=3),
+    "files": st.lists(st.fixed_dictionaries({"path": some_path, "size": sizes}), max_size=3),
     "excludes": st.lists(safe_text, max_size=3),
     "env_overrides": st.dictionaries(safe_text, st.one_of(st.none(), safe_text), max_size=2),
     "text": safe_text, "data": st.binary(max_size=64), "name": safe_text,
@@ -273,6 +323,7 @@ def check_reply(h: Harness, request_id: Any, wanted: bool) -> None:
 @given(data=st.data())
 def test_fuzzed_requests_get_errors_and_supervisor_keeps_serving(harness: Harness,
                                                                  data: st.DataObject) -> None:
+    harness.make_special_files()
     ops = fuzzable_ops(harness)
     envelope, buffers = data.draw(requests(ops))
     try:
@@ -286,6 +337,23 @@ def test_fuzzed_requests_get_errors_and_supervisor_keeps_serving(harness: Harnes
     harness.assert_alive()
     with harness._arrived:  # replies to unusable ids have nobody to go to: drop them
         harness.replies.clear()
+
+
+def test_every_op_meets_every_special_file_with_a_prompt_reply(harness: Harness) -> None:
+    """FIFOs, sockets and devices: an answer within seconds, never a worker blocked forever."""
+    ops = [op for op in fuzzable_ops(harness) if op not in COMMAND_OPS]
+    for special in SPECIAL_FILES:
+        for op in ops:
+            harness.make_special_files()
+            args = {"path": special, "paths": [special], "root": "", "offset": 0,
+                    "length": 16, "size": 4, "sha256": "0" * 64, "text": "x"}
+            reply = harness.call(op, args)  # waits 15 s at most, far above a prompt answer
+            if not reply["ok"]:
+                assert reply["error"]["code"] != "internal", (op, special, reply["error"])
+            if op in ("fs_read", "download_begin", "download_chunk"):
+                assert not reply["ok"] and "not a regular file" in reply["error"]["message"], \
+                    (op, special, reply)
+    harness.assert_alive()
 
 
 @settings(max_examples=EXAMPLES, deadline=None,

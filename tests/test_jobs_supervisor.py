@@ -413,3 +413,212 @@ def test_wait_times_out_and_close_leaves_jobs_running(tmp_path: Path) -> None:
     h.close()
     assert _alive(job["pid"])
     os.killpg(job["pid"], signal.SIGKILL)
+
+
+# --- idempotency keys left behind by a crash -------------------------------------------------
+
+
+def _key_file(root: Path, key: str) -> Path:
+    import hashlib
+
+    keys = root / ".jupyter_tether" / "jobs" / "_keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    return keys / hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+@pytest.mark.parametrize("leftover", [b"", b"\x00\x00 half-written"])
+def test_a_key_file_left_empty_by_a_crash_is_reclaimed_once_stale(
+        h: Harness, tmp_path: Path, leftover: bytes) -> None:
+    key_file = _key_file(tmp_path, "crashed")
+    key_file.write_bytes(leftover)  # a start died between creating the key and writing it
+    # Fresh, it may be another supervisor's claim in progress: busy, retry.
+    assert h.err("job_start", {"command": "echo once", "idempotency_key": "crashed"})[
+        "code"] == "busy"
+    old = time.time() - 3600  # far beyond any claim in progress
+    os.utime(key_file, (old, old))
+    first = h.start("echo once", idempotency_key="crashed")
+    assert first["reused"] is False
+    assert key_file.read_text() == first["job_id"]
+    again = h.start("echo once", idempotency_key="crashed")
+    assert again["job_id"] == first["job_id"] and again["reused"] is True
+    assert sorted(p.name for p in key_file.parent.iterdir()) == [key_file.name]
+
+
+def test_a_failed_key_claim_leaves_no_key_behind(h: Harness, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full_disk(src: Any, dst: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full_disk)
+    assert h.err("job_start", {"command": "echo once", "idempotency_key": "full"})
+    monkeypatch.undo()
+    key_file = _key_file(tmp_path, "full")
+    assert list(key_file.parent.iterdir()) == [], "no key, no temp file"
+    job = h.start("echo once", idempotency_key="full")  # the retry is not stuck on busy
+    assert job["reused"] is False and key_file.read_text() == job["job_id"]
+
+
+def test_keys_are_claimed_without_hard_links_too(h: Harness, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def no_links(src: Any, dst: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    first = h.start("echo once", idempotency_key="fat")
+    again = h.start("echo once", idempotency_key="fat")
+    assert again["job_id"] == first["job_id"] and again["reused"] is True
+    assert _key_file(tmp_path, "fat").read_text() == first["job_id"]
+
+
+# --- follow: one subscription per (job, subscriber) ------------------------------------------
+
+
+def test_two_subscribers_of_one_job_each_get_every_byte_with_their_own_window(
+        h: Harness) -> None:
+    script = "import sys\nfor i in range(60000): sys.stdout.write('%d\\n' % i)"
+    expected = "".join(f"{i}\n" for i in range(60000)).encode()
+    job = h.start(f"{PY} -c {shlex.quote(script)}")
+    job_id = job["job_id"]
+    assert h.ok("job_wait", {"job_id": job_id, "timeout": 10})["bytes_written"] == len(expected)
+    got: dict[str, bytearray] = {"a": bytearray(), "b": bytearray()}
+    exits: dict[Any, dict[str, Any]] = {}
+    seen = 0
+
+    def drive(done: Callable[[], bool], acking: set[str]) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 20
+        while not done():
+            assert time.monotonic() < deadline, "follow did not finish"
+            with h._cond:
+                h._cond.wait_for(functools.partial(_more_than, h.events, seen), 0.2)
+                batch = h.events[seen:]
+                seen = len(h.events)
+            for envelope, blobs in batch:
+                body = envelope["body"]
+                if envelope["event"] == "log":
+                    for chunk, blob in zip(body["chunks"], blobs, strict=True):
+                        assert chunk["job_id"] == job_id
+                        who = chunk["subscriber"]
+                        if who in got:
+                            assert chunk["offset"] == len(got[who]), "gap or duplicate"
+                            got[who] += blob
+                    for who in acking:
+                        h.ok("job_follow_ack", {"job_id": job_id, "subscriber": who,
+                                                "offset": len(got[who])})
+                elif envelope["event"] == "job_exit" and body["job_id"] == job_id:
+                    exits[body.get("subscriber")] = body
+
+    window = jobs.MIN_WINDOW
+    for who in ("a", "b"):
+        sub = h.ok("job_follow", {"job_id": job_id, "subscriber": who, "offset": 0,
+                                  "window": window})
+        assert sub["subscriber"] == who and sub["offset"] == 0
+    drive(lambda: "a" in exits, acking={"a"})  # b never acks: it stops at its window
+    assert bytes(got["a"]) == expected and exits["a"]["size"] == len(expected)
+    time.sleep(0.1)
+    rounds = iter([False])
+    drive(lambda: next(rounds, True), acking=set())  # take in whatever else came
+    assert len(got["b"]) == window
+    # A third follower's follow and unfollow leave b's subscription alone.
+    h.ok("job_follow", {"job_id": job_id, "subscriber": "c", "offset": 1000, "window": 1})
+    assert h.ok("job_unfollow", {"job_id": job_id, "subscriber": "c"})["followed"] is True
+    state = h.ok("job_follow_ack", {"job_id": job_id, "subscriber": "b",
+                                    "offset": len(got["b"])})
+    assert state["followed"] is True and state["sent"] == state["acked"] == window
+    drive(lambda: "b" in exits, acking={"b"})
+    assert bytes(got["b"]) == expected and exits["b"]["size"] == len(expected)
+    # The controller's old calls (no subscriber) are the "" subscription, unchanged.
+    assert h.ok("job_unfollow", {"job_id": job_id})["followed"] is False
+    mark = h.events[-1][0]["seq"]
+    h.ok("job_follow", {"job_id": job_id, "offset": len(expected) - 6})
+    h.wait_event(lambda e: e["event"] == "job_exit" and e["seq"] > mark)
+    replayed = [(c["subscriber"], c["offset"], b) for e, bs in h.events
+                if e["event"] == "log" and e["seq"] > mark
+                for c, b in zip(e["body"]["chunks"], bs, strict=True)]
+    assert replayed == [("", len(expected) - 6, b"59999\n")]
+    h.err("job_follow", {"job_id": job_id, "subscriber": "x" * 1000})
+
+
+def test_a_follow_stuck_on_a_full_window_expires(h: Harness,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "FOLLOW_STALL_S", 0.3)
+    script = "import sys, time; sys.stdout.write('x' * 300000); sys.stdout.flush(); time.sleep(30)"
+    job = h.start(f"{PY} -c {shlex.quote(script)}")  # still running: no follow ever drains
+    job_id = job["job_id"]
+    try:
+        _until(lambda: h.ok("job_status", {"job_id": job_id})["bytes_written"] == 300000)
+        h.ok("job_follow", {"job_id": job_id, "subscriber": "gone", "window": 1})
+        h.ok("job_follow", {"job_id": job_id, "subscriber": "live", "window": 1})
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # "live" acks all it got, "gone" never acks
+            live = h.ok("job_follow_ack", {"job_id": job_id, "subscriber": "live",
+                                           "offset": 1 << 40})
+            assert live["followed"] is True
+            if not h.ok("job_follow_ack", {"job_id": job_id, "subscriber": "gone",
+                                           "offset": 0})["followed"]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the stalled subscription never expired")
+        time.sleep(0.5)  # all sent and acked: a quiet follow is not a stalled one
+        live = h.ok("job_follow_ack", {"job_id": job_id, "subscriber": "live", "offset": 1 << 40})
+        assert live["followed"] is True and live["acked"] == 300000
+    finally:
+        os.killpg(job["pid"], signal.SIGKILL)
+
+
+# --- wait: no worker held ----------------------------------------------------------------------
+
+
+def test_many_long_waits_hold_no_worker_and_all_get_answered(h: Harness) -> None:
+    job = h.start("sleep 60")
+    count = 48  # more than the supervisor's 32 workers
+    ids = [f"wait-{index}" for index in range(count)]
+    try:
+        for rid in ids:
+            h.sup.handle(wire.encode(wire.request(rid, "job_wait",  # type: ignore[arg-type]
+                                                  {"job_id": job["job_id"], "timeout": 60})),
+                         [], "chan")
+        time.sleep(0.2)
+        started = time.monotonic()
+        quick = h.ok("job_start", {"command": "echo hi"}, timeout=5)  # a blocking op
+        assert h.ok("job_tail", {"job_id": quick["job_id"]}, timeout=5)
+        assert time.monotonic() - started < 5
+        with h._cond:
+            assert not any(rid in h.replies for rid in ids), "a wait answered early"
+        killed = h.ok("job_kill", {"job_id": job["job_id"], "signal": 9}, timeout=10)
+        assert killed["state"] == "killed"
+        with h._cond:
+            assert h._cond.wait_for(lambda: all(rid in h.replies for rid in ids), 5)
+            answers = [h.replies.pop(rid)[0] for rid in ids]
+        assert all(a["ok"] and a["result"]["state"] == "killed"
+                   and a["result"]["timed_out"] is False for a in answers)
+    finally:
+        if _alive(job["pid"]):
+            os.killpg(job["pid"], signal.SIGKILL)
+
+
+def test_pending_waits_are_answered_by_their_timeout_and_on_close(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    job = h.start("sleep 30")
+    try:
+        started = time.monotonic()
+        short = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 0.3})
+        assert short["timed_out"] is True and 0.25 < time.monotonic() - started < 2
+        h.sup.handle(wire.encode(wire.request("long", "job_wait",  # type: ignore[arg-type]
+                                              {"job_id": job["job_id"], "timeout": 600})),
+                     [], "chan")
+        time.sleep(0.1)
+        h.close()
+        with h._cond:
+            assert h._cond.wait_for(lambda: "long" in h.replies, 5), "close left a wait hanging"
+            reply = h.replies.pop("long")[0]
+        assert reply["ok"] and reply["result"]["timed_out"] is True
+        after = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 600}, timeout=5)
+        assert after["timed_out"] is True and after["state"] == "running"
+    finally:
+        os.killpg(job["pid"], signal.SIGKILL)

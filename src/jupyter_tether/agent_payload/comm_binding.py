@@ -14,6 +14,7 @@ from . import app, wire
 from .supervisor import Supervisor
 
 _lock = threading.Lock()
+_send_lock = threading.Lock()
 _state: Dict[str, Any] = {"supervisor": None, "comms": [], "parked": None}
 
 
@@ -39,8 +40,12 @@ def _send(data: bytes, blobs: Sequence[bytes], channel: Any) -> None:
     # there, so a send from the log pump thread would pull our traffic onto the main shell.
     kernel = _kernel()
     content = {"data": {"tether": wire.PROTOCOL_VERSION}, "comm_id": comm.comm_id}
-    kernel.session.send(kernel.iopub_socket, "comm_msg", content, parent={},
-                        ident=comm.topic, buffers=[data, *blobs])
+    # One sender at a time: ipykernel hands sends to its IOPub thread, but once that thread
+    # has stopped (the kernel shutting down) it sends from the caller's thread, and ZMQ
+    # sockets are not thread-safe: replies from several op workers would interleave frames.
+    with _send_lock:
+        kernel.session.send(kernel.iopub_socket, "comm_msg", content, parent={},
+                            ident=comm.topic, buffers=[data, *blobs])
 
 
 def _on_msg(comm: Any, msg: Dict[str, Any]) -> None:

@@ -50,10 +50,14 @@ HASH_BLOCK_BYTES = 1024 * 1024
 # Open download file descriptors kept between chunk requests; older ones are reopened lazily.
 MAX_OPEN_DOWNLOADS = 32
 MAX_KNOWN_DOWNLOADS = 1024
+# Open upload part files kept between chunks; the least recently used are closed and
+# reopened lazily by their next chunk, so abandoned uploads cannot use up descriptors.
+MAX_OPEN_UPLOADS = 32
 
 _TRANSFER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _O_BINARY = getattr(os, "O_BINARY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 Ranges = List[List[int]]
 Matcher = Callable[[str, bool], bool]
@@ -560,6 +564,46 @@ def _refuse_directory(target: str) -> None:
         raise OpError(ErrorCode.IS_A_DIRECTORY, "%s: is a directory" % target, {"path": target})
 
 
+def _not_regular(path: str, mode: int) -> OpError:
+    if stat.S_ISDIR(mode):
+        return OpError(ErrorCode.IS_A_DIRECTORY, "%s: is a directory" % path, {"path": path})
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+    return OpError(ErrorCode.INVALID_ARGUMENT, "%s: not a regular file (%s)" % (path, kind),
+                   {"path": path})
+
+
+def _open_regular(path: str) -> Tuple[int, os.stat_result]:
+    """Open ``path`` (symlinks followed) for reading, refusing anything but a regular file.
+
+    The open itself must not block: O_NONBLOCK makes opening a FIFO return at once (plain
+    O_RDONLY waits forever for a writer), fstat then checks what was opened (no race with a
+    swap after a stat), and blocking mode is restored for the reads. Raises OpError.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK)
+    except OSError as exc:
+        try:  # a socket (ENXIO) and the like cannot be opened: say what it is instead
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode) from None
+        raise paths.os_error(exc, path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise paths.os_error(exc, path) from None
+        raise
+    return fd, st
+
+
 def _file_type(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "symlink"
@@ -722,13 +766,18 @@ class _Download:
 
     def ensure_open(self) -> int:
         if self.fd is None:
-            fd = os.open(self.path, os.O_RDONLY | _O_BINARY)
-            st = os.fstat(fd)
-            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
-                os.close(fd)
-                raise OpError(ErrorCode.CONFLICT,
+            changed = OpError(ErrorCode.CONFLICT,
                               "%s: changed since download_begin; begin again" % self.path,
                               {"path": self.path})
+            try:
+                fd, st = _open_regular(self.path)
+            except OpError as exc:
+                if exc.code in (ErrorCode.INVALID_ARGUMENT, ErrorCode.IS_A_DIRECTORY):
+                    raise changed from None  # replaced by a FIFO, a directory...
+                raise
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
+                os.close(fd)
+                raise changed
             self.fd = fd
         return self.fd
 
@@ -748,7 +797,7 @@ class FilesService:
     def __init__(self, supervisor: Supervisor):
         self.supervisor = supervisor
         self._lock = threading.Lock()
-        self._uploads: Dict[str, _Upload] = {}
+        self._uploads: "OrderedDict[str, _Upload]" = OrderedDict()  # least recent first
         self._downloads: "OrderedDict[str, _Download]" = OrderedDict()
         self.hashes = HashCache(os.path.join(supervisor.state_dir, "hash-cache"))
 
@@ -821,20 +870,15 @@ class FilesService:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "offset and max_bytes must be >= 0")
         max_bytes = min(max_bytes, FS_READ_MAX_BYTES)
         _refuse_directory(path)
+        fd, st = _open_regular(path)  # a FIFO would block the open and the read forever
         try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever
-                raise OpError(ErrorCode.INVALID_ARGUMENT,
-                              "%s: not a regular file" % path, {"path": path})
-            fd = os.open(path, os.O_RDONLY | _O_BINARY)
-            try:
-                size = os.fstat(fd).st_size
-                # Read past st_size: /proc and /sys files report 0 bytes yet have content.
-                data = _read_at(fd, offset, max_bytes)
-            finally:
-                os.close(fd)
+            size = st.st_size
+            # Read past st_size: /proc and /sys files report 0 bytes yet have content.
+            data = _read_at(fd, offset, max_bytes)
         except OSError as exc:
             raise paths.os_error(exc, path) from None
+        finally:
+            os.close(fd)
         eof = len(data) < max_bytes or offset + len(data) >= size
         return Result({"path": path, "size": max(size, offset + len(data)), "offset": offset,
                        "length": len(data), "eof": eof}, [data])
@@ -920,11 +964,28 @@ class FilesService:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "argument 'transfer_id' must be str")
         with self._lock:
             upload = self._uploads.get(transfer_id)
+            if upload is not None:
+                self._uploads.move_to_end(transfer_id)
         if upload is None or upload.done:
             raise OpError(ErrorCode.NOT_FOUND,
                           "unknown upload %r: call upload_begin again to resume it"
                           % transfer_id, {"transfer_id": transfer_id})
         return upload
+
+    def _trim_open_uploads(self, keep: _Upload) -> None:
+        """Close the least recently used part files beyond MAX_OPEN_UPLOADS (not ``keep``).
+
+        A closed one reopens on its next chunk; one being committed is left alone (its
+        commit reads the descriptor without the upload's lock). Call without any lock held.
+        """
+        with self._lock:
+            open_ones = [u for u in self._uploads.values() if u.fd is not None and u is not keep]
+            excess = len(open_ones) + (keep.fd is not None) - MAX_OPEN_UPLOADS
+            candidates = open_ones[:max(0, excess)]
+        for upload in candidates:
+            with upload.lock:
+                if not upload.committing:
+                    upload.close()
 
     def _forget(self, upload: _Upload) -> None:
         upload.done = True
@@ -979,8 +1040,13 @@ class FilesService:
             upload = self._resume_or_create(target, size, sha256, chunk_size, wanted_id)
             with self._lock:
                 self._uploads[upload.transfer_id] = upload
+        else:
+            with self._lock:
+                if self._uploads.get(upload.transfer_id) is upload:
+                    self._uploads.move_to_end(upload.transfer_id)
         upload.mode = mode
         upload.mtime_ns = mtime_ns
+        self._trim_open_uploads(upload)
         return upload.describe()
 
     def _resume_or_create(self, target: str, size: int, sha256: str, chunk_size: int,
@@ -1044,8 +1110,10 @@ class FilesService:
                 upload.save_sidecar()
             except OSError as exc:
                 raise paths.os_error(exc, upload.part) from None
-            return {"received_bytes": upload.received_bytes,
-                    "complete": not _missing_ranges(upload.received, upload.size)}
+            result = {"received_bytes": upload.received_bytes,
+                      "complete": not _missing_ranges(upload.received, upload.size)}
+        self._trim_open_uploads(upload)
+        return result
 
     def upload_commit(self, req: Request) -> Dict[str, Any]:
         upload = self._upload(req.args.get("transfer_id"))
@@ -1155,16 +1223,8 @@ class FilesService:
         path = self.resolve(arg(req.args, "path", str))
         want_hash = arg(req.args, "hash", bool, True)
         _refuse_directory(path)
+        fd, st = _open_regular(path)
         try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise OpError(ErrorCode.INVALID_ARGUMENT, "%s: not a regular file" % path,
-                              {"path": path})
-            fd = os.open(path, os.O_RDONLY | _O_BINARY)
-        except OSError as exc:
-            raise paths.os_error(exc, path) from None
-        try:
-            st = os.fstat(fd)
             digest = None
             if want_hash:
                 digest = self.hashes.get(path, st)
@@ -1220,19 +1280,18 @@ class FilesService:
         else:
             path = self.resolve(arg(req.args, "path", str))
             _refuse_directory(path)
+            fd, st = _open_regular(path)
             try:
-                fd = os.open(path, os.O_RDONLY | _O_BINARY)
-                try:
-                    size = os.fstat(fd).st_size
-                    if offset > size:
-                        raise OpError(ErrorCode.INVALID_ARGUMENT,
-                                      "offset %d is past the end of %s (%d bytes)"
-                                      % (offset, path, size), {"size": size})
-                    data = _read_at(fd, offset, length)
-                finally:
-                    os.close(fd)
+                size = st.st_size
+                if offset > size:
+                    raise OpError(ErrorCode.INVALID_ARGUMENT,
+                                  "offset %d is past the end of %s (%d bytes)"
+                                  % (offset, path, size), {"size": size})
+                data = _read_at(fd, offset, length)
             except OSError as exc:
                 raise paths.os_error(exc, path) from None
+            finally:
+                os.close(fd)
         return Result({"offset": offset, "length": len(data),
                        "eof": offset + len(data) >= size, "size": size}, [data])
 
@@ -1370,11 +1429,8 @@ class FilesService:
             try:
                 join_inside(root, rel, follow_final=True, real_root=real_root)
                 _refuse_directory(target)
-                with open(target, "rb") as handle:
-                    st = os.fstat(handle.fileno())
-                    if not stat.S_ISREG(st.st_mode):
-                        raise OpError(ErrorCode.INVALID_ARGUMENT,
-                                      "%s: not a regular file" % target, {"path": target})
+                fd, st = _open_regular(target)  # a FIFO would block open() forever
+                with os.fdopen(fd, "rb") as handle:
                     left = budget - used
                     if st.st_size > left and blobs:
                         remaining = rels[index:]  # the client asks again for these

@@ -12,17 +12,24 @@ Registry, under ``<state_dir>/jobs/``::
     <job_id>/pids.json    written by the wrapper as soon as the command runs
     <job_id>/exit.json    written by the wrapper when the command ends
     <job_id>/killed.json  written by us before we signal the job
-    _keys/<sha256(key)>   idempotency key -> job_id, claimed with O_EXCL
+    _keys/<sha256(key)>   idempotency key -> job_id, claimed by hard-linking a complete
+                          temp file into place (exclusive, and never seen empty)
 
 A process is identified by pid plus a start token (``/proc/<pid>/stat`` starttime, or
 psutil's create_time), so a recycled pid is never mistaken for a job.
 
 Follow: one pump thread per supervisor reads new bytes from each followed job's log file
 (the file is the source of truth; nothing is buffered in memory beyond one tick) and emits
-one batched ``log`` event per tick, bounded by a per-subscription credit window.
+one batched ``log`` event per tick, bounded by a per-subscription credit window. A
+subscription is keyed by (job_id, subscriber): followers that pass distinct ``subscriber``
+ids have independent offsets and windows, and every chunk names its subscription.
+
+Wait: ``job_wait`` holds no thread; the pump settles each waiter when its job ends or its
+timeout passes, so any number of waits leave the supervisor's worker pool alone.
 """
 
 import codecs
+import errno
 import hashlib
 import json
 import os
@@ -38,7 +45,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import paths
-from .supervisor import Request, Result, Supervisor
+from .supervisor import Deferred, Request, Result, Supervisor
 from .wire import ErrorCode, OpError, arg
 
 try:  # psutil is optional: /proc covers Linux, psutil covers macOS and friends.
@@ -69,6 +76,11 @@ FOLLOW_TICK_S = 0.012  # after an event: iopub allows ~1000 msg/s, ~80/s is far 
 FOLLOW_POLL_S = 0.003
 WATCH_TICK_S = 0.05  # exit detection when nothing is followed
 IDLE_TICK_S = 1.0
+WAIT_TICK_S = 0.02  # how soon a waiter hears that its job ended
+# A subscription whose window stayed full with no ack for this long has lost its follower:
+# it is dropped (a live follower that merely paused re-subscribes after its idle check).
+FOLLOW_STALL_S = 300.0
+MAX_SUBSCRIBER_CHARS = 128
 MAX_WAIT_S = 3600.0
 MAX_GRACE_S = 600.0
 START_TIMEOUT_S = 15.0
@@ -76,6 +88,9 @@ DEFAULT_COMMAND_TIMEOUT_S = 600.0
 MAX_COMMAND_TIMEOUT_S = 7 * 24 * 3600.0
 DEFAULT_MAX_OUTPUT_CHARS = 20000
 MAX_OUTPUT_CHARS = 10 * 1000 * 1000
+# A key file still empty or unreadable after this long was left by a start that died while
+# claiming it (older payloads wrote the id after an O_EXCL create): it is cleared and reused.
+KEY_STALE_S = 5.0
 
 # Wrappers we started and have not reaped yet, kept across supervisors of this module so
 # that none is left a zombie of the kernel (the pump of any live manager reaps them).
@@ -284,6 +299,59 @@ def _short(value: str, limit: int = 80) -> str:
     return value if len(value) <= limit else value[:limit] + "..."
 
 
+# File systems without hard links answer os.link with one of these.
+_NO_LINKS = {getattr(errno, name) for name in ("EPERM", "ENOTSUP", "EOPNOTSUPP", "ENOSYS",
+                                               "EMLINK", "EXDEV") if hasattr(errno, name)}
+
+
+def _claim_key(key_path: str, job_id: str) -> bool:
+    """Claim an idempotency key file for ``job_id``; False when someone else holds it.
+
+    The id is written to a temp file first and hard-linked into place, so the claim is
+    exclusive and the key file is never seen empty: a crash or a full disk before the link
+    leaves no claim at all. Raises OpError when the claim cannot be written.
+    """
+    tmp = os.path.join(os.path.dirname(key_path), ".%s.%s.tmp"
+                       % (os.path.basename(key_path), secrets.token_hex(4)))
+    try:
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(job_id)
+        except OSError as exc:
+            raise paths.os_error(exc, tmp) from None
+        try:
+            os.link(tmp, key_path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise paths.os_error(exc, key_path) from None
+        # No hard links here: an exclusive create, then the id. A crash in between leaves an
+        # empty key file, which _claimed clears once it is KEY_STALE_S old.
+        try:
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise paths.os_error(exc, key_path) from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(job_id)
+        except OSError as exc:
+            try:
+                os.unlink(key_path)
+            except OSError:
+                pass
+            raise paths.os_error(exc, key_path) from None
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 # --- argument helpers --------------------------------------------------------------------------
 
 
@@ -334,6 +402,15 @@ def _build_env(overrides: Dict[str, Optional[str]]) -> Dict[str, str]:
     return env
 
 
+def _subscriber_arg(args: Dict[str, Any]) -> str:
+    """Who follows: a client-chosen id, "" (the default) for clients that do not say."""
+    subscriber = arg(args, "subscriber", str, "")
+    if len(subscriber) > MAX_SUBSCRIBER_CHARS:
+        raise OpError(ErrorCode.INVALID_ARGUMENT, "subscriber must have at most %d chars"
+                      % MAX_SUBSCRIBER_CHARS)
+    return subscriber
+
+
 def _command_arg(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise OpError(ErrorCode.INVALID_ARGUMENT, "%s must be a string, got %s"
@@ -364,18 +441,39 @@ class _Job:
         self.announced = False  # a job_exit event went out for it
 
 
+FollowKey = Tuple[str, str]  # (job_id, subscriber)
+
+
 class _Follow:
     """A log subscription: bytes [acked, sent) are in flight, at most ``window`` of them."""
 
-    __slots__ = ("acked", "gen", "job_id", "path", "sent", "window")
+    __slots__ = ("acked", "gen", "job_id", "path", "progress_at", "sent", "subscriber",
+                 "window")
 
-    def __init__(self, job_id: str, path: str):
+    def __init__(self, job_id: str, subscriber: str, path: str):
         self.job_id = job_id
+        self.subscriber = subscriber
         self.path = path
         self.sent = 0
         self.acked = 0
         self.window = DEFAULT_WINDOW
         self.gen = 0  # bumped on every (re)subscribe, so a stale read is dropped
+        self.progress_at = time.monotonic()  # last (re)subscribe or ack that moved ``acked``
+
+    @property
+    def key(self) -> FollowKey:
+        return (self.job_id, self.subscriber)
+
+
+class _Waiter:
+    """A ``job_wait`` in progress: settled by the pump when the job ends or time runs out."""
+
+    __slots__ = ("deadline", "deferred", "job")
+
+    def __init__(self, job: "_Job", deadline: float, deferred: Deferred):
+        self.job = job
+        self.deadline = deadline
+        self.deferred = deferred
 
 
 class JobManager:
@@ -388,7 +486,8 @@ class JobManager:
         self._lock = threading.RLock()
         self._start_lock = threading.Lock()  # serialises starts (idempotency keys)
         self._jobs: Dict[str, _Job] = {}
-        self._follows: Dict[str, _Follow] = {}
+        self._follows: Dict[FollowKey, _Follow] = {}
+        self._waiters: List[_Waiter] = []
         self._unannounced: Dict[str, _Job] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -542,13 +641,19 @@ class JobManager:
     def _claimed(self, key_path: str, key: str, command: str) -> Any:
         """The existing job's summary for a used key, its bare id if never started, or None."""
         try:
-            with open(key_path, encoding="utf-8") as f:
-                job_id = f.read().strip()
+            with open(key_path, "rb") as f:
+                st = os.fstat(f.fileno())
+                job_id = f.read(256).decode("utf-8", "replace").strip()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise paths.os_error(exc, key_path) from None
         if not _ID_RE.match(job_id):
+            # Empty or damaged: a claim in progress elsewhere, or one whose writer died.
+            if time.time() - st.st_mtime < KEY_STALE_S:
+                raise OpError(ErrorCode.BUSY, "idempotency key is being claimed by another "
+                              "supervisor: retry")
+            self._clear_stale_key(key_path, st)
             return None
         try:
             job = self._get({"job_id": job_id})
@@ -574,16 +679,43 @@ class JobManager:
             except OSError as exc:
                 raise paths.os_error(exc, self.jobs_dir) from None
             if key_path is not None:
-                try:  # O_EXCL: two supervisors racing on one key cannot both win
-                    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
+                try:
+                    claimed = _claim_key(key_path, job_id)
+                except BaseException:
+                    os.rmdir(os.path.join(self.jobs_dir, job_id))
+                    raise
+                if not claimed:  # two supervisors racing on one key cannot both win
                     os.rmdir(os.path.join(self.jobs_dir, job_id))
                     raise OpError(ErrorCode.BUSY, "idempotency key is being claimed by another "
-                                  "supervisor: retry") from None
-                with os.fdopen(fd, "w") as f:
-                    f.write(job_id)
+                                  "supervisor: retry")
             return job_id
         raise OpError(ErrorCode.INTERNAL, "could not allocate a job id")
+
+    def _clear_stale_key(self, key_path: str, stale: os.stat_result) -> None:
+        """Move aside a key file a dead start left empty or damaged, and only that file."""
+        aside = "%s.stale-%s" % (key_path, secrets.token_hex(4))
+        try:
+            os.rename(key_path, aside)  # atomic: of two supervisors clearing it, one moves it
+        except FileNotFoundError:
+            return  # another supervisor cleared it first
+        except OSError as exc:
+            raise paths.os_error(exc, key_path) from None
+        try:
+            moved = os.stat(aside)
+            if (moved.st_dev, moved.st_ino) != (stale.st_dev, stale.st_ino):
+                # Someone cleared the stale file and claimed the key in between: that claim
+                # is good, put it back (a link never replaces a newer one).
+                try:
+                    os.link(aside, key_path)
+                except OSError:
+                    pass
+                raise OpError(ErrorCode.BUSY, "idempotency key is being claimed by another "
+                              "supervisor: retry")
+        finally:
+            try:
+                os.unlink(aside)
+            except OSError:
+                pass
 
     def _spawn(self, job_id: str, key_path: Optional[str], command: str, cwd: str,
                overrides: Dict[str, Optional[str]], log_arg: Optional[str], key: Optional[str],
@@ -721,23 +853,44 @@ class JobManager:
             jobs.sort(key=lambda j: j.meta.get("started_at") or 0, reverse=True)
             return {"jobs": [self._summary(j) for j in jobs[:limit]], "total": len(jobs)}
 
-    def op_wait(self, req: Request) -> Dict[str, Any]:
+    def op_wait(self, req: Request) -> Any:
+        """The job's summary once it ends or ``timeout`` passes; holds no thread meanwhile."""
         job = self._get(req.args)
         timeout = _float_arg(req.args, "timeout", 60.0, 0.0, MAX_WAIT_S, clamp=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                self._refresh(job)
-                if job.state != RUNNING:
-                    break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stop.is_set():
-                break
-            time.sleep(min(0.02, remaining))
         with self._lock:
-            summary = self._summary(job)
+            self._refresh(job)
+            if job.state != RUNNING or timeout <= 0 or self._stop.is_set():
+                return self._wait_result(job)
+            deferred = self.sup.defer(req)
+            self._waiters.append(_Waiter(job, time.monotonic() + timeout, deferred))
+        self._ensure_pump()
+        self._wake.set()
+        return deferred
+
+    def _wait_result(self, job: _Job) -> Dict[str, Any]:
+        """Call with the lock held."""
+        summary = self._summary(job)
         summary["timed_out"] = summary["state"] == RUNNING
         return summary
+
+    def _settle_waiters(self, everyone: bool) -> None:
+        """Answer the waiters whose job ended or whose time is up (all of them on close)."""
+        now = time.monotonic()
+        ready = []
+        with self._lock:
+            if not self._waiters:
+                return
+            for job in {id(w.job): w.job for w in self._waiters}.values():
+                self._refresh(job)  # once per job, however many wait for it
+            keep = []
+            for waiter in self._waiters:
+                if everyone or waiter.job.state != RUNNING or now >= waiter.deadline:
+                    ready.append((waiter, self._wait_result(waiter.job)))
+                else:
+                    keep.append(waiter)
+            self._waiters = keep
+        for waiter, summary in ready:
+            waiter.deferred.resolve(summary)
 
     def op_kill(self, req: Request) -> Dict[str, Any]:
         job = self._get(req.args)
@@ -823,45 +976,53 @@ class JobManager:
 
     def op_follow(self, req: Request) -> Dict[str, Any]:
         job = self._get(req.args)
+        subscriber = _subscriber_arg(req.args)
         offset = _int_arg(req.args, "offset", 0, 0, 1 << 62)
         window = _int_arg(req.args, "window", DEFAULT_WINDOW, 1, 1 << 40)
         window = max(MIN_WINDOW, min(MAX_WINDOW, window))
         with self._lock:
             self._refresh(job)
-            sub = self._follows.get(job.job_id)
+            key = (job.job_id, subscriber)
+            sub = self._follows.get(key)
             if sub is None:
-                sub = _Follow(job.job_id, job.meta["log_path"])
-                self._follows[job.job_id] = sub
+                sub = _Follow(job.job_id, subscriber, job.meta["log_path"])
+                self._follows[key] = sub
             sub.gen += 1
             sub.sent = sub.acked = offset
             sub.window = window
+            sub.progress_at = time.monotonic()
             state = job.state
         self._ensure_pump()
         self._wake.set()
-        return {"job_id": job.job_id, "offset": offset, "window": window,
-                "size": _file_size(job.meta["log_path"]), "state": state}
+        return {"job_id": job.job_id, "subscriber": subscriber, "offset": offset,
+                "window": window, "size": _file_size(job.meta["log_path"]), "state": state}
 
     def op_follow_ack(self, req: Request) -> Dict[str, Any]:
         job = self._get(req.args)
+        subscriber = _subscriber_arg(req.args)
         offset = _int_arg(req.args, "offset", None, 0, 1 << 62)
         if offset is None:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "missing required argument 'offset'")
         with self._lock:
-            sub = self._follows.get(job.job_id)
+            sub = self._follows.get((job.job_id, subscriber))
             if sub is None:
-                return {"job_id": job.job_id, "followed": False}
-            sub.acked = max(sub.acked, min(offset, sub.sent))
-            result = {"job_id": job.job_id, "followed": True, "acked": sub.acked,
-                      "sent": sub.sent}
+                return {"job_id": job.job_id, "subscriber": subscriber, "followed": False}
+            acked = max(sub.acked, min(offset, sub.sent))
+            if acked > sub.acked:
+                sub.acked = acked
+                sub.progress_at = time.monotonic()
+            result = {"job_id": job.job_id, "subscriber": subscriber, "followed": True,
+                      "acked": sub.acked, "sent": sub.sent}
         self._wake.set()
         return result
 
     def op_unfollow(self, req: Request) -> Dict[str, Any]:
         job = self._get(req.args)
+        subscriber = _subscriber_arg(req.args)
         with self._lock:
-            sub = self._follows.pop(job.job_id, None)
+            sub = self._follows.pop((job.job_id, subscriber), None)
         self._wake.set()
-        return {"job_id": job.job_id, "followed": sub is not None}
+        return {"job_id": job.job_id, "subscriber": subscriber, "followed": sub is not None}
 
     # --- the pump -----------------------------------------------------------------------------
 
@@ -882,6 +1043,10 @@ class JobManager:
                     emitted = self._tick()
                 except Exception:  # keep pumping: one bad tick must not end all follows
                     self.sup.counters["jobs_pump_errors"] += 1
+                try:
+                    self._settle_waiters(everyone=False)
+                except Exception:
+                    self.sup.counters["jobs_pump_errors"] += 1
                 with self._lock:
                     if self._follows:
                         delay = FOLLOW_TICK_S if emitted else FOLLOW_POLL_S
@@ -890,11 +1055,15 @@ class JobManager:
                         delay = WATCH_TICK_S
                     else:
                         delay = IDLE_TICK_S
+                    if self._waiters:
+                        nearest = min(w.deadline for w in self._waiters) - time.monotonic()
+                        delay = max(0.0, min(delay, WAIT_TICK_S, nearest))
                 self._wake.wait(delay)
         finally:
             for _, fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._settle_waiters(everyone=True)
 
     def _fd_for(self, sub: _Follow) -> Optional[int]:
         cached = self._fds.get(sub.job_id)
@@ -921,10 +1090,16 @@ class JobManager:
         with self._lock:
             if refresh_all:
                 self._last_refresh = now
+            # A subscription stuck on a full window with no ack for long has no follower.
+            for key, sub in list(self._follows.items()):
+                if sub.sent - sub.acked >= sub.window and now - sub.progress_at > FOLLOW_STALL_S:
+                    del self._follows[key]
+                    self.sup.counters["jobs_follows_expired"] += 1
+            # Followed jobs every tick (their end decides when a follow is drained); the rest
+            # at the watch rate, so fast polling stays cheap (waited-for jobs: _settle_waiters).
+            followed = {sub.job_id for sub in self._follows.values()}
             for job in self._jobs.values():
-                # Followed jobs every tick (their end decides when a follow is drained);
-                # the rest at the watch rate, so fast polling stays cheap.
-                if job.state == RUNNING and (refresh_all or job.job_id in self._follows):
+                if job.state == RUNNING and (refresh_all or job.job_id in followed):
                     self._refresh(job)
             work = []
             for sub in self._follows.values():
@@ -959,12 +1134,12 @@ class JobManager:
             blobs: List[bytes] = []
             done = []
             for sub, gen, offset, data, size, finished in reads:
-                if self._follows.get(sub.job_id) is not sub or sub.gen != gen:
+                if self._follows.get(sub.key) is not sub or sub.gen != gen:
                     continue
                 for piece in range(0, len(data), CHUNK_BYTES):
                     blob = data[piece:piece + CHUNK_BYTES]
-                    chunks.append({"job_id": sub.job_id, "offset": offset + piece,
-                                   "length": len(blob)})
+                    chunks.append({"job_id": sub.job_id, "subscriber": sub.subscriber,
+                                   "offset": offset + piece, "length": len(blob)})
                     blobs.append(blob)
                 sub.sent = offset + len(data)
                 if finished and (size is None or sub.sent >= size):
@@ -972,18 +1147,23 @@ class JobManager:
             if chunks:
                 self.sup.emit("log", {"chunks": chunks}, blobs)
             for sub, size in done:
-                del self._follows[sub.job_id]
-                self._emit_exit(self._jobs[sub.job_id], size)
+                # Each drained subscription hears the end, after all of its bytes.
+                del self._follows[sub.key]
+                self._emit_exit(self._jobs[sub.job_id], size, sub.subscriber)
+            followed = {sub.job_id for sub in self._follows.values()}
             for job in list(self._unannounced.values()):
-                if job.job_id not in self._follows:
+                if job.job_id not in followed:
                     self._emit_exit(job, _file_size(job.meta["log_path"]))
         return bool(chunks)
 
-    def _emit_exit(self, job: _Job, size: Optional[int]) -> None:
+    def _emit_exit(self, job: _Job, size: Optional[int],
+                   subscriber: Optional[str] = None) -> None:
         ended = job.exit or {}
-        self.sup.emit("job_exit", {"job_id": job.job_id, "state": job.state,
-                                   "exit_code": ended.get("exit_code"),
-                                   "ended_at": ended.get("ended_at"), "size": size})
+        body = {"job_id": job.job_id, "state": job.state, "exit_code": ended.get("exit_code"),
+                "ended_at": ended.get("ended_at"), "size": size}
+        if subscriber is not None:
+            body["subscriber"] = subscriber  # the drained subscription it ends
+        self.sup.emit("job_exit", body)
         job.announced = True
         self._unannounced.pop(job.job_id, None)
 
@@ -994,6 +1174,7 @@ class JobManager:
         pump = self._pump
         if pump is not None and pump is not threading.current_thread():
             pump.join(timeout=5.0)
+        self._settle_waiters(everyone=True)  # no pump ever ran, or it is stuck: answer anyway
 
 
 def _tail_start(fd: int, size: int, lines: int, max_bytes: int) -> Tuple[int, bool]:
@@ -1138,7 +1319,8 @@ def register(supervisor: Supervisor) -> None:
     supervisor.register("job_status", manager.op_status)
     supervisor.register("job_list", manager.op_list)
     supervisor.register("job_tail", manager.op_tail, blocking=True)
-    supervisor.register("job_wait", manager.op_wait, blocking=True)
+    # Not blocking: a wait is settled by the pump and holds no worker (see op_wait).
+    supervisor.register("job_wait", manager.op_wait)
     supervisor.register("job_kill", manager.op_kill, blocking=True)
     supervisor.register("job_follow", manager.op_follow)
     supervisor.register("job_follow_ack", manager.op_follow_ack)

@@ -5,7 +5,9 @@ tests feed it bytes directly. Services (jobs, files, host facts) register their 
 
 Threading: ``handle`` is called on the kernel's shell (or subshell) thread. Quick ops run
 inline; ops registered ``blocking=True`` run on a worker pool so a slow op never delays a
-ping. ``send`` callbacks must be thread-safe (ipykernel's iopub socket is).
+ping. An op that waits for something (``job_wait``) holds no thread at all: it returns a
+``Deferred`` from ``Supervisor.defer`` and settles it later from whichever thread sees the
+outcome. ``send`` callbacks must be thread-safe (ipykernel's iopub socket is).
 """
 
 import collections
@@ -52,6 +54,35 @@ class Request:
 
 
 Handler = Callable[[Request], Any]
+
+
+class Deferred:
+    """A reply an op sends later: the handler returns it, then someone settles it once.
+
+    ``resolve(value)`` sends an ok reply (``value`` may be a ``Result``), ``reject(exc)`` an
+    error reply; only the first settlement counts, so racing settlers are harmless.
+    """
+
+    __slots__ = ("_done", "_lock", "_settle")
+
+    def __init__(self, settle: Callable[[Any, Optional[BaseException]], None]):
+        self._settle = settle
+        self._lock = threading.Lock()
+        self._done = False
+
+    def resolve(self, value: Any) -> bool:
+        return self._finish(value, None)
+
+    def reject(self, error: BaseException) -> bool:
+        return self._finish(None, error)
+
+    def _finish(self, value: Any, error: Optional[BaseException]) -> bool:
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+        self._settle(value, error)
+        return True
 
 
 class EventRing:
@@ -165,29 +196,52 @@ class Supervisor:
             self._reply(channel, codec, wire.reply_error(request_id, ErrorCode.MALFORMED, str(exc)))
             return
         handler, blocking = entry
-        if blocking and not self._closed:
-            self._pool.submit(self._run, handler, req)
-        else:
+        if not blocking:
             self._run(handler, req)
+            return
+        if not self._closed:
+            try:
+                self._pool.submit(self._run, handler, req)
+                return
+            except RuntimeError:  # close() shut the pool down between the check and here
+                pass
+        # Never run a blocking op inline on the shell thread: say why and let the client retry.
+        self.counters["refused_closed"] += 1
+        self._reply(channel, codec, wire.reply_error(
+            request_id, ErrorCode.BUSY, "supervisor is shutting down: %s not run, retry" % op))
+
+    def defer(self, req: Request) -> Deferred:
+        """A reply to ``req`` that its handler returns now and settles later (any thread)."""
+        return Deferred(lambda value, error: self._complete(req, value, error))
 
     def _run(self, handler: Handler, req: Request) -> None:
         try:
             value = handler(req)
-            blobs: List[bytes] = []
+        except Exception as exc:
+            self._complete(req, None, exc)
+            return
+        if not isinstance(value, Deferred):
+            self._complete(req, value, None)
+
+    def _complete(self, req: Request, value: Any, error: Optional[BaseException]) -> None:
+        blobs: List[bytes] = []
+        if error is None:
             if isinstance(value, Result):
                 value, blobs = value.value, value.buffers
             envelope = wire.reply_ok(req.id, value)
-        except OpError as exc:
+        elif isinstance(error, OpError):
             self.counters["errors"] += 1
-            envelope, blobs = wire.reply_error(req.id, exc.code, exc.message, exc.details), []
-        except Exception as exc:
+            envelope = wire.reply_error(req.id, error.code, error.message, error.details)
+        else:
             self.counters["internal_errors"] += 1
-            envelope, blobs = wire.reply_error(
+            trace = "".join(traceback.format_exception(type(error), error,
+                                                       error.__traceback__, limit=8))
+            envelope = wire.reply_error(
                 req.id,
                 ErrorCode.INTERNAL,
-                "%s failed: %s: %s" % (req.op, type(exc).__name__, exc),
-                {"traceback": traceback.format_exc(limit=8)},
-            ), []
+                "%s failed: %s: %s" % (req.op, type(error).__name__, error),
+                {"traceback": trace},
+            )
         self._reply(req.channel, req.codec, envelope, blobs)
 
     def _reply(self, channel: Any, codec: str, envelope: Dict[str, Any],

@@ -7,6 +7,8 @@ referenced by path instead of inlined, and a run past its timeout is interrupted
 from __future__ import annotations
 
 import base64
+import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -17,13 +19,18 @@ from typing import Any
 import anyio
 
 from ..errors import ConnectionLost, KernelError
-from .kernel_ws import KernelSocket
+from .kernel_ws import KernelMessage, KernelSocket
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif",
                 "image/svg+xml": ".svg", "application/pdf": ".pdf"}
 
+log = logging.getLogger(__name__)
+
 OutputCallback = Callable[[str, str], None]
+
+#: how long outputs may trail the execute_reply before we stop waiting for the idle status
+IDLE_GRACE_S = 2.0
 
 
 def strip_ansi(text: str) -> str:
@@ -177,6 +184,7 @@ async def execute(
     image_dir: Path | None = None,
     on_output: OutputCallback | None = None,
     interrupt: Callable[[], Awaitable[None]] | None = None,
+    wait_for_outputs: bool = True,
 ) -> ExecResult:
     """Run ``code`` and wait for its reply and idle status (or the timeout, then interrupt)."""
     msg = sock.build("execute_request", {
@@ -197,14 +205,18 @@ async def execute(
             async for incoming in replies:
                 if incoming.channel == "shell" and incoming.msg_type == "execute_reply":
                     reply = incoming.content
+                    # Outputs end with the idle status on iopub; but iopub can lose messages
+                    # (a kernel restart's late-joining subscription, the rate limiter), and
+                    # the reply alone must not then wait for ever.
+                    scope.deadline = min(scope.deadline, anyio.current_time() + IDLE_GRACE_S)
                 elif incoming.channel == "iopub":
                     if incoming.msg_type == "status":
                         idle = incoming.content.get("execution_state") == "idle"
                     else:
                         collector.feed(incoming.msg_type, incoming.content, msg_id)
-                if reply is not None and idle:
+                if reply is not None and (idle or not wait_for_outputs):
                     break
-        if scope.cancelled_caught:
+        if scope.cancelled_caught and reply is None:
             status = "timeout"
             if interrupt is not None:
                 await interrupt()
@@ -239,21 +251,45 @@ async def execute(
     return result
 
 
-async def kernel_info(sock: KernelSocket, timeout: float = 20.0) -> dict[str, Any]:
-    msg = sock.build("kernel_info_request", {})
-    replies = sock.expect(msg["header"]["msg_id"])
+async def kernel_info(sock: KernelSocket, timeout: float = 30.0) -> dict[str, Any]:
+    """Ask until the kernel answers on shell *and* iopub, then return its kernel_info.
+
+    A request sent while a kernel (re)starts is simply lost, and after a restart the server's
+    iopub subscription joins late: replies on shell flow while iopub (where every comm reply
+    travels) still drops messages. Like jupyter_server's own "nudge", keep asking until a
+    status message for one of our requests comes back on iopub.
+    """
+    deadline = anyio.current_time() + timeout
+    sent: list[str] = []
+    send_reply, replies = anyio.create_memory_object_stream[KernelMessage](math.inf)
+    info: dict[str, Any] | None = None
     try:
-        await sock.send(msg)
-        with anyio.fail_after(timeout):
-            async for incoming in replies:
-                if incoming.msg_type == "kernel_info_reply":
-                    return incoming.content
-    except TimeoutError:
-        raise KernelError(f"kernel {sock.kernel_id} did not answer kernel_info in {timeout}s") \
-            from None
+        interval = 0.5
+        while anyio.current_time() < deadline:
+            msg = sock.build("kernel_info_request", {})
+            sent.append(msg["header"]["msg_id"])
+            sock.expect_into(sent[-1], send_reply)
+            await sock.send(msg)
+            with anyio.move_on_after(min(interval, max(0.0, deadline - anyio.current_time()))):
+                iopub_seen = False
+                async for incoming in replies:
+                    if incoming.msg_type == "kernel_info_reply":
+                        info = incoming.content
+                    elif incoming.channel == "iopub":
+                        iopub_seen = True
+                    if info is not None and iopub_seen:
+                        return info
+            if sock.closed.is_set():
+                raise ConnectionLost(f"kernel websocket closed: {sock.close_reason}")
+            interval = min(interval * 2, 4.0)
     finally:
-        sock.forget(msg["header"]["msg_id"])
-    raise ConnectionLost(f"kernel websocket closed: {sock.close_reason}")
+        for msg_id in sent:
+            sock.forget(msg_id)
+        send_reply.close()
+    if info is not None:
+        log.warning("kernel %s answers but its iopub stays silent", sock.kernel_id)
+        return info
+    raise KernelError(f"kernel {sock.kernel_id} did not answer kernel_info in {timeout}s")
 
 
 async def control_request(sock: KernelSocket, msg_type: str, content: dict[str, Any],

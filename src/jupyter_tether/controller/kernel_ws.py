@@ -224,6 +224,10 @@ class KernelSocket:
         self._waiters[msg_id] = send
         return receive
 
+    def expect_into(self, msg_id: str, stream: MemoryObjectSendStream[KernelMessage]) -> None:
+        """Route messages whose parent is ``msg_id`` into an existing stream (a clone of it)."""
+        self._waiters[msg_id] = stream.clone()
+
     def forget(self, msg_id: str) -> None:
         stream = self._waiters.pop(msg_id, None)
         if stream is not None:

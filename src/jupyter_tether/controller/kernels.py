@@ -217,6 +217,7 @@ async def _marker_op(sock: KernelSocket, name: str, new: str | None,
                      expected: str | None) -> str | None:
     code = _MARKER_CODE.format(rel=MARKER_PATH, name=name, new=new, expected=expected)
     result = await execute(sock, code, timeout=60, silent=True, store_history=False,
+                               wait_for_outputs=False,
                            user_expressions={"marker": "_jupyter_tether_marker"})
     if result.status != "ok":
         detail = result.error or {}

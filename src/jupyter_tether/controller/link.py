@@ -126,20 +126,28 @@ class SupervisorLink:
         call = self._pending.new(op, args or {}, list(buffers), idempotent)
         try:
             with anyio.fail_after(timeout):
-                while not call.done:
+                while True:
+                    if call.done:
+                        if call.error is None or call.error.code != wire.ErrorCode.BUSY:
+                            break
+                        # "Not run, retry" (whatever the op): a supervisor on its way out,
+                        # in a kernel restart or an upgrade; its successor answers shortly.
+                        await anyio.sleep(0.25)
+                        call.error, call.sent_generation = None, -1
+                        call.rearm()
                     await self._wait_connected(op)
                     if call.done:
                         # Answered while we waited: on reconnect the server replays the
                         # replies it buffered for our session. Re-sending would run it twice
                         # and wait for a second reply that resolve() ignores.
-                        break
+                        continue
                     if call.sent_generation != self._generation:
                         self._check_resendable(call)
                         call.rearm()
                         await self._send_request(call)
                     await call.wakeup.wait()
                     if call.done:
-                        break
+                        continue
                     if not self.connected:
                         # Say so now rather than after the link is back (or never).
                         self._check_resendable(call)
@@ -339,6 +347,7 @@ class SupervisorLink:
                  f"and m.comm_binding.is_live())(__import__('sys').modules.get({bundle.REMOTE_PACKAGE!r}))"
                  )
         result = await execute(sock, "", timeout=30, silent=True, store_history=False,
+                               wait_for_outputs=False,
                                user_expressions={"live": probe})
         live = result.user_expressions.get("live", {})
         return isinstance(live, dict) and (live.get("data") or {}).get("text/plain") == "True"
@@ -351,7 +360,7 @@ class SupervisorLink:
         if self.options.remote_state_dir:
             config["state_dir"] = self.options.remote_state_dir
         result = await execute(sock, bundle.install_code(config), timeout=60, silent=True,
-                               store_history=False,
+                               store_history=False, wait_for_outputs=False,
                                user_expressions={"outcome": "_jupyter_tether_outcome"})
         if result.status != "ok":
             detail = result.error or {}
