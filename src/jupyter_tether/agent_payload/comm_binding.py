@@ -6,6 +6,7 @@ live comm: iopub is broadcast to every websocket attached to the kernel, so ever
 controller sees them, and ``seq`` stays contiguous for all of them.
 """
 
+import inspect
 import os
 import threading
 from typing import Any, Dict, List, Optional, Sequence
@@ -43,6 +44,12 @@ def _send(data: bytes, blobs: Sequence[bytes], channel: Any) -> None:
     # One sender at a time: ipykernel hands sends to its IOPub thread, but once that thread
     # has stopped (the kernel shutting down) it sends from the caller's thread, and ZMQ
     # sockets are not thread-safe: replies from several op workers would interleave frames.
+    io_thread = getattr(getattr(kernel.iopub_socket, "io_thread", None), "thread", None)
+    if _state.get("kernel_closing") or (io_thread is not None and not io_thread.is_alive()):
+        # The kernel is shutting down: once its IOPub thread stops, ipykernel sends from
+        # whichever thread calls, and ours would interleave frames with its own last
+        # messages on the bare socket, garbling both. The client re-sends after reconnecting.
+        return
     with _send_lock:
         kernel.session.send(kernel.iopub_socket, "comm_msg", content, parent={},
                             ident=comm.topic, buffers=[data, *blobs])
@@ -109,6 +116,25 @@ def parked_subshell() -> Dict[str, Any]:
     return {"parked_subshell_id": parked["subshell_id"] if parked else None}
 
 
+def _hook_kernel_shutdown(kernel: Any) -> None:
+    """Stop sending the moment the kernel is asked to shut down (restart included)."""
+    handlers = getattr(kernel, "control_handlers", None)
+    if not isinstance(handlers, dict) or handlers.get("shutdown_request") is None:
+        return
+    found: Any = handlers["shutdown_request"]
+    original: Any = getattr(found, "_tether_original", found)  # an older payload's hook
+
+    async def on_shutdown(*args: Any, **kwargs: Any) -> Any:
+        _state["kernel_closing"] = True
+        result = original(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    on_shutdown._tether_original = original  # type: ignore[attr-defined]
+    handlers["shutdown_request"] = on_shutdown
+
+
 def start(payload_hash: str, config: Dict[str, Any]) -> Supervisor:
     """Create the supervisor and listen for client comms. Called once per install."""
     kernel = _kernel()
@@ -120,6 +146,7 @@ def start(payload_hash: str, config: Dict[str, Any]) -> Supervisor:
     )
     _state["supervisor"] = supervisor
     supervisor.add_hello_extra(parked_subshell)
+    _hook_kernel_shutdown(kernel)
     kernel.comm_manager.register_target(wire.COMM_TARGET, _on_open)
     return supervisor
 

@@ -660,13 +660,18 @@ class _NoHttp(Exception):
     """The server will not serve this file over ``/files``: use the comm instead."""
 
 
+class _GarbledReply(ConnectionLost):
+    """A reply whose blob does not match its envelope: re-fetch, as after a drop."""
+
+
 class _Slot:
-    __slots__ = ("data", "error", "length", "offset", "ready")
+    __slots__ = ("data", "declared", "error", "length", "offset", "ready")
 
     def __init__(self, offset: int, length: int) -> None:
         self.offset = offset
         self.length = length
         self.data: bytes | None = None
+        self.declared = length  # the length the reply's envelope claims
         self.error: BaseException | None = None
         self.ready = anyio.Event()
 
@@ -1125,7 +1130,7 @@ class AsyncFiles:
                         os.utime(local, ns=(begun["mtime_ns"], begun["mtime_ns"]))
                 break
             except (ConnectionLost, TetherTimeout) as exc:
-                if attempt < MAX_ATTEMPTS and (isinstance(exc, TetherTimeout)
+                if attempt < MAX_ATTEMPTS and (isinstance(exc, (TetherTimeout, _GarbledReply))
                                                or self._tether.link.connected):
                     log.info("%s: %s; resuming", where, exc)
                     continue
@@ -1187,6 +1192,7 @@ class AsyncFiles:
                                                            "length": slot.length},
                                         timeout=CHUNK_TIMEOUT_S)
                 slot.data = reply.buffers[0] if reply.buffers else b""
+                slot.declared = int(reply.result.get("length", -1))
             except Exception as exc:
                 slot.error = exc
             finally:
@@ -1198,11 +1204,16 @@ class AsyncFiles:
                 async for slot in receive_slot:
                     await slot.ready.wait()
                     data, slot.data = slot.data, None
-                    if slot.error is None and (data is None or len(data) != slot.length):
+                    if slot.error is None and slot.declared != slot.length:
                         slot.error = TransferError(
-                            f"{part.remote_path}: got {0 if data is None else len(data)} bytes "
-                            f"at offset {slot.offset} where {slot.length} were expected: the "
-                            "remote file changed size; download it again")
+                            f"{part.remote_path}: the remote file has {slot.declared} bytes "
+                            f"at offset {slot.offset} where {slot.length} were expected: it "
+                            "changed size; download it again")
+                    elif slot.error is None and (data is None or len(data) != slot.length):
+                        # The envelope says one size, the blob is another: a message mangled
+                        # in transit (a kernel dying mid-send). Fetch it again.
+                        slot.error = _GarbledReply(
+                            f"{part.remote_path}: a garbled chunk at offset {slot.offset}")
                     if slot.error is not None:
                         failures.append(slot.error)
                         scope.cancel()
