@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from jupyter_tether import InvalidArgument, NotFound, Tether
@@ -147,3 +148,23 @@ def test_bad_ids_and_arguments_give_clear_errors(tether: Tether) -> None:
 
     with pytest.raises(InvalidArgument, match="command"):
         tether.portal.call(bad_type)
+
+
+def test_two_followers_of_one_job_each_get_every_line(tether: Tether) -> None:
+    job = start(tether, "python3 -c \"import time\nfor i in range(3000): print('n', i)\ntime.sleep(0.5)\"")
+
+    async def both() -> tuple[bytes, bytes]:
+        results: dict[int, bytes] = {}
+
+        async def one(index: int) -> None:
+            results[index] = b"".join([chunk async for chunk in job.follow()])
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(one, 0)
+            group.start_soon(one, 1)
+        return results[0], results[1]
+
+    first, second = tether.portal.call(both)
+    expected = [f"n {i}" for i in range(3000)]
+    assert first.decode().splitlines() == expected
+    assert second.decode().splitlines() == expected

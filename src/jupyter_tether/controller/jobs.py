@@ -127,12 +127,19 @@ class AsyncJob:
         link = self._tether.link
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         job_id = self.job_id
+        # Our own subscription: another follower of the same job (this process or another
+        # controller) keeps its own offset and window on the supervisor.
+        subscriber = uuid.uuid4().hex[:16]
+
+        def ours(item: dict[str, Any]) -> bool:
+            return item.get("job_id") == job_id and item.get("subscriber", subscriber) == subscriber
 
         def on_event(event: Event) -> None:
             if event.name == "log":
-                if any(c.get("job_id") == job_id for c in event.body.get("chunks", [])):
+                if any(ours(c) for c in event.body.get("chunks", [])):
                     send.send_nowait(event)
-            elif event.name == "job_exit" and event.body.get("job_id") == job_id:
+            elif event.name == "job_exit" and event.body.get("job_id") == job_id and \
+                    event.body.get("subscriber") in (None, subscriber):
                 send.send_nowait(event)
 
         next_offset = offset
@@ -140,7 +147,7 @@ class AsyncJob:
 
         async def subscribe() -> None:
             await link.call("job_follow", {"job_id": job_id, "offset": next_offset,
-                                           "window": window})
+                                           "window": window, "subscriber": subscriber})
 
         remove_listener = link.add_listener(on_event)
         remove_hook = link.on_reattach(subscribe)
@@ -166,7 +173,7 @@ class AsyncJob:
                     exit_size = int(size)
                 else:
                     for chunk, blob in zip(event.body["chunks"], event.buffers, strict=False):
-                        if chunk.get("job_id") != job_id:
+                        if not ours(chunk):
                             continue
                         start = int(chunk["offset"])
                         if start > next_offset:  # a gap: read it from the log file
@@ -180,7 +187,7 @@ class AsyncJob:
                         yield data
                     if next_offset - acked >= window // 4:
                         acked = next_offset
-                        self._tether.task_group.start_soon(self._ack, acked)
+                        self._tether.task_group.start_soon(self._ack, acked, subscriber)
                 if exit_size is not None:
                     async for data in self._read_range(next_offset, exit_size):
                         next_offset += len(data)
@@ -192,7 +199,8 @@ class AsyncJob:
             send.close()
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 try:
-                    await link.call("job_unfollow", {"job_id": job_id}, timeout=5)
+                    await link.call("job_unfollow", {"job_id": job_id, "subscriber": subscriber},
+                                    timeout=5)
                 except TetherError:
                     pass
 
@@ -204,10 +212,12 @@ class AsyncJob:
             start = after
             yield data
 
-    async def _ack(self, offset: int) -> None:
+    async def _ack(self, offset: int, subscriber: str) -> None:
         try:
             await self._tether.link.call("job_follow_ack", {"job_id": self.job_id,
-                                                            "offset": offset}, timeout=30)
+                                                            "offset": offset,
+                                                            "subscriber": subscriber},
+                                         timeout=30)
         except TetherError:
             pass  # a lost ack only pauses the push; the idle check re-subscribes
 
