@@ -174,6 +174,17 @@ class _Progress:
         self.done = done
         self._emit()
 
+    def per_file(self) -> ProgressCallback:
+        """A callback for one file's own progress that adds its increments to this total."""
+        seen = 0
+
+        def on_file(done: int, total: int) -> None:
+            nonlocal seen
+            self.add(done - seen)
+            seen = done
+
+        return on_file
+
     def add(self, count: int) -> None:
         self.done += count
         self._emit()
@@ -1458,16 +1469,9 @@ class AsyncFiles:
                 tracker.add(sent)
 
         async def send_large(entry: LocalEntry) -> None:
-            seen = 0
-
-            def on_file(done: int, total: int) -> None:
-                nonlocal seen
-                tracker.add(done - seen)
-                seen = done
-
             try:
                 result = await self._upload_path(
-                    entry.path, f"{remote_root}/{entry.rel}", progress=on_file,
+                    entry.path, f"{remote_root}/{entry.rel}", progress=tracker.per_file(),
                     chunk_size=DEFAULT_CHUNK_BYTES, window=DEFAULT_WINDOW,
                     mode=stat.S_IMODE(entry.st.st_mode), keep_mtime=True)
             except TransferError as exc:
@@ -1620,13 +1624,7 @@ class AsyncFiles:
                 pending = remaining
 
         async def fetch_large(item: dict[str, Any], target: Path) -> None:
-            seen = 0
-
-            def on_file(done: int, total: int) -> None:
-                nonlocal seen
-                tracker.add(done - seen)
-                seen = done
-
+            on_file = tracker.per_file()
             try:
                 _make_dirs_inside(root, target.parent)
                 # Checked again now that the parents exist (a link could have appeared).
