@@ -265,21 +265,28 @@ def test_logs_follow_after_a_detached_run_shows_the_whole_log(
     assert (row["state"], row["exit_code"]) == ("exited", 3)
 
 
-def test_ctrl_c_detaches_from_run_and_the_job_keeps_running(
-        jupyter_server: LocalJupyterServer) -> None:
+
+def interrupt_after_line(server: LocalJupyterServer, args: list[str],
+                         line: str) -> tuple[int, str]:
+    """Run the CLI, wait for ``line`` on stdout, press Ctrl-C; (exit code, stderr)."""
     proc = subprocess.Popen(
-        [str(SCRIPT), "--url", jupyter_server.url, "--token", jupyter_server.token, "run",
-         "echo started; sleep 60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=cli_env())
+        [str(SCRIPT), "--url", server.url, "--token", server.token, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     assert proc.stdout is not None
     try:
-        assert proc.stdout.readline() == "started\n"
+        assert proc.stdout.readline() == line
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+def test_ctrl_c_detaches_from_run_and_the_job_keeps_running(
+        jupyter_server: LocalJupyterServer) -> None:
+    returncode, err = interrupt_after_line(jupyter_server, ["run", "echo started; sleep 60"],
+                                           "started\n")
+    assert returncode == 130, err
     assert "Traceback" not in err
     job_id = err.split("logs ")[-1].split()[0]
     assert f"jupyter-tether --url {jupyter_server.url} --token <TOKEN> logs {job_id} -f" in err
@@ -489,19 +496,10 @@ def test_logs_streams_the_log_bytes_as_written(jupyter_server: LocalJupyterServe
 
 def test_ctrl_c_during_exec_interrupts_the_work_kernel(
         jupyter_server: LocalJupyterServer) -> None:
-    proc = subprocess.Popen(
-        [str(SCRIPT), "--url", jupyter_server.url, "--token", jupyter_server.token, "exec",
-         "import time\nprint('sleeping', flush=True)\ntime.sleep(120)"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
-    assert proc.stdout is not None
-    try:
-        assert proc.stdout.readline() == "sleeping\n"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, err = interrupt_after_line(
+        jupyter_server, ["exec", "import time\nprint('sleeping', flush=True)\ntime.sleep(120)"],
+        "sleeping\n")
+    assert returncode == 130, err
     # The cell was interrupted: the work kernel answers at once, not after the sleep.
     started = time.monotonic()
     after = tether_cli(jupyter_server, "exec", "print('free')", timeout=60)

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from jupyter_tether import InvalidArgument, NotFound, Tether
+from jupyter_tether import InvalidArgument, JobError, NotFound, Tether
 from jupyter_tether.controller.jobs import AsyncJob, JobInfo
 
 
@@ -140,7 +140,7 @@ def test_list_includes_started_jobs(tether: Tether) -> None:
 def test_bad_ids_and_arguments_give_clear_errors(tether: Tether) -> None:
     with pytest.raises(NotFound, match="jnosuchjob"):
         tether.portal.call(tether.aio.jobs.get("jnosuchjob").status)
-    with pytest.raises(Exception, match="cwd"):
+    with pytest.raises(JobError, match="cwd"):
         start(tether, "true", cwd="no/such/dir")
 
     async def bad_type() -> None:

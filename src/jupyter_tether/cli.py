@@ -238,19 +238,12 @@ def _print_mapping(ctx: Ctx, mapping: dict[str, Any], title: str = "") -> None:
 @contextlib.contextmanager
 def transfer_progress(ctx: Ctx, label: str) -> Iterator[ProgressCallback | None]:
     """A rich bar (bytes, rate, ETA) when on a terminal; nothing when piped or --json."""
-    if ctx.json or not ctx.tty or not ctx.err.is_terminal:
-        yield None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=ctx.err, transient=True) as progress:
-        task = progress.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
+    with phase_progress(ctx) as progress:
+        if progress is None:
+            yield None
+        else:
             # Called on the portal's loop thread; rich's Progress is thread-safe.
-            progress.update(task, completed=done, total=total or None)
-
-        yield update
+            yield lambda done, total: progress(label, done, total)
 
 
 def _job_exit_code(info: JobInfo) -> int:

@@ -245,7 +245,7 @@ def join_inside(root: str, relpath: Any, *, follow_final: bool = False,
 # --- hashing and the hash cache ------------------------------------------------------------
 
 
-def _read_at(fd: int, offset: int, length: int) -> bytes:
+def read_at(fd: int, offset: int, length: int) -> bytes:
     """Read up to ``length`` bytes at ``offset`` (short only at end of file)."""
     parts: List[bytes] = []
     while length > 0:
@@ -262,7 +262,7 @@ def _read_at(fd: int, offset: int, length: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _write_at(fd: int, offset: int, data: bytes) -> None:
+def write_at(fd: int, offset: int, data: bytes) -> None:
     view = memoryview(data)
     while len(view):
         if hasattr(os, "pwrite"):
@@ -279,7 +279,7 @@ def _hash_fd(fd: int, start: int = 0, hasher: Any = None) -> Tuple[Any, int]:
     hasher = hasher if hasher is not None else hashlib.sha256()
     offset = start
     while True:
-        block = _read_at(fd, offset, HASH_BLOCK_BYTES)
+        block = read_at(fd, offset, HASH_BLOCK_BYTES)
         if not block:
             return hasher, offset
         hasher.update(block)
@@ -517,7 +517,7 @@ def _atomic_write(target: str, data: bytes, mode: Optional[int] = None,
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o666)
         try:
-            _write_at(fd, 0, data)
+            write_at(fd, 0, data)
         finally:
             os.close(fd)
         if mode is not None:
@@ -874,7 +874,7 @@ class FilesService:
         try:
             size = st.st_size
             # Read past st_size: /proc and /sys files report 0 bytes yet have content.
-            data = _read_at(fd, offset, max_bytes)
+            data = read_at(fd, offset, max_bytes)
         except OSError as exc:
             raise paths.os_error(exc, path) from None
         finally:
@@ -1099,7 +1099,7 @@ class FilesService:
                 raise OpError(ErrorCode.CONFLICT, "upload %s is being committed or is over"
                               % upload.transfer_id, {"transfer_id": upload.transfer_id})
             try:
-                _write_at(upload.open(), offset, data)
+                write_at(upload.open(), offset, data)
                 upload.received = _merge_range(upload.received, offset, end)
                 if upload.hasher is not None:
                     if offset == upload.hashed_upto:
@@ -1272,7 +1272,7 @@ class FilesService:
             # descriptor mid-read.
             with download.lock:
                 try:
-                    data = _read_at(download.ensure_open(), offset,
+                    data = read_at(download.ensure_open(), offset,
                                     min(length, download.size - offset))
                 except OSError as exc:
                     raise paths.os_error(exc, download.path) from None
@@ -1287,7 +1287,7 @@ class FilesService:
                     raise OpError(ErrorCode.INVALID_ARGUMENT,
                                   "offset %d is past the end of %s (%d bytes)"
                                   % (offset, path, size), {"size": size})
-                data = _read_at(fd, offset, length)
+                data = read_at(fd, offset, length)
             except OSError as exc:
                 raise paths.os_error(exc, path) from None
             finally:

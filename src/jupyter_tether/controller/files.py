@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx2
 
+from ..agent_payload import files as payload_files
 from ..agent_payload import wire
 from ..agent_payload.files import (
     FS_READ_MAX_BYTES,
@@ -208,32 +209,12 @@ class _LocalFile:
         self._lock = threading.Lock()
 
     def read_at(self, offset: int, length: int) -> bytes:
-        parts: list[bytes] = []
-        while length > 0:
-            if _HAS_PREAD:
-                data = os.pread(self.fd, length, offset)
-            else:  # pragma: no cover - Windows
-                with self._lock:
-                    os.lseek(self.fd, offset, os.SEEK_SET)
-                    data = os.read(self.fd, length)
-            if not data:
-                break
-            parts.append(data)
-            offset += len(data)
-            length -= len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        with self._lock if not _HAS_PREAD else contextlib.nullcontext():
+            return payload_files.read_at(self.fd, offset, length)
 
     def write_at(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        while len(view):
-            if _HAS_PREAD:
-                written = os.pwrite(self.fd, view, offset)
-            else:  # pragma: no cover - Windows
-                with self._lock:
-                    os.lseek(self.fd, offset, os.SEEK_SET)
-                    written = os.write(self.fd, view)
-            view = view[written:]
-            offset += written
+        with self._lock if not _HAS_PREAD else contextlib.nullcontext():
+            payload_files.write_at(self.fd, offset, data)
 
     def hash_from(self, start: int, hasher: Any) -> Any:
         offset = start
