@@ -90,10 +90,13 @@ class McpProcess:
         # The token travels in the environment, never on the command line.
         env = {**os.environ, "REMOTE_JUPYTER_URL": server.url,
                "REMOTE_JUPYTER_TOKEN": server.token, "JUPYTER_TETHER_STATE_DIR": str(state_dir)}
+        # The tests' local files live under pytest's base temp dir, outside this server's cwd
+        # (the file tools' default root): allow it, unless the test names its own roots.
+        roots = [] if "--local-root" in extra else ["--local-root", str(state_dir.parent)]
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "jupyter_tether.mcp_server", "--port", str(self.port),
-                 "--output-dir", str(state_dir / "outputs"), *extra],
+                 "--output-dir", str(state_dir / "outputs"), *roots, *extra],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -276,7 +279,9 @@ async def test_bad_arguments_give_tool_errors_not_crashes(mcp_server: McpProcess
         assert "spec.run is required" in text and "spec.sync must be a list" in text
         text = await calls.error("jupyter_ping", {
             "server_url": f"http://127.0.0.1:9/?token={jupyter_server.token}", "timeout_s": 10})
-        assert "cannot reach" in text and "jupyter_ping" in text
+        # Neither the default server nor a named target (an unreachable one is in
+        # test_multi_target): refused before anything is sent.
+        assert "refused" in text and "--allow-any-server" in text
         assert "job_id" in await calls.error("jupyter_job_follow", {"job_id": ""})
         assert "wait_s" in await calls.error("jupyter_job_follow",
                                              {"job_id": "j1", "wait_s": 3600})
@@ -541,7 +546,7 @@ async def test_foreign_host_or_origin_is_refused(mcp_server: McpProcess) -> None
 
 async def test_bearer_token_is_required_when_set_and_for_non_loopback_binds(
         jupyter_server: LocalJupyterServer, mcp_state: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="auth token"):
+    with pytest.raises(ConfigError, match="bearer token"):
         http_app(build_server(url=jupyter_server.url), host="0.0.0.0", port=8009)
     guarded = McpProcess(jupyter_server, mcp_state, tmp_path / "guarded.log",
                          "--auth-token", "s3cret-token")

@@ -40,11 +40,13 @@ from rich.table import Table
 
 from . import __version__
 from .config import (
+    AUTH_TOKEN_ENV,
     CONFIG_ENV,
     Selection,
     config_path,
     describe_targets,
     named_targets,
+    resolve_auth_token,
     select_target,
     target_from_config,
 )
@@ -61,9 +63,16 @@ from .controller.blocking_services import (
 )
 from .controller.files import DEFAULT_SYNC_MAX_BYTES
 from .controller.jobs import JobInfo
-from .controller.target import TOKEN_ENV, URL_ENV, Target, parse_target, redact
+from .controller.target import (
+    MIN_SECRET,
+    TOKEN_ENV,
+    URL_ENV,
+    Target,
+    parse_target,
+    scrub_secrets,
+)
 from .controller.tether import AsyncTether
-from .errors import ConfigError, NotFound, TetherError
+from .errors import AuthError, ConfigError, NotFound, TetherError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -81,7 +90,7 @@ class UsageError(Exception):
 #: Tokens this command knows (``--token``, a token in ``--url``, the config's targets): no
 #: line it prints may show them. Filled by ``main``; ``REMOTE_JUPYTER_TOKEN`` is read live.
 _SECRETS: set[str] = set()
-_MIN_SECRET = 4  # shorter "tokens" would blank out ordinary words
+_MIN_SECRET = MIN_SECRET
 
 
 def _remember_secrets(*tokens: str | None) -> None:
@@ -90,19 +99,19 @@ def _remember_secrets(*tokens: str | None) -> None:
 
 def scrub(text: str, *tokens: str | None) -> str:
     """``text`` with no credential in it: URL tokens redacted and every known token -> ***."""
-    text = redact(text)
-    known = {*_SECRETS, os.environ.get(TOKEN_ENV, ""), *(t or "" for t in tokens)}
-    for secret in sorted((t for t in known if len(t) >= _MIN_SECRET), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+    return scrub_secrets(text, {*_SECRETS, os.environ.get(TOKEN_ENV, ""),
+                                os.environ.get(AUTH_TOKEN_ENV, ""), *(t or "" for t in tokens)})
 
 
 def _tokens_in_argv(argv: Sequence[str]) -> list[str]:
-    """``--token`` values, before argparse runs (its usage errors may quote them)."""
+    """``--token``/``--auth-token`` values, before argparse runs (its usage errors may quote
+    them)."""
     found = []
     for index, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
-        if name.startswith("--to") and "--token".startswith(name):  # argparse takes prefixes
+        # argparse takes unambiguous prefixes of either option
+        if len(name) >= 4 and any(option.startswith(name)
+                                  for option in ("--token", "--auth-token")):
             if eq:
                 found.append(value)
             elif index + 1 < len(argv):
@@ -740,9 +749,30 @@ def cmd_sync(ctx: Ctx) -> int:
     with transfer_progress(ctx, f"sync {local.name or local}") as progress:
         result = files.sync(local, ctx.args.remote_dir, exclude=ctx.args.exclude or None,
                             delete=ctx.args.delete, max_bytes=ctx.args.max_bytes,
-                            gitignore=not ctx.args.no_gitignore, progress=progress or False)
+                            gitignore=not ctx.args.no_gitignore, progress=progress or False,
+                            dry_run=ctx.args.dry_run,
+                            allow_root_delete=ctx.args.allow_root_delete)
+    if result.get("dry_run"):
+        return _report_dry_run(ctx, str(local), result)
     _report_transfer(ctx, "synced", str(local), ctx.args.remote_dir, result)
     return EXIT_OK
+
+
+def _report_dry_run(ctx: Ctx, local: str, result: dict[str, Any]) -> int:
+    """What a sync would do; exit 1 when a real run would refuse."""
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        lines = [f"dry run: sync {local} -> {result.get('remote_dir')} would send "
+                 f"{result.get('would_upload', 0)} files "
+                 f"({human_bytes(int(result.get('would_upload_bytes') or 0))}) and delete "
+                 f"{result.get('would_delete', 0)}; nothing was changed"]
+        lines += [f"  send   {p}" for p in result.get("would_upload_paths", [])]
+        lines += [f"  delete {p}" for p in result.get("would_delete_paths", [])]
+        ctx.out.print("\n".join(lines), markup=False, highlight=False)
+    for reason in result.get("would_refuse", []):
+        _error(f"a real run would refuse: {reason}")
+    return EXIT_ERROR if result.get("would_refuse") else EXIT_OK
 
 
 def _load_spec(path: Path) -> dict[str, Any]:
@@ -789,12 +819,25 @@ def _collect_dir(name: str) -> str:
 def cmd_submit(ctx: Ctx) -> int:
     spec = _load_spec(Path(ctx.args.spec))
     if len(ctx.args.targets) > 1:
+        if ctx.args.dry_run:
+            raise UsageError("--dry-run takes one --target: dry-run the spec on each in turn")
         return _submit_many(ctx, spec)
     tether = ctx.connect()
     with phase_progress(ctx) as progress:
         result: dict[str, Any] = run_on_portal(
             tether.portal,
-            functools.partial(submit_mod.submit, tether.aio, spec, progress=progress))
+            functools.partial(submit_mod.submit, tether.aio, spec, progress=progress,
+                              dry_run=ctx.args.dry_run))
+    if result.get("dry_run"):
+        if ctx.json:
+            ctx.emit_json(result)
+        else:
+            for item in result.get("sync", []):
+                _report_dry_run(ctx, str(item.get("local_dir")), {**item, "would_refuse": []})
+            ctx.note("dry run: nothing was synced, bootstrapped or started")
+        for reason in result.get("would_refuse", []):
+            _error(f"a real submit would refuse: {reason}")
+        return EXIT_ERROR if result.get("would_refuse") else EXIT_OK
     job_id = result.get("job_id")
     if ctx.args.follow and job_id:
         if not ctx.json:
@@ -954,10 +997,14 @@ def cmd_mcp(ctx: Ctx) -> int:
 
     selection = select_target(args.url, args.token, args.target)
     target = selection.target
+    auth_token = resolve_auth_token(args.auth_token, args.auth_token_file)
+    _remember_secrets(auth_token)
     mcp_server.serve(transport="stdio" if args.stdio else "streamable-http", host=args.host,
                      port=args.port, path=args.path, url=target.base_url if target else None,
-                     token=target.token if target else None, auth_token=args.auth_token,
-                     output_dir=args.output_dir, embedded_root=args.embedded_root)
+                     token=target.token if target else None, auth_token=auth_token,
+                     allowed_hosts=args.allowed_host, allow_any_server=args.allow_any_server,
+                     output_dir=args.output_dir, embedded_root=args.embedded_root,
+                     local_roots=args.local_root)
     return EXIT_OK
 
 
@@ -1052,20 +1099,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subparsers, "mcp", cmd_mcp, "serve the MCP server (streamable HTTP or stdio)", """
         jupyter-tether mcp                         # http://127.0.0.1:8009/mcp
         jupyter-tether mcp --stdio --target kaggle
-        jupyter-tether mcp --host 0.0.0.0 --auth-token "$MCP_TOKEN"
+        jupyter-tether mcp --local-root ~/proj --local-root ~/data   # file tools: only these
+        jupyter-tether mcp --host 0.0.0.0 --auth-token-file ~/.config/jupyter-tether/mcp-token
+        JUPYTER_TETHER_AUTH_TOKEN=... jupyter-tether mcp --allowed-host mcp.example.org
         (python -m jupyter_tether.mcp_server takes the same options)
         """, common)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     p.add_argument("--port", type=int, default=8009, help="port (default: %(default)s)")
     p.add_argument("--path", default="/mcp", help="HTTP path (default: %(default)s)")
     p.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout instead")
-    p.add_argument("--auth-token", default=None,
-                   help="bearer token clients must send (required off loopback)")
+    p.add_argument("--auth-token", default=None, metavar="TOKEN",
+                   help="bearer token clients must send (required off loopback); visible to "
+                   "other local users in the process list: prefer --auth-token-file or "
+                   f"${AUTH_TOKEN_ENV}")
+    p.add_argument("--auth-token-file", default=None, metavar="PATH",
+                   help="read the bearer token from this file")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a further Host name clients use (a LAN name, a reverse proxy's "
+                   "public name; NAME or NAME:PORT; repeatable); a non-loopback name needs "
+                   "an auth token")
+    p.add_argument("--allow-any-server", action="store_true",
+                   help="let tools' server_url name any Jupyter server, not only the default "
+                   "and the named targets (such servers get no token unless the URL holds one)")
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="where exec images are saved (default: the user cache dir)")
     p.add_argument("--embedded-root", default=None, metavar="DIR",
                    help="root directory of the embedded local Jupyter server, used when no "
                    "target is given (default: the cwd)")
+    p.add_argument("--local-root", action="append", default=None, metavar="DIR",
+                   help="a local directory the file tools may read and write (repeatable; "
+                   "default: the cwd); a client's MCP roots narrow these, never widen them")
 
     p = _sub(subparsers, "status", cmd_status, "connect and show the server, supervisor and link",
              """
@@ -1166,6 +1229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("local_dir", help="local directory")
     p.add_argument("remote_dir", help="remote directory")
     p.add_argument("--delete", action="store_true", help="delete remote files absent locally")
+    p.add_argument("--dry-run", action="store_true",
+                   help="change nothing: list what would be sent and deleted")
+    p.add_argument("--allow-root-delete", action="store_true",
+                   help="let --delete work in the server root, the home directory, / or a "
+                   "directory above them (refused by default)")
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="skip matching paths (repeatable; .gitignore-style; default: VCS "
                    "dirs, caches, venvs, build outputs)")
@@ -1184,6 +1252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="a .json or .yaml job spec")
     p.add_argument("--follow", action="store_true",
                    help="follow the job's log and exit with its exit status")
+    p.add_argument("--dry-run", action="store_true",
+                   help="change nothing: show what each sync would send and delete")
 
     p = _sub(subparsers, "collect", cmd_collect, "download a submitted job's artifacts", """
         jupyter-tether collect JOB ./results
@@ -1264,7 +1334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _error(str(exc))
             return EXIT_USAGE
         if isinstance(exc, TetherError):
-            _error(str(exc))
+            hint = ctx.selection.auth_hint() if isinstance(exc, AuthError) and ctx.selection \
+                else ""
+            _error(str(exc) + hint)
             return EXIT_ERROR
         if isinstance(exc, BrokenPipeError):  # `| head` closed the pipe: not our failure
             with contextlib.suppress(OSError):

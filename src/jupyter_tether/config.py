@@ -26,10 +26,34 @@ from typing import Any
 
 import platformdirs
 
-from .controller.target import URL_ENV, Target, parse_target, redact
+from .controller.target import TOKEN_ENV, URL_ENV, Target, origin, parse_target, redact
 from .errors import ConfigError
 
 CONFIG_ENV = "JUPYTER_TETHER_CONFIG"
+#: The MCP HTTP server's bearer token (kept out of argv, where any local user can read it).
+AUTH_TOKEN_ENV = "JUPYTER_TETHER_AUTH_TOKEN"
+
+
+def resolve_auth_token(flag: str | None = None, file: str | os.PathLike[str] | None = None
+                       ) -> str | None:
+    """The MCP server's bearer token: ``--auth-token``, else ``--auth-token-file``, else
+    ``$JUPYTER_TETHER_AUTH_TOKEN``; None when none is given."""
+    if flag is not None and file is not None:
+        raise ConfigError("give either --auth-token or --auth-token-file, not both")
+    if file is not None:
+        path = Path(file).expanduser()
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the auth token file {path}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise ConfigError(f"the auth token file {path} is empty")
+        return token
+    token = (flag if flag is not None else os.environ.get(AUTH_TOKEN_ENV, "")).strip()
+    if flag is not None and not token:
+        raise ConfigError("--auth-token is empty")
+    return token or None
 
 
 def config_path() -> Path:
@@ -113,12 +137,59 @@ def resolve_name(value: str, path: Path | None = None) -> Target | None:
     return None
 
 
+def configured_for(url: str, path: Path | None = None) -> Target | None:
+    """The configured target a URL points at (same base URL, else same origin), token included.
+
+    Lets a tool's ``server_url`` given as a URL use that target's token, which is bound to
+    the target's origin. None when no target matches; an unusable exact match raises.
+    """
+    path = path or config_path()
+    try:
+        entries = named_targets(path)
+    except ConfigError:
+        return None
+    wanted = parse_target(url, token="")
+    same_origin: list[str] = []
+    for name, entry in entries.items():
+        entry_url = entry.get("url")
+        if not isinstance(entry_url, str):
+            continue
+        try:
+            candidate = parse_target(entry_url, token="")
+        except ConfigError:
+            continue
+        if redact(candidate.base_url) == redact(wanted.base_url):
+            return target_from_config(name, path)
+        if origin(candidate.base_url) == origin(wanted.base_url):
+            same_origin.append(name)
+    for name in same_origin:
+        try:
+            return target_from_config(name, path)
+        except ConfigError:
+            continue
+    return None
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which server a command talks to, and how to say so again without the secret."""
 
     target: Target | None  # None: start the embedded local server
     source: str  # "target", "url", "env", "default" or "embedded"
+    #: ``--url`` names another origin than $REMOTE_JUPYTER_URL, so $REMOTE_JUPYTER_TOKEN
+    #: was not sent there (it is bound to its own server).
+    env_token_withheld: bool = False
+
+    def auth_hint(self) -> str:
+        """What to add to an auth failure when the env token was held back (else "")."""
+        if not self.env_token_withheld or self.target is None:
+            return ""
+        env_url = os.environ.get(URL_ENV, "")
+        bound = f"{URL_ENV}'s server ({redact(env_url)})" if env_url else \
+            f"no server ({URL_ENV} is not set)"
+        return (f" ${TOKEN_ENV} is sent only to {bound}, not to {self.target.display_url}: "
+                "pass that server's token with --token (or ?token= in --url), or add it as "
+                "a named target (see `jupyter-tether targets`).")
 
     def cli_args(self) -> str:
         """Options that select the same server again, for hints like "re-attach with ..."."""
@@ -140,7 +211,9 @@ def select_target(url: str | None = None, token: str | None = None, name: str | 
     if name:
         return Selection(target_from_config(name, path), "target")
     if url:
-        return Selection(parse_target(url, token), "url")
+        target = parse_target(url, token)
+        withheld = token is None and not target.token and bool(os.environ.get(TOKEN_ENV))
+        return Selection(target, "url", env_token_withheld=withheld)
     if os.environ.get(URL_ENV):
         return Selection(parse_target(None, token), "env")
     default = load_config(path).get("default")

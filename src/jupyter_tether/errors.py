@@ -14,7 +14,8 @@
     │   └── InvalidArgument    code "invalid_argument"
     ├── ExecError              code run with ``exec`` raised (``.ename``, ``.traceback``)
     ├── JobError               a job failed to start, or ``wait(check=True)`` saw a failure
-    └── TransferError          an upload / download / sync could not complete
+    ├── TransferError          an upload / download / sync could not complete
+    └── LimitExceeded          the remote sent more than a named limit allows (``.limit``)
 """
 
 from __future__ import annotations
@@ -96,3 +97,18 @@ class JobError(TetherError):
 
 class TransferError(TetherError):
     """A file transfer or sync could not be completed."""
+
+
+class LimitExceeded(TetherError):
+    """The remote sent more than a limit allows (an oversized message, a flood, a listing
+    too long) or a reply no honest peer sends.
+
+    ``limit`` names the limit (a constant in ``jupyter_tether``), ``value`` is its size.
+    Where a connection carried it, that connection was closed rather than risk the
+    controller's memory; retrying asks the same remote for the same thing.
+    """
+
+    def __init__(self, message: str, *, limit: str, value: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.value = value

@@ -39,6 +39,8 @@ PART_SUFFIX = ".tether-part"
 SIDECAR_SUFFIX = PART_SUFFIX + ".json"
 TEMP_MARK = ".tether-tmp-"
 SIDECAR_VERSION = 1
+# The longest file name most file systems take (ext4, XFS, btrfs, APFS: 255 bytes).
+NAME_MAX_BYTES = 255
 
 FS_READ_MAX_BYTES = 8 * 1024 * 1024
 FS_LIST_MAX_ENTRIES = 10000
@@ -494,6 +496,73 @@ def _is_transfer_debris(name: str) -> bool:
     return name.endswith((PART_SUFFIX, SIDECAR_SUFFIX)) or TEMP_MARK in name
 
 
+def _name_bytes(text: str) -> int:
+    # surrogatepass: an undecodable byte (a lone surrogate) counts 3, never too few.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def side_name(name: str, suffix: str) -> str:
+    """``name + suffix`` (a part, sidecar or temp file beside ``name``), within 255 bytes.
+
+    A name too long for the suffix keeps the longest prefix that fits, cut at a character
+    boundary and counted in bytes, followed by a hash of the whole name so that two long
+    names sharing a prefix get different side files. The suffix is kept, so debris is still
+    recognised by it.
+    """
+    full = name + suffix
+    if _name_bytes(full) <= NAME_MAX_BYTES:
+        return full
+    digest = "." + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    room = NAME_MAX_BYTES - _name_bytes(suffix) - len(digest)
+    kept: List[str] = []
+    for char in name:
+        room -= _name_bytes(char)
+        if room < 0:
+            break
+        kept.append(char)
+    return "".join(kept) + digest + suffix
+
+
+def protected_root_error(root: str, reason: str) -> OpError:
+    """The refusal of a deleting sync into a protected directory (see delete_protection)."""
+    return OpError(ErrorCode.PERMISSION_DENIED,
+                   "%s: refusing to delete files there: %s. A sync that deletes (clean_remote, "
+                   "--delete) leaves only what the local directory holds. Sync into a "
+                   "subdirectory, sync without deleting, or pass allow_root_delete=true "
+                   "(CLI: --allow-root-delete) if that is really meant" % (root, reason),
+                   {"path": root, "reason": "protected_root", "flag": "allow_root_delete"})
+
+
+def _unlisted_entries(directory: str, rel_dir: str, listed: "set[str]",
+                      limit: int = 5) -> List[str]:
+    """Up to ``limit`` entries under ``directory`` (relative paths) missing from ``listed``."""
+    found: List[str] = []
+    stack = [(directory, rel_dir)]
+    while stack and len(found) < limit:
+        abs_dir, rel = stack.pop()
+        try:
+            with os.scandir(abs_dir) as iterator:
+                entries = list(iterator)
+        except OSError:
+            found.append(_printable(rel) + "/ (unreadable)")
+            continue
+        for entry in entries:
+            child = rel + "/" + entry.name
+            if child not in listed:
+                found.append(_printable(child))
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append((entry.path, child))
+            if len(found) >= limit:
+                break
+    return found
+
+
+def side_path(path: str, suffix: str) -> str:
+    """``path + suffix`` with the final name shortened by ``side_name``."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, side_name(name, suffix))
+
+
 # --- small helpers --------------------------------------------------------------------------
 
 
@@ -503,10 +572,7 @@ def _atomic_write(target: str, data: bytes, mode: Optional[int] = None,
 
     Raises OSError; the temp file never outlives a failure. Returns the new file's stat.
     """
-    base = os.path.basename(target)
-    directory = os.path.dirname(target)
-    suffix = TEMP_MARK + uuid.uuid4().hex[:8]
-    temp = os.path.join(directory, (base if len(base) < 200 else "tether") + suffix)
+    temp = side_path(target, TEMP_MARK + uuid.uuid4().hex[:8])
     if mode is None:
         try:
             existing = os.stat(target)
@@ -676,8 +742,8 @@ class _Upload:
     def __init__(self, transfer_id: str, target: str, size: int, sha256: str, chunk_size: int):
         self.transfer_id = transfer_id
         self.target = target
-        self.part = target + PART_SUFFIX
-        self.sidecar = target + SIDECAR_SUFFIX
+        self.part = side_path(target, PART_SUFFIX)
+        self.sidecar = side_path(target, SIDECAR_SUFFIX)
         self.size = size
         self.sha256 = sha256
         self.chunk_size = chunk_size
@@ -741,9 +807,9 @@ class _Upload:
 
 def _load_sidecar(target: str) -> Optional[Dict[str, Any]]:
     try:
-        with open(target + SIDECAR_SUFFIX, encoding="utf-8") as handle:
+        with open(side_path(target, SIDECAR_SUFFIX), encoding="utf-8") as handle:
             data = json.load(handle)
-        part_size = os.stat(target + PART_SUFFIX).st_size
+        part_size = os.stat(side_path(target, PART_SUFFIX)).st_size
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("version") != SIDECAR_VERSION:
@@ -1202,7 +1268,7 @@ class FilesService:
             with upload.lock:
                 removed = upload.remove_debris()
         elif target is not None:  # a partial left by an earlier supervisor
-            for debris in (target + PART_SUFFIX, target + SIDECAR_SUFFIX):
+            for debris in (side_path(target, PART_SUFFIX), side_path(target, SIDECAR_SUFFIX)):
                 try:
                     os.unlink(debris)
                     removed.append(debris)
@@ -1312,6 +1378,8 @@ class FilesService:
         as_blob = arg(req.args, "as_blob", bool, False)
         result = build_manifest(root, excludes, hash_files=want_hash, cache=self.hashes,
                                 skip_dirs=[self.supervisor.state_dir])
+        # The controller refuses a deleting sync here up front; sync_delete enforces it too.
+        result["delete_protected"] = self.delete_protection(root)
         if as_blob:
             blob = wire.encode(result, req.codec)
             summary = {k: v for k, v in result.items()
@@ -1325,6 +1393,27 @@ class FilesService:
                           "ask with as_blob=true" % (root, len(result["files"]), encoded),
                           {"path": root, "bytes": encoded})
         return result
+
+    def delete_protection(self, root: str) -> Optional[str]:
+        """Why a sync must not delete inside ``root`` unless told so explicitly, or None.
+
+        Protected (by real path, so links and ``..`` do not get around it): the file system
+        root, the Jupyter server's root, the home directory, the supervisor's state folder,
+        and every directory above one of these.
+        """
+        real = os.path.realpath(root)
+        if os.path.dirname(real) == real:
+            return "it is the root of the file system"
+        named = (("the Jupyter server's root directory", self.supervisor.root_dir),
+                 ("the home directory", os.path.expanduser("~")),
+                 ("the supervisor's state folder", self.supervisor.state_dir))
+        for what, path in named:
+            protected = os.path.realpath(path)
+            if real == protected:
+                return "it is %s" % what
+            if _is_inside(protected, real):
+                return "it holds %s (%s)" % (what, protected)
+        return None
 
     def _sync_root(self, req: Request, create: bool) -> Tuple[str, str]:
         root = self.resolve(arg(req.args, "root", str))
@@ -1383,17 +1472,36 @@ class FilesService:
     def sync_delete(self, req: Request) -> Dict[str, Any]:
         rels = [check_relpath(p) for p in _string_list(req.args, "paths")]
         prune = arg(req.args, "prune_empty_dirs", bool, True)
+        allow_root_delete = arg(req.args, "allow_root_delete", bool, False)
         root, real_root = self._sync_root(req, create=False)
+        protected = self.delete_protection(root)
+        if protected is not None and not allow_root_delete:
+            raise protected_root_error(root, protected)
         targets = [join_inside(root, rel, real_root=real_root) for rel in rels]
+        # A listed directory goes only once it is empty: its listed contents go first
+        # (deepest first), and anything under it that is not listed (entries the sync
+        # excludes, so never saw) keeps it, and the whole call, from deleting anything.
+        listed = set(rels)
+        for index, rel in enumerate(rels):
+            if os.path.isdir(targets[index]) and not os.path.islink(targets[index]):
+                kept = _unlisted_entries(targets[index], rel, listed)
+                if kept:
+                    raise OpError(ErrorCode.CONFLICT,
+                                  "%s: not deleted (nor anything else): it holds %s, which the "
+                                  "sync does not send (excluded?) and so never deletes. Move or "
+                                  "remove them yourself, or stop excluding them"
+                                  % (targets[index], ", ".join(map(repr, kept))),
+                                  {"path": targets[index], "reason": "directory_not_empty",
+                                   "kept": kept})
         deleted: List[str] = []
         missing: List[str] = []
         pruned = 0
-        for index, rel in enumerate(rels):
-            target = targets[index]
+        for index in sorted(range(len(rels)), key=lambda i: -rels[i].count("/")):
+            rel, target = rels[index], targets[index]
             try:
                 st = os.lstat(target)
                 if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(target)
+                    os.rmdir(target)  # emptied above; never a recursive delete
                 else:
                     os.unlink(target)
                 deleted.append(rel)
@@ -1451,8 +1559,10 @@ class FilesService:
                 blobs.append(b"")
                 continue
             used += len(data)
+            # The sha256 lets the client check each blob as it checks big downloads.
             entries.append({"path": rel, "size": len(data), "mode": stat.S_IMODE(st.st_mode),
-                            "mtime": st.st_mtime, "mtime_ns": st.st_mtime_ns})
+                            "mtime": st.st_mtime, "mtime_ns": st.st_mtime_ns,
+                            "sha256": hashlib.sha256(data).hexdigest()})
             blobs.append(data)
         return Result({"root": root, "files": entries, "remaining": remaining}, blobs)
 

@@ -35,6 +35,17 @@ DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 # An envelope is metadata only; anything bigger is a malformed or hostile request.
 MAX_ENVELOPE_BYTES = 1024 * 1024
 MAX_REPLY_ENVELOPE_BYTES = 256 * 1024 * 1024
+# Blob bytes one reply may carry beside its envelope (batch_read packs several small files).
+MAX_MESSAGE_BLOB_BYTES = 4 * MAX_CHUNK_BYTES
+# The largest websocket message a controller accepts from the kernel: the largest reply
+# envelope, the blobs beside it, and headroom for the Jupyter message wrapped around them.
+# A bigger one closes the connection (a hostile or broken server) instead of filling memory.
+MAX_KERNEL_MESSAGE_BYTES = MAX_REPLY_ENVELOPE_BYTES + MAX_MESSAGE_BLOB_BYTES + 1024 * 1024
+# What a controller accepts in a decoded listing or manifest: more entries, or a longer
+# name or path (a name is at most 255 bytes on common filesystems), is malformed or hostile.
+MAX_MANIFEST_ENTRIES = 2000000
+MAX_NAME_CHARS = 1024
+MAX_PATH_CHARS = 32 * 1024
 
 MSGPACK = "msgpack"
 JSON = "json"

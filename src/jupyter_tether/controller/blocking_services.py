@@ -400,10 +400,12 @@ class Files:
     def sync(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
              exclude: str | Sequence[str] | None = None, delete: bool = False,
              max_bytes: int | None = DEFAULT_SYNC_MAX_BYTES, gitignore: bool = True,
-             progress: ProgressArg = None) -> dict[str, Any]:
+             progress: ProgressArg = None, dry_run: bool = False,
+             allow_root_delete: bool = False) -> dict[str, Any]:
         return self._transfer(f"sync {local_dir} -> {remote_dir}", self.aio.sync, progress,
                               local_dir, remote_dir, exclude=exclude, delete=delete,
-                              max_bytes=max_bytes, gitignore=gitignore)
+                              max_bytes=max_bytes, gitignore=gitignore, dry_run=dry_run,
+                              allow_root_delete=allow_root_delete)
 
     def download_dir(self, remote_dir: str, local_dir: str | os.PathLike[str], *,
                      exclude: str | Sequence[str] | None = None,

@@ -59,13 +59,20 @@ class LocalJupyterServer:
             "--ServerApp.port_retries=0",
             "--ServerApp.ip=127.0.0.1",
             f"--ServerApp.root_dir={self.root_dir}",
-            f"--IdentityProvider.token={self.token}",
             "--ServerApp.open_browser=False",
             *self.extra_args,
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             argv.append("--allow-root")  # containers and CI run as root
         env = dict(os.environ)
+        # The token goes in the environment (jupyter_server reads JUPYTER_TOKEN), never in
+        # argv, which every local user can read in the process list.
+        env.pop("JUPYTER_TOKEN_FILE", None)
+        if self.token:
+            env["JUPYTER_TOKEN"] = self.token
+        else:  # an empty JUPYTER_TOKEN would mean "generate one": no token is said in argv
+            env.pop("JUPYTER_TOKEN", None)
+            argv.append("--IdentityProvider.token=")
         # Keep user-level config out of what we start.
         env.setdefault("JUPYTER_PLATFORM_DIRS", "1")
         log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process

@@ -1,12 +1,15 @@
 """Run code in a kernel with ``execute_request`` and collect notebook-style outputs.
 
-Outputs are capped (keeping the tail, with a marker), images are written to local files and
-referenced by path instead of inlined, and a run past its timeout is interrupted.
+Everything the kernel sends is capped (``ExecLimits``), with a marker saying what was cut;
+images are written to local files and referenced by path instead of inlined, and a run past
+its timeout is interrupted.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import json
 import logging
 import math
 import re
@@ -45,6 +48,80 @@ def cap_text(text: str, limit: int) -> tuple[str, bool]:
     return f"[... {cut} chars truncated ...]\n" + text[-limit:], True
 
 
+def cap_head(text: str, limit: int, what: str = "") -> tuple[str, bool]:
+    """Keep the start of ``text`` within ``limit`` chars, with a marker giving the total."""
+    if limit <= 0 or len(text) <= limit:
+        return text, False
+    label = f"{what}: " if what else ""
+    return (text[:limit] + f"\n[... {label}{len(text) - limit:,} more chars not shown "
+            f"({len(text):,} in all) ...]"), True
+
+
+@dataclass(frozen=True)
+class ExecLimits:
+    """Caps on what one ``execute`` returns, whatever the kernel (or a hostile server) sends.
+
+    Text caps follow the call's ``max_output_chars``; counts and byte totals are fixed here.
+    Whatever is cut leaves a marker with what it held, and the result's ``truncated`` is set.
+    """
+
+    #: notebook outputs (display_data / execute_result) kept; later ones are only counted
+    #: (the cell's own execute_result is kept even past the cap)
+    max_results: int = 50
+    #: MIME types kept per output
+    max_mime_types: int = 16
+    #: all kept output data together, as a multiple of ``max_output_chars``
+    results_budget_factor: int = 8
+    #: images written to files per run, and their bytes in all
+    max_images: int = 20
+    max_image_bytes: int = 32 * 1024 * 1024
+    #: traceback entries kept (the last ones), within ``max_output_chars`` in all
+    max_traceback_entries: int = 100
+
+
+#: the limits ``execute`` applies unless given others
+EXEC_LIMITS = ExecLimits()
+
+
+def cap_traceback(lines: list[str], limit: int,
+                  max_entries: int = EXEC_LIMITS.max_traceback_entries) -> tuple[list[str], bool]:
+    """The last traceback entries within ``limit`` chars in all (each entry at most half).
+
+    The innermost frames and the exception line come last, so those are kept; a first
+    entry says how many were left out.
+    """
+    cut = False
+    kept: list[str] = []
+    used = 0
+    for line in reversed(lines):
+        if len(kept) >= max_entries:
+            cut = True
+            break
+        if limit > 0:
+            line, short = cap_head(line, max(limit // 2, 1))
+            cut = cut or short
+            if kept and used + len(line) > limit:
+                cut = True
+                break
+        kept.append(line)
+        used += len(line)
+    kept.reverse()
+    if len(kept) < len(lines):
+        dropped = len(lines) - len(kept)
+        kept.insert(0, f"[... {dropped:,} earlier traceback entries not shown ...]")
+    return kept, cut
+
+
+def _error_dict(ename: Any, evalue: Any, traceback: Any, limit: int,
+                limits: ExecLimits) -> tuple[dict[str, Any], bool]:
+    """An ``error`` entry from what the kernel said, every part capped."""
+    lines = [strip_ansi(str(t)) for t in traceback] if isinstance(traceback, list) else []
+    tb, cut_tb = cap_traceback(lines, limit, limits.max_traceback_entries)
+    name, cut_name = cap_head(str(ename or ""), limit)
+    value, cut_value = cap_head(str(evalue or ""), limit, "exception value")
+    return {"ename": name, "evalue": value, "traceback": tb}, cut_tb or cut_name or cut_value
+
+
 @dataclass
 class ExecResult:
     """What a cell produced, shaped like notebook outputs but ready for a program to read."""
@@ -59,6 +136,8 @@ class ExecResult:
     truncated: bool = False
     images: list[str] = field(default_factory=list)
     user_expressions: dict[str, Any] = field(default_factory=dict)
+    #: outputs left out of ``results`` by the cap (a marker entry there says so too)
+    omitted_results: int = 0
 
     @property
     def ok(self) -> bool:
@@ -70,6 +149,7 @@ class ExecResult:
             "results": self.results, "error": self.error,
             "execution_count": self.execution_count, "duration_s": round(self.duration_s, 4),
             "truncated": self.truncated, "images": self.images,
+            "omitted_results": self.omitted_results,
         }
 
     def __repr__(self) -> str:
@@ -114,62 +194,139 @@ class _TailText:
 
 
 class _Collector:
+    """Turns iopub messages into an ExecResult, holding at most what ``ExecLimits`` allow."""
+
     def __init__(self, max_output_chars: int, image_dir: Path | None,
-                 on_output: OutputCallback | None) -> None:
+                 on_output: OutputCallback | None, limits: ExecLimits = EXEC_LIMITS) -> None:
         self.stdout = _TailText(max_output_chars)
         self.stderr = _TailText(max_output_chars)
         self.results: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None  # an execute_result that came past the cap
         self.images: list[str] = []
+        self.image_bytes = 0
         self.error: dict[str, Any] | None = None
         self.max_output_chars = max_output_chars
+        self.limits = limits
+        self.budget = (limits.results_budget_factor * max_output_chars
+                       if max_output_chars > 0 else math.inf)
+        self.used = 0  # chars of data held in ``results``
+        self.omitted = 0
+        self.omitted_chars = 0
+        self.cut = False
         self.image_dir = image_dir
         self.on_output = on_output
 
-    def _save_image(self, mime: str, data: Any, msg_id: str) -> str | None:
+    def _save_image(self, mime: str, data: Any, msg_id: str) -> dict[str, Any]:
+        size = len(data) if isinstance(data, str | bytes) else 0
         if self.image_dir is None:
-            return None
+            return {"omitted_bytes": size}
+        if not isinstance(data, str):
+            return {"omitted_bytes": size, "error": "image data is not a string"}
+        limits = self.limits
+        # base64 decodes to 3/4 of its length: refuse before decoding what would not fit.
+        estimate = len(data) if mime == "image/svg+xml" else len(data) * 3 // 4
+        if len(self.images) >= limits.max_images or \
+                self.image_bytes + estimate > limits.max_image_bytes:
+            self.cut = True
+            return {"omitted_bytes": size,
+                    "note": f"not saved: at most {limits.max_images} images and "
+                            f"{limits.max_image_bytes // (1024 * 1024)} MiB are saved per run"}
+        try:
+            raw = data.encode() if mime == "image/svg+xml" else base64.b64decode(data)
+        except (binascii.Error, ValueError):
+            return {"omitted_bytes": size, "error": "undecodable image data"}
         self.image_dir.mkdir(parents=True, exist_ok=True)
         path = self.image_dir / f"output-{msg_id[:12]}-{len(self.images)}{_IMAGE_TYPES[mime]}"
-        raw = data.encode() if mime == "image/svg+xml" else base64.b64decode(data)
         path.write_bytes(raw)
         self.images.append(str(path))
-        return str(path)
+        self.image_bytes += len(raw)
+        return {"saved_to": str(path)}
 
-    def _bundle(self, data: dict[str, Any], msg_id: str) -> dict[str, Any]:
+    def _value(self, mime: str, value: Any) -> tuple[Any, int]:
+        """A MIME value within ``max_output_chars``, and the chars it holds."""
+        limit = self.max_output_chars
+        if isinstance(value, str):
+            text, cut = cap_text(value, limit)
+        else:
+            # application/json and other structured data: kept as is when small enough.
+            try:
+                text = json.dumps(value, separators=(",", ":"), default=str)
+            except (TypeError, ValueError, RecursionError):
+                text = repr(value)
+            if limit <= 0 or len(text) <= limit:
+                return value, len(text)
+            text, cut = cap_head(text, limit, mime)
+        self.cut = self.cut or cut
+        return text, len(text)
+
+    def _bundle(self, data: dict[str, Any], msg_id: str) -> tuple[dict[str, Any], int]:
         out: dict[str, Any] = {}
-        for mime, value in data.items():
+        size = 0
+        for index, (mime, value) in enumerate(data.items()):
+            if index >= self.limits.max_mime_types:
+                self.cut = True
+                out["omitted_mime_types"] = len(data) - index
+                break
+            mime = str(mime)[:200]
             if mime in _IMAGE_TYPES:
-                saved = self._save_image(mime, value, msg_id)
-                out[mime] = {"saved_to": saved} if saved else {"omitted_bytes": len(value)}
-            elif isinstance(value, str):
-                out[mime], _ = cap_text(value, self.max_output_chars)
+                out[mime] = self._save_image(mime, value, msg_id)
+                size += 100
             else:
-                out[mime] = value
-        return out
+                out[mime], held = self._value(mime, value)
+                size += held
+        return out, size
+
+    def _output(self, msg_type: str, data: dict[str, Any], msg_id: str) -> None:
+        approx = sum(len(v) if isinstance(v, str) else 100 for v in data.values())
+        past_cap = len(self.results) >= self.limits.max_results or self.used >= self.budget
+        if past_cap and not (msg_type == "execute_result" and self.final is None):
+            self.omitted += 1
+            self.omitted_chars += approx
+            self.cut = True
+            return
+        bundle, size = self._bundle(data, msg_id)
+        entry = {"type": msg_type, "data": bundle}
+        if past_cap:
+            self.final = entry
+        else:
+            self.results.append(entry)
+            self.used += size
 
     def feed(self, msg_type: str, content: dict[str, Any], msg_id: str) -> None:
         if msg_type == "stream":
             text = content.get("text", "")
+            text = text if isinstance(text, str) else str(text)
             (self.stderr if content.get("name") == "stderr" else self.stdout).append(text)
             if self.on_output:
-                self.on_output(content.get("name", "stdout"), text)
+                self.on_output(str(content.get("name", "stdout")), text)
         elif msg_type in ("execute_result", "display_data"):
-            self.results.append({"type": msg_type,
-                                 "data": self._bundle(content.get("data", {}), msg_id)})
-            if self.on_output and "text/plain" in content.get("data", {}):
-                self.on_output("result", content["data"]["text/plain"] + "\n")
+            data = content.get("data")
+            data = data if isinstance(data, dict) else {}
+            self._output(msg_type, data, msg_id)
+            plain = data.get("text/plain")
+            if self.on_output and isinstance(plain, str):
+                self.on_output("result", cap_text(plain, self.max_output_chars)[0] + "\n")
         elif msg_type == "error":
-            tb = [strip_ansi(line) for line in content.get("traceback", [])]
-            self.error = {"ename": content.get("ename", ""), "evalue": content.get("evalue", ""),
-                          "traceback": tb}
+            self.error, cut = _error_dict(content.get("ename"), content.get("evalue"),
+                                          content.get("traceback"), self.max_output_chars,
+                                          self.limits)
+            self.cut = self.cut or cut
             if self.on_output:
-                self.on_output("error", "\n".join(tb) + "\n")
+                self.on_output("error", "\n".join(self.error["traceback"]) + "\n")
 
     def result(self, status: str) -> ExecResult:
         stdout, cut_out = self.stdout.text()
         stderr, cut_err = self.stderr.text()
-        return ExecResult(status=status, stdout=stdout, stderr=stderr, results=self.results,
-                          error=self.error, truncated=cut_out or cut_err, images=self.images)
+        results = list(self.results)
+        if self.omitted:
+            results.append({"type": "omitted", "count": self.omitted, "data": {
+                "text/plain": f"[... {self.omitted:,} more outputs not shown "
+                              f"(about {self.omitted_chars:,} chars) ...]"}})
+        if self.final is not None:
+            results.append(self.final)
+        return ExecResult(status=status, stdout=stdout, stderr=stderr, results=results,
+                          error=self.error, truncated=cut_out or cut_err or self.cut,
+                          images=self.images, omitted_results=self.omitted)
 
 
 async def execute(
@@ -185,15 +342,30 @@ async def execute(
     on_output: OutputCallback | None = None,
     interrupt: Callable[[], Awaitable[None]] | None = None,
     wait_for_outputs: bool = True,
+    limits: ExecLimits = EXEC_LIMITS,
 ) -> ExecResult:
-    """Run ``code`` and wait for its reply and idle status (or the timeout, then interrupt)."""
+    """Run ``code`` and wait for its reply and idle status (or the timeout, then interrupt).
+
+    What comes back is bounded whatever the kernel sends (``limits``, default
+    ``EXEC_LIMITS``): stdout and stderr keep their last ``max_output_chars`` chars; each
+    text MIME value its last ``max_output_chars``, structured ones (``application/json``)
+    their first, as text, when longer; the exception name and value their first
+    ``max_output_chars``; the traceback its last entries within ``max_output_chars`` in
+    all. At most ``limits.max_results`` outputs (and ``results_budget_factor *
+    max_output_chars`` chars of their data) are kept, then a ``{"type": "omitted"}`` entry
+    counts the rest; the cell's own ``execute_result`` is always kept. At most
+    ``limits.max_images`` images (``max_image_bytes`` in all) are saved. Every cut leaves a
+    marker with the size cut and sets ``truncated``. ``max_output_chars <= 0`` lifts the
+    text caps but not the counts. A single websocket message above the socket's limit ends
+    the connection with ``LimitExceeded``.
+    """
     msg = sock.build("execute_request", {
         "code": code, "silent": silent, "store_history": store_history,
         "user_expressions": user_expressions or {}, "allow_stdin": False,
         "stop_on_error": True,
     })
     msg_id = msg["header"]["msg_id"]
-    collector = _Collector(max_output_chars, image_dir, on_output)
+    collector = _Collector(max_output_chars, image_dir, on_output, limits)
     started = time.monotonic()
     replies = sock.expect(msg_id)
     reply: dict[str, Any] | None = None
@@ -227,6 +399,8 @@ async def execute(
                             break
                         if incoming.channel == "iopub" and incoming.msg_type != "status":
                             collector.feed(incoming.msg_type, incoming.content, msg_id)
+        elif reply is None and sock.limit_error is not None:
+            raise sock.limit_error
         elif reply is None and sock.kernel_lost:
             raise KernelError(f"{sock.kernel_lost} while running the code; its state is gone")
         elif reply is None:
@@ -236,16 +410,22 @@ async def execute(
             )
     finally:
         sock.forget(msg_id)
+    if sock.limit_error is not None and status == "timeout":
+        raise sock.limit_error  # a flood ended the link while we waited on the interrupt
     result = collector.result(status)
     result.duration_s = time.monotonic() - started
     if reply is not None:
-        result.execution_count = reply.get("execution_count")
-        result.user_expressions = reply.get("user_expressions") or {}
+        count = reply.get("execution_count")
+        result.execution_count = count if isinstance(count, int) else None
+        expressions = reply.get("user_expressions")
+        result.user_expressions = expressions if isinstance(expressions, dict) else {}
         if status == "ok" and reply.get("status") == "error":
             result.status = "error"
             if result.error is None:
-                result.error = {"ename": reply.get("ename", ""), "evalue": reply.get("evalue", ""),
-                                "traceback": [strip_ansi(t) for t in reply.get("traceback", [])]}
+                result.error, cut = _error_dict(reply.get("ename"), reply.get("evalue"),
+                                                reply.get("traceback"), max_output_chars,
+                                                limits)
+                result.truncated = result.truncated or cut
         elif status == "ok" and reply.get("status") == "aborted":
             result.status = "aborted"
     return result
@@ -279,6 +459,8 @@ async def kernel_info(sock: KernelSocket, timeout: float = 30.0) -> dict[str, An
                         iopub_seen = True
                     if info is not None and iopub_seen:
                         return info
+            if sock.limit_error is not None:
+                raise sock.limit_error
             if sock.closed.is_set():
                 raise ConnectionLost(f"kernel websocket closed: {sock.close_reason}")
             interval = min(interval * 2, 4.0)
@@ -308,4 +490,6 @@ async def control_request(sock: KernelSocket, msg_type: str, content: dict[str, 
         raise KernelError(f"kernel {sock.kernel_id} did not answer {msg_type}") from None
     finally:
         sock.forget(msg["header"]["msg_id"])
+    if sock.limit_error is not None:
+        raise sock.limit_error
     raise ConnectionLost(f"kernel websocket closed: {sock.close_reason}")

@@ -58,9 +58,10 @@ from ..agent_payload.files import (
     ExcludeMatcher,
     HashCache,
     check_relpath,
+    side_name,
 )
 from ..errors import ConnectionLost, NotFound, RemoteError, TetherTimeout, TransferError
-from .rpc import Reply
+from .rpc import Reply, check_listing, check_manifest, decode_manifest
 from .state import state_dir
 
 if TYPE_CHECKING:
@@ -253,7 +254,7 @@ def _cacheable(st: os.stat_result, now_ns: int) -> bool:
 
 def _atomic_local_write(target: Path, data: bytes, mtime_ns: int | None = None) -> None:
     """Write via a temp file beside ``target`` and a rename: a reader sees old or new, whole."""
-    temp = target.with_name(target.name[:200] + TEMP_MARK + uuid.uuid4().hex[:8])
+    temp = target.with_name(side_name(target.name, TEMP_MARK + uuid.uuid4().hex[:8]))
     try:
         with open(temp, "xb") as handle:
             handle.write(data)
@@ -322,18 +323,39 @@ def _is_inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def safe_local_path(root: str | os.PathLike[str], relpath: str) -> Path:
-    """``root/relpath`` for a name that came from the remote, or TransferError.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-    Refuses absolute paths, drive letters, ``..`` segments, NUL bytes and names whose
-    existing local parents (symlinks included) resolve outside ``root``. The final component
-    is never followed: files are written to a temp file and renamed over it, which replaces a
-    link instead of writing through it.
+
+def check_local_name(relpath: Any) -> str:
+    """The normal ``a/b/c`` form of a local name that came from the remote, or TransferError.
+
+    On top of ``check_relpath`` (no absolute paths, drive letters, ``..``, NUL): no control
+    characters (a newline or an escape sequence would garble, or forge, what a terminal
+    shows) and no first component starting with ``~`` (nothing expands it here, but a shell,
+    or a later ``expanduser``, would read ``~`` or ``~user`` as a home directory).
     """
     try:
         rel = check_relpath(relpath)
     except wire.OpError as exc:
         raise TransferError(f"refusing remote name {relpath!r}: {exc.message}") from None
+    if _CONTROL_CHARS.search(rel):
+        raise TransferError(f"refusing remote name {relpath!r}: it contains control characters")
+    if rel.startswith("~"):
+        raise TransferError(f"refusing remote name {relpath!r}: a leading '~' reads as a home "
+                            "directory")
+    return rel
+
+
+def safe_local_path(root: str | os.PathLike[str], relpath: str) -> Path:
+    """``root/relpath`` for a name that came from the remote, or TransferError.
+
+    ``root`` is the caller's already resolved destination; nothing here expands ``~`` or
+    environment variables. Refuses what ``check_local_name`` refuses and names whose existing
+    local parents (symlinks included) resolve outside ``root``. The final component is never
+    followed: files are written to a temp file and renamed over it, which replaces a link
+    instead of writing through it.
+    """
+    rel = check_local_name(relpath)
     base = Path(root)
     target = base.joinpath(*rel.split("/"))
     real_root = os.path.realpath(base)
@@ -539,8 +561,9 @@ class _DownloadPart:
 
     def __init__(self, target: Path, remote_path: str, size: int, sha256: str) -> None:
         self.target = target
-        self.part = Path(str(target) + PART_SUFFIX)
-        self.sidecar = Path(str(target) + SIDECAR_SUFFIX)
+        # Shortened by bytes where ``target`` has a long name (a 255-byte name is valid).
+        self.part = target.with_name(side_name(target.name, PART_SUFFIX))
+        self.sidecar = target.with_name(side_name(target.name, SIDECAR_SUFFIX))
         self.remote_path = remote_path
         self.size = size
         self.sha256 = sha256
@@ -691,8 +714,8 @@ class AsyncFiles:
     async def list(self, path: str = "", *, max_entries: int = 10000) -> _List[dict[str, Any]]:
         """Entries of a remote directory: name, path, type, size, mtime (and link target)."""
         reply = await self._call("fs_list", {"path": path, "max_entries": max_entries})
+        entries = check_listing(reply.result, max_entries)
         base = str(reply.result["path"])
-        entries: _List[dict[str, Any]] = reply.result["entries"]
         for entry in entries:
             entry["path"] = base.rstrip("/") + "/" + str(entry["name"])
         if reply.result.get("truncated"):
@@ -1126,7 +1149,8 @@ class AsyncFiles:
                                                or self._tether.link.connected):
                     log.info("%s: %s; resuming", where, exc)
                     continue
-                raise TransferError(f"{where}: {exc} (the partial {local}{PART_SUFFIX} is kept: "
+                partial = local.with_name(side_name(local.name, PART_SUFFIX))
+                raise TransferError(f"{where}: {exc} (the partial {partial} is kept: "
                                     "download again to resume)") from exc
             except RemoteError as exc:
                 if _resumable(exc) and attempt < MAX_ATTEMPTS:
@@ -1247,10 +1271,8 @@ class AsyncFiles:
                                               "hash": hash_files, "as_blob": True},
                                  timeout=MANIFEST_TIMEOUT_S)
         if reply.buffers:
-            manifest, _ = wire.decode(reply.buffers[0], wire.MAX_REPLY_ENVELOPE_BYTES)
-            return manifest
-        result: dict[str, Any] = reply.result
-        return result
+            return decode_manifest(reply.buffers[0])
+        return check_manifest(reply.result)
 
     async def _local_hashes(self, entries: Sequence[LocalEntry]) -> dict[str, str]:
         def run() -> dict[str, str]:
@@ -1275,7 +1297,8 @@ class AsyncFiles:
                    exclude: str | Sequence[str] | None = None, delete: bool = False,
                    max_bytes: int | None = DEFAULT_SYNC_MAX_BYTES,
                    progress: ProgressCallback | None = None,
-                   gitignore: bool = True) -> dict[str, Any]:
+                   gitignore: bool = True, dry_run: bool = False,
+                   allow_root_delete: bool = False) -> dict[str, Any]:
         """Make ``remote_dir`` hold ``local_dir``'s files, sending only what changed.
 
         Files are compared by size and mtime, and by sha256 where the sizes match but the
@@ -1288,6 +1311,14 @@ class AsyncFiles:
         ``max_bytes`` would travel. Local symlinks to files inside ``local_dir`` are sent as
         files; other links are not followed and are listed in ``skipped``. Raises
         TransferError at the end if some local files could not be read (the others are sent).
+
+        ``delete`` is refused (nothing sent or deleted) when the remote directory is ``/``,
+        the server's root, the home directory or a directory above one of them, unless
+        ``allow_root_delete``; the supervisor enforces that too. A remote directory that a
+        local file replaces is deleted only if it holds nothing the sync excludes. The
+        result's ``deleted`` counts what was deleted. ``dry_run`` changes nothing: it
+        reports what would be uploaded (``would_upload``) and deleted (``would_delete``),
+        and in ``would_refuse`` why a real run would refuse.
         """
         started = time.perf_counter()
         root = os.path.abspath(os.path.expanduser(os.fspath(local_dir)))
@@ -1300,21 +1331,31 @@ class AsyncFiles:
         # Scanned through its real path: the persisted hash cache is keyed by it.
         tree = await anyio.to_thread.run_sync(
             lambda: scan_local(real_root, patterns, gitignore=gitignore))
+        refusals: _List[str] = []  # why a real run would refuse (a dry run reports them)
         if delete and tree.errors:
             # A remote file under an unreadable local directory may well exist locally too.
             shown = "; ".join(e["error"] for e in tree.errors[:5])
-            raise TransferError(
+            refusals.append(
                 f"{where}: refusing delete=True: {len(tree.errors)} local entries could not be "
                 f"read ({', '.join(e['path'] for e in tree.errors[:5])}"
                 f"{' ...' if len(tree.errors) > 5 else ''}), so remote files cannot be judged "
                 f"absent locally; nothing was sent or deleted. Make them readable, exclude "
                 f"them, or sync without delete. {shown}")
+            if not dry_run:
+                raise TransferError(refusals[0])
         try:
             remote = await self._manifest(remote_dir, tree.patterns, hash_files=False)
         except RemoteError as exc:
             raise _with_context(exc, where) from None
         remote_root = str(remote["path"])
         where = f"sync {root} -> {remote_root}"
+        protected = remote.get("delete_protected")
+        if delete and protected and not allow_root_delete:
+            # Decided by the supervisor from the real paths; its sync_delete refuses too.
+            refusals.append(f"sync {root}: "
+                            + payload_files.protected_root_error(remote_root, str(protected)).message)
+            if not dry_run:
+                raise TransferError(refusals[-1])
         rfiles: dict[str, dict[str, Any]] = {f["path"]: f for f in remote.get("files", [])}
         rdirs = set(remote.get("dirs", []))
         rlinks = {s["path"] for s in remote.get("symlinks", [])}
@@ -1353,6 +1394,11 @@ class AsyncFiles:
             needed_dirs.update(_parents(rel))
         blockers = sorted({rel for rel in tree.files if rel in rdirs}
                           | {d for d in needed_dirs if d in rfiles or d in rlinks or d in rothers})
+        # A remote directory a local file replaces goes entry by entry (its files are
+        # extras): its subdirectories are listed too, and the supervisor removes none that
+        # still holds something unlisted (an excluded entry).
+        replaced = {rel for rel in tree.files if rel in rdirs}
+        inner_dirs = sorted(d for d in rdirs if any(p in replaced for p in _parents(d)))
         # What the scan skipped (links to directories, FIFOs...) or could not read is not
         # "absent locally": remote files at or under those paths are never extras.
         unseen = {str(s["path"]) for s in tree.skipped} | {str(e["path"]) for e in tree.errors}
@@ -1360,21 +1406,43 @@ class AsyncFiles:
                         - set(tree.files) - set(blockers) if not _covered(rel, unseen))
         if blockers and not delete:
             shown = ", ".join(f"{remote_root}/{b}" for b in blockers[:5])
-            raise TransferError(f"{where}: remote entries of another type are in the way: "
-                                f"{shown}{' ...' if len(blockers) > 5 else ''}; pass "
-                                "delete=True to replace them")
+            refusals.append(f"{where}: remote entries of another type are in the way: "
+                            f"{shown}{' ...' if len(blockers) > 5 else ''}; pass "
+                            "delete=True to replace them")
+            if not dry_run:
+                raise TransferError(refusals[-1])
         total = sum(tree.files[rel].size for rel in changed)
         if max_bytes is not None and total > max_bytes:
-            raise TransferError(f"{where}: {len(changed)} changed files hold {total} bytes, over "
-                                f"max_bytes={max_bytes}; nothing was sent. Pass a larger "
-                                f"max_bytes (e.g. max_bytes={total}) or exclude big files")
+            refusals.append(f"{where}: {len(changed)} changed files hold {total} bytes, over "
+                            f"max_bytes={max_bytes}; nothing was sent. Pass a larger "
+                            f"max_bytes (e.g. max_bytes={total}) or exclude big files")
+            if not dry_run:
+                raise TransferError(refusals[-1])
+        to_delete = sorted(set(blockers) | set(extras) | set(inner_dirs)) if delete else []
+        if dry_run:
+            return {
+                "dry_run": True, "local_dir": root, "remote_dir": remote_root,
+                "files": len(tree.files), "would_upload": len(changed),
+                "would_upload_bytes": total, "would_upload_paths": changed[:200],
+                "unchanged": unchanged, "would_delete": len(to_delete),
+                "would_delete_paths": to_delete[:200], "would_refuse": refusals,
+                "uploaded": 0, "bytes_sent": 0, "bytes": 0, "deleted": 0,
+                "skipped": tree.skipped, "errors": tree.errors,
+                "remote_errors": remote.get("errors", []),
+                "seconds": time.perf_counter() - started,
+            }
 
         deleted: _List[str] = []
-        if delete and (blockers or extras):
-            reply = await self._call("sync_delete", {"root": remote_root,
-                                                     "paths": blockers + extras},
-                                     timeout=MANIFEST_TIMEOUT_S)
+        pruned_dirs = 0
+        if to_delete:
+            try:
+                reply = await self._call("sync_delete", {"root": remote_root, "paths": to_delete,
+                                                         "allow_root_delete": allow_root_delete},
+                                         timeout=MANIFEST_TIMEOUT_S)
+            except RemoteError as exc:
+                raise _with_context(exc, f"{where}: nothing was sent or deleted") from None
             deleted = [str(p) for p in reply.result.get("deleted", [])]
+            pruned_dirs = int(reply.result.get("pruned_dirs") or 0)
 
         tracker = _Progress(progress, total)
         outcome = await self._send_files(remote_root, [tree.files[rel] for rel in changed],
@@ -1393,6 +1461,7 @@ class AsyncFiles:
             "local_dir": root, "remote_dir": remote_root, "files": len(tree.files),
             "uploaded": outcome["uploaded"], "bytes_sent": outcome["bytes"],
             "bytes": outcome["bytes"], "unchanged": unchanged, "deleted": len(deleted),
+            "pruned_dirs": pruned_dirs,
             "batches": outcome["batches"], "large_files": outcome["large_files"],
             "changed": changed[:50], "deleted_paths": deleted[:50], "skipped": tree.skipped,
             "errors": problems, "remote_errors": remote.get("errors", []),
@@ -1516,8 +1585,16 @@ class AsyncFiles:
         TransferError at the end if some files could not be read or written (the others are
         in place).
         """
-        started = time.perf_counter()
         root = Path(os.path.abspath(os.path.expanduser(os.fspath(local_dir))))
+        return await self._download_dir(remote_dir, root, progress=progress, exclude=exclude)
+
+    async def _download_dir(self, remote_dir: str, root: Path, *,
+                            progress: ProgressCallback | None = None,
+                            exclude: str | Sequence[str] | None = None) -> dict[str, Any]:
+        """``download_dir`` into ``root``, an absolute path taken as it is (no ``~``)."""
+        if not root.is_absolute():
+            raise ValueError(f"{root} must be an absolute path")
+        started = time.perf_counter()
         where = f"download {remote_dir} -> {root}"
         patterns = [] if exclude is None else _normal_excludes(exclude)
         try:
@@ -1592,14 +1669,13 @@ class AsyncFiles:
                 reply = await self._call("batch_read", {"root": remote_root, "paths": pending,
                                                         "max_bytes": BATCH_BYTES + MiB},
                                          timeout=CHUNK_TIMEOUT_S)
-                entries = reply.result.get("files", [])
-                blobs = reply.buffers
                 stored = await anyio.to_thread.run_sync(
-                    self._store_batch, root, targets, entries, blobs, errors)
+                    self._store_batch, root, targets, pending, reply.result, reply.buffers,
+                    errors)
                 written["files"] += stored[0]
                 written["bytes"] += stored[1]
                 tracker.add(stored[1])
-                remaining = [str(p) for p in reply.result.get("remaining", [])]
+                remaining = stored[2]
                 if remaining and len(remaining) >= len(pending):
                     raise TransferError(f"{where}: batch_read made no progress")
                 pending = remaining
@@ -1637,32 +1713,73 @@ class AsyncFiles:
         return result
 
     @staticmethod
-    def _store_batch(root: Path, targets: dict[str, Path], entries: Sequence[dict[str, Any]],
-                     blobs: Sequence[bytes], errors: _List[dict[str, str]]) -> tuple[int, int]:
-        """Write one batch_read reply's files (worker thread); returns (files, bytes)."""
-        count = total = 0
-        for index, entry in enumerate(entries):
-            rel = str(entry.get("path"))
-            target = targets.get(rel)
-            if target is None:
+    def _store_batch(root: Path, targets: dict[str, Path], pending: Sequence[str],
+                     result: Any, blobs: Sequence[bytes],
+                     errors: _List[dict[str, str]]) -> tuple[int, int, _List[str]]:
+        """Check and write one batch_read reply (worker thread): (files, bytes, remaining).
+
+        The reply comes from the remote and is checked like a big download: one blob per
+        entry, each as long as its entry's size and with its sha256, or that file is not
+        written (and is reported). A path asked for but neither answered nor listed as
+        remaining is reported too, never silently dropped.
+        """
+        asked = set(pending)
+        entries = result.get("files") if isinstance(result, dict) else None
+        if not isinstance(entries, list) or len(entries) != len(blobs):
+            shown = len(entries) if isinstance(entries, list) else "no"
+            for rel in pending:
+                errors.append({"path": rel, "error": f"the remote's batch_read reply is "
+                               f"malformed ({shown} entries, {len(blobs)} blobs): not written"})
+            return 0, 0, []
+        answers: dict[str, tuple[dict[str, Any], bytes] | None] = {}
+        for entry, data in zip(entries, blobs, strict=True):
+            name = entry.get("path") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or name not in asked:
                 continue  # not something we asked for
-            if "error" in entry:
-                error = entry["error"] or {}
-                errors.append({"path": rel, "error": str(error.get("message", error))})
+            answers[name] = None if name in answers else (entry, data)  # twice: trust neither
+        raw_remaining = result.get("remaining")
+        remaining = [p for p in (raw_remaining if isinstance(raw_remaining, list) else [])
+                     if isinstance(p, str) and p in asked and p not in answers]
+        count = total = 0
+        for rel in pending:
+            target = targets[rel]
+            if rel not in answers:
+                if rel not in remaining:
+                    errors.append({"path": rel, "error": "the remote's batch_read reply left "
+                                                         "it out: not written"})
                 continue
-            data = blobs[index] if index < len(blobs) else b""
+            answer = answers[rel]
+            if answer is None:
+                errors.append({"path": rel, "error": "the remote's batch_read reply has it "
+                                                     "twice: not written"})
+                continue
+            entry, data = answer
+            if "error" in entry:
+                error = entry["error"]
+                message = error.get("message", error) if isinstance(error, dict) else error
+                errors.append({"path": rel, "error": str(message)})
+                continue
+            size, digest = entry.get("size"), entry.get("sha256")
+            if isinstance(size, bool) or not isinstance(size, int) or size != len(data) \
+                    or not isinstance(digest, str) \
+                    or hashlib.sha256(data).hexdigest() != digest.lower():
+                errors.append({"path": rel, "error": (
+                    f"the remote sent {len(data)} bytes for it where its reply says {size!r} "
+                    f"bytes with sha256 {digest!r}, which they do not match: not written")})
+                continue
             try:
                 _make_dirs_inside(root, target.parent)
                 safe_local_path(root, rel)
                 mtime = entry.get("mtime_ns")
-                _atomic_local_write(target, data, mtime if isinstance(mtime, int) else None)
-            except (TransferError, OSError) as exc:
+                _atomic_local_write(target, data,
+                                    mtime if isinstance(mtime, int) and
+                                    not isinstance(mtime, bool) else None)
+            except (TransferError, OSError, ValueError) as exc:
                 errors.append({"path": rel, "error": f"{target}: {exc}"})
                 continue
             count += 1
             total += len(data)
-        return count, total
-
+        return count, total, remaining
 
 async def _run_limited(jobs: Sequence[Callable[[], Any]], limit: int) -> None:
     """Run coroutine factories with at most ``limit`` at once; the first error wins."""

@@ -3,6 +3,11 @@
 Speaks the ``v1.kernel.websocket.jupyter.org`` binary protocol when the server offers it and
 the legacy JSON protocol otherwise. A reader task routes every incoming message: replies and
 outputs to whoever waits on the parent ``msg_id``, comm messages to a comm handler.
+
+What the server sends is bounded: one message may be at most ``max_message_bytes`` (default
+``wire.MAX_KERNEL_MESSAGE_BYTES``), websockets buffers at most ``MAX_QUEUED_FRAMES`` frames
+before it stops reading the socket, and at most ``MAX_UNREAD_MESSAGES`` may wait unread for
+one request. Past any of them the connection is closed with ``limit_error`` set.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import websockets
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from jupyter_client.jsonutil import json_default
@@ -33,12 +39,21 @@ from jupyter_server.services.kernels.connection.base import (
 )
 from websockets.asyncio.client import ClientConnection
 
-from ..errors import AuthError, ConnectionLost, KernelError
+from ..agent_payload import wire
+from ..errors import AuthError, ConnectionLost, KernelError, LimitExceeded
 from .target import Target, redact
 
 log = logging.getLogger(__name__)
 
 V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
+#: frames websockets buffers before it pauses reading the socket (TCP then slows the server)
+MAX_QUEUED_FRAMES = 16
+#: messages that may wait unread for one request: a consumer that far behind a flood is
+#: not catching up, and the queue would grow without bound
+MAX_UNREAD_MESSAGES = 10_000
+# Above this backlog the reader yields after each message so that its consumer keeps up.
+_YIELD_ABOVE = 64
+_MIB = 1024 * 1024
 
 
 @dataclass
@@ -107,6 +122,7 @@ class KernelSocket:
         ping_timeout: float | None = 10.0,
         open_timeout: float = 20.0,
         close_timeout: float = 1.0,
+        max_message_bytes: int = wire.MAX_KERNEL_MESSAGE_BYTES,
     ) -> None:
         self.target = target
         self.kernel_id = kernel_id
@@ -118,6 +134,7 @@ class KernelSocket:
         self._ping_timeout = ping_timeout
         self._open_timeout = open_timeout
         self._close_timeout = close_timeout
+        self.max_message_bytes = max_message_bytes
         self._connection: ClientConnection | None = None
         self._sock: socket.socket | None = None
         self.protocol = "legacy"
@@ -127,6 +144,8 @@ class KernelSocket:
         self.comm_handler: Callable[[KernelMessage], None] | None = None
         #: set when the kernel itself went away (restart, shutdown, crash), not just the link
         self.kernel_lost = ""
+        #: set when the connection was closed because the server broke a limit
+        self.limit_error: LimitExceeded | None = None
 
     @property
     def session_id(self) -> str:
@@ -143,7 +162,9 @@ class KernelSocket:
                 url,
                 additional_headers=headers,
                 subprotocols=[V1_PROTOCOL],  # type: ignore[list-item]
-                max_size=None,  # file chunks and log batches are bigger than the 1 MiB default
+                # File chunks and big replies exceed the 1 MiB default; above this the
+                # server is broken or hostile (websockets checks a frame's declared length).
+                max_size=self.max_message_bytes,
                 compression=None,  # binary chunks do not compress; save the CPU
                 # Our own keepalive (below): websockets' would call a link dead whose pong
                 # is merely queued behind megabytes of download on a slow uplink.
@@ -154,7 +175,7 @@ class KernelSocket:
                 # FIN before dropping the TCP connection; on a dead path that FIN never comes.
                 close_timeout=self._close_timeout,
                 write_limit=4 * 1024 * 1024,
-                max_queue=None,
+                max_queue=MAX_QUEUED_FRAMES,
                 proxy=None,
             )
         except websockets.InvalidStatus as exc:
@@ -292,22 +313,36 @@ class KernelSocket:
                 except Exception:
                     log.warning("undecodable kernel message dropped", exc_info=True)
                     continue
-                self._route(msg)
+                if self._route(msg) > _YIELD_ABOVE:
+                    # A consumer takes one message per turn of the event loop, while this
+                    # loop routes all that one socket read brought: let it catch up.
+                    await anyio.lowlevel.checkpoint()
         except websockets.ConnectionClosed as exc:
             reason = f"connection closed: {exc}"
+            too_big = getattr(self._connection.protocol, "parser_exc", None)
+            if isinstance(too_big, websockets.exceptions.PayloadTooBig):
+                self._exceeded(LimitExceeded(
+                    f"the server sent kernel {self.kernel_id} a message above the "
+                    f"{self.max_message_bytes / _MIB:.0f} MiB limit ({too_big}; "
+                    "MAX_KERNEL_MESSAGE_BYTES): the connection was closed to protect this "
+                    "process's memory. A broken or hostile server, or an output far too big "
+                    "to return: write it to a file on the remote instead",
+                    limit="MAX_KERNEL_MESSAGE_BYTES", value=self.max_message_bytes))
+                reason = str(self.limit_error)
         except (OSError, anyio.BrokenResourceError) as exc:
             reason = f"connection error: {exc}"
         finally:
             self._mark_closed(reason)
 
-    def _route(self, msg: KernelMessage) -> None:
+    def _route(self, msg: KernelMessage) -> int:
+        """Deliver ``msg``; returns how many messages now wait unread where it went."""
         if msg.channel == "iopub" and msg.msg_type in ("comm_msg", "comm_close"):
             if self.comm_handler is not None:
                 try:
                     self.comm_handler(msg)
                 except Exception:
                     log.exception("comm handler failed")
-            return
+            return 0
         if msg.channel == "iopub" and msg.msg_type in ("status", "shutdown_reply"):
             # A REST restart or shutdown shows up only as the old kernel's shutdown_reply; a
             # crash as a "restarting" or "dead" status from the server. Either way the kernel
@@ -317,7 +352,7 @@ class KernelSocket:
             if state in ("restarting", "dead", "shut down"):
                 self.kernel_lost = f"kernel {self.kernel_id} {state}"
                 self.abort(self.kernel_lost)
-                return
+                return 0
         parent = msg.parent_id
         if parent is not None:
             stream = self._waiters.get(parent)
@@ -325,7 +360,24 @@ class KernelSocket:
                 try:
                     stream.send_nowait(msg)
                 except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass
+                    return 0
+                backlog = stream.statistics().current_buffer_used
+                if backlog > MAX_UNREAD_MESSAGES:
+                    self._exceeded(LimitExceeded(
+                        f"the server sent more than {MAX_UNREAD_MESSAGES:,} messages for one "
+                        f"request to kernel {self.kernel_id} faster than they could be read "
+                        "(MAX_UNREAD_MESSAGES): the connection was closed to protect this "
+                        "process's memory", limit="MAX_UNREAD_MESSAGES",
+                        value=MAX_UNREAD_MESSAGES))
+                return backlog
+        return 0
+
+    def _exceeded(self, error: LimitExceeded) -> None:
+        """Close the connection over a broken limit; owners find why in ``limit_error``."""
+        if self.limit_error is None:
+            self.limit_error = error
+            log.warning("%s", error)
+        self.abort(str(self.limit_error))
 
     def _mark_closed(self, reason: str) -> None:
         if not self.closed.is_set():

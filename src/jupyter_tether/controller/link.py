@@ -55,6 +55,9 @@ class LinkOptions:
     backoff_max: float = 5.0
     use_subshell: bool = True
     remote_state_dir: str | None = None
+    #: the largest websocket message accepted from the server; a bigger one closes the
+    #: connection and fails the calls in flight with LimitExceeded
+    max_message_bytes: int = wire.MAX_KERNEL_MESSAGE_BYTES
 
 
 class SupervisorLink:
@@ -152,6 +155,8 @@ class SupervisorLink:
                         # Say so now rather than after the link is back (or never).
                         self._check_resendable(call)
                     call.rearm()
+                if call.failure is not None:
+                    raise call.failure
                 if call.error is not None:
                     raise call.error
                 assert call.reply is not None
@@ -246,7 +251,8 @@ class SupervisorLink:
         sock = KernelSocket(self.target, kernel_id, session_id=self.session_id,
                             cookies=self.rest.cookies,
                             ping_interval=self.options.ping_interval,
-                            ping_timeout=self.options.ping_timeout)
+                            ping_timeout=self.options.ping_timeout,
+                            max_message_bytes=self.options.max_message_bytes)
         await self._open_watching(sock, kernel_id)
         try:
             sock.comm_handler = self._on_comm
@@ -380,6 +386,8 @@ class SupervisorLink:
             await self._send_request(call)
             with anyio.fail_after(30):
                 while not call.done:
+                    if sock.limit_error is not None:
+                        raise sock.limit_error
                     if sock.closed.is_set():
                         raise ConnectionLost(f"the connection closed during hello: "
                                              f"{sock.close_reason}")
@@ -479,6 +487,8 @@ class SupervisorLink:
             self.last_error = self.last_error or sock.close_reason
             self.last_drop, self.last_drop_at = self.last_error, time.time()
             log.info("link to %s dropped: %s", self.target.display_url, sock.close_reason)
+            if sock.limit_error is not None:
+                self._pending.fail_sent(self._generation, sock.limit_error)
             self._pending.wake_all()
             await self._reconnect()
 

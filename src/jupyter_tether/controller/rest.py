@@ -6,8 +6,14 @@ from typing import Any
 
 import httpx2
 
-from ..errors import AuthError, ConnectionLost, NotFound, ServerError
+from ..errors import AuthError, ConnectionLost, LimitExceeded, NotFound, ServerError
 from .target import Target, redact
+
+#: the most bytes read from one REST answer (after decompression): kernel and session
+#: listings are kilobytes; a server sending more is broken or hostile
+MAX_REST_BODY_BYTES = 32 * 1024 * 1024
+# Headers that describe the body as it came off the wire, not the bytes we kept of it.
+_WIRE_HEADERS = {"content-encoding", "content-length", "transfer-encoding"}
 
 _LISTING_FORBIDDEN = (
     "the server at {url} refused to list {what} (HTTP 403): either the token is refused, or the "
@@ -37,15 +43,39 @@ class JupyterRest:
         await self._client.aclose()
 
     async def _ensure_xsrf(self) -> None:
-        # Token-less servers check _xsrf on writes; fetching any page sets the cookie.
+        # Token-less servers check _xsrf on writes; fetching any page sets the cookie (from
+        # the headers: the bodies are never read).
         if self.target.token or self._xsrf is not None:
             return
         try:
-            await self._client.get(self.target.http_url("api"))
-            await self._client.get(self.target.base_url)
+            for url in (self.target.http_url("api"), self.target.base_url):
+                async with self._client.stream("GET", url):
+                    pass
         except httpx2.HTTPError:
             return
         self._xsrf = self._client.cookies.get("_xsrf") or ""
+
+    @staticmethod
+    async def _read_bounded(response: httpx2.Response, what: str) -> httpx2.Response:
+        """``response`` with its body read, refusing more than ``MAX_REST_BODY_BYTES``."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_REST_BODY_BYTES:
+                    raise LimitExceeded(
+                        f"{what}: the server sent more than {MAX_REST_BODY_BYTES // 2**20} MiB "
+                        "(MAX_REST_BODY_BYTES); stopped reading. A broken or hostile server, "
+                        "or a proxy's error page", limit="MAX_REST_BODY_BYTES",
+                        value=MAX_REST_BODY_BYTES)
+                parts.append(chunk)
+        finally:
+            await response.aclose()
+        headers = [(k, v) for k, v in response.headers.multi_items()
+                   if k.lower() not in _WIRE_HEADERS]
+        return httpx2.Response(response.status_code, headers=headers, content=b"".join(parts),
+                               request=response.request)
 
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: dict[str, Any] | None = None,
@@ -57,8 +87,10 @@ class JupyterRest:
                 headers["X-XSRFToken"] = self._xsrf
         url = self.target.http_url(path)
         try:
-            response = await self._client.request(method, url, json=json, params=params,
-                                                  headers=headers)
+            request = self._client.build_request(method, url, json=json, params=params,
+                                                 headers=headers)
+            response = await self._read_bounded(
+                await self._client.send(request, stream=True), f"{method} {redact(url)}")
         except httpx2.TimeoutException as exc:
             raise ConnectionLost(f"{method} {redact(url)} timed out: {exc}") from None
         except httpx2.HTTPError as exc:

@@ -35,8 +35,16 @@ import anyio
 from ..agent_payload.files import check_relpath
 from ..agent_payload.wire import OpError
 from ..errors import ConfigError, JobError, NotFound, TetherError, TransferError
+from .files import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_WINDOW,
+    REFERENCE_EXCLUDE_GLOBS_CSV,
+    _make_dirs_inside,
+    check_local_name,
+    safe_local_path,
+    scan_local,
+)
 from .files import DEFAULT_SYNC_EXCLUDES as FILES_DEFAULT_EXCLUDES
-from .files import REFERENCE_EXCLUDE_GLOBS_CSV, safe_local_path, scan_local
 
 if TYPE_CHECKING:
     from .tether import AsyncTether
@@ -58,7 +66,7 @@ DEFAULT_SYNC_MAX_BYTES = 200 * 1024 * 1024
 _TOP_KEYS = {"sync", "bootstrap", "run", "artifacts", "server_url", "kernel_id", "name",
              "idempotency_key"}
 _SYNC_KEYS = {"local_dir", "remote_dir", "clean_remote", "exclude_globs_csv", "max_bytes",
-              "keep_archive", "timeout_s"}
+              "keep_archive", "timeout_s", "allow_root_delete"}
 _BOOTSTRAP_KEYS = {"cwd", "commands", "fail_fast", "env_overrides", "timeout_s_per_command",
                    "max_output_chars"}
 _RUN_KEYS = {"cwd", "command", "log_path", "env_overrides", "timeout_s", "name"}
@@ -123,6 +131,11 @@ def _check_local_name(name: str, where: str, problems: list[str]) -> None:
     except OpError as exc:
         problems.append(f"{where} {name!r} must be a path relative to collect's local_dir "
                         f"({exc.message})")
+        return
+    try:
+        check_local_name(name)  # what collect would refuse (a leading '~', control chars)
+    except TetherError as exc:
+        problems.append(f"{where}: {exc}")
 
 
 def validate_spec(spec: Any) -> dict[str, Any]:
@@ -146,11 +159,14 @@ def validate_spec(spec: Any) -> dict[str, Any]:
                 "clean_remote": entry.get("clean_remote", True),
                 "exclude_globs_csv": entry.get("exclude_globs_csv", DEFAULT_SYNC_EXCLUDES),
                 "max_bytes": entry.get("max_bytes", DEFAULT_SYNC_MAX_BYTES),
+                "allow_root_delete": entry.get("allow_root_delete", False),
             }
             for key in ("local_dir", "remote_dir"):
                 if not isinstance(item[key], str) or not item[key].strip():
                     problems.append(f"{where}.{key} is required (a non-empty string)")
             _expect(item["clean_remote"], bool, f"{where}.clean_remote", "true or false", problems)
+            _expect(item["allow_root_delete"], bool, f"{where}.allow_root_delete",
+                    "true or false", problems)
             _expect(item["exclude_globs_csv"], str, f"{where}.exclude_globs_csv",
                     "a comma-separated string of globs", problems)
             _expect(item["max_bytes"], int, f"{where}.max_bytes", "an integer", problems)
@@ -328,14 +344,18 @@ def _emit(progress: SubmitProgress | None, phase: str, done: int, total: int) ->
 
 
 async def submit(tether: AsyncTether, spec: dict[str, Any], *,
-                 progress: SubmitProgress | None = None) -> dict[str, Any]:
+                 progress: SubmitProgress | None = None,
+                 dry_run: bool = False) -> dict[str, Any]:
     """Sync, bootstrap, start the run as a background job; returns as soon as it started.
 
     The result names the job (``job_id``, ``job``), the ``sync`` and ``bootstrap`` results
     and the ``artifacts`` that ``collect`` downloads. When a bootstrap command fails the run
-    is not started: ``ok`` is false and ``error`` says which command.
+    is not started: ``ok`` is false and ``error`` says which command. ``dry_run`` changes
+    nothing: it reports what each sync would upload and delete, and runs nothing.
     """
     norm = validate_spec(spec)
+    if dry_run:
+        return await _dry_run(tether, norm)
     explicit_key = norm["idempotency_key"]
     # Walking the local trees is blocking file I/O: keep it off the event loop.
     derived = explicit_key or await anyio.to_thread.run_sync(derive_key, norm)
@@ -375,7 +395,8 @@ async def submit(tether: AsyncTether, spec: dict[str, Any], *,
         result = await tether.files.sync(
             str(Path(item["local_dir"]).expanduser()), item["remote_dir"],
             exclude=split_globs(item["exclude_globs_csv"]), delete=item["clean_remote"],
-            max_bytes=item["max_bytes"], progress=on_bytes)
+            max_bytes=item["max_bytes"], progress=on_bytes,
+            allow_root_delete=item["allow_root_delete"])
         sync_results.append({"local_dir": item["local_dir"], "remote_dir": item["remote_dir"],
                              **result})
 
@@ -423,6 +444,24 @@ async def submit(tether: AsyncTether, spec: dict[str, Any], *,
             "record_path": record_path(job.job_id)}
 
 
+async def _dry_run(tether: AsyncTether, norm: dict[str, Any]) -> dict[str, Any]:
+    """What ``submit`` would sync (uploads, deletions, refusals); nothing is changed or run."""
+    syncs: list[dict[str, Any]] = []
+    for item in norm["sync"]:
+        result = await tether.files.sync(
+            str(Path(item["local_dir"]).expanduser()), item["remote_dir"],
+            exclude=split_globs(item["exclude_globs_csv"]), delete=item["clean_remote"],
+            max_bytes=item["max_bytes"], allow_root_delete=item["allow_root_delete"],
+            dry_run=True)
+        syncs.append({"local_dir": item["local_dir"], "remote_dir": item["remote_dir"], **result})
+    refusals = [r for s in syncs for r in s.get("would_refuse", [])]
+    boot = norm["bootstrap"]
+    return {"ok": not refusals, "dry_run": True, "job_id": None, "sync": syncs,
+            "would_refuse": refusals,
+            "bootstrap_commands": boot["commands"] if boot is not None else [],
+            "run": norm["run"].get("command"), "artifacts": norm["artifacts"]}
+
+
 def _env(values: dict[str, Any] | None) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in values.items()} if values else None
 
@@ -434,8 +473,9 @@ def _plan_artifact(base: Path, art: Any) -> tuple[str, str, Path]:
     """``(kind, remote, local)`` of one recorded artifact; TransferError if it is refused.
 
     The record comes from the remote, so its local names are not trusted: every local
-    target goes through ``files.safe_local_path`` (no absolute paths, no ``..``, nothing
-    through a link that leads outside ``base``).
+    target goes through ``files.safe_local_path`` (no absolute paths, no ``..``, no ``~``
+    or control characters, nothing through a link that leads outside ``base``). ``base`` is
+    absolute and names are never expanded, so what is planned is where bytes land.
     """
     if isinstance(art, str):
         kind, remote, rel = "file", art, None
@@ -482,7 +522,8 @@ async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike
     if not isinstance(artifacts, list):
         raise JobError(f"the submit record {record_path(job_id)} of job {job_id} is damaged: "
                        "its artifacts are not a list")
-    base = Path(local_dir).expanduser()
+    # The caller's own argument: expanded once, here; names from the record never are.
+    base = Path(os.path.abspath(os.path.expanduser(os.fspath(local_dir))))
     base.mkdir(parents=True, exist_ok=True)
     downloads: list[dict[str, Any]] = []
     taken: dict[Path, Any] = {}  # local target -> the artifact that claimed it
@@ -499,22 +540,27 @@ async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike
             taken[local] = art
             if kind == "file":
                 item = {"remote_path": remote, "local_path": str(local)}
-                local.parent.mkdir(parents=True, exist_ok=True)
+                _make_dirs_inside(base, local.parent)
+                safe_local_path(base, os.path.relpath(local, base))  # again, now parents exist
                 phase = f"download {remote}"
 
                 def on_file(done: int, total: int, phase: str = phase) -> None:
                     _emit(progress, phase, done, total)
 
-                result = await tether.files.download(remote, str(local), progress=on_file)
+                # The absolute, checked path as it is (the public download() would expand it).
+                result = await tether.files._download(
+                    remote, local, progress=on_file, chunk_size=DEFAULT_CHUNK_BYTES,
+                    window=DEFAULT_WINDOW)
                 item = {**item, **result.to_dict(), "ok": True, "local_path": str(local)}
             else:
                 item = {"remote_dir": remote, "local_dir": str(local)}
+                _make_dirs_inside(base, local)  # one level at a time, never through a link out
                 phase = f"download {remote}/"
 
                 def on_dir(done: int, total: int, phase: str = phase) -> None:
                     _emit(progress, phase, done, total)
 
-                result_dir = await tether.files.download_dir(remote, str(local), progress=on_dir)
+                result_dir = await tether.files._download_dir(remote, local, progress=on_dir)
                 item = {**item, **result_dir, "ok": True, "local_dir": str(local)}
         except (TetherError, OSError) as exc:
             item = {"artifact": art, "ok": False, "error": str(exc)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -59,28 +60,102 @@ def parse_target(url: str | None = None, token: str | None = None, name: str = "
     compatible URL"); ``.../k/<run>/<jwt>/proxy`` (the JWT in the path is the credential);
     a JupyterHub ``.../user/<name>/`` URL with a hub API token. ``/lab`` or ``/tree`` suffixes
     copied from a browser are dropped.
+
+    With ``token=None`` the token is the one in the URL, else the environment's credential,
+    but only where the URL has ``REMOTE_JUPYTER_URL``'s origin (see ``env_token_for``).
     """
+    from_env = not url
     url = (url or os.environ.get(URL_ENV, "")).strip()
     if not url:
         raise ConfigError(
             f"no Jupyter server URL: pass --url / url=..., or set {URL_ENV}"
         )
+    base, url_token = split_url(url)
+    if token is None:
+        if url_token:
+            token = url_token
+        elif from_env:
+            token = os.environ.get(TOKEN_ENV, "")
+        else:
+            token = env_token_for(base)
+    return Target(base_url=base, token=token.strip(), name=name)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(base URL, token from its query)`` of a URL as pasted; ConfigError when unusable."""
+    url = url.strip()
     if "://" not in url:
         url = "http://" + url
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ConfigError(f"unsupported URL scheme {parts.scheme!r}: use http:// or https://")
-    if not parts.hostname:
+    try:
+        hostname, _ = parts.hostname, parts.port
+    except ValueError:  # a port that is no number
+        raise ConfigError(f"URL has a bad port: {redact(url)}") from None
+    if not hostname:
         raise ConfigError(f"URL has no host: {redact(url)}")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     url_token = query.pop("token", "")
     path = re.sub(r"/(lab|tree|notebooks|doc)(/.*)?$", "", parts.path).rstrip("/")
     # Other query parameters (a browser URL's ?reset, say) are dropped: kept, they would
     # end up in front of every API path built from the base URL.
-    base = urlunsplit((parts.scheme, parts.netloc, path + "/", "", ""))
-    if token is None:
-        token = url_token or os.environ.get(TOKEN_ENV, "")
-    return Target(base_url=base, token=token.strip(), name=name)
+    return urlunsplit((parts.scheme, parts.netloc, path + "/", "", "")), url_token
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of a URL, default ports filled in: where a credential may go."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
+
+
+def carries_credential(url: str) -> bool:
+    """True when the URL itself holds a credential: ``?token=...`` or Kaggle's path JWT."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    return any(k == "token" and v for k, v in parse_qsl(parts.query)) or bool(
+        _PATH_TOKEN.search(parts.path))
+
+
+def env_token_for(url: str) -> str:
+    """The environment's token for ``url``: ``REMOTE_JUPYTER_TOKEN`` (or a ``?token=`` in
+    ``REMOTE_JUPYTER_URL``), but only when ``url`` has ``REMOTE_JUPYTER_URL``'s origin.
+
+    The env token is a credential for one server: sent to any URL an agent or a pasted
+    command names, it would leak. With ``REMOTE_JUPYTER_URL`` unset it goes nowhere.
+    """
+    env_url = os.environ.get(URL_ENV, "").strip()
+    if not env_url:
+        return ""
+    try:
+        env_base, env_url_token = split_url(env_url)
+    except ConfigError:
+        return ""
+    if origin(env_base) != origin(url):
+        return ""
+    return env_url_token or os.environ.get(TOKEN_ENV, "")
+
+
+#: Shorter "tokens" are not scrubbed: they would blank out ordinary words.
+MIN_SECRET = 4
+#: Below this length a secret is replaced only as a whole run of token characters, so a
+#: short one ("auth", "test") does not garble words that merely contain it.
+_SHORT_SECRET = 16
+
+
+def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every known secret (and URL credential) replaced by ``***``."""
+    text = redact(text)
+    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET}, key=len, reverse=True):
+        if len(secret) >= _SHORT_SECRET:
+            text = text.replace(secret, "***")
+        else:
+            text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", "***", text)
+    return text
 
 
 def redact(text: str) -> str:

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,9 +21,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
+from ..config import AUTH_TOKEN_ENV
 from ..controller.link import LinkOptions
 from ..controller.target import redact
 from ..errors import ConfigError
+from .local_roots import server_roots
 from .pool import TetherPool
 from .tools import register_tools
 
@@ -36,7 +38,9 @@ persist between calls); jupyter_job_start or jupyter_job_submit for anything lon
 return a job_id at once), then loop on jupyter_job_follow(job_id, offset=next_offset) until
 eof, or jupyter_job_wait; move files with jupyter_upload_local_file, jupyter_sync_dir,
 jupyter_download_to_local; jupyter_job_collect downloads a submitted job's artifacts.
-Relative remote paths are relative to the Jupyter server's root directory."""
+Relative remote paths are relative to the Jupyter server's root directory. Local paths must
+lie inside the allowed local roots (your MCP roots, within this server's cwd or --local-root
+dirs); relative local paths start at the first root."""
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
@@ -57,14 +61,26 @@ class _State:
 def build_server(*, url: str | None = None, token: str | None = None,
                  options: LinkOptions | None = None,
                  output_dir: str | os.PathLike[str] | None = None,
-                 embedded_root: str | os.PathLike[str] | None = None) -> MCPServer[Any]:
-    """The MCP server with every tool; its lifespan opens (lazily) and closes the tethers."""
+                 embedded_root: str | os.PathLike[str] | None = None,
+                 local_roots: Sequence[str | os.PathLike[str]] | None = None,
+                 allow_any_server: bool = False) -> MCPServer[Any]:
+    """The MCP server with every tool; its lifespan opens (lazily) and closes the tethers.
+
+    A tool's ``server_url`` may name the default server or a named target; any other URL is
+    refused unless ``allow_any_server`` (``--allow-any-server``), and then gets no token
+    but the one in the URL itself.
+
+    ``local_roots`` (``--local-root``) are the directories the local-file tools may use,
+    default the cwd; a client's MCP roots narrow them, never widen (see local_roots.py).
+    """
+    own_roots = server_roots(local_roots)  # a bad --local-root fails here, at start
     state = _State()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Any]) -> AsyncIterator[_State]:
         async with TetherPool(url, token, options=options, output_dir=output_dir,
-                              embedded_root=embedded_root) as pool:
+                              embedded_root=embedded_root,
+                              allow_any_server=allow_any_server) as pool:
             state._pool = pool
             try:
                 yield state
@@ -74,7 +90,7 @@ def build_server(*, url: str | None = None, token: str | None = None,
     server: MCPServer[Any] = MCPServer(
         name="jupyter-tether", title="jupyter-tether", version=__version__,
         instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
-    register_tools(server, state)
+    register_tools(server, state, own_roots)
     return server
 
 
@@ -106,17 +122,64 @@ def _host_names(host: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def split_allowed_host(value: str) -> tuple[str, int | None]:
+    """``--allowed-host`` as ``(host, port or None)``: ``NAME``, ``NAME:PORT``, ``[v6]:PORT``."""
+    name = value.strip().lower()
+    if not name or any(c in name for c in "/*?#@ \t\\") or name.count("[") > 1:
+        raise ConfigError(f"--allowed-host {value!r} is not a host name: give NAME or "
+                          "NAME:PORT, as clients put it in the Host header")
+    port: str | None = None
+    if name.startswith("["):
+        host, _, rest = name[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"--allowed-host {value!r}: expected [ADDRESS]:PORT")
+            port = rest[1:]
+    elif name.count(":") == 1:
+        host, port = name.split(":")
+    else:
+        host = name  # a name, or a bare IPv6 address
+    if not host or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ConfigError(f"--allowed-host {value!r} has no host or a bad port")
+    return host, int(port) if port is not None else None
+
+
 def security_settings(host: str, port: int,
                       extra_hosts: list[str] | None = None) -> TransportSecuritySettings:
-    """Host and Origin allow-lists (DNS rebinding protection): this server's names only."""
+    """Host and Origin allow-lists (DNS rebinding protection): this server's names, plus
+    ``extra_hosts`` (``--allowed-host``): a name behind a reverse proxy may come without a
+    port (or with the proxy's), so a bare NAME is accepted with no port and with ours."""
     hosts: list[str] = []
     origins: list[str] = []
-    for name in [*_host_names(host), *(extra_hosts or [])]:
+    entries: list[tuple[str, int | None]] = [(name, port) for name in _host_names(host)]
+    for value in extra_hosts or []:
+        name, given = split_allowed_host(value)
+        entries += [(name, given)] if given is not None else [(name, None), (name, port)]
+    for name, at in entries:
         shown = f"[{name}]" if ":" in name and not name.startswith("[") else name
-        hosts.append(f"{shown}:{port}")
-        origins += [f"http://{shown}:{port}", f"https://{shown}:{port}"]
+        if at is None:
+            hosts.append(shown)
+            origins += [f"http://{shown}", f"https://{shown}"]
+            continue
+        hosts.append(f"{shown}:{at}")
+        origins += [f"http://{shown}:{at}", f"https://{shown}:{at}"]
+        # Browsers leave a scheme's default port out of the Origin header.
+        origins += [f"http://{shown}"] if at == 80 else [f"https://{shown}"] if at == 443 else []
     return TransportSecuritySettings(enable_dns_rebinding_protection=True,
-                                     allowed_hosts=hosts, allowed_origins=origins)
+                                     allowed_hosts=list(dict.fromkeys(hosts)),
+                                     allowed_origins=list(dict.fromkeys(origins)))
+
+
+def _exposure(host: str, allowed_hosts: list[str] | None) -> str:
+    """Why clients beyond this machine may reach the server ("" when only loopback can)."""
+    if not is_loopback(host):
+        return f"binding the MCP server to {host}"
+    for value in allowed_hosts or []:
+        name, _ = split_allowed_host(value)
+        if not is_loopback(name):
+            return (f"--allowed-host {value} (clients reaching this server by that name, "
+                    "through a LAN or a reverse proxy)")
+    return ""
 
 
 class BearerAuth:
@@ -144,11 +207,13 @@ def http_app(server: MCPServer[Any], *, host: str = "127.0.0.1", port: int = 800
              path: str = "/mcp", auth_token: str | None = None,
              allowed_hosts: list[str] | None = None) -> ASGIApp:
     """The ASGI app for streamable HTTP, with Host/Origin checks and optional bearer auth."""
-    if not is_loopback(host) and not auth_token:
+    exposure = _exposure(host, allowed_hosts)
+    if exposure and not auth_token:
         raise ConfigError(
-            f"binding the MCP server to {host} would expose a remote shell to the network; "
-            "pass an auth token (--auth-token / auth_token=...) that clients must send as "
-            "'Authorization: Bearer <token>', or bind 127.0.0.1")
+            f"{exposure} would let anyone who reaches it run code on the Jupyter server and "
+            "read and write this machine's files: require a bearer token with "
+            f"--auth-token-file PATH or ${AUTH_TOKEN_ENV} (clients send 'Authorization: "
+            "Bearer <token>'), or serve on 127.0.0.1 only")
     app: ASGIApp = server.streamable_http_app(
         streamable_http_path=path, host=host,
         transport_security=security_settings(host, port, allowed_hosts))
@@ -165,18 +230,22 @@ def serve(*, transport: str = "streamable-http", host: str = "127.0.0.1", port: 
           auth_token: str | None = None, allowed_hosts: list[str] | None = None,
           output_dir: str | os.PathLike[str] | None = None,
           embedded_root: str | os.PathLike[str] | None = None,
-          log_level: str = "warning") -> None:
+          local_roots: Sequence[str | os.PathLike[str]] | None = None,
+          allow_any_server: bool = False, log_level: str = "warning") -> None:
     """Run the MCP server until interrupted (blocking).
 
     ``transport`` is ``"streamable-http"`` (at ``http://host:port/path``) or ``"stdio"``.
     The target is ``url``/``token``, else ``REMOTE_JUPYTER_URL``/``REMOTE_JUPYTER_TOKEN``,
     else an embedded local Jupyter server; a tool's ``server_url`` picks another one.
-    Binding a non-loopback ``host`` requires ``auth_token``.
+    Binding a non-loopback ``host`` (or allowing a non-loopback Host name in
+    ``allowed_hosts``) requires ``auth_token``. The local-file tools only use
+    paths inside ``local_roots`` (default: the cwd), cut down to the client's MCP roots.
     """
     if not path.startswith("/"):
         path = "/" + path
     server = build_server(url=url, token=token, output_dir=output_dir,
-                          embedded_root=embedded_root)
+                          embedded_root=embedded_root, local_roots=local_roots,
+                          allow_any_server=allow_any_server)
     if transport == "stdio":
         # SIGTERM would skip cleanup (the embedded Jupyter server, the kernels' websockets).
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal, Protocol
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import ToolAnnotations
+from mcp.server.mcpserver.resolve import ListRoots, Resolve
+from mcp_types import ListRootsResult, ToolAnnotations
 from pydantic import Field
 from typing_extensions import TypedDict  # pydantic needs it for nested TypedDicts on 3.11
 
@@ -34,6 +35,7 @@ from .helpers import (
     tool_errors,
     utf8_prefix,
 )
+from .local_roots import AllowedRoots, roots_from_uris, server_roots
 from .pool import TetherPool
 
 MAX_WAIT_S = 300.0
@@ -63,6 +65,17 @@ JobId = Annotated[str, Field(description="Job id from jupyter_job_start / jupyte
 EnvOverrides = Annotated[dict[str, str | int | float | bool] | None, Field(
     description="Environment variables to set for the command(s); numbers and booleans are "
                 "turned into their text (0 -> \"0\").")]
+
+
+def _ask_client_roots(ctx: Context) -> ListRoots | None:
+    """Ask the client for its roots on every call (so a changed list counts at once), but
+    only when it declared the roots capability; otherwise the server's own roots apply."""
+    caps = ctx.client_capabilities
+    return ListRoots() if caps is not None and caps.roots is not None else None
+
+
+# Filled by the SDK (roots/list, either protocol era), never by the caller: not in the schema.
+ClientRoots = Annotated[ListRootsResult | None, Resolve(_ask_client_roots)]
 
 
 def _env(values: dict[str, str | int | float | bool] | None) -> dict[str, str] | None:
@@ -184,8 +197,31 @@ async def _follow_once(job: AsyncJob, offset: int, wait_s: float,
                         remaining_bytes=remaining, log_path=info.log_path, hint=hint)
 
 
-def register_tools(server: MCPServer, holder: PoolHolder) -> None:
-    """Register every tool on ``server``; ``holder.pool`` is valid while the server runs."""
+def register_tools(server: MCPServer, holder: PoolHolder,
+                   local_roots: tuple[str, ...] | None = None) -> None:
+    """Register every tool on ``server``; ``holder.pool`` is valid while the server runs.
+
+    ``local_roots`` are the server's own allowed local roots (``server_roots()``; default:
+    the cwd): local-file tools refuse paths outside them (see local_roots.py).
+    """
+    own_roots = local_roots if local_roots is not None else server_roots()
+
+    def confine(path: str, client: ListRootsResult | None) -> str:
+        """The resolved local path, refused outside the allowed roots (checked per call)."""
+        offered = roots_from_uris(str(r.uri) for r in client.roots) if client else None
+        return AllowedRoots(own_roots, offered).resolve(path)
+
+    def confine_spec(spec: dict[str, Any], client: ListRootsResult | None) -> dict[str, Any]:
+        """The job spec with each sync local_dir confined and resolved (anything malformed is
+        left for validate_spec, which lists every problem)."""
+        sync = spec.get("sync")
+        if not isinstance(sync, list):
+            return spec
+        return {**spec, "sync": [
+            {**entry, "local_dir": confine(entry["local_dir"], client)}
+            if isinstance(entry, dict) and isinstance(entry.get("local_dir"), str)
+            and entry["local_dir"].strip() else entry
+            for entry in sync]}
 
     def pool() -> TetherPool:
         return holder.pool
@@ -422,10 +458,13 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
                                           min_length=1)],
         server_url: ServerUrl = None,
         timeout_s: Annotated[float, _timeout()] = 120.0,
+        client_roots: ClientRoots = None,
     ) -> dict[str, Any]:
         """Upload a local file to the remote in chunks, verified by SHA-256 and renamed into
-        place atomically; sends progress notifications. Returns bytes, seconds and hash."""
-        local = os.path.expanduser(local_path)
+        place atomically; sends progress notifications. Returns bytes, seconds and hash.
+        local_path must lie inside the allowed local roots (your MCP roots, within the
+        server's cwd or --local-root dirs); a relative one starts at the first root."""
+        local = confine(local_path, client_roots)
         if not os.path.isfile(local):
             raise ToolError(f"local file not found: {local_path}")
         async with bounded(timeout_s, f"upload of {local_path}"), \
@@ -462,10 +501,13 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
                                                      "this MCP server.", min_length=1)],
         server_url: ServerUrl = None,
         timeout_s: Annotated[float, _timeout()] = 120.0,
+        client_roots: ClientRoots = None,
     ) -> dict[str, Any]:
         """Download a remote file to a local path in chunks, verified by SHA-256, written
-        atomically; sends progress notifications. Returns bytes, seconds and hash."""
-        local = os.path.expanduser(local_path)
+        atomically; sends progress notifications. Returns bytes, seconds and hash.
+        local_path must lie inside the allowed local roots (your MCP roots, within the
+        server's cwd or --local-root dirs); a relative one starts at the first root."""
+        local = confine(local_path, client_roots)
         async with bounded(timeout_s, f"download of {remote_path}"), \
                 activity(ctx, f"download {os.path.basename(remote_path)}") as act:
             tether = await tether_for(server_url)
@@ -485,10 +527,13 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         kernel_id: KernelCompat = None,
         server_url: ServerUrl = None,
         timeout_s: Annotated[float, _timeout()] = 600.0,
+        client_roots: ClientRoots = None,
     ) -> dict[str, Any]:
         """Download a remote directory tree into a local directory. Paths that would land
-        outside local_dir (absolute, '..', links, devices) are refused."""
-        local = os.path.expanduser(local_dir)
+        outside local_dir (absolute, '..', links, devices) are refused. local_dir must lie
+        inside the allowed local roots (your MCP roots, within the server's cwd or
+        --local-root dirs)."""
+        local = confine(local_dir, client_roots)
         async with bounded(timeout_s, f"download of {remote_dir}"), \
                 activity(ctx, f"download {remote_dir}") as act:
             tether = await tether_for(server_url)
@@ -506,7 +551,17 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
             description="Comma-separated globs to leave out.")] = submit_mod.DEFAULT_SYNC_EXCLUDES,
         clean_remote: Annotated[bool, Field(
             description="Delete remote files that are not in local_dir (the remote ends up "
-                        "equal to the local tree).")] = True,
+                        "equal to the local tree). Refused in the server root, the home "
+                        "directory, / or a directory above them unless "
+                        "allow_root_delete.")] = True,
+        dry_run: Annotated[bool, Field(
+            description="Change nothing: report what would be uploaded (would_upload_paths) "
+                        "and deleted (would_delete_paths), and why a real run would refuse "
+                        "(would_refuse).")] = False,
+        allow_root_delete: Annotated[bool, Field(
+            description="Let clean_remote delete in the server root, the home directory, / "
+                        "or a directory above them. Only when the user asked for exactly "
+                        "that.")] = False,
         keep_archive: Annotated[bool, Field(
             description="Accepted for compatibility and ignored: no archive is made.")] = False,
         max_bytes: Annotated[int, Field(description="Refuse if the files to send exceed this.",
@@ -514,10 +569,13 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         kernel_id: KernelCompat = None,
         server_url: ServerUrl = None,
         timeout_s: Annotated[float, _timeout()] = 600.0,
+        client_roots: ClientRoots = None,
     ) -> dict[str, Any]:
         """Make a remote directory match a local one. Only changed files travel (manifests of
-        size, mtime and hash are compared); sends progress notifications."""
-        local = os.path.expanduser(local_dir)
+        size, mtime and hash are compared); sends progress notifications. local_dir must lie
+        inside the allowed local roots (your MCP roots, within the server's cwd or
+        --local-root dirs)."""
+        local = confine(local_dir, client_roots)
         if not os.path.isdir(local):
             raise ToolError(f"local directory not found: {local_dir}")
         async with bounded(timeout_s, f"sync of {local_dir}"), \
@@ -525,7 +583,8 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
             tether = await tether_for(server_url)
             result = await tether.files.sync(
                 local, remote_dir, exclude=submit_mod.split_globs(exclude_globs_csv),
-                delete=clean_remote, max_bytes=max_bytes, progress=act.transfer)
+                delete=clean_remote, max_bytes=max_bytes, progress=act.transfer,
+                dry_run=dry_run, allow_root_delete=allow_root_delete)
         return dict(cap_value({"local_dir": local, "remote_dir": remote_dir, **result}))
 
     # --- commands and jobs --------------------------------------------------------------------
@@ -718,13 +777,17 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         ctx: Context,
         spec: Annotated[dict[str, Any], Field(description=(
             "Job spec: {sync: [{local_dir, remote_dir, clean_remote, exclude_globs_csv, "
-            "max_bytes}], bootstrap: {cwd, commands, fail_fast, env_overrides, "
+            "max_bytes, allow_root_delete}], bootstrap: {cwd, commands, fail_fast, env_overrides, "
             "timeout_s_per_command}, run: {cwd, command, log_path, env_overrides} (required), "
             "artifacts: [remote file path | {remote_path} | {remote_dir, local_subdir}], "
             "server_url (a URL or a target name), kernel_id, idempotency_key}."))],
         timeout_s: Annotated[float, _timeout(
             "Bound on this call: sync, bootstrap commands and starting the run (not the run "
             "itself, which goes on in the background).")] = 600.0,
+        dry_run: Annotated[bool, Field(
+            description="Change nothing and run nothing: report what each sync would upload "
+                        "and delete, and why a real submit would refuse (would_refuse).")] = False,
+        client_roots: ClientRoots = None,
     ) -> dict[str, Any]:
         """Sync local directories, run bootstrap commands, then start `run` as a background
         job and return at once with its job_id. The artifact list is stored on the remote
@@ -732,7 +795,10 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
         A retried submit (same spec, same local files, within 10 minutes or while the job
         runs) returns the same job instead of starting it twice; set spec.idempotency_key to
         force a new run. If a bootstrap command fails, the run is not started (ok=false).
-        Sends progress notifications through the sync, bootstrap and start phases."""
+        Sends progress notifications through the sync, bootstrap and start phases. Each
+        sync local_dir must lie inside the allowed local roots (your MCP roots, within the
+        server's cwd or --local-root dirs)."""
+        spec = confine_spec(spec, client_roots)
         norm = submit_mod.validate_spec(spec)
         server_url = norm.get("server_url")
         async with bounded(timeout_s, "job submit"), activity(ctx, "submit: connecting") as act:
@@ -755,7 +821,8 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
 
             tether = await tether_for(server_url)
             act.label = act.message = "submit: checking for an identical earlier submit"
-            result = await submit_mod.submit(tether, spec, progress=on_progress)
+            result = await submit_mod.submit(tether, spec, progress=on_progress,
+                                             dry_run=dry_run)
         if result.get("job_id"):
             pool().remember_job(result["job_id"], server_url)
         return dict(cap_value(result))
@@ -770,10 +837,13 @@ def register_tools(server: MCPServer, holder: PoolHolder) -> None:
             description="Refuse while the job is still running.")] = True,
         timeout_s: Annotated[float, _timeout()] = 120.0,
         server_url: ServerUrl = None,
+        client_roots: ClientRoots = None,
     ) -> dict[str, Any]:
         """Download the artifacts listed when the job was submitted (files and directories)
         into local_dir. Works after an MCP server restart. A missing artifact is reported in
-        `missing` without stopping the others."""
+        `missing` without stopping the others. local_dir must lie inside the allowed local
+        roots (your MCP roots, within the server's cwd or --local-root dirs)."""
+        local_dir = confine(local_dir, client_roots)
         async with bounded(timeout_s, "collect"), activity(ctx, f"collect {job_id}") as act:
             tether = await pool().for_job(job_id, server_url)
 

@@ -1,0 +1,343 @@
+"""A hostile or broken remote cannot exhaust the controller: every size it sends is bounded.
+
+Fake peers speak just enough of the Jupyter kernel websocket protocol (legacy JSON) or of
+HTTP over real sockets to let the controller in, then misbehave; the exec caps are checked
+against a real kernel, and the link's limit against the real supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import json
+import struct
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+from jupyter_tether import AsyncTether, LimitExceeded, Tether
+from jupyter_tether.agent_payload import wire
+from jupyter_tether.controller import kernel_ws
+from jupyter_tether.controller.embedded import LocalJupyterServer
+from jupyter_tether.controller.execute import EXEC_LIMITS, execute, kernel_info
+from jupyter_tether.controller.kernel_ws import KernelSocket, new_session_id
+from jupyter_tether.controller.rest import MAX_REST_BODY_BYTES, JupyterRest
+from jupyter_tether.controller.target import Target
+
+from .conftest import fast_options
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1024 * 1024
+Behaviour = Callable[[ServerConnection, dict[str, Any]], Awaitable[None]]
+
+
+# --- a fake kernel websocket ----------------------------------------------------------------
+
+
+def _message(parent: dict[str, Any], msg_type: str, content: dict[str, Any],
+             channel: str = "iopub") -> str:
+    return json.dumps({
+        "header": {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "session": "fake",
+                   "username": "fake", "version": "5.3", "date": "2026-01-01T00:00:00Z"},
+        "parent_header": parent["header"], "metadata": {}, "content": content,
+        "channel": channel, "buffers": []})
+
+
+async def _answer_kernel_info(ws: ServerConnection, request: dict[str, Any]) -> None:
+    await ws.send(_message(request, "status", {"execution_state": "busy"}))
+    await ws.send(_message(request, "kernel_info_reply", {"status": "ok"}, "shell"))
+    await ws.send(_message(request, "status", {"execution_state": "idle"}))
+
+
+async def _finish(ws: ServerConnection, request: dict[str, Any]) -> None:
+    await ws.send(_message(request, "execute_reply", {"status": "ok", "execution_count": 1},
+                           "shell"))
+    await ws.send(_message(request, "status", {"execution_state": "idle"}))
+
+
+@contextlib.asynccontextmanager
+async def fake_kernel(on_execute: Behaviour) -> AsyncIterator[Target]:
+    """A websocket server at ``/api/kernels/<id>/channels`` that answers kernel_info
+    politely and every execute_request with ``on_execute``."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for frame in ws:
+                request = json.loads(frame)
+                kind = request["header"]["msg_type"]
+                if kind == "kernel_info_request":
+                    await _answer_kernel_info(ws, request)
+                elif kind == "execute_request":
+                    await on_execute(ws, request)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield Target(base_url=f"http://127.0.0.1:{port}/")
+
+
+@contextlib.asynccontextmanager
+async def open_socket(target: Target, **options: Any) -> AsyncIterator[KernelSocket]:
+    async with anyio.create_task_group() as group:
+        sock = KernelSocket(target, "fake-kernel", session_id=new_session_id(),
+                            ping_interval=None, **options)
+        await sock.open(group)
+        try:
+            yield sock
+        finally:
+            await sock.aclose()
+            group.cancel_scope.cancel()
+
+
+async def _claim_a_huge_frame(ws: ServerConnection, request: dict[str, Any]) -> None:
+    # A binary frame header announcing 1 TiB; the payload never comes.
+    ws.transport.write(b"\x82\x7f" + struct.pack("!Q", 1 << 40) + b"xxxx")
+
+
+async def _polite(ws: ServerConnection, request: dict[str, Any]) -> None:
+    await ws.send(_message(request, "stream", {"name": "stdout", "text": "fine\n"}))
+    await _finish(ws, request)
+
+
+async def test_a_frame_above_the_message_limit_ends_the_connection_with_a_clear_error() -> None:
+    assert wire.MAX_KERNEL_MESSAGE_BYTES >= (wire.MAX_REPLY_ENVELOPE_BYTES
+                                             + wire.MAX_MESSAGE_BLOB_BYTES)
+    async with fake_kernel(_claim_a_huge_frame) as target, open_socket(target) as sock:
+        assert sock.max_message_bytes == wire.MAX_KERNEL_MESSAGE_BYTES
+        await kernel_info(sock, timeout=10)
+        with anyio.fail_after(20), pytest.raises(LimitExceeded) as caught:
+            await execute(sock, "1", timeout=None)
+        assert caught.value.limit == "MAX_KERNEL_MESSAGE_BYTES"
+        assert "MiB limit" in str(caught.value) and sock.closed.is_set()
+    # This process is fine: a new connection to a well-behaved kernel works.
+    async with fake_kernel(_polite) as target, open_socket(target) as sock:
+        result = await execute(sock, "1", timeout=20)
+        assert result.status == "ok" and result.stdout == "fine\n"
+
+
+async def _endless_fragments(ws: ServerConnection, request: dict[str, Any]) -> None:
+    async def fragments() -> AsyncIterator[bytes]:
+        while True:
+            yield b"\0" * (256 * 1024)
+
+    await ws.send(fragments())
+
+
+async def test_an_endless_fragmented_message_stops_at_the_limit() -> None:
+    async with fake_kernel(_endless_fragments) as target, \
+            open_socket(target, max_message_bytes=2 * MiB) as sock:
+        with anyio.fail_after(20), pytest.raises(LimitExceeded, match="MAX_KERNEL_MESSAGE"):
+            await execute(sock, "1", timeout=None)
+
+
+async def test_websockets_buffers_a_bounded_number_of_frames() -> None:
+    async with fake_kernel(_polite) as target, open_socket(target) as sock:
+        # Past the high-water mark websockets stops reading the socket: TCP slows the server.
+        assert sock._connection is not None
+        assert sock._connection.recv_messages.high == kernel_ws.MAX_QUEUED_FRAMES
+
+
+def _display(request: dict[str, Any], i: int) -> str:
+    return _message(request, "display_data", {"data": {"text/plain": f"out {i}"},
+                                              "metadata": {}})
+
+
+async def _twenty_thousand_outputs(ws: ServerConnection, request: dict[str, Any]) -> None:
+    for i in range(20_000):
+        await ws.send(_display(request, i))
+    await ws.send(_message(request, "execute_result", {
+        "data": {"text/plain": "'the value'"}, "metadata": {}, "execution_count": 1}))
+    await _finish(ws, request)
+
+
+async def test_a_flood_of_outputs_returns_a_bounded_result_with_a_count() -> None:
+    async with fake_kernel(_twenty_thousand_outputs) as target, open_socket(target) as sock:
+        with anyio.fail_after(60):
+            result = await execute(sock, "1", timeout=None)
+    cap = EXEC_LIMITS.max_results
+    assert result.status == "ok" and result.truncated
+    assert len(result.results) == cap + 2  # the kept ones, the marker, the cell's value
+    assert result.results[0]["data"]["text/plain"] == "out 0"
+    marker = result.results[cap]
+    assert marker["type"] == "omitted" and marker["count"] == 20_000 - cap
+    assert f"{20_000 - cap:,} more outputs not shown" in marker["data"]["text/plain"]
+    assert result.results[-1]["data"]["text/plain"] == "'the value'"
+    assert result.omitted_results == 20_000 - cap
+
+
+async def _flood_forever(ws: ServerConnection, request: dict[str, Any]) -> None:
+    i = 0
+    while True:  # never a reply: ends when the client hangs up
+        await ws.send(_display(request, i))
+        i += 1
+
+
+async def test_an_endless_flood_nobody_reads_ends_the_connection() -> None:
+    async with fake_kernel(_flood_forever) as target, open_socket(target) as sock:
+
+        async def slow_interrupt() -> None:
+            # An interrupt that takes its time (a slow REST call) while the flood goes on.
+            with anyio.move_on_after(30):
+                await sock.closed.wait()
+
+        with anyio.fail_after(60), pytest.raises(LimitExceeded) as caught:
+            await execute(sock, "1", timeout=0.5, interrupt=slow_interrupt)
+        assert caught.value.limit == "MAX_UNREAD_MESSAGES"
+        assert f"{kernel_ws.MAX_UNREAD_MESSAGES:,} messages" in str(caught.value)
+
+
+# --- a fake REST server -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def fake_http(body: Callable[[asyncio.StreamWriter], Awaitable[None]],
+                    headers: str) -> AsyncIterator[str]:
+    """An HTTP server answering every request with ``headers`` then ``body(writer)``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(f"HTTP/1.1 200 OK\r\n{headers}\r\n".encode())
+            await body(writer)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+
+
+async def _endless_chunked_json(writer: asyncio.StreamWriter) -> None:
+    chunk = b"[" + b'{"id": "k", "name": "python3"},' * 30_000
+    while True:
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        await writer.drain()
+
+
+async def test_an_endless_rest_answer_is_refused_at_the_cap() -> None:
+    headers = "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+    async with fake_http(_endless_chunked_json, headers) as url:
+        rest = JupyterRest(Target(base_url=url, token="t"))
+        try:
+            with anyio.fail_after(60), pytest.raises(LimitExceeded) as caught:
+                await rest.list_kernels()
+        finally:
+            await rest.aclose()
+    assert caught.value.limit == "MAX_REST_BODY_BYTES"
+    assert caught.value.value == MAX_REST_BODY_BYTES
+    # Connecting to such a server fails the same way, at its first answer.
+    async with fake_http(_endless_chunked_json, headers) as url:
+        with anyio.fail_after(60), pytest.raises(LimitExceeded, match="MAX_REST_BODY_BYTES"):
+            async with AsyncTether(url, "t"):
+                pass
+
+
+async def test_a_compressed_rest_answer_is_capped_after_decompression() -> None:
+    bomb = gzip.compress(b"[" + b" " * (MAX_REST_BODY_BYTES + MiB) + b"]", compresslevel=1)
+    assert len(bomb) < MAX_REST_BODY_BYTES // 100
+
+    async def send(writer: asyncio.StreamWriter) -> None:
+        writer.write(bomb)
+        await writer.drain()
+
+    headers = (f"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+               f"Content-Length: {len(bomb)}\r\n")
+    async with fake_http(send, headers) as url:
+        rest = JupyterRest(Target(base_url=url, token="t"))
+        try:
+            with anyio.fail_after(60), pytest.raises(LimitExceeded, match="MAX_REST_BODY"):
+                await rest.list_sessions()
+        finally:
+            await rest.aclose()
+
+
+async def test_rest_answers_within_the_cap_still_parse() -> None:
+    async def send(writer: asyncio.StreamWriter) -> None:
+        writer.write(gzip.compress(b'[{"id": "k1"}]'))
+        await writer.drain()
+
+    body_len = len(gzip.compress(b'[{"id": "k1"}]'))
+    headers = (f"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+               f"Content-Length: {body_len}\r\n")
+    async with fake_http(send, headers) as url:
+        rest = JupyterRest(Target(base_url=url, token="t"))
+        try:
+            assert await rest.list_kernels() == [{"id": "k1"}]
+        finally:
+            await rest.aclose()
+
+
+# --- the real kernel: exec caps -----------------------------------------------------------------
+
+
+def test_a_huge_exception_value_returns_a_small_result(tether: Tether) -> None:
+    result = tether.exec("raise ValueError('x' * 3_000_000)", max_output_chars=2000)
+    assert result.status == "error" and result.truncated
+    assert result.error is not None and result.error["ename"] == "ValueError"
+    assert len(json.dumps(result.to_dict())) < 16 * 1024
+    assert "more chars not shown (3,000,000 in all)" in result.error["evalue"]
+    assert sum(len(line) for line in result.error["traceback"]) < 3000
+    assert "ValueError" in result.error["traceback"][-1]
+
+
+def test_three_thousand_displays_do_not_return_three_thousand_results(tether: Tether) -> None:
+    result = tether.exec("from IPython.display import display\n"
+                         "for i in range(3000):\n    display(i)")
+    cap = EXEC_LIMITS.max_results
+    assert result.status == "ok" and result.truncated
+    assert len(result.results) == cap + 1
+    assert [r["data"]["text/plain"] for r in result.results[:3]] == ["0", "1", "2"]
+    marker = result.results[cap]
+    # The server's iopub rate limit may drop some of them; the count says how many came.
+    assert marker["type"] == "omitted" and 0 < marker["count"] <= 3000 - cap
+    assert result.omitted_results == marker["count"]
+    assert "more outputs not shown" in marker["data"]["text/plain"]
+
+
+def test_huge_json_output_is_cut_with_its_size(tether: Tether) -> None:
+    result = tether.exec(
+        "from IPython.display import display\n"
+        "display({'application/json': {'k': 'x' * 1_000_000}, 'text/plain': 'j'}, raw=True)",
+        max_output_chars=2000)
+    value = result.results[0]["data"]["application/json"]
+    assert isinstance(value, str) and len(value) < 2200 and result.truncated
+    assert value.startswith('{"k":"xxx') and "application/json" in value
+    assert "(1,000,008 in all)" in value  # {"k":"...."} compact
+    small = tether.exec("from IPython.display import display\n"
+                        "display({'application/json': {'k': [1, 2]}}, raw=True)")
+    assert small.results[0]["data"]["application/json"] == {"k": [1, 2]}
+
+
+def test_saved_images_are_capped_in_number(tether: Tether) -> None:
+    png = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+    result = tether.exec("from IPython.display import display\n"
+                         f"for _ in range(25):\n    display({{'image/png': '{png}'}}, raw=True)")
+    assert len(result.images) == EXEC_LIMITS.max_images and result.truncated
+    assert all(Path(p).is_file() for p in result.images)
+    late = result.results[-1]["data"]["image/png"]
+    assert "saved_to" not in late and "at most 20 images" in late["note"]
+
+
+# --- the real supervisor: a reply above the link's limit ------------------------------------
+
+
+async def test_a_reply_above_the_link_limit_fails_the_call_and_the_link_recovers(
+        jupyter_server: LocalJupyterServer, server_root: Path) -> None:
+    (server_root / "hostile-big.bin").write_bytes(b"\x01" * (3 * MiB))
+    options = fast_options(max_message_bytes=2 * MiB)
+    async with AsyncTether(jupyter_server.url, jupyter_server.token, options=options) as t:
+        with anyio.fail_after(30), pytest.raises(LimitExceeded) as caught:
+            await t.link.call("fs_read", {"path": "hostile-big.bin", "max_bytes": 3 * MiB})
+        assert caught.value.limit == "MAX_KERNEL_MESSAGE_BYTES"
+        assert "2 MiB limit" in str(caught.value)
+        # The link came back and serves calls that fit.
+        with anyio.fail_after(60):
+            reply = await t.link.call("fs_read", {"path": "hostile-big.bin",
+                                                  "max_bytes": MiB})
+        assert reply.buffers[0] == b"\x01" * MiB
