@@ -602,7 +602,15 @@ def test_cli_sync_delete_into_the_root_needs_the_flag(own_server: LocalJupyterSe
     dry_json = json.loads(cli("--json", "sync", str(local), "", "--delete", "--dry-run",
                               "--allow-root-delete").stdout)
     assert dry_json["would_refuse"] == [] and "cli-precious.txt" in dry_json["would_delete_paths"]
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"sync": [{"local_dir": str(local), "remote_dir": "."}],
+                                "run": {"command": "touch cli-ran.txt"}}))
+    submitted = cli("submit", str(spec), "--dry-run")
+    assert submitted.returncode == 1 and "a real submit would refuse" in submitted.stderr
+    assert "--allow-root-delete" in submitted.stderr and "delete cli-precious.txt" in \
+        submitted.stdout
     assert (root / "cli-precious.txt").exists() and not (root / "cli_main.py").exists()
+    assert not (root / "cli-ran.txt").exists()
 
 
 @pytest.mark.anyio

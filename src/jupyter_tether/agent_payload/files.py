@@ -14,6 +14,9 @@ refuses to serve):
   supervisor (after a kernel restart) resumes it;
 - ``<target>.tether-tmp-<hex>``  a small atomic write between its write and its rename.
 
+Where ``<target>``'s name is too long for a suffix, ``side_name`` keeps a byte-counted
+prefix plus a hash, so every valid (255-byte) name can be transferred.
+
 The pure helpers at the top (``make_matcher``, ``check_relpath``, ``build_manifest``,
 ``HashCache``) are shared with the controller, which builds its local manifests with them so
 the two sides compare like with like.

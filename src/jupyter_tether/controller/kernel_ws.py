@@ -146,6 +146,7 @@ class KernelSocket:
         self.kernel_lost = ""
         #: set when the connection was closed because the server broke a limit
         self.limit_error: LimitExceeded | None = None
+        self._backlogged = False  # a consumer is behind: the reader yields to it
 
     @property
     def session_id(self) -> str:
@@ -313,9 +314,11 @@ class KernelSocket:
                 except Exception:
                     log.warning("undecodable kernel message dropped", exc_info=True)
                     continue
-                if self._route(msg) > _YIELD_ABOVE:
+                self._route(msg)
+                if self._backlogged:
                     # A consumer takes one message per turn of the event loop, while this
                     # loop routes all that one socket read brought: let it catch up.
+                    self._backlogged = False
                     await anyio.lowlevel.checkpoint()
         except websockets.ConnectionClosed as exc:
             reason = f"connection closed: {exc}"
@@ -334,15 +337,14 @@ class KernelSocket:
         finally:
             self._mark_closed(reason)
 
-    def _route(self, msg: KernelMessage) -> int:
-        """Deliver ``msg``; returns how many messages now wait unread where it went."""
+    def _route(self, msg: KernelMessage) -> None:
         if msg.channel == "iopub" and msg.msg_type in ("comm_msg", "comm_close"):
             if self.comm_handler is not None:
                 try:
                     self.comm_handler(msg)
                 except Exception:
                     log.exception("comm handler failed")
-            return 0
+            return
         if msg.channel == "iopub" and msg.msg_type in ("status", "shutdown_reply"):
             # A REST restart or shutdown shows up only as the old kernel's shutdown_reply; a
             # crash as a "restarting" or "dead" status from the server. Either way the kernel
@@ -352,7 +354,7 @@ class KernelSocket:
             if state in ("restarting", "dead", "shut down"):
                 self.kernel_lost = f"kernel {self.kernel_id} {state}"
                 self.abort(self.kernel_lost)
-                return 0
+                return
         parent = msg.parent_id
         if parent is not None:
             stream = self._waiters.get(parent)
@@ -360,8 +362,9 @@ class KernelSocket:
                 try:
                     stream.send_nowait(msg)
                 except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    return 0
+                    return
                 backlog = stream.statistics().current_buffer_used
+                self._backlogged = backlog > _YIELD_ABOVE
                 if backlog > MAX_UNREAD_MESSAGES:
                     self._exceeded(LimitExceeded(
                         f"the server sent more than {MAX_UNREAD_MESSAGES:,} messages for one "
@@ -369,8 +372,6 @@ class KernelSocket:
                         "(MAX_UNREAD_MESSAGES): the connection was closed to protect this "
                         "process's memory", limit="MAX_UNREAD_MESSAGES",
                         value=MAX_UNREAD_MESSAGES))
-                return backlog
-        return 0
 
     def _exceeded(self, error: LimitExceeded) -> None:
         """Close the connection over a broken limit; owners find why in ``limit_error``."""
