@@ -401,7 +401,8 @@ def test_mcp_passes_the_selected_target_to_serve(monkeypatch: pytest.MonkeyPatch
     assert cli.main(["mcp", "--target", "gpu", "--port", "9100", "--auth-token", "a"]) == 0
     assert seen == {"transport": "streamable-http", "host": "127.0.0.1", "port": 9100,
                     "path": "/mcp", "url": "http://gpu:8888/", "token": "tok", "auth_token": "a",
-                    "output_dir": None, "embedded_root": None, "local_roots": None}
+                    "output_dir": None, "embedded_root": None, "local_roots": None,
+                    "allowed_hosts": None, "allow_any_server": False}
     monkeypatch.delenv("REMOTE_JUPYTER_URL", raising=False)
     monkeypatch.setenv("JUPYTER_TETHER_CONFIG", str(tmp_path / "none.toml"))
     assert cli.main(["mcp", "--stdio"]) == 0

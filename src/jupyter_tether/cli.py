@@ -1045,7 +1045,8 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("--url", default=argparse.SUPPRESS,
                        help=f"Jupyter server URL (default: ${URL_ENV}); a ?token=... in it is used")
     group.add_argument("--token", default=argparse.SUPPRESS,
-                       help=f"Jupyter token (default: ${TOKEN_ENV}); prefer the env var")
+                       help=f"Jupyter token (default: ${TOKEN_ENV}, which is sent only to "
+                       f"${URL_ENV}'s scheme, host and port); prefer the env var")
     group.add_argument("-t", "--target", default=argparse.SUPPRESS, metavar="NAME",
                        action=_AppendTarget,
                        help="a named target from the config file (see `jupyter-tether "
@@ -1063,7 +1064,7 @@ which server:
                    (`status --all` shows every named target; `submit --target A
                    --target B` submits to several)
   --url/--token    a server URL, as copied from the browser or Kaggle's "VSCode URL"
-  ${URL_ENV} / ${TOKEN_ENV}
+  ${URL_ENV} / ${TOKEN_ENV}   (that token goes only to that URL's scheme, host and port)
   nothing          a local Jupyter server is started for the command (root: the cwd)
 
 exit codes: 0 ok; `run` exits with the job's exit code (128+N if killed by signal N);
@@ -1109,9 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", default="/mcp", help="HTTP path (default: %(default)s)")
     p.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout instead")
     p.add_argument("--auth-token", default=None, metavar="TOKEN",
-                   help="bearer token clients must send (required off loopback); visible to "
-                   "other local users in the process list: prefer --auth-token-file or "
-                   f"${AUTH_TOKEN_ENV}")
+                   help=f"bearer token clients must send (default: ${AUTH_TOKEN_ENV}; "
+                   "required off loopback); other local users see argv in the process list: "
+                   "prefer the env var or --auth-token-file")
     p.add_argument("--auth-token-file", default=None, metavar="PATH",
                    help="read the bearer token from this file")
     p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
