@@ -73,6 +73,55 @@ class ErrorCode:
     NOT_A_DIRECTORY = "not_a_directory"
 
 
+class Op:
+    """Every op name the supervisor answers, one constant each (the ``op`` of a request)."""
+
+    # the supervisor itself (supervisor.py)
+    HELLO = "hello"
+    PING = "ping"
+    EVENTS_SINCE = "events_since"
+    OPS = "ops"
+    # host facts (hostinfo.py)
+    ENV_SNAPSHOT = "env_snapshot"
+    # small files (fs_ops.py)
+    FS_LIST = "fs_list"
+    FS_STAT = "fs_stat"
+    FS_READ = "fs_read"
+    FS_WRITE = "fs_write"
+    FS_MKDIR = "fs_mkdir"
+    FS_REMOVE = "fs_remove"
+    # resumable transfers (uploads.py, downloads.py)
+    UPLOAD_BEGIN = "upload_begin"
+    UPLOAD_CHUNK = "upload_chunk"
+    UPLOAD_COMMIT = "upload_commit"
+    UPLOAD_ABORT = "upload_abort"
+    UPLOAD_STATUS = "upload_status"
+    DOWNLOAD_BEGIN = "download_begin"
+    DOWNLOAD_CHUNK = "download_chunk"
+    DOWNLOAD_END = "download_end"
+    # directory sync (tree_sync.py)
+    MANIFEST = "manifest"
+    BATCH_WRITE = "batch_write"
+    SYNC_DELETE = "sync_delete"
+    BATCH_READ = "batch_read"
+    # jobs (jobs.py, follow.py, run_commands.py)
+    JOB_START = "job_start"
+    JOB_STATUS = "job_status"
+    JOB_LIST = "job_list"
+    JOB_TAIL = "job_tail"
+    JOB_WAIT = "job_wait"
+    JOB_KILL = "job_kill"
+    JOB_FOLLOW = "job_follow"
+    JOB_FOLLOW_ACK = "job_follow_ack"
+    JOB_UNFOLLOW = "job_unfollow"
+    RUN_COMMANDS = "run_commands"
+
+    @classmethod
+    def names(cls) -> List[str]:
+        """Every op name, sorted."""
+        return sorted(v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str))
+
+
 class OpError(Exception):
     """Raised by an op handler to send a typed error reply."""
 

@@ -351,9 +351,10 @@ async def execute(
     text MIME value its last ``max_output_chars``, structured ones (``application/json``)
     their first, as text, when longer; the exception name and value their first
     ``max_output_chars``; the traceback its last entries within ``max_output_chars`` in
-    all. At most ``limits.max_results`` outputs (and ``results_budget_factor *
-    max_output_chars`` chars of their data) are kept, then a ``{"type": "omitted"}`` entry
-    counts the rest; the cell's own ``execute_result`` is always kept. At most
+    all; at most ``limits.max_mime_types`` MIME types per output. Outputs are kept until
+    there are ``limits.max_results`` of them or their data reaches ``results_budget_factor
+    * max_output_chars`` chars, then a ``{"type": "omitted"}`` entry counts the rest; the
+    cell's own ``execute_result`` is always kept. At most
     ``limits.max_images`` images (``max_image_bytes`` in all) are saved. Every cut leaves a
     marker with the size cut and sets ``truncated``. ``max_output_chars <= 0`` lifts the
     text caps but not the counts. A single websocket message above the socket's limit ends
