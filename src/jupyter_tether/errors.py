@@ -10,8 +10,18 @@
     ├── KernelError            a kernel died, or would not start
     ├── TetherTimeout          a bounded wait ran out (the remote work may still go on)
     ├── RemoteError            the supervisor answered with a typed error (``.code``)
-    │   ├── NotFound           code "not_found"
-    │   └── InvalidArgument    code "invalid_argument"
+    │   ├── NotFound           not_found          no such path, job or transfer
+    │   ├── InvalidArgument    invalid_argument   an argument was refused
+    │   ├── Conflict           conflict           the state moved under the call (retry)
+    │   ├── Busy               busy               too many at once on the remote (retry)
+    │   ├── PermissionDenied   permission_denied  the remote OS, or a protected root
+    │   ├── TooLarge           too_large          over a remote limit
+    │   ├── IsADirectory       is_a_directory
+    │   ├── NotADirectory      not_a_directory
+    │   ├── RemoteTimeout      timeout            (also a TetherTimeout)
+    │   ├── UnknownOp          unknown_op         an older supervisor; reconnect upgrades it
+    │   ├── Malformed          malformed          the request did not decode
+    │   └── RemoteInternal     internal           a bug on the remote side; it stays up
     ├── ExecError              code run with ``exec`` raised (``.ename``, ``.traceback``)
     ├── JobError               a job failed to start, or ``wait(check=True)`` saw a failure
     ├── TransferError          an upload / download / sync could not complete
@@ -20,7 +30,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
+
+from .agent_payload.wire import ErrorCode
 
 
 class TetherError(Exception):
@@ -66,19 +78,87 @@ class RemoteError(TetherError):
 
     @staticmethod
     def from_wire(error: dict[str, Any]) -> RemoteError:
-        code = str(error.get("code", "internal"))
+        """The exception for an error reply: one class per ``wire.ErrorCode``."""
+        code = str(error.get("code", ErrorCode.INTERNAL))
         message = str(error.get("message", "remote error"))
         details = error.get("details") or {}
-        cls = {"not_found": NotFound, "invalid_argument": InvalidArgument}.get(code, RemoteError)
-        return cls(code, message, details)
+        return _BY_CODE.get(code, RemoteError)(code, message, details)
 
 
 class NotFound(RemoteError):
     """The remote path, job or kernel does not exist."""
 
+    code_name: ClassVar[str] = ErrorCode.NOT_FOUND
+
 
 class InvalidArgument(RemoteError):
     """The supervisor rejected an argument."""
+
+    code_name: ClassVar[str] = ErrorCode.INVALID_ARGUMENT
+
+
+class Conflict(RemoteError):
+    """The remote state changed under the call (a file moved mid-transfer); retrying may work."""
+
+    code_name: ClassVar[str] = ErrorCode.CONFLICT
+
+
+class Busy(RemoteError):
+    """The remote has too many of these at once (open transfers, say); retry shortly."""
+
+    code_name: ClassVar[str] = ErrorCode.BUSY
+
+
+class PermissionDenied(RemoteError):
+    """The remote OS refused, or the call would delete a protected root."""
+
+    code_name: ClassVar[str] = ErrorCode.PERMISSION_DENIED
+
+
+class TooLarge(RemoteError):
+    """The request or its answer is over a limit the supervisor enforces."""
+
+    code_name: ClassVar[str] = ErrorCode.TOO_LARGE
+
+
+class IsADirectory(RemoteError):
+    """A file operation named a remote directory."""
+
+    code_name: ClassVar[str] = ErrorCode.IS_A_DIRECTORY
+
+
+class NotADirectory(RemoteError):
+    """A directory operation named a remote file."""
+
+    code_name: ClassVar[str] = ErrorCode.NOT_A_DIRECTORY
+
+
+class RemoteTimeout(RemoteError, TetherTimeout):
+    """A wait bounded on the remote side ran out (a command's timeout, say)."""
+
+    code_name: ClassVar[str] = ErrorCode.TIMEOUT
+
+
+class UnknownOp(RemoteError):
+    """The supervisor does not know the op: it is older than this controller."""
+
+    code_name: ClassVar[str] = ErrorCode.UNKNOWN_OP
+
+
+class Malformed(RemoteError):
+    """The supervisor could not decode the request."""
+
+    code_name: ClassVar[str] = ErrorCode.MALFORMED
+
+
+class RemoteInternal(RemoteError):
+    """An unexpected failure inside the supervisor (it keeps serving other calls)."""
+
+    code_name: ClassVar[str] = ErrorCode.INTERNAL
+
+
+_BY_CODE: dict[str, type[RemoteError]] = {
+    cls.code_name: cls for cls in RemoteError.__subclasses__() if hasattr(cls, "code_name")}
 
 
 class ExecError(TetherError):
