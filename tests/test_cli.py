@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_tether import cli
+from jupyter_tether.cli.jobs import job_exit_code
 from jupyter_tether.config import resolve_name, select_target
 from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.jobs import JobInfo
@@ -186,11 +187,11 @@ def test_a_server_url_may_name_a_target(tmp_path: Path) -> None:
 
 
 def test_job_exit_code_follows_shell_conventions() -> None:
-    assert cli._job_exit_code(JobInfo("j", "exited", exit_code=0)) == 0
-    assert cli._job_exit_code(JobInfo("j", "exited", exit_code=7)) == 7
-    assert cli._job_exit_code(JobInfo("j", "killed", exit_code=-15, signal=15)) == 143
-    assert cli._job_exit_code(JobInfo("j", "killed", exit_code=-9)) == 137
-    assert cli._job_exit_code(JobInfo("j", "lost")) == 1
+    assert job_exit_code(JobInfo("j", "exited", exit_code=0)) == 0
+    assert job_exit_code(JobInfo("j", "exited", exit_code=7)) == 7
+    assert job_exit_code(JobInfo("j", "killed", exit_code=-15, signal=15)) == 143
+    assert job_exit_code(JobInfo("j", "killed", exit_code=-9)) == 137
+    assert job_exit_code(JobInfo("j", "lost")) == 1
 
 
 # --- exec, status, jobs -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from jupyter_tether import NotFound, Tether
-from jupyter_tether.agent_payload.files import PART_SUFFIX, SIDECAR_SUFFIX, TEMP_MARK
+from jupyter_tether.agent_payload.paths import PART_SUFFIX, SIDECAR_SUFFIX, TEMP_MARK
 from jupyter_tether.controller.files import (
     AsyncFiles,
     TransferResult,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_tether.agent_payload import app, files, wire
+from jupyter_tether.agent_payload import app, downloads, excludes, paths, uploads, wire
 
 MiB = 1024 * 1024
 
@@ -100,7 +100,7 @@ def sha(data: bytes) -> str:
 
 def debris(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()
-                  if files.PART_SUFFIX in p.name or files.TEMP_MARK in p.name)
+                  if paths.PART_SUFFIX in p.name or paths.TEMP_MARK in p.name)
 
 
 def chunks(data: bytes, size: int) -> list[tuple[int, bytes]]:
@@ -343,7 +343,7 @@ def _release_fifo(fifo: Path) -> None:
         time.sleep(0.01)
 
 
-def _service(remote: Harness) -> files.FilesService:
+def _service(remote: Harness) -> downloads.Downloads:
     return remote.supervisor._ops["download_chunk"][0].__self__  # type: ignore[attr-defined]
 
 
@@ -414,7 +414,7 @@ def _open_part_files() -> list[str]:
             where = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue
-        if where.endswith(files.PART_SUFFIX):
+        if where.endswith(paths.PART_SUFFIX):
             found.append(where)
     return found
 
@@ -422,7 +422,7 @@ def _open_part_files() -> list[str]:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
 def test_open_uploads_are_capped_and_reopen_on_their_next_chunk(
         remote: Harness, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(files, "MAX_OPEN_UPLOADS", 2)
+    monkeypatch.setattr(uploads, "MAX_OPEN_UPLOADS", 2)
     payloads = {f"up{index}.bin": os.urandom(3000) for index in range(6)}
     transfers = {name: begin_upload(remote, name, data, 1000)["transfer_id"]
                  for name, data in payloads.items()}
@@ -620,13 +620,13 @@ def test_batch_write_checks_sizes_against_buffers(remote: Harness):
     ("keep.pyc", False, False),            # re-included by "!keep.pyc"
 ])
 def test_exclude_matcher_is_gitignore_like(path: str, is_dir: bool, excluded: bool):
-    matcher = files.make_matcher([".git", "__pycache__", "*.pyc", "node_modules/", "# note",
+    matcher = excludes.make_matcher([".git", "__pycache__", "*.pyc", "node_modules/", "# note",
                                   "/build/out", "data/**/*.bin", "!keep.pyc"])
     assert matcher(path, is_dir) is excluded
 
 
 def test_exclude_matcher_accepts_a_csv_string():
-    matcher = files.make_matcher(".venv,*.log\ndist/")
+    matcher = excludes.make_matcher(".venv,*.log\ndist/")
     assert matcher("x/.venv/bin/python") and matcher("a.log") and matcher("dist", True)
     assert not matcher("src/app.py")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_tether.agent_payload import app, jobs, wire
+from jupyter_tether.agent_payload import app, follow, procs, wire
 
 PY = shlex.quote(sys.executable)
 
@@ -174,7 +174,7 @@ def test_follow_100k_lines_every_line_once_in_order(h: Harness) -> None:
                 for chunk, blob in zip(body["chunks"], blobs, strict=True):
                     assert chunk["job_id"] == job_id
                     assert chunk["offset"] == len(received), "gap or duplicate"
-                    assert chunk["length"] == len(blob) <= jobs.CHUNK_BYTES
+                    assert chunk["length"] == len(blob) <= follow.CHUNK_BYTES
                     received += blob
                 h.ok("job_follow_ack", {"job_id": job_id, "offset": len(received)})
             elif envelope["event"] == "job_exit" and body["job_id"] == job_id:
@@ -206,7 +206,7 @@ def test_follow_window_bounds_what_is_in_flight(h: Harness) -> None:
     time.sleep(0.3)  # many ticks, no ack: one window and no more
     sent = sum(c["length"] for e, _ in h.events if e["event"] == "log"
                for c in e["body"]["chunks"])
-    assert sent == jobs.MIN_WINDOW
+    assert sent == follow.MIN_WINDOW
     h.ok("job_unfollow", {"job_id": job_id})
     assert h.ok("job_unfollow", {"job_id": job_id})["followed"] is False
 
@@ -321,7 +321,7 @@ def test_recycled_pid_is_not_our_job(tmp_path: Path) -> None:
     state = tmp_path / ".jupyter_tether"
     me = os.getpid()
     _fake_job(state, "jrecycled01", pid=me, pid_start="proc:1")
-    _fake_job(state, "jgenuine001", pid=me, pid_start=jobs._start_token(me))
+    _fake_job(state, "jgenuine001", pid=me, pid_start=procs.start_token(me))
     _fake_job(state, "jfinished01", pid=me, pid_start="proc:1")
     (state / "jobs" / "jfinished01" / "exit.json").write_text(
         json.dumps({"exit_code": 4, "signal": None, "ended_at": 1.0}))
@@ -512,7 +512,7 @@ def test_two_subscribers_of_one_job_each_get_every_byte_with_their_own_window(
                 elif envelope["event"] == "job_exit" and body["job_id"] == job_id:
                     exits[body.get("subscriber")] = body
 
-    window = jobs.MIN_WINDOW
+    window = follow.MIN_WINDOW
     for who in ("a", "b"):
         sub = h.ok("job_follow", {"job_id": job_id, "subscriber": who, "offset": 0,
                                   "window": window})
@@ -545,7 +545,7 @@ def test_two_subscribers_of_one_job_each_get_every_byte_with_their_own_window(
 
 def test_a_follow_stuck_on_a_full_window_expires(h: Harness,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jobs, "FOLLOW_STALL_S", 0.3)
+    monkeypatch.setattr(follow, "FOLLOW_STALL_S", 0.3)
     script = "import sys, time; sys.stdout.write('x' * 300000); sys.stdout.flush(); time.sleep(30)"
     job = h.start(f"{PY} -c {shlex.quote(script)}")  # still running: no follow ever drains
     job_id = job["job_id"]

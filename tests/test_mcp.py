@@ -203,6 +203,30 @@ async def test_tool_list_keeps_the_reference_contract(mcp_server: McpProcess) ->
     assert kill_hints is not None and kill_hints.destructive_hint is True
 
 
+async def test_tools_come_from_the_table_with_only_their_own_arguments() -> None:
+    # In-process, no Jupyter needed: listing tools opens no tether.
+    async with Client(build_server(url="http://127.0.0.1:9/")) as client:
+        tools = (await client.list_tools()).tools
+    # Names come from the table, in the order clients see them: none hand-kept.
+    assert [t.name for t in tools] == list(TOOL_NAMES)
+    for tool in tools:
+        # What the server fills in itself (the tool context, the MCP context, the client's
+        # roots) is never an argument a client could send.
+        assert not {"tc", "ctx", "client_roots"} & set(tool.input_schema["properties"])
+        # Descriptions carry no source indentation, on every Python version.
+        assert tool.description and "\n " not in tool.description, tool.name
+
+
+def test_a_tool_must_take_the_tool_context_first() -> None:
+    from jupyter_tether.mcp_server.tools.common import ToolContext, bind
+
+    async def jupyter_nothing(server_url: str | None = None) -> dict[str, Any]:
+        return {}
+
+    with pytest.raises(TypeError, match="tc: ToolContext"):
+        bind(jupyter_nothing, ToolContext.__new__(ToolContext))
+
+
 # --- server, kernels, exec --------------------------------------------------------------------
 
 

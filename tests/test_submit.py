@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pytest
 
 from jupyter_tether import Tether
-from jupyter_tether.agent_payload.files import ExcludeMatcher
+from jupyter_tether.agent_payload.excludes import ExcludeMatcher
 from jupyter_tether.controller import files, submit
 from jupyter_tether.errors import ConfigError
 

@@ -39,7 +39,7 @@ from mcp import Client
 
 from jupyter_tether import Tether
 from jupyter_tether.agent_payload import app, wire
-from jupyter_tether.agent_payload.files import (
+from jupyter_tether.agent_payload.paths import (
     NAME_MAX_BYTES,
     PART_SUFFIX,
     SIDECAR_SUFFIX,

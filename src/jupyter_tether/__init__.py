@@ -6,8 +6,11 @@
 """
 
 from .controller.blocking import Tether, connect
+from .controller.blocking_services import Files, Job, Jobs
 from .controller.execute import ExecResult
+from .controller.jobs import AsyncJob, JobInfo
 from .controller.link import LinkOptions
+from .controller.target import Target
 from .controller.tether import AsyncTether
 from .errors import (
     AuthError,
@@ -29,20 +32,26 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncJob",
     "AsyncTether",
     "AuthError",
     "ConfigError",
     "ConnectionLost",
     "ExecError",
     "ExecResult",
+    "Files",
     "InvalidArgument",
+    "Job",
     "JobError",
+    "JobInfo",
+    "Jobs",
     "KernelError",
     "LimitExceeded",
     "LinkOptions",
     "NotFound",
     "RemoteError",
     "ServerError",
+    "Target",
     "Tether",
     "TetherError",
     "TetherTimeout",

@@ -14,12 +14,31 @@ REMOTE_PACKAGE = "_jupyter_tether_payload"
 
 # Dependency order: each module only imports modules listed before it.
 MODULES = (
+    # the protocol and the dispatcher
     "wire",
-    "paths",
     "supervisor",
-    "hostinfo",
-    "jobs",
+    "args",
+    # files: pure helpers (shared with the controller), then the ops
+    "paths",
+    "excludes",
+    "fsutil",
+    "hashing",
+    "transfer_state",
+    "manifest",
+    "fs_ops",
+    "uploads",
+    "downloads",
+    "tree_sync",
     "files",
+    # jobs
+    "procs",
+    "job_registry",
+    "job_wrapper",
+    "follow",
+    "run_commands",
+    "jobs",
+    # host facts, assembly, and the kernel binding
+    "hostinfo",
     "app",
     "comm_binding",
 )

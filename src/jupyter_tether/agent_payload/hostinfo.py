@@ -8,7 +8,7 @@ import sys
 from typing import Any, Dict, List
 
 from .supervisor import Request, Supervisor
-from .wire import arg
+from .wire import Op, arg
 
 _CUDA_PREFIXES = ("CUDA", "NVIDIA", "LD_LIBRARY_PATH", "PYTORCH", "TORCH", "XLA", "TPU")
 
@@ -85,4 +85,4 @@ def register(supervisor: Supervisor) -> None:
         timeout = float(arg(req.args, "timeout", float, 60.0))
         return snapshot(supervisor.root_dir, timeout)
 
-    supervisor.register("env_snapshot", op_env_snapshot, blocking=True)
+    supervisor.register(Op.ENV_SNAPSHOT, op_env_snapshot, blocking=True)

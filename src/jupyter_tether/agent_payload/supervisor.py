@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from . import wire
-from .wire import ErrorCode, OpError
+from .wire import ErrorCode, Op, OpError
 
 # send(envelope_bytes, blobs, channel) -> None ; channel None means "any open channel".
 SendFn = Callable[[bytes, Sequence[bytes], Any], None]
@@ -137,10 +137,10 @@ class Supervisor:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tether-op")
         self._closed = False
         self.counters: Dict[str, int] = collections.Counter()
-        self.register("hello", self._op_hello)
-        self.register("ping", self._op_ping)
-        self.register("events_since", self._op_events_since)
-        self.register("ops", lambda req: sorted(self._ops))
+        self.register(Op.HELLO, self._op_hello)
+        self.register(Op.PING, self._op_ping)
+        self.register(Op.EVENTS_SINCE, self._op_events_since)
+        self.register(Op.OPS, lambda req: sorted(self._ops))
 
     # --- registration ---------------------------------------------------------------------
 

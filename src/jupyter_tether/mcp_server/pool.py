@@ -18,8 +18,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from .. import AsyncTether, LinkOptions
 from ..config import config_path, configured_for, describe_targets, named_targets, resolve_name
-from ..controller.link import LinkOptions
 from ..controller.target import (
     TOKEN_ENV,
     URL_ENV,
@@ -31,7 +31,6 @@ from ..controller.target import (
     scrub_secrets,
     split_url,
 )
-from ..controller.tether import AsyncTether
 from ..errors import ConfigError, TetherError, TetherTimeout
 
 DEFAULT_KEY = "default"

@@ -20,9 +20,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import __version__
+from .. import LinkOptions, __version__
 from ..config import AUTH_TOKEN_ENV
-from ..controller.link import LinkOptions
 from ..controller.target import redact
 from ..errors import ConfigError
 from .local_roots import server_roots

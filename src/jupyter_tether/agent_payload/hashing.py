@@ -1,0 +1,116 @@
+"""sha256 of files, streamed, and the hash cache that lets an unchanged tree skip rehashing.
+
+``HashCache`` is shared with the controller, which keeps its own for local trees.
+"""
+
+import hashlib
+import json
+import os
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+from .fsutil import O_BINARY, atomic_write, read_at
+
+HASH_BLOCK_BYTES = 1024 * 1024
+
+
+def hash_fd(fd: int, start: int = 0, hasher: Any = None) -> Tuple[Any, int]:
+    """Feed the file from ``start`` to its end into ``hasher``; returns it and the end offset."""
+    hasher = hasher if hasher is not None else hashlib.sha256()
+    offset = start
+    while True:
+        block = read_at(fd, offset, HASH_BLOCK_BYTES)
+        if not block:
+            return hasher, offset
+        hasher.update(block)
+        offset += len(block)
+
+
+def sha256_file(path: str) -> str:
+    """Streaming sha256 of a file: memory stays at one block whatever its size."""
+    fd = os.open(path, os.O_RDONLY | O_BINARY)
+    try:
+        return hash_fd(fd)[0].hexdigest()
+    finally:
+        os.close(fd)
+
+
+CacheKey = Tuple[int, int, int, int]
+
+
+def cache_key(st: os.stat_result) -> CacheKey:
+    # ctime and inode too: a rewrite that restores the mtime (as sync does) still changes them.
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+class HashCache:
+    """sha256 by (path, size, mtime_ns, ctime_ns, inode), in memory and persisted per tree root.
+
+    A persisted cache lets an unchanged tree's manifest skip hashing after a kernel restart.
+    ``directory`` None keeps it in memory only.
+    """
+
+    MAX_ENTRIES = 500000
+
+    def __init__(self, directory: Optional[str]):
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._entries: Dict[str, Tuple[CacheKey, str]] = {}
+        self._saved: Dict[str, Dict[str, List[Any]]] = {}
+
+    def get(self, path: str, st: os.stat_result) -> Optional[str]:
+        entry = self._entries.get(path)
+        if entry is not None and entry[0] == cache_key(st):
+            return entry[1]
+        return None
+
+    def put(self, path: str, st: os.stat_result, sha256: str) -> None:
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()  # crude but bounded: the next manifests rebuild it
+            self._entries[path] = (cache_key(st), sha256)
+
+    def _file_for(self, root: str) -> Optional[str]:
+        if self.directory is None:
+            return None
+        name = hashlib.sha256(root.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        return os.path.join(self.directory, name + ".json")
+
+    def load_root(self, root: str) -> None:
+        """Load the persisted entries of a tree once per process."""
+        if root in self._saved:
+            return
+        saved: Dict[str, List[Any]] = {}
+        cache_file = self._file_for(root)
+        if cache_file is not None:
+            try:
+                with open(cache_file, encoding="utf-8") as handle:
+                    data = json.load(handle)
+                if isinstance(data, dict) and data.get("root") == root:
+                    saved = data.get("files") or {}
+            except (OSError, ValueError):
+                saved = {}  # missing or damaged: hash again
+        with self._lock:
+            self._saved[root] = saved
+            for rel, row in saved.items():
+                try:
+                    key = (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+                    self._entries.setdefault(os.path.join(root, *rel.split("/")),
+                                             (key, str(row[4])))
+                except (TypeError, ValueError, IndexError):
+                    continue
+
+    def save_root(self, root: str, files: Dict[str, List[Any]]) -> None:
+        """Persist a tree's entries if they changed; failures only cost a rehash later."""
+        if self._saved.get(root) == files:
+            return
+        self._saved[root] = files
+        cache_file = self._file_for(root)
+        if cache_file is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+            data = json.dumps({"root": root, "files": files}, separators=(",", ":"))
+            atomic_write(cache_file, data.encode("utf-8"))
+        except OSError:
+            pass

@@ -1,0 +1,379 @@
+"""Resumable uploads: chunks in any order into a part file, renamed into place once verified.
+
+Memory stays bounded by one chunk: each chunk is written with a positional write into
+``<target>.tether-part`` (pre-sized, possibly sparse) beside the target, its range recorded
+in the sidecar ``<target>.tether-part.json`` (see transfer_state), and the part is renamed
+onto the target only once its sha256 matches. A new supervisor (after a kernel restart)
+resumes a part from its sidecar; ``upload_begin`` says which ranges are still missing.
+"""
+
+import json
+import os
+import re
+import shutil
+import stat
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional
+
+from . import paths, wire
+from .args import check_chunk_length, optional_mode, optional_mtime_ns
+from .fsutil import O_BINARY, ensure_parent, refuse_directory, write_at
+from .hashing import HashCache, hash_fd
+from .paths import PART_SUFFIX, SIDECAR_SUFFIX, side_path
+from .supervisor import Request, Supervisor
+from .transfer_state import TransferState, parse_sidecar
+from .wire import ErrorCode, OpError, arg
+
+# Open upload part files kept between chunks; the least recently used are closed and
+# reopened lazily by their next chunk, so abandoned uploads cannot use up descriptors.
+MAX_OPEN_UPLOADS = 32
+
+_TRANSFER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Upload:
+    """One upload in progress: its part file, sidecar and the ranges that have arrived."""
+
+    def __init__(self, transfer_id: str, target: str, state: TransferState, chunk_size: int):
+        self.transfer_id = transfer_id
+        self.target = target
+        self.part = side_path(target, PART_SUFFIX)
+        self.sidecar = side_path(target, SIDECAR_SUFFIX)
+        # Chunks usually arrive in order: the state hashes them as they come so commit need
+        # not re-read the file.
+        self.state = state
+        self.chunk_size = chunk_size
+        self.mode: Optional[int] = None
+        self.mtime_ns: Optional[int] = None
+        self.lock = threading.Lock()
+        self.fd: Optional[int] = None
+        self.committing = False
+        self.done = False
+
+    @property
+    def size(self) -> int:
+        return self.state.size
+
+    @property
+    def sha256(self) -> str:
+        return self.state.sha256
+
+    def open(self) -> int:
+        if self.fd is None:
+            self.fd = os.open(self.part, os.O_RDWR | O_BINARY)
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = None
+
+    def save_sidecar(self) -> None:
+        # Written after the data it describes: a sidecar never claims bytes not on disk.
+        data = self.state.sidecar({"transfer_id": self.transfer_id, "target": self.target,
+                                   "chunk_size": self.chunk_size, "updated": time.time()})
+        with open(self.sidecar, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, separators=(",", ":"))
+
+    def describe(self) -> Dict[str, Any]:
+        return {"transfer_id": self.transfer_id, "path": self.target, "size": self.size,
+                "sha256": self.sha256, "chunk_size": self.chunk_size,
+                "received": [list(r) for r in self.state.received],
+                "received_bytes": self.state.received_bytes,
+                "complete": self.state.complete,
+                "committing": self.committing}
+
+    def remove_debris(self) -> List[str]:
+        self.close()
+        removed = []
+        for path in (self.part, self.sidecar):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+def _load_sidecar(target: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(side_path(target, SIDECAR_SUFFIX), encoding="utf-8") as handle:
+            data = json.load(handle)
+        part_size = os.stat(side_path(target, PART_SUFFIX)).st_size
+    except (OSError, ValueError):
+        return None
+    return parse_sidecar(data, part_size)
+
+
+class Uploads:
+    """The ``upload_*`` ops and the uploads in progress, least recently used first."""
+
+    def __init__(self, supervisor: Supervisor, hashes: HashCache):
+        self.supervisor = supervisor
+        self.hashes = hashes
+        self._lock = threading.Lock()
+        self._uploads: "OrderedDict[str, _Upload]" = OrderedDict()  # least recent first
+
+    def resolve(self, path: Any) -> str:
+        return paths.resolve(self.supervisor.root_dir, path)
+
+    def close(self) -> None:
+        with self._lock:
+            uploads = list(self._uploads.values())
+            self._uploads.clear()
+        for upload in uploads:
+            with upload.lock:
+                upload.close()  # the part and sidecar stay: a new supervisor resumes them
+
+    def _upload(self, transfer_id: Any) -> _Upload:
+        if not isinstance(transfer_id, str):
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "argument 'transfer_id' must be str")
+        with self._lock:
+            upload = self._uploads.get(transfer_id)
+            if upload is not None:
+                self._uploads.move_to_end(transfer_id)
+        if upload is None or upload.done:
+            raise OpError(ErrorCode.NOT_FOUND,
+                          "unknown upload %r: call upload_begin again to resume it"
+                          % transfer_id, {"transfer_id": transfer_id})
+        return upload
+
+    def _trim_open_uploads(self, keep: _Upload) -> None:
+        """Close the least recently used part files beyond MAX_OPEN_UPLOADS (not ``keep``).
+
+        A closed one reopens on its next chunk; one being committed is left alone (its
+        commit reads the descriptor without the upload's lock). Call without any lock held.
+        """
+        with self._lock:
+            open_ones = [u for u in self._uploads.values() if u.fd is not None and u is not keep]
+            excess = len(open_ones) + (keep.fd is not None) - MAX_OPEN_UPLOADS
+            candidates = open_ones[:max(0, excess)]
+        for upload in candidates:
+            with upload.lock:
+                if not upload.committing:
+                    upload.close()
+
+    def _forget(self, upload: _Upload) -> None:
+        upload.done = True
+        with self._lock:
+            if self._uploads.get(upload.transfer_id) is upload:
+                del self._uploads[upload.transfer_id]
+
+    def upload_begin(self, req: Request) -> Dict[str, Any]:
+        args = req.args
+        target = self.resolve(arg(args, "path", str))
+        size = arg(args, "size", int)
+        sha256 = arg(args, "sha256", str).lower()
+        chunk_size = arg(args, "chunk_size", int, wire.DEFAULT_CHUNK_BYTES)
+        wanted_id = arg(args, "transfer_id", str, None, allow_none=True)
+        mode = optional_mode(args)
+        mtime_ns = optional_mtime_ns(args)
+        make_dirs = arg(args, "make_dirs", bool, True)
+        if size < 0:
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "size must be >= 0")
+        if not _SHA256.match(sha256):
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "sha256 must be 64 hex digits")
+        if not 0 < chunk_size <= wire.MAX_CHUNK_BYTES:
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "chunk_size must be 1..%d"
+                          % wire.MAX_CHUNK_BYTES)
+        if wanted_id is not None and not _TRANSFER_ID.match(wanted_id):
+            raise OpError(ErrorCode.INVALID_ARGUMENT,
+                          "transfer_id must be 1-64 characters of [A-Za-z0-9_.-]")
+        refuse_directory(target)
+        ensure_parent(target, make_dirs)
+
+        with self._lock:
+            current = next((u for u in self._uploads.values() if u.target == target), None)
+            if wanted_id is not None:
+                other = self._uploads.get(wanted_id)
+                if other is not None and other.target != target:
+                    raise OpError(ErrorCode.CONFLICT, "transfer_id %r is in use for %s"
+                                  % (wanted_id, other.target), {"transfer_id": wanted_id})
+            if current is not None and current.committing:
+                raise OpError(ErrorCode.BUSY, "%s: an upload to this path is being committed"
+                              % target, {"path": target})
+            if current is not None and (current.size, current.sha256) == (size, sha256):
+                upload = current  # a retried or resumed begin: keep what arrived
+            else:
+                if current is not None:
+                    self._uploads.pop(current.transfer_id, None)
+                    current.done = True
+                upload = None
+        if current is not None and upload is None:
+            with current.lock:
+                current.remove_debris()  # a different file now goes to this path: restart
+        if upload is None:
+            upload = self._resume_or_create(target, size, sha256, chunk_size, wanted_id)
+            with self._lock:
+                self._uploads[upload.transfer_id] = upload
+        else:
+            with self._lock:
+                if self._uploads.get(upload.transfer_id) is upload:
+                    self._uploads.move_to_end(upload.transfer_id)
+        upload.mode = mode
+        upload.mtime_ns = mtime_ns
+        self._trim_open_uploads(upload)
+        return upload.describe()
+
+    def _resume_or_create(self, target: str, size: int, sha256: str, chunk_size: int,
+                          wanted_id: Optional[str]) -> _Upload:
+        sidecar = _load_sidecar(target)
+        if sidecar is not None and (sidecar.get("size"), sidecar.get("sha256")) == (size, sha256):
+            # Bytes from an earlier life: the state hashes the file at commit.
+            state = TransferState.resume(size, sha256, sidecar["received"])
+            return _Upload(wanted_id or str(sidecar.get("transfer_id") or uuid.uuid4().hex),
+                           target, state, chunk_size)
+        upload = _Upload(wanted_id or uuid.uuid4().hex, target, TransferState(size, sha256),
+                         chunk_size)
+        upload.remove_debris()  # another file's partial, or a damaged one
+        try:
+            free = shutil.disk_usage(os.path.dirname(target)).free
+        except OSError:
+            free = None
+        if free is not None and free < size:
+            raise OpError(ErrorCode.TOO_LARGE, "%s: %d bytes do not fit in %d free bytes"
+                          % (target, size, free), {"path": target, "free": free})
+        try:
+            fd = os.open(upload.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_BINARY, 0o666)
+            upload.fd = fd
+            os.ftruncate(fd, size)  # sparse: out-of-order chunks land where they belong
+            upload.save_sidecar()
+        except OSError as exc:
+            upload.remove_debris()
+            raise paths.os_error(exc, upload.part) from None
+        return upload
+
+    def upload_chunk(self, req: Request) -> Dict[str, Any]:
+        offset = arg(req.args, "offset", int)
+        if not req.buffers:
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "upload_chunk needs the bytes in buffers[1]")
+        data = req.buffers[0]
+        check_chunk_length(len(data), "chunk")
+        upload = self._upload(req.args.get("transfer_id"))
+        end = offset + len(data)
+        if offset < 0 or end > upload.size:
+            raise OpError(ErrorCode.INVALID_ARGUMENT,
+                          "chunk [%d, %d) lies outside the file's %d bytes"
+                          % (offset, end, upload.size), {"size": upload.size})
+        with upload.lock:
+            if upload.committing or upload.done:
+                raise OpError(ErrorCode.CONFLICT, "upload %s is being committed or is over"
+                              % upload.transfer_id, {"transfer_id": upload.transfer_id})
+            try:
+                write_at(upload.open(), offset, data)
+                upload.state.add(offset, data)
+                upload.save_sidecar()
+            except OSError as exc:
+                raise paths.os_error(exc, upload.part) from None
+            result = {"received_bytes": upload.state.received_bytes,
+                      "complete": upload.state.complete}
+        self._trim_open_uploads(upload)
+        return result
+
+    def upload_commit(self, req: Request) -> Dict[str, Any]:
+        upload = self._upload(req.args.get("transfer_id"))
+        with upload.lock:
+            if upload.committing:
+                raise OpError(ErrorCode.BUSY, "upload %s is already being committed"
+                              % upload.transfer_id)
+            missing = upload.state.missing()
+            if missing:
+                received = upload.state.received_bytes
+                raise OpError(ErrorCode.CONFLICT,
+                              "%s: upload incomplete: %d of %d bytes received"
+                              % (upload.target, received, upload.size),
+                              {"reason": "incomplete", "missing": missing[:1000],
+                               "received_bytes": received, "size": upload.size})
+            upload.committing = True
+        try:
+            return self._commit(upload)
+        finally:
+            upload.committing = False
+
+    def _commit(self, upload: _Upload) -> Dict[str, Any]:
+        try:
+            fd = upload.open()
+            st = os.fstat(fd)
+            hasher, start = upload.state.hash_resume()
+            hasher, end = hash_fd(fd, start, hasher)
+            actual = hasher.hexdigest()
+            upload.close()
+        except OSError as exc:
+            raise paths.os_error(exc, upload.part) from None
+        if st.st_size != upload.size or end != upload.size or actual != upload.sha256:
+            upload.remove_debris()
+            self._forget(upload)
+            raise OpError(ErrorCode.CONFLICT,
+                          "%s: upload does not match: expected %d bytes with sha256 %s, got "
+                          "%d bytes with sha256 %s; the partial file was removed, upload again"
+                          % (upload.target, upload.size, upload.sha256, st.st_size, actual),
+                          {"reason": "hash_mismatch", "path": upload.target,
+                           "expected_sha256": upload.sha256, "actual_sha256": actual,
+                           "expected_size": upload.size, "actual_size": st.st_size})
+        mode = upload.mode
+        if mode is None:
+            try:
+                existing = os.stat(upload.target)
+                if stat.S_ISREG(existing.st_mode):
+                    mode = stat.S_IMODE(existing.st_mode)
+            except OSError:
+                pass
+        try:
+            if mode is not None:
+                os.chmod(upload.part, mode & 0o7777)
+            if upload.mtime_ns is not None:
+                os.utime(upload.part, ns=(upload.mtime_ns, upload.mtime_ns))
+            refuse_directory(upload.target)
+            os.replace(upload.part, upload.target)
+        except OSError as exc:
+            raise paths.os_error(exc, upload.target) from None
+        try:
+            os.unlink(upload.sidecar)
+        except OSError:
+            pass
+        self._forget(upload)
+        try:
+            self.hashes.put(upload.target, os.stat(upload.target), actual)
+        except OSError:
+            pass
+        return {"path": upload.target, "size": upload.size, "sha256": actual}
+
+    def upload_abort(self, req: Request) -> Dict[str, Any]:
+        transfer_id = arg(req.args, "transfer_id", str, None, allow_none=True)
+        path = arg(req.args, "path", str, None, allow_none=True)
+        if transfer_id is None and path is None:
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "upload_abort needs transfer_id or path")
+        with self._lock:
+            upload = self._uploads.get(transfer_id) if transfer_id is not None else None
+            target = upload.target if upload is not None else (
+                self.resolve(path) if path is not None else None)
+            if upload is None and target is not None:
+                upload = next((u for u in self._uploads.values() if u.target == target), None)
+            if upload is not None:
+                self._uploads.pop(upload.transfer_id, None)
+                upload.done = True
+        removed: List[str] = []
+        if upload is not None:
+            with upload.lock:
+                removed = upload.remove_debris()
+        elif target is not None:  # a partial left by an earlier supervisor
+            for debris in (side_path(target, PART_SUFFIX), side_path(target, SIDECAR_SUFFIX)):
+                try:
+                    os.unlink(debris)
+                    removed.append(debris)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise paths.os_error(exc, debris) from None
+        return {"aborted": upload is not None or bool(removed), "removed": removed}
+
+    def upload_status(self, req: Request) -> Dict[str, Any]:
+        upload = self._upload(req.args.get("transfer_id"))
+        with upload.lock:
+            return upload.describe()

@@ -1,0 +1,256 @@
+"""``status``, ``exec``, ``env`` and ``targets``: what the server is and runs, in one go."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .. import AsyncTether, Target, TetherError
+from ..config import config_path, describe_targets
+from ..controller.blocking_services import run_on_portal
+from .context import EXIT_ERROR, EXIT_OK, Ctx, UsageError, add_command, error, one_line, unwrap
+from .fanout import configured_targets, gather
+from .output import escape, new_table, print_mapping, styled
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = add_command(subparsers, "status", cmd_status,
+                    "connect and show the server, supervisor and link", """
+        jupyter-tether status
+        jupyter-tether --json status | jq .rtt_ms
+        jupyter-tether status --all          # every named target of the config file
+        (--all exits 1 when any target fails)
+        """, common)
+    p.add_argument("--all", action="store_true",
+                   help="connect to every named target of the config file at once and show each")
+    p.add_argument("--timeout", type=float, default=20.0,
+                   help="with --all: give up on a target after this many seconds "
+                   "(default: %(default)s)")
+
+
+async def _status_report(aio: AsyncTether, timeout: float = 30.0) -> dict[str, Any]:
+    ping = await aio.ping(timeout)
+    status = await aio.status()
+    info = await aio.info()
+    jobs = await aio.jobs.list("running")
+    return {
+        "target": status.get("target"), "name": status.get("name") or None,
+        "embedded": status.get("embedded"), "connected": status.get("connected"),
+        "server_version": ping.get("server_version"), "rtt_ms": ping.get("rtt_ms"),
+        "hostname": info.get("hostname"), "python": info.get("python"),
+        "root_dir": status.get("root_dir"), "supervisor_kernel": status.get("kernel_id"),
+        "supervisor_pid": status.get("supervisor_pid"), "protocol": status.get("protocol"),
+        "codec": status.get("codec"), "install": status.get("install"),
+        "reconnects": status.get("reconnects"), "running_jobs": len(jobs),
+    }
+
+
+def cmd_status(ctx: Ctx) -> int:
+    if ctx.args.all:
+        return _status_all(ctx)
+    tether = ctx.connect()
+    report: dict[str, Any] = run_on_portal(tether.portal,
+                                           functools.partial(_status_report, tether.aio))
+    if ctx.json:
+        ctx.emit_json(report)
+    else:
+        print_mapping(ctx, report)
+    return EXIT_OK
+
+
+def _status_all(ctx: Ctx) -> int:
+    args = ctx.args
+    if args.url or args.target:
+        raise UsageError("--all shows every named target of the config file: leave out "
+                         "--target and --url")
+    timeout = args.timeout
+    entries = configured_targets()
+
+    async def probe(entry: tuple[str, Target | None, str | None]) -> dict[str, Any]:
+        name, target, problem = entry
+        row: dict[str, Any] = {"name": name, "target": target.display_url if target else None,
+                               "ok": False, "error": problem}
+        if target is None:
+            return row
+        try:
+            with anyio.fail_after(timeout):
+                async with AsyncTether(target=target) as aio:
+                    report = await _status_report(aio, timeout)
+            row.update(report, name=name, ok=True)
+        except Exception as raised:
+            exc = unwrap(raised)
+            row["error"] = (f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError)
+                            and not isinstance(exc, TetherError) else one_line(exc, target))
+        return row
+
+    rows: list[dict[str, Any]] = anyio.run(gather, entries, probe)
+    failed = [row["name"] for row in rows if not row["ok"]]
+    if ctx.json:
+        ctx.emit_json({"config": str(config_path()), "ok": not failed, "targets": rows})
+    else:
+        table = new_table(ctx, "NAME", "URL", "STATUS", "RTT", "HOST", "RUNNING")
+        for row in rows:
+            name, url = escape(row["name"]), escape(row["target"] or "-")
+            if row["ok"]:
+                rtt = f"{row['rtt_ms']:.0f} ms" if row.get("rtt_ms") is not None else "-"
+                table.add_row(name, url, styled(ctx, "ok", "green"), rtt,
+                              escape(row.get("hostname") or "-"),
+                              str(row.get("running_jobs", "-")))
+            else:
+                table.add_row(name, url, styled(ctx, f"error: {row['error']}", "red"),
+                              "-", "-", "-")
+        ctx.table(table)
+    if failed:
+        error(f"{len(failed)} of {len(rows)} targets failed: {', '.join(failed)}")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+# --- exec -------------------------------------------------------------------------------------
+
+
+def add_exec(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = add_command(subparsers, "exec", cmd_exec, "run Python code in the remote work kernel", """
+        jupyter-tether exec 'import torch; print(torch.cuda.is_available())'
+        jupyter-tether exec -f prepare.py
+        echo 'print(1 + 1)' | jupyter-tether exec -
+        jupyter-tether exec --json '6 * 7' | jq -r '.results[0].data["text/plain"]'
+        (exit status 1 when the code raises)
+        """, common)
+    p.add_argument("code", nargs="?", help="the code ('-' reads stdin)")
+    p.add_argument("-f", "--file", help="run this file's contents ('-' reads stdin)")
+    p.add_argument("--kernel", default=None, help="a kernel id (default: the work kernel)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="interrupt the code after this many seconds (default: no limit)")
+
+
+def _read_code(ctx: Ctx) -> str:
+    args = ctx.args
+    if args.file and args.code:
+        raise UsageError("give CODE or -f FILE, not both")
+    if args.file == "-" or args.code == "-":
+        return sys.stdin.read()
+    if args.file:
+        try:
+            return Path(args.file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    if args.code is None:
+        raise UsageError("nothing to run: give CODE, -f FILE, or - for stdin")
+    return str(args.code)
+
+
+INTERRUPT_TIMEOUT_S = 5.0
+
+
+async def _interrupt_kernel(aio: AsyncTether, kernel_id: str | None) -> None:
+    """Interrupt ``kernel_id``, or the work kernel if one was started (never start one)."""
+    with anyio.fail_after(INTERRUPT_TIMEOUT_S):
+        kernel = kernel_id or (await aio.status()).get("work_kernel_id")
+        if kernel:
+            await aio.rest.interrupt_kernel(kernel)
+
+
+def cmd_exec(ctx: Ctx) -> int:
+    code = _read_code(ctx)
+    tether = ctx.connect()
+
+    def on_output(kind: str, text: str) -> None:
+        # stdout and results to stdout, stderr and tracebacks to stderr, as they arrive.
+        stream = sys.stderr if kind in ("stderr", "error") else sys.stdout
+        stream.write(text)
+        stream.flush()
+
+    call = functools.partial(tether.aio.exec, code, kernel_id=ctx.args.kernel,
+                             timeout=ctx.args.timeout,
+                             on_output=None if ctx.json else on_output)
+    try:
+        result = run_on_portal(tether.portal, call)
+    except KeyboardInterrupt:
+        # The kernel keeps running the cell unless told otherwise.
+        with contextlib.suppress(Exception):
+            tether.portal.call(_interrupt_kernel, tether.aio, ctx.args.kernel)
+        raise
+    if ctx.json:
+        ctx.emit_json(result.to_dict())
+    else:
+        for path in result.images:
+            ctx.note(f"image saved to {path}")
+        if result.status == "timeout":
+            error(f"timed out after {ctx.args.timeout}s; the kernel was interrupted")
+        elif result.status == "aborted":
+            error("the kernel aborted the execution")
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+# --- env and targets --------------------------------------------------------------------------
+
+
+def add_env(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = add_command(subparsers, "env", cmd_env,
+                    "snapshot the remote environment (python, GPUs, torch)", """
+        jupyter-tether env
+        jupyter-tether --json env | jq .torch
+        """, common)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds (default: %(default)s)")
+
+
+def cmd_env(ctx: Ctx) -> int:
+    tether = ctx.connect()
+    snap: dict[str, Any] = run_on_portal(
+        tether.portal, functools.partial(tether.aio.env_snapshot, ctx.args.timeout))
+    if ctx.json:
+        ctx.emit_json(snap)
+        return EXIT_OK
+    torch = snap.get("torch") or {}
+    smi = snap.get("nvidia_smi_list") or {}
+    freeze = snap.get("pip_freeze") or {}
+    gpus = (smi.get("stdout") or "").strip().splitlines() if smi.get("returncode") == 0 else []
+    if torch.get("importable"):
+        torch_text = (f"{torch.get('version')} (cuda {torch.get('cuda')}, "
+                      f"available={torch.get('cuda_available')}, "
+                      f"devices={torch.get('device_count')})")
+    else:
+        torch_text = "not importable" + (f": {torch['error']}" if torch.get("error") else "")
+    packages = (freeze.get("stdout") or "").strip().splitlines()
+    summary = {
+        "python": (snap.get("python") or "").split()[0] or None,
+        "executable": snap.get("python_executable"), "platform": snap.get("platform"),
+        "cpus": snap.get("cpu_count"), "root_dir": snap.get("root_dir"),
+        "gpus": "; ".join(gpus) or "none (nvidia-smi " + (
+            "unavailable)" if not smi.get("available") else "failed)"),
+        "torch": torch_text, "packages": f"{len(packages)} (pip freeze; --json for the list)",
+        "cuda_env": ", ".join(sorted(snap.get("cuda_env") or {})) or "-",
+    }
+    print_mapping(ctx, summary)
+    return EXIT_OK
+
+
+def add_targets(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    add_command(subparsers, "targets", cmd_targets, "list the named targets of the config file",
+                """
+        jupyter-tether targets
+        """, common)
+
+
+def cmd_targets(ctx: Ctx) -> int:
+    path = config_path()
+    rows = describe_targets(path)
+    if ctx.json:
+        ctx.emit_json({"config": str(path), "targets": rows})
+        return EXIT_OK
+    ctx.note(f"config: {path}" + ("" if path.exists() else " (does not exist)"))
+    if rows:
+        table = new_table(ctx, "NAME", "URL", "TOKEN", "DEFAULT")
+        for row in rows:
+            table.add_row(row["name"], row["url"] or "-", row["token"], "*" if row["default"] else "")
+        ctx.table(table)
+    return EXIT_OK

@@ -1,0 +1,252 @@
+"""What every tool module shares: the context a tool gets, argument types, result shapes,
+annotation hints, and the table a module's tools are registered from.
+
+A tool is a plain async function whose first parameter is ``tc: ToolContext``; the rest of
+its signature is the tool's input schema (the SDK reads it), its docstring the description.
+``ToolTable.tool(hints(...))`` puts it in its module's table; ``register()`` binds ``tc``
+and adds it to the server under the function's name.
+"""
+# No ``from __future__ import annotations`` here: the SDK reads these signatures at runtime
+# to build the input and output schemas.
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Protocol, TypeVar
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.resolve import ListRoots, Resolve
+from mcp_types import ListRootsResult, ToolAnnotations
+from pydantic import Field
+from typing_extensions import TypedDict  # pydantic needs it for nested TypedDicts on 3.11
+
+from ... import AsyncTether, JobInfo
+from ...controller.target import redact
+from ..helpers import tool_errors
+from ..local_roots import AllowedRoots, roots_from_uris
+from ..pool import TetherPool
+
+ToolFn = Callable[..., Awaitable[Any]]
+F = TypeVar("F", bound=ToolFn)
+
+
+# --- the context a tool gets ------------------------------------------------------------------
+
+
+class PoolHolder(Protocol):
+    @property
+    def pool(self) -> TetherPool: ...
+
+
+class ToolContext:
+    """What a tool needs besides its arguments: the server's TetherPool (valid while the server
+    runs) and the server's own allowed local roots (``server_roots()``; default: the cwd).
+
+    Local-file tools refuse paths outside those roots, narrowed per call to the client's MCP
+    roots (see local_roots.py).
+    """
+
+    def __init__(self, holder: PoolHolder, local_roots: tuple[str, ...]) -> None:
+        self._holder = holder
+        self.local_roots = local_roots
+
+    @property
+    def pool(self) -> TetherPool:
+        return self._holder.pool
+
+    async def tether(self, server_url: str | None) -> AsyncTether:
+        return await self.pool.get(server_url)
+
+    def confine(self, path: str, client: ListRootsResult | None) -> str:
+        """The resolved local path, refused outside the allowed roots (checked per call)."""
+        offered = roots_from_uris(str(r.uri) for r in client.roots) if client else None
+        return AllowedRoots(self.local_roots, offered).resolve(path)
+
+    def confine_spec(self, spec: dict[str, Any], client: ListRootsResult | None) -> dict[str, Any]:
+        """The job spec with each sync local_dir confined and resolved (anything malformed is
+        left for validate_spec, which lists every problem)."""
+        sync = spec.get("sync")
+        if not isinstance(sync, list):
+            return spec
+        return {**spec, "sync": [
+            {**entry, "local_dir": self.confine(entry["local_dir"], client)}
+            if isinstance(entry, dict) and isinstance(entry.get("local_dir"), str)
+            and entry["local_dir"].strip() else entry
+            for entry in sync]}
+
+    def scrub(self, text: str) -> str:
+        try:
+            return self._holder.pool.scrub(text)
+        except Exception:
+            return redact(text)
+
+
+# --- argument types ---------------------------------------------------------------------------
+
+ServerUrl = Annotated[str | None, Field(
+    description="Jupyter server base URL (a token may ride in ?token=), or the name of a "
+                "target in jupyter-tether's config file (targets.toml; jupyter_status lists "
+                "them), which brings its own token. Default: the server's --url or "
+                "REMOTE_JUPYTER_URL (token from REMOTE_JUPYTER_TOKEN), else an embedded local "
+                "Jupyter server.")]
+KernelCompat = Annotated[str | None, Field(
+    description="Accepted for compatibility and ignored: jupyter-tether does this through "
+                "its persistent supervisor, never in a user kernel.")]
+JobId = Annotated[str, Field(description="Job id from jupyter_job_start / jupyter_job_submit.",
+                             min_length=1)]
+EnvOverrides = Annotated[dict[str, str | int | float | bool] | None, Field(
+    description="Environment variables to set for the command(s); numbers and booleans are "
+                "turned into their text (0 -> \"0\").")]
+
+
+def _ask_client_roots(ctx: Context) -> ListRoots | None:
+    """Ask the client for its roots on every call (so a changed list counts at once), but
+    only when it declared the roots capability; otherwise the server's own roots apply."""
+    caps = ctx.client_capabilities
+    return ListRoots() if caps is not None and caps.roots is not None else None
+
+
+# Filled by the SDK (roots/list, either protocol era), never by the caller: not in the schema.
+ClientRoots = Annotated[ListRootsResult | None, Resolve(_ask_client_roots)]
+
+
+def env_strings(values: dict[str, str | int | float | bool] | None) -> dict[str, str] | None:
+    """Environment values as the strings a process gets (as a job spec's env_overrides)."""
+    return {name: str(value) for name, value in values.items()} if values else None
+
+
+def timeout_arg(description: str = "Upper bound on this call, in seconds.") -> Any:
+    return Field(description=description, gt=0)
+
+
+# --- structured results -----------------------------------------------------------------------
+
+
+class JobStatusResult(TypedDict):
+    job_id: str
+    state: str
+    alive: bool
+    pid: int | None
+    exit_code: int | None
+    signal: int | None
+    started_at: float | None
+    ended_at: float | None
+    command: str
+    cwd: str
+    log_path: str
+    bytes_written: int
+    name: str | None
+
+
+class FollowResult(TypedDict):
+    job_id: str
+    text: str
+    offset: int
+    next_offset: int
+    eof: bool
+    state: str
+    exit_code: int | None
+    remaining_bytes: int
+    log_path: str
+    hint: str
+
+
+class WaitResult(TypedDict):
+    done: bool
+    waited_s: float
+    job: JobStatusResult
+    hint: str
+
+
+class PingResult(TypedDict):
+    ok: bool
+    base_url: str
+    rtt_ms: float
+    server_version: str | None
+    supervisor_pid: int | None
+
+
+def job_dict(info: JobInfo) -> JobStatusResult:
+    return JobStatusResult(
+        job_id=info.job_id, state=info.state, alive=info.state == "running", pid=info.pid,
+        exit_code=info.exit_code, signal=info.signal, started_at=info.started_at,
+        ended_at=info.ended_at, command=info.command, cwd=info.cwd, log_path=info.log_path,
+        bytes_written=info.bytes_written, name=info.name)
+
+
+# --- the table and registration ---------------------------------------------------------------
+
+
+def hints(read_only: bool, destructive: bool = False, idempotent: bool = False,
+          title: str | None = None) -> ToolAnnotations:
+    return ToolAnnotations(title=title, read_only_hint=read_only,
+                           destructive_hint=destructive if not read_only else False,
+                           idempotent_hint=idempotent or read_only, open_world_hint=True)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One tool: its function (whose name is the tool's name) and its annotation hints."""
+
+    fn: ToolFn
+    annotations: ToolAnnotations
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+class ToolTable:
+    """A module's tools in registration order; ``@TOOLS.tool(hints(...))`` adds one and
+    returns the function unchanged."""
+
+    def __init__(self) -> None:
+        self.specs: list[ToolSpec] = []
+
+    def tool(self, annotations: ToolAnnotations) -> Callable[[F], F]:
+        def add(fn: F) -> F:
+            self.specs.append(ToolSpec(fn, annotations))
+            return fn
+
+        return add
+
+    def __iter__(self) -> Iterator[ToolSpec]:
+        return iter(self.specs)
+
+
+def _not_found_hint(name: str) -> str:
+    if "_job_" in name:
+        return "List the jobs this server knows with jupyter_job_list."
+    if "kernel" in name:
+        return "List running kernels with jupyter_list_kernels."
+    return ("Check the path with jupyter_list_dir (relative paths start at the "
+            "Jupyter server's root).")
+
+
+def bind(fn: ToolFn, tc: ToolContext) -> ToolFn:
+    """``fn`` with its first parameter (``tc``) filled in, and a signature without it: the
+    one the SDK turns into the input schema."""
+    signature = inspect.signature(fn)
+    first, *rest = signature.parameters.values()
+    if first.name != "tc":
+        raise TypeError(f"tool {fn.__name__} must take tc: ToolContext as its first parameter")
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        return await fn(tc, *args, **kwargs)
+
+    # Not functools.wraps: a __wrapped__ would lead the SDK's lookups back to ``fn``'s ``tc``.
+    call.__name__, call.__qualname__ = fn.__name__, fn.__qualname__
+    call.__module__, call.__doc__ = fn.__module__, fn.__doc__
+    call.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != "tc"}
+    setattr(call, "__signature__", signature.replace(parameters=rest))  # noqa: B010
+    return call
+
+
+def register(server: MCPServer, specs: Iterable[ToolSpec], tc: ToolContext) -> None:
+    """Add each tool to ``server``, its failures turned into tool errors that say what to try."""
+    for spec in specs:
+        wrapped = tool_errors(tc.scrub, _not_found_hint(spec.name))(bind(spec.fn, tc))
+        # cleandoc: the same text on every Python (3.13+ dedents docstrings when compiling).
+        server.add_tool(wrapped, name=spec.name,
+                        description=inspect.cleandoc(spec.fn.__doc__ or ""),
+                        annotations=spec.annotations)

@@ -1,0 +1,171 @@
+"""Fast unit tests of the payload's pure pieces: plain inputs, expected outputs, no server."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from jupyter_tether.agent_payload import app, wire
+from jupyter_tether.agent_payload.excludes import make_matcher
+from jupyter_tether.agent_payload.transfer_state import (
+    SIDECAR_VERSION,
+    TransferState,
+    clean_ranges,
+    merge_range,
+    missing_ranges,
+    parse_sidecar,
+)
+
+# --- transfer state ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ranges", "added", "merged"), [
+    ([], (0, 5), [[0, 5]]),
+    ([[0, 5]], (5, 10), [[0, 10]]),             # touching ranges join
+    ([[0, 5]], (3, 8), [[0, 8]]),               # overlapping ones too
+    ([[10, 20]], (0, 5), [[0, 5], [10, 20]]),   # a gap stays a gap, sorted
+    ([[0, 2], [4, 6], [8, 10]], (1, 9), [[0, 10]]),
+    ([[0, 10]], (2, 3), [[0, 10]]),             # already covered
+])
+def test_merge_range(ranges: list[list[int]], added: tuple[int, int], merged: list[list[int]]):
+    assert merge_range(ranges, *added) == merged
+
+
+@pytest.mark.parametrize(("ranges", "size", "missing"), [
+    ([], 10, [[0, 10]]),
+    ([], 0, []),
+    ([[0, 10]], 10, []),
+    ([[2, 4], [6, 8]], 10, [[0, 2], [4, 6], [8, 10]]),
+    ([[0, 4]], 10, [[4, 10]]),
+])
+def test_missing_ranges(ranges: list[list[int]], size: int, missing: list[list[int]]):
+    assert missing_ranges(ranges, size) == missing
+
+
+def test_clean_ranges_drops_what_is_not_a_range_inside_the_file():
+    rows = [[0, 4], [4, 6], "x", [1], [5, 3], [-1, 2], [8, 11], [7, 7], [2.0, 3], None, [8, 10]]
+    assert clean_ranges(rows, 10) == [[0, 6], [8, 10]]
+
+
+def _arrive(state: TransferState, data: bytes, order: list[tuple[int, int]]) -> None:
+    for start, end in order:
+        state.add(start, data[start:end])
+
+
+def _finish(state: TransferState, data: bytes) -> str:
+    """What a commit does: continue the running hash with the file's bytes from its offset."""
+    hasher, start = state.hash_resume()
+    hasher.update(data[start:])
+    return str(hasher.hexdigest())
+
+
+DATA = bytes(range(256)) * 40  # 10240 bytes
+
+
+def test_in_order_chunks_are_hashed_as_they_arrive():
+    state = TransferState(len(DATA), hashlib.sha256(DATA).hexdigest())
+    _arrive(state, DATA, [(0, 4096), (4096, 8192), (8192, 10240)])
+    assert state.complete and state.missing() == [] and state.received == [[0, 10240]]
+    hasher, start = state.hash_resume()
+    assert start == len(DATA)  # nothing left to read back
+    assert hasher.hexdigest() == state.sha256
+
+
+def test_a_gap_keeps_the_running_hash_and_the_rest_is_read_back():
+    state = TransferState(len(DATA), hashlib.sha256(DATA).hexdigest())
+    _arrive(state, DATA, [(0, 1000), (5000, 6000), (1000, 5000), (6000, 10240)])
+    assert state.complete
+    assert state.hash_resume()[1] == 5000  # hashed up to the gap's end, no further
+    assert _finish(state, DATA) == state.sha256
+
+
+def test_rewriting_hashed_bytes_drops_the_running_hash():
+    state = TransferState(len(DATA), hashlib.sha256(DATA).hexdigest())
+    _arrive(state, DATA, [(0, 4096), (0, 4096), (4096, 10240)])
+    hasher, start = state.hash_resume()
+    assert start == 0 and hasher.hexdigest() == hashlib.sha256(b"").hexdigest()
+    assert _finish(state, DATA) == state.sha256
+
+
+def test_incomplete_state_says_what_is_missing():
+    state = TransferState(100, "0" * 64)
+    state.add(10, b"x" * 20)
+    state.add(50, b"x" * 10)
+    assert not state.complete
+    assert state.received_bytes == 30
+    assert state.missing() == [[0, 10], [30, 50], [60, 100]]
+
+
+def test_sidecar_round_trip_resumes_without_the_running_hash():
+    state = TransferState(100, "a" * 64)
+    state.add(0, b"x" * 40)
+    record = state.sidecar({"transfer_id": "t1", "target": "/x/y"})
+    assert record["version"] == SIDECAR_VERSION and record["transfer_id"] == "t1"
+    parsed = parse_sidecar(record, part_size=100)
+    assert parsed is not None
+    resumed = TransferState.resume(parsed["size"], parsed["sha256"], parsed["received"])
+    assert resumed.received == [[0, 40]] and resumed.received_bytes == 40
+    assert resumed.hash_resume()[1] == 0  # bytes from an earlier life: hashed from the file
+
+
+@pytest.mark.parametrize("damage", [
+    {"version": SIDECAR_VERSION + 1},
+    {"size": 99},               # not the part file's size
+    {"received": "0-40"},
+])
+def test_a_foreign_or_damaged_sidecar_is_refused(damage: dict[str, object]):
+    record = TransferState(100, "a" * 64).sidecar({})
+    record.update(damage)
+    assert parse_sidecar(record, part_size=100) is None
+    assert parse_sidecar(["not", "a", "map"], part_size=100) is None
+
+
+# --- excludes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("patterns", "path", "is_dir", "excluded"), [
+    (["build/", "!build/keep.txt"], "build/keep.txt", False, True),  # an excluded dir wins
+    (["*.log", "!keep.log"], "a/keep.log", False, False),
+    (["logs/"], "logs", False, False),             # dir-only pattern, a file of that name
+    (["logs/"], "a/logs", True, True),
+    (["src/*.py"], "src/a.py", False, True),       # "*" stays within one directory
+    (["src/*.py"], "src/sub/a.py", False, False),
+    (["**/cache"], "cache", True, True),           # "**/" is zero or more directories
+    (["**/cache"], "a/b/cache", True, True),
+    (["/build"], "build", True, True),             # a leading slash anchors to the root
+    (["/build"], "sub/build", True, False),
+    (["[ab].txt"], "b.txt", False, True),
+    (["[!ab].txt"], "b.txt", False, False),
+    (["[!ab].txt"], "c.txt", False, True),
+    (["file?.bin"], "file1.bin", False, True),
+    (["file?.bin"], "file/.bin", False, False),
+    (["\\#notes"], "#notes", False, True),         # an escaped "#" is not a comment
+    (["#notes"], "#notes", False, False),
+    (["a[b"], "a[b", False, True),                 # an unclosed class is literal
+    (["*.pyc"], "pkg\\mod.pyc", False, True),      # backslashes are separators too
+])
+def test_exclude_rules(patterns: list[str], path: str, is_dir: bool, excluded: bool):
+    assert make_matcher(patterns)(path, is_dir) is excluded
+
+
+def test_an_empty_matcher_excludes_nothing():
+    assert not make_matcher(None)
+    assert not make_matcher(["# only a comment", "", "   "])
+    assert make_matcher([".git", 3, None])(".git", True)  # non-strings are ignored
+    assert make_matcher(["*"])("", True) is False  # the root itself is never excluded
+
+
+# --- op names --------------------------------------------------------------------------------
+
+
+def test_op_constants_name_every_registered_op_and_nothing_else(tmp_path: Path):
+    supervisor = app.create_supervisor(lambda *_: None, root_dir=str(tmp_path),
+                                       state_dir=str(tmp_path / "state"))
+    try:
+        registered = sorted(supervisor._ops)
+    finally:
+        supervisor.close()
+    assert registered == wire.Op.names()
+    assert len(set(wire.Op.names())) == len(wire.Op.names())
