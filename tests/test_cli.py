@@ -80,6 +80,22 @@ def test_console_script_and_jupyter_subcommand_dispatch() -> None:
     assert proc.returncode == 0 and "jupyter-tether" in proc.stdout
 
 
+@pytest.mark.parametrize("module", ["jupyter_tether", "jupyter_tether.cli"])
+def test_python_dash_m_runs_the_command(module: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                          text=True, env=cli_env(), timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("jupyter-tether "), proc.stderr
+
+
+def test_the_cli_loads_the_mcp_sdk_only_for_the_mcp_command() -> None:
+    # Every other command's start stays fast: building the parser never imports the server.
+    code = ("import sys; from jupyter_tether.cli.app import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('mcp', 'jupyter_tether.mcp'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env(), timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_usage_errors_are_one_line_and_exit_2() -> None:
     proc = tether_cli(None, "nosuchcommand")
     assert proc.returncode == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,28 @@ def test_install_code_is_one_valid_python_3_9_program() -> None:
     code = bundle.install_code({"state_dir": "/tmp/x"})
     ast.parse(code, feature_version=(3, 9))
     assert len(code.encode()) < 10 * 1024 * 1024, "must fit one websocket frame"
+
+
+def _sibling_imports(source: str) -> set[str]:
+    """The payload modules a module imports (``from . import x`` and ``from .x import y``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_bundle_lists_every_module_after_the_modules_it_imports() -> None:
+    # The kernel runs the modules in MODULES order: a module run before one it imports fails
+    # there, and one missing from MODULES is never sent at all.
+    folder = Path(bundle.__file__).parent
+    on_disk = {p.stem for p in folder.glob("*.py")} - {"__init__", "bundle"}
+    assert set(bundle.MODULES) == on_disk
+    sources = bundle.sources()
+    for index, name in enumerate(bundle.MODULES):
+        earlier = set(bundle.MODULES[:index])
+        assert _sibling_imports(sources[name]) <= earlier, \
+            f"{name} imports {_sibling_imports(sources[name]) - earlier}, listed after it"

@@ -51,6 +51,7 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def write_json(path: str, value: Dict[str, Any]) -> None:
+    """Write a registry record whole (a temp file and a rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f)
@@ -288,6 +289,7 @@ class JobRegistry:
         return summary
 
     def new_id(self, key_path: Optional[str]) -> str:
+        """A fresh job id with its folder made, and ``key_path`` claimed for it."""
         for _ in range(100):
             job_id = "j" + secrets.token_hex(5)
             try:
@@ -336,6 +338,7 @@ class JobRegistry:
                 pass
 
     def discard(self, job_dir: str, key_path: Optional[str]) -> None:
+        """Forget a job that never started, and release its key."""
         shutil.rmtree(job_dir, ignore_errors=True)
         if key_path is not None:
             try:

@@ -89,6 +89,7 @@ def check_relpath(relpath: Any) -> str:
 
 
 def is_inside(path: str, real_root: str) -> bool:
+    """Whether ``path`` is ``real_root`` or below it (compare real paths)."""
     return path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep)
 
 

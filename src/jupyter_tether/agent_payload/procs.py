@@ -107,6 +107,7 @@ NON_FATAL = {getattr(signal, name) for name in (
 
 
 def killpg(pgid: int, sig: int) -> bool:
+    """Signal a process group; False when it no longer exists."""
     try:
         os.killpg(pgid, sig)
         return True
@@ -118,6 +119,7 @@ def killpg(pgid: int, sig: int) -> bool:
 
 
 def shell() -> str:
+    """The shell jobs and commands run in: bash where there is one."""
     for candidate in ("/bin/bash", "/bin/sh"):
         if os.access(candidate, os.X_OK):
             return candidate
@@ -125,6 +127,7 @@ def shell() -> str:
 
 
 def build_env(overrides: Dict[str, Optional[str]]) -> Dict[str, str]:
+    """The kernel's environment for a child process, with ``overrides`` (None unsets)."""
     env = dict(os.environ)
     # ipykernel's inline matplotlib backend means nothing outside the kernel.
     if env.get("MPLBACKEND", "").startswith("module://matplotlib_inline"):

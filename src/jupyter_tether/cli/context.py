@@ -34,6 +34,9 @@ class UsageError(Exception):
 
 @dataclass
 class Ctx:
+    """What a command runs with: its arguments, the two consoles, and the ``Tether`` that
+    ``connect()`` opens on first use (``main`` closes it)."""
+
     args: argparse.Namespace
     json: bool
     out: Console
