@@ -2,7 +2,7 @@
 
     python bench/bench_mcp.py [--n 300] [--size-mib 256]
 
-Starts a local Jupyter server and ``python -m jupyter_tether.mcp_server`` on loopback, then
+Starts a local Jupyter server and ``python -m jupyter_tether mcp`` on loopback, then
 through the real ``mcp`` client over streamable HTTP: ``jupyter_ping`` and
 ``jupyter_job_status`` N times each (median, p99, max), and one file up with
 ``jupyter_upload_local_file`` and back with ``jupyter_download_to_local`` while sampling the
@@ -34,7 +34,7 @@ def start_mcp(server: LocalJupyterServer, state_dir: Path) -> tuple[subprocess.P
     port = free_port()
     env = {**os.environ, "REMOTE_JUPYTER_URL": server.url, "REMOTE_JUPYTER_TOKEN": server.token,
            "JUPYTER_TETHER_STATE_DIR": str(state_dir)}
-    process = subprocess.Popen([sys.executable, "-m", "jupyter_tether.mcp_server", "--port",
+    process = subprocess.Popen([sys.executable, "-m", "jupyter_tether", "mcp", "--port",
                                 str(port)], env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -80,7 +80,7 @@ PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGA
 
 
 class McpProcess:
-    """``python -m jupyter_tether.mcp_server`` on a free loopback port, stopped on close."""
+    """``python -m jupyter_tether mcp`` on a free loopback port, stopped on close."""
 
     def __init__(self, server: LocalJupyterServer, state_dir: Path, log_path: Path,
                  *extra: str) -> None:
@@ -95,7 +95,7 @@ class McpProcess:
         roots = [] if "--local-root" in extra else ["--local-root", str(state_dir.parent)]
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "jupyter_tether.mcp_server", "--port", str(self.port),
+                [sys.executable, "-m", "jupyter_tether", "mcp", "--port", str(self.port),
                  "--output-dir", str(state_dir / "outputs"), *roots, *extra],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
@@ -591,7 +591,7 @@ async def test_stdio_transport(jupyter_server: LocalJupyterServer, mcp_state: Pa
     async with connect(mcp_server.url) as client:
         job = await Calls(client).ok("jupyter_job_start", {"command": "echo over-http"})
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "jupyter_tether.mcp_server", "--stdio"],
+        command=sys.executable, args=["-m", "jupyter_tether", "mcp", "--stdio"],
         env={"REMOTE_JUPYTER_URL": jupyter_server.url,
              "REMOTE_JUPYTER_TOKEN": jupyter_server.token,
              "JUPYTER_TETHER_STATE_DIR": str(mcp_state), "PYTHONPATH": os.pathsep.join(sys.path)})

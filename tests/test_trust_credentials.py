@@ -286,7 +286,7 @@ async def test_mcp_server_and_what_it_starts_keep_tokens_out_of_argv(
     log = tmp_path / "mcp.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_tether.mcp_server", "--port", str(port),
+            [sys.executable, "-m", "jupyter_tether", "mcp", "--port", str(port),
              "--output-dir", str(tmp_path / "outputs")],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
     url = f"http://127.0.0.1:{port}/mcp"

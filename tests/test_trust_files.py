@@ -277,7 +277,7 @@ class McpServer:
         env = {**_tether_env(server, home), "JUPYTER_TETHER_STATE_DIR": str(log.parent / "st")}
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "jupyter_tether.mcp_server", "--port", str(self.port)],
+                [sys.executable, "-m", "jupyter_tether", "mcp", "--port", str(self.port)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

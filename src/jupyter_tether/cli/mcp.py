@@ -1,5 +1,5 @@
-"""``mcp``: serve the MCP server. Its options are defined here, once: ``python -m
-jupyter_tether.mcp_server`` runs this command too."""
+"""``mcp``: serve the MCP server. Its options are defined here, once (``python -m jupyter_tether
+mcp`` is the same command); ``mcp_server`` never imports the CLI."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def add_mcp(subparsers: Any, common: argparse.ArgumentParser) -> None:
         jupyter-tether mcp --local-root ~/proj --local-root ~/data   # file tools: only these
         jupyter-tether mcp --host 0.0.0.0 --auth-token-file ~/.config/jupyter-tether/mcp-token
         JUPYTER_TETHER_AUTH_TOKEN=... jupyter-tether mcp --allowed-host mcp.example.org
-        (python -m jupyter_tether.mcp_server takes the same options)
+        (python -m jupyter_tether mcp is the same, for configs that start servers with python -m)
         """, common)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     p.add_argument("--port", type=int, default=8009, help="port (default: %(default)s)")
