@@ -17,9 +17,17 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx2
+import platformdirs
 
 from ..errors import TetherError
 from .target import Target
+
+
+def default_root() -> Path:
+    """Where the embedded server's root is when none is given: a workspace folder under the
+    user data dir, never the folder jupyter-tether was started from (jobs, synced trees and
+    the supervisor's state would otherwise land there)."""
+    return Path(platformdirs.user_data_dir("jupyter-tether")) / "workspace"
 
 
 def free_port() -> int:
@@ -33,18 +41,25 @@ class LocalJupyterServer:
 
     def __init__(self, root_dir: str | os.PathLike[str] | None = None, *, port: int | None = None,
                  token: str | None = None, extra_args: list[str] | None = None,
-                 log_path: str | os.PathLike[str] | None = None) -> None:
-        self.root_dir = Path(root_dir) if root_dir else Path.cwd()
+                 log_path: str | os.PathLike[str] | None = None,
+                 python: str | os.PathLike[str] | None = None, base_url: str = "/") -> None:
+        self.root_dir = Path(root_dir).expanduser().absolute() if root_dir else default_root()
         self.port = port or free_port()
         self.token = secrets.token_hex(16) if token is None else token
         self.extra_args = extra_args or []
         self.log_path = Path(log_path) if log_path else Path(
             tempfile.gettempdir()) / f"jupyter-tether-server-{self.port}.log"
+        #: the interpreter that runs ``jupyter_server`` (and, through its kernelspec, the
+        #: kernels): another environment's python runs the server versions installed there
+        # (absolute: the server starts in root_dir; not resolved: a venv's python is a link)
+        self.python = os.path.abspath(python) if python else sys.executable
+        #: the path the server answers under (``ServerApp.base_url``), as behind a proxy
+        self.base_url = "/" + base_url.strip("/") + "/" if base_url.strip("/") else "/"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        return f"http://127.0.0.1:{self.port}{self.base_url}"
 
     @property
     def target(self) -> Target:
@@ -53,12 +68,13 @@ class LocalJupyterServer:
     def start(self, timeout: float = 60.0) -> LocalJupyterServer:
         self.root_dir.mkdir(parents=True, exist_ok=True)
         argv = [
-            sys.executable, "-m", "jupyter_server",
+            self.python, "-m", "jupyter_server",
             "--no-browser",
             f"--ServerApp.port={self.port}",
             "--ServerApp.port_retries=0",
             "--ServerApp.ip=127.0.0.1",
             f"--ServerApp.root_dir={self.root_dir}",
+            f"--ServerApp.base_url={self.base_url}",
             "--ServerApp.open_browser=False",
             *self.extra_args,
         ]

@@ -39,8 +39,8 @@ from .files import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_WINDOW,
     REFERENCE_EXCLUDE_GLOBS_CSV,
-    _make_dirs_inside,
     check_local_name,
+    make_dirs_inside,
     safe_local_path,
     scan_local,
 )
@@ -540,7 +540,7 @@ async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike
             taken[local] = art
             if kind == "file":
                 item = {"remote_path": remote, "local_path": str(local)}
-                _make_dirs_inside(base, local.parent)
+                make_dirs_inside(base, local.parent)
                 safe_local_path(base, os.path.relpath(local, base))  # again, now parents exist
                 phase = f"download {remote}"
 
@@ -554,7 +554,7 @@ async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike
                 item = {**item, **result.to_dict(), "ok": True, "local_path": str(local)}
             else:
                 item = {"remote_dir": remote, "local_dir": str(local)}
-                _make_dirs_inside(base, local)  # one level at a time, never through a link out
+                make_dirs_inside(base, local)  # one level at a time, never through a link out
                 phase = f"download {remote}/"
 
                 def on_dir(done: int, total: int, phase: str = phase) -> None:

@@ -1,0 +1,221 @@
+"""Uploads: one local file (or bytes in memory) to a remote file, resumably, in chunks.
+
+The local file is hashed (streaming) first, ``upload_begin`` says which ranges the remote
+already holds (a resumed upload skips them), chunks go out with ``window`` requests in
+flight, and ``upload_commit`` verifies the sha256 and renames into place: the remote file
+appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+
+from ...agent_payload import wire
+from ...agent_payload.files import HashCache
+from ...errors import ConnectionLost, NotFound, RemoteError, TetherTimeout, TransferError
+from .channel import Channel, resumable, with_context
+from .local import O_BINARY, LocalFile, cacheable, racy
+from .progress import Progress, ProgressCallback
+from .ranges import chunks, missing_ranges
+from .result import TransferResult
+from .tuning import CHUNK_TIMEOUT_S, MAX_ATTEMPTS
+
+log = logging.getLogger(__name__)
+
+
+class Uploader:
+    """Sends local files and in-memory bytes to remote paths over a ``Channel``."""
+
+    def __init__(self, channel: Channel, hashes: HashCache) -> None:
+        self._channel = channel
+        # sha256 of local files by (size, mtime, ctime, inode), shared with sync.
+        self._hashes = hashes
+
+    async def upload_path(self, local: str, remote_path: str, *,
+                          progress: ProgressCallback | None, chunk_size: int, window: int,
+                          mode: int | None, keep_mtime: bool) -> TransferResult:
+        """Upload the regular file at the absolute path ``local``."""
+        where = f"upload {local} -> {remote_path}"
+        try:
+            st = os.stat(local)
+        except OSError as exc:
+            raise TransferError(f"{where}: cannot read {local}: {exc.strerror or exc}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise TransferError(f"{where}: {local} is a directory (use sync for directories)")
+        if not stat.S_ISREG(st.st_mode):
+            raise TransferError(f"{where}: {local} is not a regular file")
+        try:
+            fd = os.open(local, os.O_RDONLY | O_BINARY)
+        except OSError as exc:
+            raise TransferError(f"{where}: cannot read {local}: {exc.strerror or exc}") from None
+        source = LocalFile(fd)
+        try:
+            st = os.fstat(fd)
+            cached = self._hashes.get(local, st)
+            if cached is not None:
+                digest = cached
+            else:
+                digest = str(await anyio.to_thread.run_sync(
+                    lambda: source.hash_from(0, hashlib.sha256()).hexdigest()))
+                if cacheable(st, time.time_ns()):
+                    self._hashes.put(local, st, digest)
+            mtime_ns = st.st_mtime_ns if keep_mtime and not racy(st, time.time_ns()) else None
+            try:
+                return await self.upload(source.read_at, st.st_size, digest, remote_path, local,
+                                         progress=progress, chunk_size=chunk_size,
+                                         window=window, mode=mode, mtime_ns=mtime_ns)
+            except RemoteError as exc:
+                if exc.details.get("reason") == "hash_mismatch":
+                    now = os.stat(local)
+                    if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                        raise TransferError(f"{where}: {local} changed while it was being "
+                                            "uploaded; upload it again") from exc
+                raise
+        except OSError as exc:
+            raise TransferError(f"{where}: reading {local} failed: {exc.strerror or exc}") from None
+        finally:
+            source.close()
+
+    async def upload(self, read_at: Callable[[int, int], bytes], size: int, digest: str,
+                     remote_path: str, local_label: str, *, progress: ProgressCallback | None,
+                     chunk_size: int, window: int, mode: int | None,
+                     mtime_ns: int | None) -> TransferResult:
+        """Upload ``size`` bytes read with ``read_at(offset, length)``, whose sha256 is ``digest``."""
+        where = f"upload {local_label} -> {remote_path}"
+        started = time.perf_counter()
+        args: dict[str, Any] = {"path": remote_path, "size": size, "sha256": digest,
+                                "chunk_size": chunk_size, "make_dirs": True}
+        if mode is not None:
+            args["mode"] = mode
+        if mtime_ns is not None:
+            args["mtime_ns"] = mtime_ns
+        tracker = Progress(progress, size)
+        resumed: int | None = None
+        sent = 0
+        attempt = 0
+        target: str | None = None
+        while True:
+            attempt += 1
+            try:
+                begun = (await self._channel.call("upload_begin", args)).result
+                target = str(begun["path"])
+                where = f"upload {local_label} -> {target}"
+                missing = missing_ranges(begun.get("received") or [], size)
+                if resumed is None:
+                    resumed = int(begun.get("received_bytes", 0))
+                tracker.set(size - sum(e - s for s, e in missing))
+                sent += await self._send_chunks(str(begun["transfer_id"]), read_at, missing,
+                                                chunk_size, window, tracker)
+                committed = await self._commit(str(begun["transfer_id"]), target, size, digest)
+                break
+            except RemoteError as exc:
+                if exc.code == wire.ErrorCode.BUSY and attempt < MAX_ATTEMPTS * 20:
+                    # A commit whose reply was lost is still running: wait for its outcome
+                    # rather than begin (and send) the whole file again.
+                    await anyio.sleep(0.5)
+                    if target is not None and await self.remote_has(target, size, digest):
+                        committed = {"path": target}
+                        break
+                    continue
+                if (exc.details.get("reason") == "incomplete" or resumable(exc)) \
+                        and attempt < MAX_ATTEMPTS:
+                    # Chunks lost, or a new supervisor (kernel restart) that knows the
+                    # upload only from its sidecar: begin again and send what is missing.
+                    log.info("%s: %s; resuming", where, exc)
+                    continue
+                raise with_context(exc, where) from None
+            except (ConnectionLost, TetherTimeout) as exc:
+                # ConnectionLost means the link stayed down for its whole reconnect wait:
+                # try again only if it is back by now.
+                if attempt < MAX_ATTEMPTS and (isinstance(exc, TetherTimeout)
+                                               or self._channel.connected):
+                    log.info("%s: %s; resuming", where, exc)
+                    continue
+                raise TransferError(f"{where}: {exc} (the remote keeps what arrived: upload "
+                                    "again to resume)") from exc
+        return TransferResult(path=str(committed["path"]), local_path=local_label, bytes=size,
+                              seconds=time.perf_counter() - started, sha256=digest,
+                              resumed_bytes=resumed or 0, sent_bytes=sent, direction="upload")
+
+    async def _send_chunks(self, transfer_id: str, read_at: Callable[[int, int], bytes],
+                           ranges: Sequence[tuple[int, int]], chunk_size: int, window: int,
+                           tracker: Progress) -> int:
+        """Send ``ranges`` with ``window`` chunks in flight; returns the bytes acknowledged.
+
+        Not ``gather_limited``: chunks are read here, one after the other in offset order
+        (a sequential disk read), and only the sends overlap.
+        """
+        channel = self._channel
+        credit = anyio.Semaphore(window)
+        failures: list[BaseException] = []
+        acked = 0
+
+        async def send(offset: int, data: bytes, scope: anyio.CancelScope) -> None:
+            nonlocal acked
+            try:
+                await channel.call("upload_chunk", {"transfer_id": transfer_id, "offset": offset},
+                                   buffers=[data], timeout=CHUNK_TIMEOUT_S)
+                acked += len(data)
+                tracker.add(len(data))
+            except Exception as exc:
+                failures.append(exc)
+                scope.cancel()
+            finally:
+                credit.release()
+
+        async with anyio.create_task_group() as group:
+            for offset, length in chunks(ranges, chunk_size):
+                await credit.acquire()
+                if failures:
+                    break
+                try:
+                    data = await anyio.to_thread.run_sync(read_at, offset, length)
+                    if len(data) != length:
+                        raise TransferError(f"the local file shrank while uploading (short read "
+                                            f"at offset {offset})")
+                except Exception as exc:  # raised here it would come out as an ExceptionGroup
+                    failures.append(exc)
+                    group.cancel_scope.cancel()
+                    break
+                group.start_soon(send, offset, data, group.cancel_scope)
+        if failures:
+            raise failures[0]
+        return acked
+
+    async def _commit(self, transfer_id: str, target: str, size: int, digest: str) -> dict[str, Any]:
+        # Generous: a resumed upload is re-hashed from disk on the remote before the rename.
+        timeout = 120.0 + size / 20e6
+        try:
+            reply = await self._channel.call("upload_commit", {"transfer_id": transfer_id},
+                                             timeout=timeout)
+            result: dict[str, Any] = reply.result
+            return result
+        except (ConnectionLost, TetherTimeout, NotFound) as exc:
+            # The commit may have run and only its reply got lost (a re-sent commit then finds
+            # the transfer gone): the remote file itself says whether it did.
+            if isinstance(exc, NotFound) and "transfer_id" not in exc.details:
+                raise
+            if await self.remote_has(target, size, digest):
+                return {"path": target, "size": size, "sha256": digest}
+            raise
+
+    async def remote_has(self, path: str, size: int, digest: str) -> bool:
+        """Whether the remote file at ``path`` has this size and sha256 (False when unsure)."""
+        try:
+            begun = (await self._channel.call("download_begin", {"path": path, "hash": True},
+                                              timeout=120.0 + size / 50e6)).result
+        except (RemoteError, ConnectionLost, TetherTimeout):
+            return False
+        with contextlib.suppress(RemoteError, ConnectionLost, TetherTimeout):
+            await self._channel.call("download_end", {"transfer_id": begun["transfer_id"]},
+                                     timeout=10)
+        return bool(begun.get("size") == size and begun.get("sha256") == digest)
