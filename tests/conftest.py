@@ -11,6 +11,9 @@ import pytest
 from jupyter_tether import LinkOptions, Tether
 from jupyter_tether.controller.embedded import LocalJupyterServer
 
+#: the python that runs the session's jupyter_server (default: this one)
+SERVER_PYTHON_ENV = "JUPYTER_TETHER_TEST_SERVER_PYTHON"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_local_state(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -22,7 +25,11 @@ def _isolated_local_state(tmp_path_factory: pytest.TempPathFactory) -> None:
 def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalJupyterServer]:
     """A real jupyter_server on a random loopback port with a token and a temporary root."""
     root = tmp_path_factory.mktemp("server-root")
-    with LocalJupyterServer(root, log_path=root.parent / "jupyter-server.log") as server:
+    # Another environment's python (e.g. .venv-kaggle/bin/python) runs the whole suite
+    # against the server and ipykernel versions installed there.
+    python = os.environ.get(SERVER_PYTHON_ENV) or None
+    with LocalJupyterServer(root, log_path=root.parent / "jupyter-server.log",
+                            python=python) as server:
         yield server
 
 

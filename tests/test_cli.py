@@ -270,7 +270,7 @@ def test_logs_follow_after_a_detached_run_shows_the_whole_log(
     followed = tether_cli(jupyter_server, "logs", job_id, "-f")
     assert followed.returncode == 0, followed.stderr
     assert followed.stdout == "".join(f"line {i}\n" for i in range(1, 31))
-    assert "exit status 3" in followed.stderr
+    assert f"[job {job_id} exited with code 3]" in followed.stderr
     last = tether_cli(jupyter_server, "logs", job_id, "-n", "2")
     assert last.stdout == "line 29\nline 30\n"
     last_then_follow = tether_cli(jupyter_server, "logs", job_id, "-f", "-n", "1")
@@ -419,7 +419,8 @@ def test_mcp_passes_the_selected_target_to_serve(monkeypatch: pytest.MonkeyPatch
     assert seen == {"transport": "streamable-http", "host": "127.0.0.1", "port": 9100,
                     "path": "/mcp", "url": "http://gpu:8888/", "token": "tok", "auth_token": "a",
                     "output_dir": None, "embedded_root": None, "local_roots": None,
-                    "allowed_hosts": None, "allow_any_server": False}
+                    "allowed_hosts": None, "allow_any_server": False, "verbosity": 1,
+                    "cli_args": " --target gpu"}
     monkeypatch.delenv("REMOTE_JUPYTER_URL", raising=False)
     monkeypatch.setenv("JUPYTER_TETHER_CONFIG", str(tmp_path / "none.toml"))
     assert cli.main(["mcp", "--stdio"]) == 0
@@ -438,23 +439,25 @@ def test_env_snapshot_summary_and_json(jupyter_server: LocalJupyterServer) -> No
 # --- entry points, secrets, streaming ---------------------------------------------------------
 
 
-def test_mcp_module_entry_point_is_the_cli_mcp_command(monkeypatch: pytest.MonkeyPatch,
-                                                       tmp_path: Path) -> None:
+def test_mcp_command_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import jupyter_tether.mcp_server as mcp_server
-    from jupyter_tether.mcp_server.__main__ import main as module_main
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(mcp_server, "serve", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setenv("JUPYTER_TETHER_CONFIG", str(tmp_path / "none.toml"))
     monkeypatch.delenv("REMOTE_JUPYTER_URL", raising=False)
-    assert module_main(["--stdio", "--output-dir", "out", "--embedded-root", "root"]) == 0
-    assert seen["transport"] == "stdio" and seen["url"] is None
-    assert (seen["output_dir"], seen["embedded_root"]) == ("out", "root")
-    assert module_main(["--url", "http://gpu:8888/", "--token", "tok", "--port", "9101"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["mcp", "--stdio", "--output-dir", "out", "--root", "root", "-q"]) == 0
+    assert seen["transport"] == "stdio" and seen["url"] is None and seen["verbosity"] == 0
+    assert (seen["output_dir"], seen["embedded_root"]) == ("out", str(tmp_path / "root"))
+    assert seen["cli_args"] == f" --root {tmp_path / 'root'}"
+    assert cli.main(["--url", "http://gpu:8888/", "--token", "tok", "mcp", "--port", "9101",
+                     "-v"]) == 0
     assert (seen["url"], seen["token"], seen["port"]) == ("http://gpu:8888/", "tok", 9101)
-    # One definition of the options: the CLI's `mcp` has --output-dir and --embedded-root.
-    assert cli.main(["mcp", "--output-dir", "o2", "--embedded-root", "r2"]) == 0
-    assert (seen["output_dir"], seen["embedded_root"]) == ("o2", "r2")
+    assert seen["verbosity"] == 2 and seen["embedded_root"] is None
+    # The old spelling of --root still works.
+    assert cli.main(["mcp", "--embedded-root", "r2"]) == 0
+    assert seen["embedded_root"] == str(tmp_path / "r2")
 
 
 def test_error_lines_never_show_the_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,11 +31,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jupyter_tether import AsyncTether
-from jupyter_tether.agent_payload import app, wire
-from jupyter_tether.agent_payload.supervisor import Supervisor
+from jupyter_tether.agent_payload import wire
 from jupyter_tether.controller.embedded import LocalJupyterServer
 
 from .conftest import fast_options
+from .inprocess import InProcess
 
 KNOWN_CODES = {value for name, value in vars(wire.ErrorCode).items() if name.isupper()}
 #: ops that run shell commands: only ever fed wrongly typed commands
@@ -57,7 +56,6 @@ OP_ARGS = {
     "fs_mkdir": ["path", "parents"], "fs_remove": ["path", "recursive", "missing_ok"],
     "upload_begin": ["path", "size", "sha256", "chunk_size", "transfer_id"],
     "upload_chunk": ["transfer_id", "offset"], "upload_commit": ["transfer_id"],
-    "upload_abort": ["transfer_id"], "upload_status": ["transfer_id", "path"],
     "download_begin": ["path", "hash", "transfer_id"],
     "download_chunk": ["transfer_id", "offset", "length", "path"],
     "download_end": ["transfer_id"],
@@ -80,20 +78,16 @@ KNOWN_JOBS: list[str] = []
 EXAMPLES = 300
 
 
-# --- the in-process harness ------------------------------------------------------------------
+# --- the in-process target ------------------------------------------------------------------
 
 
-class Harness:
-    """A Supervisor whose replies land in a mailbox (blocking ops answer from worker threads)."""
+class FuzzTarget(InProcess):
+    """An in-process supervisor with live targets and special files in its root."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)
-        self.replies: list[dict[str, Any]] = []
-        self._ping_ids = itertools.count(1)
+        super().__init__(root)
+        self._pings = itertools.count(1)
         self._socket: socket.socket | None = None
-        self.supervisor: Supervisor = app.create_supervisor(self._send, root_dir=str(root))
 
     def make_special_files(self) -> None:
         """FIFOs, a socket and a link to a device in the root, each remade if an op replaced it."""
@@ -130,63 +124,40 @@ class Harness:
             self._socket = socket.socket(socket.AF_UNIX)
             self._socket.bind(sock_path)
 
-    def _send(self, data: bytes, blobs: Any, channel: Any) -> None:
-        envelope, _ = wire.decode(data)
-        if envelope.get("type") == "reply":
-            with self._arrived:
-                self.replies.append(envelope)
-                self._arrived.notify_all()
-
-    def take(self, request_id: Any, timeout: float) -> list[dict[str, Any]]:
-        """Wait for a reply to ``request_id``; return every reply with that id so far."""
-        deadline = time.monotonic() + timeout
-        with self._arrived:
-            while not any(_same_id(r.get("id"), request_id) for r in self.replies):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no reply to request {request_id!r} in {timeout}s")
-                self._arrived.wait(left)
-            found = [r for r in self.replies if _same_id(r.get("id"), request_id)]
-            self.replies = [r for r in self.replies if not _same_id(r.get("id"), request_id)]
-            return found
+    def replies_to(self, request_id: Any, timeout: float) -> list[dict[str, Any]]:
+        """Every reply envelope to ``request_id``, once at least one came."""
+        return [envelope for envelope, _ in self.take(request_id, timeout)]
 
     def assert_alive(self) -> None:
-        ping_id = f"alive-{next(self._ping_ids)}"
-        self.supervisor.handle(wire.encode(wire.request(ping_id, "ping")), [], "fuzz")  # type: ignore[arg-type]
-        (reply,) = self.take(ping_id, 5)
+        ping_id = f"alive-{next(self._pings)}"
+        self.submit("ping", request_id=ping_id)
+        (reply,) = self.replies_to(ping_id, 5)
         assert reply["ok"] and reply["result"]["pong"] is True
 
-    def call(self, op: str, args: dict[str, Any], buffers: tuple[bytes, ...] = ()) -> dict[str, Any]:
-        request_id = f"call-{next(self._ping_ids)}"
-        self.supervisor.handle(wire.encode(wire.request(request_id, op, args)),  # type: ignore[arg-type]
-                               list(buffers), "fuzz")
-        (reply,) = self.take(request_id, 15)
-        return reply
+    def envelope(self, op: str, args: dict[str, Any],
+                 buffers: tuple[bytes, ...] = ()) -> dict[str, Any]:
+        return self.request(op, args, buffers, timeout=15)[0]
 
     def prepare_targets(self) -> list[str]:
         """An upload and a download in progress, and a finished job; returns the job ids."""
         data = bytes(range(256)) * 4096
         (self.root / "data.bin").write_bytes(data)
         self.make_special_files()
-        begun = self.call("upload_begin", {"path": "up.bin", "size": len(data),
-                                           "sha256": "0" * 64, "transfer_id": UPLOAD_ID})
+        begun = self.envelope("upload_begin", {"path": "up.bin", "size": len(data),
+                                               "sha256": "0" * 64, "transfer_id": UPLOAD_ID})
         assert begun["ok"], begun
-        down = self.call("download_begin", {"path": "data.bin", "transfer_id": DOWNLOAD_ID})
+        down = self.envelope("download_begin", {"path": "data.bin", "transfer_id": DOWNLOAD_ID})
         assert down["ok"], down
-        job = self.call("job_start", {"command": "echo fuzz target", "idempotency_key": "t"})
+        job = self.envelope("job_start", {"command": "echo fuzz target", "idempotency_key": "t"})
         assert job["ok"], job
         job_id = job["result"]["job_id"]
-        assert self.call("job_wait", {"job_id": job_id, "timeout": 10})["ok"]
+        assert self.envelope("job_wait", {"job_id": job_id, "timeout": 10})["ok"]
         return [job_id]
 
     def close(self) -> None:
-        self.supervisor.close()
+        super().close()
         if self._socket is not None:
             self._socket.close()
-
-
-def _same_id(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b
 
 
 def usable_id(value: Any) -> bool:
@@ -194,8 +165,8 @@ def usable_id(value: Any) -> bool:
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    h = Harness(tmp_path_factory.mktemp("fuzz-root"))
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
+    h = FuzzTarget(tmp_path_factory.mktemp("fuzz-root"))
     KNOWN_JOBS[:] = h.prepare_targets()
     yield h
     h.close()
@@ -299,16 +270,14 @@ def requests(draw: st.DrawFn, ops: list[str]) -> tuple[bytes, list[bytes]]:
 # --- in-process fuzz ------------------------------------------------------------------------
 
 
-def fuzzable_ops(h: Harness) -> list[str]:
-    h.supervisor.handle(wire.encode(wire.request("list-ops", "ops")), [], "fuzz")  # type: ignore[arg-type]
-    (reply,) = h.take("list-ops", 5)
-    return [op for op in reply["result"] if op not in SLOW_OPS]
+def fuzzable_ops(h: FuzzTarget) -> list[str]:
+    return [op for op in h.ok("ops", timeout=5) if op not in SLOW_OPS]
 
 
-def check_reply(h: Harness, request_id: Any, wanted: bool) -> None:
+def check_reply(h: FuzzTarget, request_id: Any, wanted: bool) -> None:
     if not wanted:
         return
-    replies = h.take(request_id, 15)
+    replies = h.replies_to(request_id, 15)
     time.sleep(0)  # let a (wrong) second reply show up before counting
     assert len(replies) == 1, f"exactly one reply per request, got {replies}"
     reply = replies[0]
@@ -321,7 +290,7 @@ def check_reply(h: Harness, request_id: Any, wanted: bool) -> None:
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
-def test_fuzzed_requests_get_errors_and_supervisor_keeps_serving(harness: Harness,
+def test_fuzzed_requests_get_errors_and_supervisor_keeps_serving(harness: FuzzTarget,
                                                                  data: st.DataObject) -> None:
     harness.make_special_files()
     ops = fuzzable_ops(harness)
@@ -332,14 +301,13 @@ def test_fuzzed_requests_get_errors_and_supervisor_keeps_serving(harness: Harnes
         answerable = decoded.get("type") == "request" and usable_id(sent_id)
     except wire.DecodeError:
         sent_id, answerable = None, False
-    harness.supervisor.handle(envelope, buffers, "fuzz")
+    harness.send_raw(envelope, buffers, "fuzz")
     check_reply(harness, sent_id, answerable)
     harness.assert_alive()
-    with harness._arrived:  # replies to unusable ids have nobody to go to: drop them
-        harness.replies.clear()
+    harness.clear_replies()  # replies to unusable ids have nobody to go to
 
 
-def test_every_op_meets_every_special_file_with_a_prompt_reply(harness: Harness) -> None:
+def test_every_op_meets_every_special_file_with_a_prompt_reply(harness: FuzzTarget) -> None:
     """FIFOs, sockets and devices: an answer within seconds, never a worker blocked forever."""
     ops = [op for op in fuzzable_ops(harness) if op not in COMMAND_OPS]
     for special in SPECIAL_FILES:
@@ -347,7 +315,7 @@ def test_every_op_meets_every_special_file_with_a_prompt_reply(harness: Harness)
             harness.make_special_files()
             args = {"path": special, "paths": [special], "root": "", "offset": 0,
                     "length": 16, "size": 4, "sha256": "0" * 64, "text": "x"}
-            reply = harness.call(op, args)  # waits 15 s at most, far above a prompt answer
+            reply = harness.envelope(op, args)  # waits 15 s at most, far above a prompt answer
             if not reply["ok"]:
                 assert reply["error"]["code"] != "internal", (op, special, reply["error"])
             if op in ("fs_read", "download_begin", "download_chunk"):
@@ -363,21 +331,20 @@ def test_every_op_meets_every_special_file_with_a_prompt_reply(harness: Harness)
                      st.builds(lambda v: encode(v, "msgpack"), values),
                      st.builds(lambda v: encode(v, "json"), values)),
        buffers=st.lists(st.binary(max_size=32), max_size=2))
-def test_random_bytes_and_maps_never_break_the_supervisor(harness: Harness, raw: bytes,
+def test_random_bytes_and_maps_never_break_the_supervisor(harness: FuzzTarget, raw: bytes,
                                                           buffers: list[bytes]) -> None:
     before = harness.supervisor.counters["requests"]
-    harness.supervisor.handle(raw, buffers, "fuzz")
+    harness.send_raw(raw, buffers, "fuzz")
     assert harness.supervisor.counters["requests"] == before + 1
     harness.assert_alive()
-    with harness._arrived:  # replies to random ids have nobody to go to: drop them
-        harness.replies.clear()
+    harness.clear_replies()  # replies to random ids have nobody to go to
 
 
-def test_oversized_envelope_and_non_bytes_are_refused(harness: Harness) -> None:
+def test_oversized_envelope_and_non_bytes_are_refused(harness: FuzzTarget) -> None:
     big = wire.encode(wire.request(1, "ping", {"pad": "x" * (wire.MAX_ENVELOPE_BYTES + 10)}))
     for hostile in (big, memoryview(b"\x91\x01"), "a str", 12345, None):
-        harness.supervisor.handle(hostile, [], "fuzz")
-        (reply,) = harness.take(None, 5)
+        harness.send_raw(hostile, [], "fuzz")
+        (reply,) = harness.replies_to(None, 5)
         assert reply["ok"] is False and reply["error"]["code"] == "malformed"
     harness.assert_alive()
 
@@ -390,21 +357,14 @@ def sha256(data: bytes) -> str:
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), payload=st.binary(min_size=1, max_size=20_000))
 def test_upload_chunks_in_any_order_with_repeats_give_the_exact_file(
-        harness: Harness, data: st.DataObject, payload: bytes) -> None:
+        harness: FuzzTarget, data: st.DataObject, payload: bytes) -> None:
     cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(payload) - 1)),
                                          max_size=8))) - {len(payload)})
     bounds = list(zip([0, *cuts], [*cuts, len(payload)], strict=True))
     order = data.draw(st.permutations(bounds))
     repeats = data.draw(st.lists(st.sampled_from(bounds), max_size=3))
     target = f"uploads/{data.draw(st.from_regex(r'[a-z]{1,8}', fullmatch=True))}.bin"
-    ids = itertools.count(1)
-
-    def call(op: str, args: dict[str, Any], buffers: tuple[bytes, ...] = ()) -> dict[str, Any]:
-        request_id = f"up-{next(ids)}"
-        harness.supervisor.handle(wire.encode(wire.request(request_id, op, args)),  # type: ignore[arg-type]
-                                  list(buffers), "fuzz")
-        (reply,) = harness.take(request_id, 15)
-        return reply
+    call = harness.envelope
 
     begun = call("upload_begin", {"path": target, "size": len(payload),
                                   "sha256": sha256(payload)})

@@ -8,7 +8,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,71 +15,21 @@ from typing import Any
 
 import pytest
 
-from jupyter_tether.agent_payload import app, follow, procs, wire
+from jupyter_tether.agent_payload import follow, procs
+
+from .inprocess import InProcess
 
 PY = shlex.quote(sys.executable)
 
 
-class Harness:
-    """A Supervisor with a recording ``send``; ``call`` waits for the reply with a deadline."""
-
-    def __init__(self, root: Path, **kwargs: Any) -> None:
-        self._cond = threading.Condition()
-        self.replies: dict[Any, tuple[dict[str, Any], list[bytes]]] = {}
-        self.events: list[tuple[dict[str, Any], list[bytes]]] = []
-        self._next = 0
-        self.sup = app.create_supervisor(self._send, root_dir=str(root), **kwargs)
-
-    def _send(self, data: bytes, blobs: Any, channel: Any) -> None:
-        envelope, _ = wire.decode(data)
-        with self._cond:
-            if envelope["type"] == "reply":
-                self.replies[envelope["id"]] = (envelope, [bytes(b) for b in blobs])
-            else:
-                self.events.append((envelope, [bytes(b) for b in blobs]))
-            self._cond.notify_all()
-
-    def request(self, op: str, args: dict[str, Any] | None = None,
-                timeout: float = 15.0) -> tuple[dict[str, Any], list[bytes]]:
-        self._next += 1
-        rid = self._next
-        self.sup.handle(wire.encode(wire.request(rid, op, args)), [], "chan")
-        with self._cond:
-            assert self._cond.wait_for(lambda: rid in self.replies, timeout), f"no reply to {op}"
-            return self.replies.pop(rid)
-
-    def ok(self, op: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
-        envelope, _ = self.request(op, args, **kw)
-        assert envelope["ok"], envelope
-        return envelope["result"]
-
-    def err(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        envelope, _ = self.request(op, args)
-        assert not envelope["ok"], envelope
-        return envelope["error"]
-
-    def wait_event(self, pred: Callable[[dict[str, Any]], bool],
-                   timeout: float = 15.0) -> dict[str, Any]:
-        with self._cond:
-            found: list[dict[str, Any]] = []
-
-            def match() -> bool:
-                found[:] = [e for e, _ in self.events if pred(e)]
-                return bool(found)
-
-            assert self._cond.wait_for(match, timeout), "event never came"
-            return found[0]
-
-    def start(self, command: str, **args: Any) -> dict[str, Any]:
-        return self.ok("job_start", {"command": command, **args})
-
-    def close(self) -> None:
-        self.sup.close()
+def start(h: InProcess, command: str, **args: Any) -> dict[str, Any]:
+    result: dict[str, Any] = h.ok("job_start", {"command": command, **args})
+    return result
 
 
 @pytest.fixture
 def h(tmp_path: Path) -> Any:
-    harness = Harness(tmp_path)
+    harness = InProcess(tmp_path)
     yield harness
     harness.close()
 
@@ -105,9 +54,9 @@ def _until(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
     raise AssertionError("condition not met in time")
 
 
-def test_failing_job_exit_code_log_and_exit_event(h: Harness, tmp_path: Path) -> None:
+def test_failing_job_exit_code_log_and_exit_event(h: InProcess, tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
-    job = h.start("echo out; echo err >&2; echo $FOO; pwd; exit 7", cwd="sub",
+    job = start(h, "echo out; echo err >&2; echo $FOO; pwd; exit 7", cwd="sub",
                   env_overrides={"FOO": "bar"}, name="failing")
     assert job["state"] in ("running", "exited") and job["reused"] is False
     assert job["log_path"] == str(tmp_path / "logs" / f"job-{job['job_id']}.log")
@@ -126,34 +75,34 @@ def test_failing_job_exit_code_log_and_exit_event(h: Harness, tmp_path: Path) ->
     assert sum(e["event"] == "job_exit" for e, _ in h.events) == 1
     listed = h.ok("job_list")
     assert [j["job_id"] for j in listed["jobs"]] == [job["job_id"]]
-    ok = h.start("true", log_path="custom/out.log")
+    ok = start(h, "true", log_path="custom/out.log")
     assert ok["log_path"] == str(tmp_path / "custom" / "out.log")
     assert h.ok("job_wait", {"job_id": ok["job_id"], "timeout": 10})["exit_code"] == 0
     assert [j["job_id"] for j in h.ok("job_list")["jobs"]] == [ok["job_id"], job["job_id"]]
 
 
-def test_idempotent_start_runs_once_even_across_supervisors(h: Harness, tmp_path: Path) -> None:
+def test_idempotent_start_runs_once_even_across_supervisors(h: InProcess, tmp_path: Path) -> None:
     command = "echo ran >> counter.txt; sleep 0.3"
-    first = h.start(command, idempotency_key="key-1")
-    second = h.start(command, idempotency_key="key-1")
+    first = start(h, command, idempotency_key="key-1")
+    second = start(h, command, idempotency_key="key-1")
     assert second["job_id"] == first["job_id"] and second["reused"] is True
     h.ok("job_wait", {"job_id": first["job_id"], "timeout": 10})
-    other = Harness(tmp_path)  # a later supervisor on the same state dir
+    other = InProcess(tmp_path)  # a later supervisor on the same state dir
     try:
-        third = other.start(command, idempotency_key="key-1")
+        third = start(other, command, idempotency_key="key-1")
         assert third["job_id"] == first["job_id"] and third["state"] == "exited"
         conflict = other.err("job_start", {"command": "echo else", "idempotency_key": "key-1"})
         assert conflict["code"] == "conflict"
     finally:
         other.close()
     assert (tmp_path / "counter.txt").read_text() == "ran\n"
-    fresh = h.start(command, idempotency_key="key-2")
+    fresh = start(h, command, idempotency_key="key-2")
     assert fresh["job_id"] != first["job_id"]
 
 
-def test_follow_100k_lines_every_line_once_in_order(h: Harness) -> None:
+def test_follow_100k_lines_every_line_once_in_order(h: InProcess) -> None:
     script = "import sys\nfor i in range(100000): sys.stdout.write('%d\\n' % i)"
-    job = h.start(f"{PY} -c {shlex.quote(script)}")
+    job = start(h, f"{PY} -c {shlex.quote(script)}")
     job_id = job["job_id"]
     sub = h.ok("job_follow", {"job_id": job_id, "offset": 0, "window": 64 * 1024})
     assert sub["window"] == 64 * 1024
@@ -163,10 +112,9 @@ def test_follow_100k_lines_every_line_once_in_order(h: Harness) -> None:
     deadline = time.monotonic() + 20
     while exit_body is None:
         assert time.monotonic() < deadline, "follow did not finish"
-        with h._cond:
-            h._cond.wait_for(functools.partial(_more_than, h.events, seen), 1.0)
-            batch = h.events[seen:]
-            seen = len(h.events)
+        h.wait_for(functools.partial(_more_than, h.events, seen), 1.0)
+        batch = h.events[seen:]
+        seen += len(batch)
         for envelope, blobs in batch:
             body = envelope["body"]
             if envelope["event"] == "log":
@@ -198,8 +146,8 @@ def _more_than(items: list[Any], count: int) -> bool:
     return len(items) > count
 
 
-def test_follow_window_bounds_what_is_in_flight(h: Harness) -> None:
-    job = h.start(f"{PY} -c {shlex.quote('import sys; sys.stdout.write(chr(120) * 300000)')}")
+def test_follow_window_bounds_what_is_in_flight(h: InProcess) -> None:
+    job = start(h, f"{PY} -c {shlex.quote('import sys; sys.stdout.write(chr(120) * 300000)')}")
     job_id = job["job_id"]
     h.ok("job_wait", {"job_id": job_id, "timeout": 10})
     h.ok("job_follow", {"job_id": job_id, "offset": 1000, "window": 1})  # clamped to 64 KiB
@@ -211,9 +159,9 @@ def test_follow_window_bounds_what_is_in_flight(h: Harness) -> None:
     assert h.ok("job_unfollow", {"job_id": job_id})["followed"] is False
 
 
-def test_tail_lines_offsets_partial_line_and_binary(h: Harness, tmp_path: Path) -> None:
+def test_tail_lines_offsets_partial_line_and_binary(h: InProcess, tmp_path: Path) -> None:
     (tmp_path / "data.bin").write_bytes(b"first\nsecond\n\xff\xfe raw \x00\nno newline")
-    job = h.start("cat data.bin")
+    job = start(h, "cat data.bin")
     job_id = job["job_id"]
     h.ok("job_wait", {"job_id": job_id, "timeout": 10})
 
@@ -236,7 +184,7 @@ def test_tail_lines_offsets_partial_line_and_binary(h: Harness, tmp_path: Path) 
 
     big = b"".join(b"line %06d\n" % i for i in range(30000))  # several scan blocks
     (tmp_path / "big.txt").write_bytes(big)
-    job2 = h.start("cat big.txt")["job_id"]
+    job2 = start(h, "cat big.txt")["job_id"]
     h.ok("job_wait", {"job_id": job2, "timeout": 10})
     envelope, blobs = h.request("job_tail", {"job_id": job2, "lines": 3})
     assert blobs[0] == b"line 029997\nline 029998\nline 029999\n"
@@ -253,8 +201,8 @@ def test_tail_lines_offsets_partial_line_and_binary(h: Harness, tmp_path: Path) 
     f"{PY} -c \"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     "open('child.pid', 'w').write(str(os.getpid())); time.sleep(100)\" & wait",
 ])
-def test_kill_ends_the_whole_group(h: Harness, tmp_path: Path, command: str) -> None:
-    job = h.start(command)
+def test_kill_ends_the_whole_group(h: InProcess, tmp_path: Path, command: str) -> None:
+    job = start(h, command)
     child = int(_until(lambda: (tmp_path / "child.pid").exists()
                        and (tmp_path / "child.pid").read_text().strip()))
     time.sleep(0.1)  # let the child install its handler
@@ -271,15 +219,15 @@ def test_kill_ends_the_whole_group(h: Harness, tmp_path: Path, command: str) -> 
     assert event["body"]["state"] == "killed"
 
 
-def test_kill_plain_job_with_term(h: Harness) -> None:
-    job = h.start("sleep 100")
+def test_kill_plain_job_with_term(h: InProcess) -> None:
+    job = start(h, "sleep 100")
     killed = h.ok("job_kill", {"job_id": job["job_id"]})
     assert killed["state"] == "killed" and killed["escalated"] is False
     assert killed["exit_code"] in (-signal.SIGTERM, 128 + signal.SIGTERM)
     assert not _alive(job["pid"])
 
     # a non-fatal signal is delivered, but the job is not marked killed for it
-    job = h.start("trap 'echo got usr1' USR1; for i in 1 2 3 4 5 6; do sleep 0.1; done")
+    job = start(h, "trap 'echo got usr1' USR1; for i in 1 2 3 4 5 6; do sleep 0.1; done")
     time.sleep(0.15)
     sent = h.ok("job_kill", {"job_id": job["job_id"], "signal": int(signal.SIGUSR1)})
     assert sent["signalled"] is True and sent["state"] == "running"
@@ -289,10 +237,10 @@ def test_kill_plain_job_with_term(h: Harness) -> None:
 
 
 def test_new_supervisor_re_adopts_a_running_job(tmp_path: Path) -> None:
-    first = Harness(tmp_path)
-    job = first.start("sleep 2; exit 3")
+    first = InProcess(tmp_path)
+    job = start(first, "sleep 2; exit 3")
     first.close()
-    second = Harness(tmp_path)
+    second = InProcess(tmp_path)
     try:
         hello = second.ok("hello")
         assert [j["job_id"] for j in hello["jobs"]] == [job["job_id"]]
@@ -325,7 +273,7 @@ def test_recycled_pid_is_not_our_job(tmp_path: Path) -> None:
     _fake_job(state, "jfinished01", pid=me, pid_start="proc:1")
     (state / "jobs" / "jfinished01" / "exit.json").write_text(
         json.dumps({"exit_code": 4, "signal": None, "ended_at": 1.0}))
-    h = Harness(tmp_path)
+    h = InProcess(tmp_path)
     try:
         states = {j["job_id"]: (j["state"], j["exit_code"]) for j in h.ok("job_list")["jobs"]}
         assert states == {"jrecycled01": ("lost", None), "jgenuine001": ("running", None),
@@ -337,7 +285,7 @@ def test_recycled_pid_is_not_our_job(tmp_path: Path) -> None:
         h.close()
 
 
-def test_run_commands_fail_fast_truncation_timeout(h: Harness, tmp_path: Path) -> None:
+def test_run_commands_fail_fast_truncation_timeout(h: InProcess, tmp_path: Path) -> None:
     res = h.ok("run_commands", {"commands": ["echo one; echo two >&2", "exit 3", "echo never"]})
     assert res["ok"] is False and len(res["results"]) == 2 and res["skipped"] == 1
     first, second = res["results"]
@@ -366,7 +314,7 @@ def test_run_commands_fail_fast_truncation_timeout(h: Harness, tmp_path: Path) -
     assert res["results"][0]["stdout"] == f"{tmp_path / 'd'}\nv1\n"
 
 
-def test_bad_arguments_get_clear_errors(h: Harness) -> None:
+def test_bad_arguments_get_clear_errors(h: InProcess) -> None:
     def code(op: str, args: dict[str, Any]) -> str:
         return h.err(op, args)["code"]
 
@@ -386,7 +334,7 @@ def test_bad_arguments_get_clear_errors(h: Harness) -> None:
     assert code("run_commands", {"commands": ["echo", 3]}) == "invalid_argument"
     assert code("run_commands", {"commands": [], "timeout_s_per_command": -1}) == (
         "invalid_argument")
-    job = h.start("sleep 0.1")["job_id"]
+    job = start(h, "sleep 0.1")["job_id"]
     assert code("job_tail", {"job_id": job, "lines": -1}) == "invalid_argument"
     assert code("job_tail", {"job_id": job, "lines": 1, "offset": 0}) == "invalid_argument"
     assert code("job_tail", {"job_id": job, "lines": True}) == "invalid_argument"
@@ -404,8 +352,8 @@ def test_bad_arguments_get_clear_errors(h: Harness) -> None:
 
 
 def test_wait_times_out_and_close_leaves_jobs_running(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
-    job = h.start("sleep 30")
+    h = InProcess(tmp_path)
+    job = start(h, "sleep 30")
     started = time.monotonic()
     waited = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 0.2})
     assert waited["timed_out"] is True and waited["state"] == "running"
@@ -428,7 +376,7 @@ def _key_file(root: Path, key: str) -> Path:
 
 @pytest.mark.parametrize("leftover", [b"", b"\x00\x00 half-written"])
 def test_a_key_file_left_empty_by_a_crash_is_reclaimed_once_stale(
-        h: Harness, tmp_path: Path, leftover: bytes) -> None:
+        h: InProcess, tmp_path: Path, leftover: bytes) -> None:
     key_file = _key_file(tmp_path, "crashed")
     key_file.write_bytes(leftover)  # a start died between creating the key and writing it
     # Fresh, it may be another supervisor's claim in progress: busy, retry.
@@ -436,15 +384,15 @@ def test_a_key_file_left_empty_by_a_crash_is_reclaimed_once_stale(
         "code"] == "busy"
     old = time.time() - 3600  # far beyond any claim in progress
     os.utime(key_file, (old, old))
-    first = h.start("echo once", idempotency_key="crashed")
+    first = start(h, "echo once", idempotency_key="crashed")
     assert first["reused"] is False
     assert key_file.read_text() == first["job_id"]
-    again = h.start("echo once", idempotency_key="crashed")
+    again = start(h, "echo once", idempotency_key="crashed")
     assert again["job_id"] == first["job_id"] and again["reused"] is True
     assert sorted(p.name for p in key_file.parent.iterdir()) == [key_file.name]
 
 
-def test_a_failed_key_claim_leaves_no_key_behind(h: Harness, tmp_path: Path,
+def test_a_failed_key_claim_leaves_no_key_behind(h: InProcess, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
@@ -456,11 +404,11 @@ def test_a_failed_key_claim_leaves_no_key_behind(h: Harness, tmp_path: Path,
     monkeypatch.undo()
     key_file = _key_file(tmp_path, "full")
     assert list(key_file.parent.iterdir()) == [], "no key, no temp file"
-    job = h.start("echo once", idempotency_key="full")  # the retry is not stuck on busy
+    job = start(h, "echo once", idempotency_key="full")  # the retry is not stuck on busy
     assert job["reused"] is False and key_file.read_text() == job["job_id"]
 
 
-def test_keys_are_claimed_without_hard_links_too(h: Harness, tmp_path: Path,
+def test_keys_are_claimed_without_hard_links_too(h: InProcess, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
@@ -468,8 +416,8 @@ def test_keys_are_claimed_without_hard_links_too(h: Harness, tmp_path: Path,
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
-    first = h.start("echo once", idempotency_key="fat")
-    again = h.start("echo once", idempotency_key="fat")
+    first = start(h, "echo once", idempotency_key="fat")
+    again = start(h, "echo once", idempotency_key="fat")
     assert again["job_id"] == first["job_id"] and again["reused"] is True
     assert _key_file(tmp_path, "fat").read_text() == first["job_id"]
 
@@ -478,10 +426,10 @@ def test_keys_are_claimed_without_hard_links_too(h: Harness, tmp_path: Path,
 
 
 def test_two_subscribers_of_one_job_each_get_every_byte_with_their_own_window(
-        h: Harness) -> None:
+        h: InProcess) -> None:
     script = "import sys\nfor i in range(60000): sys.stdout.write('%d\\n' % i)"
     expected = "".join(f"{i}\n" for i in range(60000)).encode()
-    job = h.start(f"{PY} -c {shlex.quote(script)}")
+    job = start(h, f"{PY} -c {shlex.quote(script)}")
     job_id = job["job_id"]
     assert h.ok("job_wait", {"job_id": job_id, "timeout": 10})["bytes_written"] == len(expected)
     got: dict[str, bytearray] = {"a": bytearray(), "b": bytearray()}
@@ -493,10 +441,9 @@ def test_two_subscribers_of_one_job_each_get_every_byte_with_their_own_window(
         deadline = time.monotonic() + 20
         while not done():
             assert time.monotonic() < deadline, "follow did not finish"
-            with h._cond:
-                h._cond.wait_for(functools.partial(_more_than, h.events, seen), 0.2)
-                batch = h.events[seen:]
-                seen = len(h.events)
+            h.wait_for(functools.partial(_more_than, h.events, seen), 0.2)
+            batch = h.events[seen:]
+            seen += len(batch)
             for envelope, blobs in batch:
                 body = envelope["body"]
                 if envelope["event"] == "log":
@@ -543,11 +490,11 @@ def test_two_subscribers_of_one_job_each_get_every_byte_with_their_own_window(
     h.err("job_follow", {"job_id": job_id, "subscriber": "x" * 1000})
 
 
-def test_a_follow_stuck_on_a_full_window_expires(h: Harness,
+def test_a_follow_stuck_on_a_full_window_expires(h: InProcess,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(follow, "FOLLOW_STALL_S", 0.3)
     script = "import sys, time; sys.stdout.write('x' * 300000); sys.stdout.flush(); time.sleep(30)"
-    job = h.start(f"{PY} -c {shlex.quote(script)}")  # still running: no follow ever drains
+    job = start(h, f"{PY} -c {shlex.quote(script)}")  # still running: no follow ever drains
     job_id = job["job_id"]
     try:
         _until(lambda: h.ok("job_status", {"job_id": job_id})["bytes_written"] == 300000)
@@ -574,27 +521,22 @@ def test_a_follow_stuck_on_a_full_window_expires(h: Harness,
 # --- wait: no worker held ----------------------------------------------------------------------
 
 
-def test_many_long_waits_hold_no_worker_and_all_get_answered(h: Harness) -> None:
-    job = h.start("sleep 60")
+def test_many_long_waits_hold_no_worker_and_all_get_answered(h: InProcess) -> None:
+    job = start(h, "sleep 60")
     count = 48  # more than the supervisor's 32 workers
     ids = [f"wait-{index}" for index in range(count)]
     try:
         for rid in ids:
-            h.sup.handle(wire.encode(wire.request(rid, "job_wait",  # type: ignore[arg-type]
-                                                  {"job_id": job["job_id"], "timeout": 60})),
-                         [], "chan")
+            h.submit("job_wait", {"job_id": job["job_id"], "timeout": 60}, request_id=rid)
         time.sleep(0.2)
         started = time.monotonic()
         quick = h.ok("job_start", {"command": "echo hi"}, timeout=5)  # a blocking op
         assert h.ok("job_tail", {"job_id": quick["job_id"]}, timeout=5)
         assert time.monotonic() - started < 5
-        with h._cond:
-            assert not any(rid in h.replies for rid in ids), "a wait answered early"
+        assert not any(h.has_reply(rid) for rid in ids), "a wait answered early"
         killed = h.ok("job_kill", {"job_id": job["job_id"], "signal": 9}, timeout=10)
         assert killed["state"] == "killed"
-        with h._cond:
-            assert h._cond.wait_for(lambda: all(rid in h.replies for rid in ids), 5)
-            answers = [h.replies.pop(rid)[0] for rid in ids]
+        answers = [h.wait(rid, 5)[0] for rid in ids]
         assert all(a["ok"] and a["result"]["state"] == "killed"
                    and a["result"]["timed_out"] is False for a in answers)
     finally:
@@ -603,20 +545,16 @@ def test_many_long_waits_hold_no_worker_and_all_get_answered(h: Harness) -> None
 
 
 def test_pending_waits_are_answered_by_their_timeout_and_on_close(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
-    job = h.start("sleep 30")
+    h = InProcess(tmp_path)
+    job = start(h, "sleep 30")
     try:
         started = time.monotonic()
         short = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 0.3})
         assert short["timed_out"] is True and 0.25 < time.monotonic() - started < 2
-        h.sup.handle(wire.encode(wire.request("long", "job_wait",  # type: ignore[arg-type]
-                                              {"job_id": job["job_id"], "timeout": 600})),
-                     [], "chan")
+        h.submit("job_wait", {"job_id": job["job_id"], "timeout": 600}, request_id="long")
         time.sleep(0.1)
         h.close()
-        with h._cond:
-            assert h._cond.wait_for(lambda: "long" in h.replies, 5), "close left a wait hanging"
-            reply = h.replies.pop("long")[0]
+        reply = h.wait("long", 5)[0]  # close left no wait hanging
         assert reply["ok"] and reply["result"]["timed_out"] is True
         after = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 600}, timeout=5)
         assert after["timed_out"] is True and after["state"] == "running"

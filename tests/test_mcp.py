@@ -32,7 +32,8 @@ REQUIRED = object()
 REFERENCE_EXCLUDE_GLOBS_CSV = (
     ".git/**,.hg/**,.svn/**,**/__pycache__/**,**/*.pyc,.venv/**,venv/**,build/**,dist/**,"
     "*.egg-info/**,.mypy_cache/**,.pytest_cache/**,.ruff_cache/**")
-# The reference server's contract (SEED_TOOLS.md): argument names and defaults.
+# The reference server's contract (docs/design.md, "The MCP server"): argument names and
+# defaults.
 REFERENCE: dict[str, dict[str, Any]] = {
     "jupyter_ping": {"server_url": None, "timeout_s": 30},
     "jupyter_env_snapshot": {"kernel_id": None, "server_url": None, "timeout_s": 120},
@@ -195,7 +196,7 @@ async def test_tool_list_keeps_the_reference_contract(mcp_server: McpProcess) ->
         # Extra arguments are welcome, but never required ones.
         assert required <= {a for a, d in args.items() if d is REQUIRED}, name
     for tool in tools.values():
-        assert tool.description and tool.output_schema, tool.name
+        assert tool.description, tool.name
         assert tool.annotations is not None and tool.annotations.read_only_hint is not None
     status_hints = tools["jupyter_job_status"].annotations
     kill_hints = tools["jupyter_shutdown_kernel"].annotations
@@ -217,6 +218,69 @@ async def test_tools_come_from_the_table_with_only_their_own_arguments() -> None
         assert tool.description and "\n " not in tool.description, tool.name
 
 
+# The issue's bound: tools/list was 46 KB (about 12k tokens of every agent's context).
+TOOLS_LIST_MAX_BYTES = 20_000
+COMPAT_ONLY = [("jupyter_env_snapshot", "kernel_id"), ("jupyter_run_commands", "kernel_id"),
+               ("jupyter_job_start", "kernel_id"), ("jupyter_sync_dir", "kernel_id"),
+               ("jupyter_sync_dir", "keep_archive"), ("jupyter_download_dir_to_local", "kernel_id"),
+               ("jupyter_download_dir_to_local", "archive_remote_path")]
+
+
+async def test_tool_list_is_small_and_the_details_are_said_once() -> None:
+    async with Client(build_server(url="http://127.0.0.1:9/")) as client:
+        listed = await client.list_tools()
+        instructions = client.instructions or ""
+        help_text = (await client.read_resource("jupyter-tether://help")).contents[0]
+    size = len(listed.model_dump_json(by_alias=True, exclude_none=True).encode())
+    assert size <= TOOLS_LIST_MAX_BYTES, f"tools/list is {size} bytes"
+    props = {t.name: t.input_schema["properties"] for t in listed.tools}
+    # Kept for agents written for the reference server, and said to be ignored.
+    for name, arg in COMPAT_ONLY:
+        assert props[name][arg]["description"] == "Ignored (compatibility).", (name, arg)
+    # The shared arguments in a few words; what they leave out is in the instructions.
+    shared = [p["server_url"] for p in props.values() if "server_url" in p]
+    assert len(shared) == len(props) - 1  # all but jupyter_job_submit (its spec has one)
+    assert all(arg["description"] == "URL or target name." for arg in shared)
+    for detail in ("targets.toml", "REMOTE_JUPYTER_URL", "REMOTE_JUPYTER_TOKEN", "?token=",
+                   "--allow-any-server", "timeout_s", "Ignored (compatibility)",
+                   "allowed local roots", "--local-root", "ISO-8601", "jupyter_job_follow"):
+        assert detail in instructions, detail
+    assert getattr(help_text, "text", None) == instructions
+    # No schema repeats what the property name says, and no optional argument spells "null".
+    text = listed.model_dump_json(by_alias=True, exclude_none=True)
+    assert '"title":"Server Url"' not in text and '{"type":"null"}' not in text
+
+
+def test_schemas_and_results_take_one_compact_shape() -> None:
+    from jupyter_tether.mcp_server.tools.shape import compact_schema, relative_to_root, shape
+
+    schema = {"title": "fArguments", "type": "object", "properties": {
+        "title": {"title": "Title", "type": "string", "minLength": 1},
+        "when": {"anyOf": [{"type": "number"}, {"type": "null"}], "default": None,
+                 "title": "When", "description": "d"},
+        "timeout_s": {"default": 30.0, "exclusiveMinimum": 0, "type": "number",
+                      "maximum": 300}}}
+    assert compact_schema(schema) == {"type": "object", "properties": {
+        "title": {"type": "string"}, "when": {"type": "number", "description": "d"},
+        "timeout_s": {"default": 30.0, "type": "number", "maximum": 300}}}
+
+    root = "/srv/work"
+    assert relative_to_root("/srv/work/a/b.txt", root) == "a/b.txt"
+    assert relative_to_root("/srv/work", root) == "."
+    assert relative_to_root("/srv/workshop/x", root) == "/srv/workshop/x"  # not under it
+    assert relative_to_root("/etc/hosts", root) == "/etc/hosts"
+    assert relative_to_root("/srv/work/x", "/") == "srv/work/x"
+    user = {"application/json": {"created_at": 5, "path": "/srv/work/y"}}
+    assert shape({"started_at": 0, "ended_at": None, "seconds": 1.23456, "waited_s": 2,
+                  "log_path": "/srv/work/logs/j.log", "local_path": "/srv/work/x",
+                  "jobs": [{"cwd": "/srv/work", "mtime": 1.5}],
+                  "results": [{"data": user, "metadata": {"mtime": 1}}]}, root) == {
+        "started_at": "1970-01-01T00:00:00.000Z", "ended_at": None, "seconds": 1.235,
+        "waited_s": 2, "log_path": "logs/j.log", "local_path": "/srv/work/x",
+        "jobs": [{"cwd": ".", "mtime": "1970-01-01T00:00:01.500Z"}],
+        "results": [{"data": user, "metadata": {"mtime": 1}}]}
+
+
 def test_a_tool_must_take_the_tool_context_first() -> None:
     from jupyter_tether.mcp_server.tools.common import ToolContext, bind
 
@@ -236,7 +300,7 @@ async def test_server_kernel_and_exec_tools(mcp_server: McpProcess,
     async with connect(mcp_server.url) as client:
         calls = Calls(client)
         ping = await calls.ok("jupyter_ping")
-        assert ping["ok"] and ping["server_version"].startswith("2.") and ping["rtt_ms"] > 0
+        assert ping["ok"] and ping["server_version"].startswith("2.") and ping["rtt_s"] > 0
         # A token in server_url is used and never shown.
         ping2 = await calls.ok("jupyter_ping", {
             "server_url": f"{jupyter_server.url}?token={jupyter_server.token}"})
@@ -376,6 +440,56 @@ async def test_follow_waits_for_new_output_and_never_splits_a_character(
         assert (rest == "é" * 500 + "\n") and first["text"] == rest[:len(first["text"])]
 
 
+async def test_follow_gathers_a_short_job_whole_in_one_call(mcp_server: McpProcess) -> None:
+    async with connect(mcp_server.url) as client:
+        calls = Calls(client)
+        # 3.6 s, a line every 0.6 s: one call brings all of it, eof with the last bytes (it
+        # took six calls, the last one empty, when follow returned at the first new line).
+        job = await calls.ok("jupyter_job_start", {
+            "command": "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.6; done"})
+        out = await calls.ok("jupyter_job_follow", {"job_id": job["job_id"], "wait_s": 10})
+        assert out["text"] == "".join(f"line {i}\n" for i in range(1, 7)), out
+        assert out["eof"] and (out["state"], out["exit_code"], out["remaining_bytes"]) == \
+            ("exited", 0, 0)
+        # A job still running: what wait_s gathered, and not eof.
+        slow = await calls.ok("jupyter_job_start", {"command": "echo first; sleep 60"})
+        out = await calls.ok("jupyter_job_follow", {"job_id": slow["job_id"], "wait_s": 1.5})
+        assert (out["text"], out["eof"], out["state"]) == ("first\n", False, "running")
+        await calls.ok("jupyter_job_kill", {"job_id": slow["job_id"], "sig": 9})
+
+
+async def test_results_are_compact_json_with_utc_times_and_root_relative_paths(
+        mcp_server: McpProcess, server_root: Path) -> None:
+    from datetime import datetime
+
+    def utc(text: str) -> datetime:
+        assert text.endswith("Z"), text
+        return datetime.fromisoformat(text[:-1] + "+00:00")
+
+    async with connect(mcp_server.url) as client:
+        calls = Calls(client)
+        # An explicit null for an optional argument is still accepted.
+        result = await client.call_tool("jupyter_job_start", {
+            "command": "echo shaped", "log_path": "logs/shape.log", "server_url": None})
+        job = result.structured_content
+        assert job is not None and not result.is_error
+        text = "".join(getattr(c, "text", "") for c in result.content)
+        assert text == json.dumps(job, separators=(",", ":"), ensure_ascii=False)
+        assert (job["log_path"], job["cwd"]) == ("logs/shape.log", ".")
+        waited = await calls.ok("jupyter_job_wait", {"job_id": job["job_id"]})
+        assert utc(waited["job"]["ended_at"]) >= utc(job["started_at"])
+        assert isinstance(waited["waited_s"], float)
+        wrote = await calls.ok("jupyter_write_text", {"path": "shape/a.txt", "content": "x"})
+        assert wrote["resolved_path"] == "shape/a.txt"
+        listing = await calls.ok("jupyter_list_dir", {"path": "shape"})
+        (entry,) = listing["entries"]
+        assert entry["path"] == "shape/a.txt" and utc(entry["mtime"]).year >= 2024
+        status = await calls.ok("jupyter_status")
+        assert utc(status["link"]["connected_since"]).year >= 2024
+        assert status["supervisor"]["root_dir"] == str(server_root), "the root itself stays"
+        assert all("\n" not in text for text in calls.texts)
+
+
 # --- files, submit, collect -------------------------------------------------------------------
 
 
@@ -441,7 +555,7 @@ async def test_file_tools(mcp_server: McpProcess, server_root: Path, tmp_path: P
         proj = _project(tmp_path)
         synced = await calls.ok("jupyter_sync_dir", {"local_dir": str(proj),
                                                      "remote_dir": "synced"})
-        assert synced["remote_dir"] == str(server_root / "synced"), synced
+        assert synced["remote_dir"] == "synced", synced
         assert (server_root / "synced" / "pkg" / "__init__.py").read_text() == "VERSION = 1\n"
         assert not (server_root / "synced" / ".git").exists(), "reference excludes apply"
         again = await calls.ok("jupyter_sync_dir", {"local_dir": str(proj),

@@ -105,7 +105,7 @@ def test_a_spec_refuses_local_names_outside_the_collect_directory() -> None:
 def _finished_job(tether: Tether, command: str, artifacts: list[Any]) -> str:
     spec = {"run": {"command": command}, "artifacts": artifacts,
             "idempotency_key": f"test-submit-{time.time_ns()}"}
-    result = run(tether, submit.submit, tether.aio, spec)
+    result = tether.submit(spec)
     assert result["ok"], result
     job_id = str(result["job_id"])
     info = run(tether, tether.aio.jobs.get(job_id).wait, timeout=60)
@@ -139,7 +139,7 @@ def test_collect_refuses_local_targets_of_a_tampered_record(
     record["artifacts"] = hostile
     run(tether, tether.aio.files.write_text, submit.record_path(job_id), json.dumps(record))
 
-    result = run(tether, submit.collect, tether.aio, job_id, dest)
+    result = tether.collect(job_id, dest)
     assert not result["ok"]
     assert [d["ok"] for d in result["downloads"]] == [False] * 8 + [True]
     for refused in result["downloads"][:7]:
@@ -161,7 +161,7 @@ def test_collect_does_not_overwrite_artifacts_that_share_a_local_name(
          {"remote_dir": "clash/a"}, {"remote_dir": "clash/b"},
          {"remote_dir": "clash/b", "local_subdir": "b-dir"}])
     dest = tmp_path / "dest"
-    result = run(tether, submit.collect, tether.aio, job_id, dest)
+    result = tether.collect(job_id, dest)
     oks = [d["ok"] for d in result["downloads"]]
     assert oks == [True, False, True, True, False, True]
     for clash, first in ((1, "clash/a/out.txt"), (4, {"remote_dir": "clash/a",

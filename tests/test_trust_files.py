@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import anyio
@@ -38,7 +35,6 @@ import pytest
 from mcp import Client
 
 from jupyter_tether import Tether
-from jupyter_tether.agent_payload import app, wire
 from jupyter_tether.agent_payload.paths import (
     NAME_MAX_BYTES,
     PART_SUFFIX,
@@ -53,6 +49,7 @@ from jupyter_tether.controller.rpc import Reply
 from jupyter_tether.errors import ConfigError, RemoteError, TransferError
 
 from .conftest import fast_options
+from .inprocess import InProcess
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -102,60 +99,15 @@ def own_tether(own_server: LocalJupyterServer,
 # --- an in-process supervisor behind a real AsyncFiles -----------------------------------------
 
 
-class InProcessLink:
-    """``link.call`` answered by a real Supervisor in this process; ``mangle`` plays the
-    hostile remote by rewriting replies (the payload data is the hostile input)."""
-
-    def __init__(self, root: Path) -> None:
-        self.facts: dict[str, Any] = {}  # no root_dir: downloads use the comm path
-        self.connected = True
-        self.mangle: Callable[[str, Reply], Reply] | None = None
-        self._ids = itertools.count(1)
-        self._replies: dict[int, tuple[dict[str, Any], list[bytes]]] = {}
-        self._cond = threading.Condition()
-        self.supervisor = app.create_supervisor(self._send, root_dir=str(root))
-
-    def _send(self, data: bytes, blobs: Any, channel: Any) -> None:
-        envelope, _ = wire.decode(data)
-        if envelope.get("type") == "reply":
-            with self._cond:
-                self._replies[envelope["id"]] = (envelope, [bytes(b) for b in blobs])
-                self._cond.notify_all()
-
-    def _roundtrip(self, op: str, args: dict[str, Any],
-                   buffers: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
-        request_id = next(self._ids)
-        self.supervisor.handle(wire.encode(wire.request(request_id, op, args)), buffers, "test")
-        with self._cond:
-            assert self._cond.wait_for(lambda: request_id in self._replies, timeout=60), op
-            return self._replies.pop(request_id)
-
-    async def call(self, op: str, args: dict[str, Any] | None = None, *,
-                   buffers: list[bytes] | tuple[bytes, ...] = (), timeout: float | None = 60.0,
-                   idempotent: bool = True) -> Reply:
-        envelope, blobs = await anyio.to_thread.run_sync(self._roundtrip, op, args or {},
-                                                         list(buffers))
-        if not envelope["ok"]:
-            raise RemoteError.from_wire(envelope["error"])
-        reply = Reply(envelope["result"], blobs)
-        return self.mangle(op, reply) if self.mangle is not None else reply
-
-    def raw(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """The op's reply envelope (for refusals checked at the supervisor itself)."""
-        return self._roundtrip(op, args, [])[0]
-
-    def close(self) -> None:
-        self.supervisor.close()
-
-
 @pytest.fixture
-def inproc(tmp_path: Path) -> Iterator[tuple[AsyncFiles, InProcessLink, Path]]:
+def inproc(tmp_path: Path) -> Iterator[tuple[AsyncFiles, InProcess, Path]]:
+    """Real ``AsyncFiles`` on an in-process supervisor; its ``mangle`` plays the hostile
+    remote by rewriting replies (the payload data is the hostile input)."""
     root = tmp_path / "remote-root"
     root.mkdir()
-    link = InProcessLink(root)
-    tether = SimpleNamespace(link=link, target=SimpleNamespace(display_url="in-process"))
-    yield AsyncFiles(tether), link, root  # type: ignore[arg-type]
-    link.close()
+    remote = InProcess(root)
+    yield AsyncFiles(remote), remote, root
+    remote.close()
 
 
 # --- 1: collect writes only inside its destination ----------------------------------------------
@@ -164,7 +116,7 @@ def inproc(tmp_path: Path) -> Iterator[tuple[AsyncFiles, InProcessLink, Path]]:
 def _finished_job(t: Tether, command: str, artifacts: list[Any]) -> str:
     spec = {"run": {"command": command}, "artifacts": artifacts,
             "idempotency_key": f"test-trust-{time.time_ns()}"}
-    result = run(t, submit.submit, t.aio, spec)
+    result = t.submit(spec)
     assert result["ok"], result
     job_id = str(result["job_id"])
     info = run(t, t.aio.jobs.get(job_id).wait, timeout=60)
@@ -233,7 +185,7 @@ def test_collect_into_dot_keeps_every_name_of_a_hostile_record_inside_it(
     _tamper(tether, job_id, [*hostile, literal, "trust/ok.txt"])
     monkeypatch.chdir(dest)
 
-    result = run(tether, submit.collect, tether.aio, job_id, ".")
+    result = tether.collect(job_id, ".")
     assert Path(result["local_dir"]).resolve() == dest.resolve()
     assert [d["ok"] for d in result["downloads"]] == [False] * len(hostile) + [True, True]
     for refused in result["downloads"][:len(hostile)]:
@@ -409,7 +361,7 @@ def _no_sha(entries: list[dict[str, Any]], blobs: list[bytes]) -> Any:
     (_drop_last_blob, None), (_short_blob, {"f3.txt"}), (_short_blob_and_size, {"f3.txt"}),
     (_other_bytes, {"f3.txt"}), (_left_out, {"f3.txt"}), (_no_sha, None)])
 async def test_download_dir_writes_no_small_file_whose_blob_does_not_check_out(
-        inproc: tuple[AsyncFiles, InProcessLink, Path], tmp_path: Path,
+        inproc: tuple[AsyncFiles, InProcess, Path], tmp_path: Path,
         change: Any, bad: set[str] | None) -> None:
     files, link, root = inproc
     data = _small_tree(root)
@@ -434,7 +386,7 @@ async def test_download_dir_writes_no_small_file_whose_blob_does_not_check_out(
 
 @pytest.mark.anyio
 async def test_download_dir_of_an_honest_remote_checks_and_writes_every_file(
-        inproc: tuple[AsyncFiles, InProcessLink, Path], tmp_path: Path) -> None:
+        inproc: tuple[AsyncFiles, InProcess, Path], tmp_path: Path) -> None:
     files, _, root = inproc
     data = _small_tree(root)
     result = await files.download_dir("src", tmp_path / "dest")
@@ -453,19 +405,20 @@ def _project(base: Path, names: tuple[str, ...] = ("main.py",)) -> Path:
 
 
 def test_supervisor_refuses_sync_delete_in_protected_dirs(
-        inproc: tuple[AsyncFiles, InProcessLink, Path], fake_home: Path) -> None:
+        inproc: tuple[AsyncFiles, InProcess, Path], fake_home: Path) -> None:
     _, link, root = inproc
     (root / "victim.txt").write_text("keep me")
     (fake_home / "victim.txt").write_text("keep me")
     for where in ["", ".", str(root), str(root.parent), "~", str(fake_home), "/", "sub/.."]:
-        reply = link.raw("sync_delete", {"root": where, "paths": ["victim.txt"]})
+        reply, _ = link.request("sync_delete", {"root": where, "paths": ["victim.txt"]})
         assert not reply["ok"], where
         error = reply["error"]
         assert error["code"] == "permission_denied", error
         assert "allow_root_delete" in error["message"] and "--allow-root-delete" in \
             error["message"]
         assert error["details"]["reason"] == "protected_root"
-        manifest = link.raw("manifest", {"path": where, "hash": False, "as_blob": False}) \
+        manifest = link.request("manifest", {"path": where, "hash": False,
+                                             "as_blob": False})[0] \
             if where not in ("/", str(root.parent)) else None
         if manifest is not None:
             assert manifest["result"]["delete_protected"], where
@@ -474,18 +427,18 @@ def test_supervisor_refuses_sync_delete_in_protected_dirs(
     # A subdirectory is not protected; the explicit flag lifts the refusal in the root.
     (root / "sub").mkdir()
     (root / "sub" / "extra.txt").write_text("x")
-    sub = link.raw("manifest", {"path": "sub", "hash": False})
+    sub, _ = link.request("manifest", {"path": "sub", "hash": False})
     assert sub["result"]["delete_protected"] is None
-    assert link.raw("sync_delete", {"root": "sub", "paths": ["extra.txt"]})["ok"]
-    allowed = link.raw("sync_delete", {"root": "", "paths": ["victim.txt"],
-                                       "allow_root_delete": True})
+    assert link.request("sync_delete", {"root": "sub", "paths": ["extra.txt"]})[0]["ok"]
+    allowed, _ = link.request("sync_delete", {"root": "", "paths": ["victim.txt"],
+                                              "allow_root_delete": True})
     assert allowed["ok"] and allowed["result"]["deleted"] == ["victim.txt"]
-    assert link.raw("ping", {})["ok"]
+    assert link.ok("ping")["pong"]
 
 
 @pytest.mark.anyio
 async def test_deleting_sync_into_the_root_or_home_is_refused_before_anything_changes(
-        inproc: tuple[AsyncFiles, InProcessLink, Path], tmp_path: Path,
+        inproc: tuple[AsyncFiles, InProcess, Path], tmp_path: Path,
         fake_home: Path) -> None:
     files, _, root = inproc
     local = _project(tmp_path / "proj")
@@ -570,12 +523,12 @@ def test_submit_clean_remote_into_the_root_is_refused_and_dry_run_runs_nothing(
     local = _project(tmp_path / "proj")
     spec = {"sync": [{"local_dir": str(local), "remote_dir": "."}],  # clean_remote defaults on
             "run": {"command": "touch ran.txt"}, "idempotency_key": f"k-{time.time_ns()}"}
-    dry = run(own_tether, submit.submit, own_tether.aio, spec, dry_run=True)
+    dry = own_tether.submit(spec, dry_run=True)
     assert dry["dry_run"] and not dry["ok"] and dry["job_id"] is None
     assert "allow_root_delete" in dry["would_refuse"][0]
     assert "precious.txt" in dry["sync"][0]["would_delete_paths"]
     with pytest.raises(TransferError, match="allow_root_delete"):
-        run(own_tether, submit.submit, own_tether.aio, spec)
+        own_tether.submit(spec)
     assert (root / "precious.txt").read_text() == "keep"
     assert not (root / "main.py").exists() and not (root / "ran.txt").exists()
     assert run(own_tether, own_tether.aio.jobs.list) == []

@@ -135,6 +135,54 @@ def _hook_kernel_shutdown(kernel: Any) -> None:
     handlers["shutdown_request"] = on_shutdown
 
 
+def _is_our_comm_msg(parent: Any) -> bool:
+    if not isinstance(parent, dict):
+        return False
+    header = parent.get("header") or {}
+    content = parent.get("content") or {}
+    if not isinstance(header, dict) or not isinstance(content, dict) \
+            or header.get("msg_type") != "comm_msg":
+        return False
+    with _lock:
+        return any(getattr(c, "comm_id", None) == content.get("comm_id") for c in _state["comms"])
+
+
+def _quiet_comm_status(kernel: Any) -> None:
+    """On kernels without subshells, publish no busy/idle pair around our comm messages.
+
+    There every comm message goes through the main shell, which wraps it in a status pair:
+    three iopub messages per reply, and behind a proxy the second small message of a burst
+    waits ~40 ms for a delayed ACK (the server leaves Nagle on). Nobody needs that pair: the
+    reply follows at once (the server still sees activity), and the kernel is idle before
+    and after. Only messages on our own comms, only in the supervisor's kernel. With
+    subshells the parked cell (``park``) does the same.
+    """
+    if getattr(kernel, "_supports_kernel_subshells", False):
+        return
+    found = getattr(kernel, "_publish_status", None)
+    if found is None:
+        return
+    original: Any = getattr(found, "_tether_original", found)  # an older payload's hook
+
+    def publish_status(status: Any, *args: Any, **kwargs: Any) -> Any:
+        parent = kwargs.get("parent")
+        if parent is None:
+            parent = next((a for a in args if isinstance(a, dict)), None)
+        if not parent:
+            # ipykernel 6: _publish_status(status, channel, parent=None)
+            channel = next((a for a in args if isinstance(a, str)), "shell")
+            try:
+                parent = kernel.get_parent(channel)
+            except Exception:
+                parent = None
+        if _is_our_comm_msg(parent):
+            return None
+        return original(status, *args, **kwargs)
+
+    publish_status._tether_original = original  # type: ignore[attr-defined]
+    kernel._publish_status = publish_status
+
+
 def start(payload_hash: str, config: Dict[str, Any]) -> Supervisor:
     """Create the supervisor and listen for client comms. Called once per install."""
     kernel = _kernel()
@@ -147,6 +195,7 @@ def start(payload_hash: str, config: Dict[str, Any]) -> Supervisor:
     _state["supervisor"] = supervisor
     supervisor.add_hello_extra(parked_subshell)
     _hook_kernel_shutdown(kernel)
+    _quiet_comm_status(kernel)
     kernel.comm_manager.register_target(wire.COMM_TARGET, _on_open)
     return supervisor
 

@@ -18,24 +18,12 @@ import os
 from typing import Any, Callable, Dict
 
 from .downloads import Downloads
-from .excludes import ExcludeMatcher, make_matcher
-from .fs_ops import FS_READ_MAX_BYTES, FsOps
-from .fsutil import read_at, write_at
+from .fs_ops import FsOps
 from .hashing import HashCache
-from .manifest import build_manifest, protected_root_error
-from .paths import NAME_MAX_BYTES, PART_SUFFIX, SIDECAR_SUFFIX, TEMP_MARK, check_relpath, side_name
 from .supervisor import Request, Supervisor
 from .tree_sync import TreeSync
 from .uploads import Uploads
 from .wire import Op
-
-# The controller's file module imports the shared helpers from here; new code imports them
-# from their own modules (excludes, paths, fsutil, hashing, manifest).
-__all__ = [
-    "FS_READ_MAX_BYTES", "NAME_MAX_BYTES", "PART_SUFFIX", "SIDECAR_SUFFIX", "TEMP_MARK",
-    "ExcludeMatcher", "FilesService", "HashCache", "build_manifest", "check_relpath",
-    "make_matcher", "protected_root_error", "read_at", "register", "side_name", "write_at",
-]
 
 
 class FilesService:
@@ -63,8 +51,6 @@ class FilesService:
             Op.UPLOAD_BEGIN: self.uploads.upload_begin,
             # Inline on purpose: chunks are written in arrival order, so they hash as they come.
             Op.UPLOAD_CHUNK: self.uploads.upload_chunk,
-            Op.UPLOAD_ABORT: self.uploads.upload_abort,
-            Op.UPLOAD_STATUS: self.uploads.upload_status,
             Op.DOWNLOAD_END: self.downloads.download_end,
         }
         slow: Dict[str, Callable[[Request], Any]] = {

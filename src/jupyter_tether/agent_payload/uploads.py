@@ -343,37 +343,3 @@ class Uploads:
         except OSError:
             pass
         return {"path": upload.target, "size": upload.size, "sha256": actual}
-
-    def upload_abort(self, req: Request) -> Dict[str, Any]:
-        transfer_id = arg(req.args, "transfer_id", str, None, allow_none=True)
-        path = arg(req.args, "path", str, None, allow_none=True)
-        if transfer_id is None and path is None:
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "upload_abort needs transfer_id or path")
-        with self._lock:
-            upload = self._uploads.get(transfer_id) if transfer_id is not None else None
-            target = upload.target if upload is not None else (
-                self.resolve(path) if path is not None else None)
-            if upload is None and target is not None:
-                upload = next((u for u in self._uploads.values() if u.target == target), None)
-            if upload is not None:
-                self._uploads.pop(upload.transfer_id, None)
-                upload.done = True
-        removed: List[str] = []
-        if upload is not None:
-            with upload.lock:
-                removed = upload.remove_debris()
-        elif target is not None:  # a partial left by an earlier supervisor
-            for debris in (side_path(target, PART_SUFFIX), side_path(target, SIDECAR_SUFFIX)):
-                try:
-                    os.unlink(debris)
-                    removed.append(debris)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    raise paths.os_error(exc, debris) from None
-        return {"aborted": upload is not None or bool(removed), "removed": removed}
-
-    def upload_status(self, req: Request) -> Dict[str, Any]:
-        upload = self._upload(req.args.get("transfer_id"))
-        with upload.lock:
-            return upload.describe()

@@ -94,8 +94,6 @@ class Op:
     UPLOAD_BEGIN = "upload_begin"
     UPLOAD_CHUNK = "upload_chunk"
     UPLOAD_COMMIT = "upload_commit"
-    UPLOAD_ABORT = "upload_abort"
-    UPLOAD_STATUS = "upload_status"
     DOWNLOAD_BEGIN = "download_begin"
     DOWNLOAD_CHUNK = "download_chunk"
     DOWNLOAD_END = "download_end"

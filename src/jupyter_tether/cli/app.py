@@ -14,6 +14,7 @@ from rich.console import Console
 
 from .. import AuthError, ConfigError, TetherError, __version__
 from ..config import CONFIG_ENV, config_path
+from ..controller.embedded import default_root
 from ..controller.target import TOKEN_ENV, URL_ENV
 from . import files, info, jobs, mcp, submit
 from .context import (
@@ -25,6 +26,7 @@ from .context import (
     Ctx,
     UsageError,
     error,
+    error_code,
     unwrap,
 )
 from .secrets import SECRETS, collect_secrets, remember_secrets, scrub, tokens_in_argv
@@ -40,9 +42,15 @@ COMMANDS: tuple[Callable[[Any, argparse.ArgumentParser], None], ...] = (
 
 
 class _Parser(argparse.ArgumentParser):
+    #: ``--json`` was on the command line: a usage error is JSON on stdout too (set by main)
+    json_errors = False
+
     def error(self, message: str) -> NoReturn:
         # One line, like every other error of this command, pointing at --help.
         line = " ".join(scrub(message).split())
+        if _Parser.json_errors:
+            error(f"{line} (see '{self.prog} --help')", code="usage", as_json=True)
+            self.exit(EXIT_USAGE)
         self.exit(EXIT_USAGE, f"error: {line} (see '{self.prog} --help')\n")
 
 
@@ -79,8 +87,12 @@ def _common_options() -> argparse.ArgumentParser:
                        action=_AppendTarget,
                        help="a named target from the config file (see `jupyter-tether "
                        "targets`); `submit` takes several")
+    group.add_argument("--root", default=argparse.SUPPRESS, metavar="DIR",
+                       help="root folder of the embedded local Jupyter server, used when no "
+                       f"server is selected (default: {default_root()})")
     group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                       help="print machine-readable JSON only")
+                       help="print machine-readable JSON only (errors too: "
+                       '{"error": ..., "code": ...} on stdout, the message on stderr)')
     return common
 
 
@@ -93,7 +105,8 @@ which server:
                    --target B` submits to several)
   --url/--token    a server URL, as copied from the browser or Kaggle's "VSCode URL"
   ${URL_ENV} / ${TOKEN_ENV}   (that token goes only to that URL's scheme, host and port)
-  nothing          a local Jupyter server is started for the command (root: the cwd)
+  nothing          a local Jupyter server is started for the command, its root a
+                   workspace folder ({default_root()}) or --root DIR
 
 exit codes: 0 ok; `run` exits with the job's exit code (128+N if killed by signal N);
   1 remote/connection error or failed exec; 2 usage/config error; 130 Ctrl-C (detached)
@@ -119,10 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write('{"error": "interrupted", "code": "interrupted"}\n')
+        sys.stdout.flush()
+    sys.stderr.write("interrupted\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     SECRETS.clear()
     remember_secrets(*tokens_in_argv(argv))
+    _Parser.json_errors = "--json" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("url", "token"):
@@ -136,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if len(args.targets) > 1 and args.func is not submit.cmd_submit:
         parser.error("--target may be given once (several only for submit)")
+    as_json = bool(args.json)
     tty = sys.stdout.isatty()
     ctx = Ctx(args=args, json=args.json, tty=tty,
               out=Console(highlight=False, soft_wrap=not tty, width=None if tty else 512),
@@ -146,28 +168,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             ctx.close()
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        _interrupted(as_json)
         return EXIT_INTERRUPTED
     except BaseException as raised:
         exc = unwrap(raised)
         if isinstance(exc, KeyboardInterrupt):
-            sys.stderr.write("interrupted\n")
+            _interrupted(as_json)
             return EXIT_INTERRUPTED
         if isinstance(exc, SystemExit):
             raise exc from None
         if os.environ.get(DEBUG_ENV):
             raise
+        code = error_code(exc)
         if isinstance(exc, (UsageError, ConfigError)):
-            error(str(exc))
+            error(str(exc), code=code, as_json=as_json)
             return EXIT_USAGE
         if isinstance(exc, TetherError):
             hint = ctx.selection.auth_hint() if isinstance(exc, AuthError) and ctx.selection \
                 else ""
-            error(str(exc) + hint)
+            error(str(exc) + hint, code=code, as_json=as_json)
             return EXIT_ERROR
         if isinstance(exc, BrokenPipeError):  # `| head` closed the pipe: not our failure
             with contextlib.suppress(OSError):
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the exit flush
             return EXIT_OK
-        error(f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)")
+        error(f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)",
+              code=code, as_json=as_json)
         return EXIT_ERROR

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 from collections.abc import Callable
@@ -16,8 +17,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .. import Target, Tether
+from .. import RemoteError, Target, Tether
 from ..config import Selection, select_target
+from ..controller.embedded import default_root
 from ..controller.target import URL_ENV
 from .secrets import remember_secrets, scrub
 
@@ -54,21 +56,37 @@ class Ctx:
         sys.stdout.write(json.dumps(value, indent=2, default=json_default) + "\n")
         sys.stdout.flush()
 
+    @property
+    def root(self) -> Path | None:
+        """``--root DIR``: the embedded local server's root (None: ``default_root()``)."""
+        root = getattr(self.args, "root", None)
+        return Path(root).expanduser().absolute() if root else None
+
     def connect(self) -> Tether:
         if self._tether is None:
             self.selection = select_target(self.args.url, self.args.token, self.args.target)
-            if self.selection.target is None:
+            target = self.selection.target
+            if target is None:
+                root = self.root or default_root()
                 self.note(f"no --target, --url or ${URL_ENV}: starting a local Jupyter server "
-                          f"in {Path.cwd()}")
-                self._tether = Tether()
+                          f"(root: {root})")
+                self._tether = Tether(embedded_root=root)
             else:
-                remember_secrets(self.selection.target.token)
-                self._tether = Tether(target=self.selection.target)
+                if self.root is not None:
+                    by = {"env": f"${URL_ENV}", "default": "the config file's default"}.get(
+                        self.selection.source, "--target/--url")
+                    raise UsageError(f"--root is the folder of the embedded local server, but "
+                                     f"{by} selects {target.display_url}: leave out --root, "
+                                     "or the remote selection")
+                remember_secrets(target.token)
+                self._tether = Tether(target=target)
         return self._tether
 
     def again(self, command: str) -> str:
         """A command line that reaches the same server (with no secret in it)."""
         extra = self.selection.cli_args() if self.selection else ""
+        if self.selection is not None and self.selection.target is None and self.root:
+            extra += f" --root {shlex.quote(str(self.root))}"
         return f"jupyter-tether{extra} {command}"
 
     def table(self, table: Table) -> None:
@@ -99,11 +117,37 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
-def error(message: str) -> None:
-    """``error: MESSAGE`` as one line on stderr, with no credential in it."""
+def error(message: str, *, code: str | None = None, as_json: bool = False) -> None:
+    """``error: MESSAGE`` as one line on stderr, with no credential in it; with ``as_json``
+    (a ``--json`` run that fails) also ``{"error": MESSAGE, "code": CODE}`` on stdout, so a
+    script reading stdout sees the failure too."""
     line = " ".join(scrub(str(message)).split()) or "unknown error"
+    if as_json:
+        sys.stdout.write(json.dumps({"error": line, "code": code or "error"}) + "\n")
+        sys.stdout.flush()
     sys.stderr.write(f"error: {line}\n")
     sys.stderr.flush()
+
+
+def error_code(exc: BaseException) -> str:
+    """A short, stable name for what failed (the ``code`` of a ``--json`` error): the
+    supervisor's own code for its errors (``not_found``, ...), else one per exception class
+    (``usage``, ``config``, ``auth``, ``connection_lost``, ``timeout``, ``transfer``, ...)."""
+    if isinstance(exc, RemoteError):
+        return exc.code
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, UsageError):
+        return "usage"
+    name = type(exc).__name__
+    if not any(base.__module__.startswith("jupyter_tether") for base in type(exc).__mro__):
+        return "internal"
+    name = name.removesuffix("Error") or name
+    # CamelCase -> snake_case: ConnectionLost -> connection_lost, LimitExceeded -> ...
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower()
+                   for i, c in enumerate(name))
 
 
 def unwrap(exc: BaseException) -> BaseException:

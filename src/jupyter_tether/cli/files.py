@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ from .. import Files, NotFound
 from ..controller.blocking_services import human_bytes
 from ..controller.files import DEFAULT_SYNC_MAX_BYTES
 from .context import EXIT_ERROR, EXIT_OK, Ctx, UsageError, add_command, error
-from .output import transfer_progress
+from .output import plural, rate, transfer_progress
 
 
 def _parse_size(value: str) -> int | None:
@@ -27,10 +29,6 @@ def _parse_size(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"not a size: {value!r} (like 500M or 2G)") from None
 
 
-def _rate(size: int, seconds: float) -> str:
-    return f", {human_bytes(size / seconds)}/s" if seconds > 0 else ""
-
-
 def _report_transfer(ctx: Ctx, verb: str, source: str, dest: str, result: Any) -> None:
     data: dict[str, Any] = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     if ctx.json:
@@ -39,18 +37,20 @@ def _report_transfer(ctx: Ctx, verb: str, source: str, dest: str, result: Any) -
     size, seconds = int(data.get("bytes") or 0), float(data.get("seconds") or 0.0)
     line = f"{verb} {source} -> {dest}: "
     if "uploaded" in data:  # a sync
-        line += (f"{data['uploaded']} files sent ({human_bytes(size)}), "
+        line += (f"{plural(int(data['uploaded']), 'file')} sent ({human_bytes(size)}), "
                  f"{data.get('unchanged', 0)} unchanged, {data.get('deleted', 0)} deleted")
-        skipped = data.get("skipped") or []
-        if skipped:
-            line += f", {len(skipped)} skipped (links or special files; see --json)"
     elif "files" in data:  # a directory download
-        line += f"{data['files']} files, {human_bytes(size)}"
+        line += f"{plural(int(data['files']), 'file')}, {human_bytes(size)}"
+        if "unchanged" in data:
+            line += f", {data['unchanged']} unchanged"
     else:
         line += human_bytes(size)
         if data.get("resumed_bytes"):
             line += f" (resumed after {human_bytes(data['resumed_bytes'])})"
-    line += f" in {seconds:.2f}s{_rate(size, seconds)}"
+    skipped = data.get("skipped") or []
+    if skipped:
+        line += f", {len(skipped)} skipped (links or special files; see --json)"
+    line += f" in {seconds:.2f}s{rate(size, seconds)}"
     ctx.out.print(line, markup=False, highlight=False)
 
 
@@ -60,7 +60,7 @@ def report_dry_run(ctx: Ctx, local: str, result: dict[str, Any]) -> int:
         ctx.emit_json(result)
     else:
         lines = [f"dry run: sync {local} -> {result.get('remote_dir')} would send "
-                 f"{result.get('would_upload', 0)} files "
+                 f"{plural(int(result.get('would_upload') or 0), 'file')} "
                  f"({human_bytes(int(result.get('would_upload_bytes') or 0))}) and delete "
                  f"{result.get('would_delete', 0)}; nothing was changed"]
         lines += [f"  send   {p}" for p in result.get("would_upload_paths", [])]
@@ -74,13 +74,36 @@ def report_dry_run(ctx: Ctx, local: str, result: dict[str, Any]) -> int:
 # --- put --------------------------------------------------------------------------------------
 
 
+# Both follow cp/scp: a destination that is an existing folder, or that ends with "/" (the
+# folder is then created), means "inside it", under the source's own name; a directory goes
+# whole (put sends it as a delta sync; get again fetches only what changed).
+_PLACEMENT = ("\n\nLike cp and scp: when the destination is an existing folder, or ends with /\n"
+              "(created if missing), the file or folder goes inside it under its own name;\n"
+              "otherwise the destination is its new name.")
+
+
+def _ends_with_slash(path: str) -> bool:
+    return path.endswith("/") or (os.sep != "/" and path.endswith(os.sep))
+
+
+def remote_inside(remote: str, name: str) -> str:
+    """``name`` inside the remote folder ``remote`` ("" is the server root)."""
+    base = remote.rstrip("/") or ("/" if remote.startswith("/") else "")
+    return posixpath.join(base, name) if base else name
+
+
 def add_put(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    p = add_command(subparsers, "put", cmd_put, "upload a file (or a directory, as a sync)", """
-        jupyter-tether put model.ckpt work/model.ckpt
-        jupyter-tether put ./data work/data
+    p = add_command(subparsers, "put", cmd_put, "upload a file or a directory", """
+        jupyter-tether put model.ckpt work/           # -> work/model.ckpt (work/ created)
+        jupyter-tether put model.ckpt work/best.ckpt  # -> work/best.ckpt
+        jupyter-tether put ./data work                # -> work/data if work is a folder
+        jupyter-tether put notes.txt                  # -> notes.txt in the server root
         """, common)
+    p.description = (str(p.description) + _PLACEMENT + "\nA folder goes up as a delta sync "
+                     "(unchanged files are not sent); `sync` mirrors\na folder onto a path.")
     p.add_argument("local", help="local file or directory")
-    p.add_argument("remote", help="remote path (relative to the server root)")
+    p.add_argument("remote", nargs="?", default="",
+                   help="remote destination, relative to the server root (default: the root)")
     p.add_argument("--max-bytes", type=_parse_size, default=DEFAULT_SYNC_MAX_BYTES,
                    metavar="SIZE", help="for a directory: refuse to send more (default: 200M; "
                    "0 = no limit)")
@@ -91,13 +114,19 @@ def cmd_put(ctx: Ctx) -> int:
     if not local.exists():
         raise UsageError(f"{local}: no such file or directory")
     files = ctx.connect().files
+    remote: str = ctx.args.remote
+    if _ends_with_slash(remote):
+        files.mkdir(remote.rstrip("/") or remote, parents=True)
+        remote = remote_inside(remote, local.absolute().name)
+    elif not remote or _remote_kind(files, remote)[0] == "directory":
+        remote = remote_inside(remote, local.absolute().name)
     with transfer_progress(ctx, f"put {local.name}") as progress:
         if local.is_dir():  # a directory goes up as a (delta) sync
-            result: Any = files.sync(local, ctx.args.remote, max_bytes=ctx.args.max_bytes,
+            result: Any = files.sync(local, remote, max_bytes=ctx.args.max_bytes,
                                      progress=progress or False)
         else:
-            result = files.upload(local, ctx.args.remote, progress=progress or False)
-    _report_transfer(ctx, "uploaded", str(local), ctx.args.remote, result)
+            result = files.upload(local, remote, progress=progress or False)
+    _report_transfer(ctx, "uploaded", str(local), remote, result)
     return EXIT_OK
 
 
@@ -106,28 +135,51 @@ def cmd_put(ctx: Ctx) -> int:
 
 def add_get(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p = add_command(subparsers, "get", cmd_get, "download a remote file or directory", """
-        jupyter-tether get work/out/metrics.json .
-        jupyter-tether get work/out ./out
+        jupyter-tether get work/out/metrics.json      # -> ./metrics.json
+        jupyter-tether get work/out/metrics.json dl/  # -> dl/metrics.json (dl/ created)
+        jupyter-tether get work/out                   # -> ./out; again: only what changed
+        jupyter-tether get work/out results           # -> results/out if results is a folder
         """, common)
+    p.description = (str(p.description) + _PLACEMENT + "\nA folder fetched again brings "
+                     "only what changed.")
     p.add_argument("remote", help="remote file or directory")
-    p.add_argument("local", help="local destination")
+    p.add_argument("local", nargs="?", default=".",
+                   help="local destination (default: the current folder)")
 
 
-def _remote_is_dir(files: Files, remote: str) -> bool:
+def _remote_kind(files: Files, remote: str) -> tuple[str | None, str]:
+    """The remote path's type ("file", "directory", ...; links followed; None if missing)
+    and its resolved path."""
     info = files.stat(remote)
+    path = str(info.get("path") or remote)
     if not info.get("exists"):
-        raise NotFound("not_found", f"no such remote file or directory: {info.get('path', remote)}")
+        return None, path
     kind = info.get("target_type") if info.get("type") == "symlink" else info.get("type")
-    return kind == "directory"
+    return (str(kind) if kind else None), path
+
+
+def local_destination(local: str, remote_name: str) -> tuple[Path, bool]:
+    """Where ``get`` writes (cp rules) and whether the folder named by a trailing ``/`` must
+    be created first: inside ``local`` when it is a folder or ends with ``/``."""
+    into = _ends_with_slash(local) or Path(local).is_dir()
+    if not into:
+        return Path(local), False
+    return (Path(local) / remote_name if remote_name else Path(local)), not Path(local).is_dir()
 
 
 def cmd_get(ctx: Ctx) -> int:
     files = ctx.connect().files
-    remote, local = ctx.args.remote, Path(ctx.args.local)
-    is_dir = _remote_is_dir(files, remote)
-    if not is_dir and local.is_dir():
-        local = local / Path(remote.rstrip("/")).name  # like cp: into an existing directory
-    with transfer_progress(ctx, f"get {Path(remote).name}") as progress:
+    remote: str = ctx.args.remote
+    kind, path = _remote_kind(files, remote)
+    if kind is None:
+        raise NotFound("not_found", f"no such remote file or directory: {path}")
+    is_dir = kind == "directory"
+    # The resolved path's name: `get .` or `get work/..` still have one.
+    name = posixpath.basename(path.rstrip("/"))
+    local, create = local_destination(ctx.args.local, name)
+    if create:
+        Path(ctx.args.local).mkdir(parents=True, exist_ok=True)
+    with transfer_progress(ctx, f"get {name or remote}") as progress:
         if is_dir:
             result: Any = files.download_dir(remote, local, progress=progress or False)
         else:

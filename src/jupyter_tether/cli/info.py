@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -210,28 +211,71 @@ def cmd_env(ctx: Ctx) -> int:
     if ctx.json:
         ctx.emit_json(snap)
         return EXIT_OK
-    torch = snap.get("torch") or {}
-    smi = snap.get("nvidia_smi_list") or {}
-    freeze = snap.get("pip_freeze") or {}
-    gpus = (smi.get("stdout") or "").strip().splitlines() if smi.get("returncode") == 0 else []
-    if torch.get("importable"):
-        torch_text = (f"{torch.get('version')} (cuda {torch.get('cuda')}, "
-                      f"available={torch.get('cuda_available')}, "
-                      f"devices={torch.get('device_count')})")
-    else:
-        torch_text = "not importable" + (f": {torch['error']}" if torch.get("error") else "")
-    packages = (freeze.get("stdout") or "").strip().splitlines()
-    summary = {
-        "python": (snap.get("python") or "").split()[0] or None,
-        "executable": snap.get("python_executable"), "platform": snap.get("platform"),
-        "cpus": snap.get("cpu_count"), "root_dir": snap.get("root_dir"),
-        "gpus": "; ".join(gpus) or "none (nvidia-smi " + (
-            "unavailable)" if not smi.get("available") else "failed)"),
-        "torch": torch_text, "packages": f"{len(packages)} (pip freeze; --json for the list)",
-        "cuda_env": ", ".join(sorted(snap.get("cuda_env") or {})) or "-",
-    }
-    print_mapping(ctx, summary)
+    print_mapping(ctx, env_summary(snap))
     return EXIT_OK
+
+
+def _command_text(result: Any, summary: str = "") -> str:
+    """One line for a command the snapshot ran (nvidia-smi, nvcc, pip freeze)."""
+    if not isinstance(result, dict):
+        return "-" if result is None else str(result)
+    if not result.get("available"):
+        program = (str(result.get("command") or "").split() or ["the command"])[0]
+        return f"not available ({program} is not on PATH)"
+    if result.get("error"):
+        return f"failed: {result['error']}"
+    if result.get("returncode") != 0:
+        last = (str(result.get("stderr") or "").strip().splitlines() or [""])[-1]
+        return f"failed (exit {result.get('returncode')})" + (f": {last}" if last else "")
+    return summary or "ok (--json for its output)"
+
+
+def _torch_text(torch: Any) -> str:
+    if not isinstance(torch, dict):
+        return "-"
+    if not torch.get("importable"):
+        return "not importable" + (f": {torch['error']}" if torch.get("error") else "")
+    devices = ", ".join(str(d) for d in torch.get("devices") or [])
+    return (f"{torch.get('version')} (cuda {torch.get('cuda')}, "
+            f"cuda_available={torch.get('cuda_available')}, "
+            f"device_count={torch.get('device_count')}" + (f": {devices}" if devices else "")
+            + ")")
+
+
+def env_summary(snap: dict[str, Any]) -> dict[str, str]:
+    """The snapshot as one line per field, under the same names as ``--json``: every field
+    it has, the long ones (command outputs, package lists) summed up."""
+    def lines(key: str) -> list[str]:
+        result = snap.get(key)
+        out = result.get("stdout") if isinstance(result, dict) else ""
+        return str(out or "").strip().splitlines()
+
+    smi = next((" ".join(line.strip("| ").split()) for line in lines("nvidia_smi")
+                if "Driver Version" in line), "")
+    nvcc = next((line.strip() for line in reversed(lines("nvcc")) if "release" in line), "")
+    cuda_env = snap.get("cuda_env") or {}
+    shown: dict[str, str] = {}
+    for key, value in snap.items():
+        if key == "python":
+            text = " ".join(str(value or "").split())
+        elif key == "cuda_env" and isinstance(value, dict):
+            text = "; ".join(f"{k}={v}" for k, v in sorted(cuda_env.items())) or "-"
+        elif key == "nvidia_smi":
+            text = _command_text(value, smi)
+        elif key == "nvidia_smi_list":
+            text = _command_text(value, "; ".join(lines(key)) or "no GPUs listed")
+        elif key == "nvcc":
+            text = _command_text(value, nvcc)
+        elif key == "pip_freeze":
+            text = _command_text(value, f"{len(lines(key))} packages (--json for the list)")
+        elif key == "torch":
+            text = _torch_text(value)
+        elif isinstance(value, dict | list):
+            text = json.dumps(value, default=str)
+        else:
+            text = "-" if value is None else str(value)
+        shown[key] = text
+    return shown
 
 
 def add_targets(subparsers: Any, common: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ import argparse
 import codecs
 import json
 import shlex
-import signal as signals
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -26,20 +25,65 @@ from .context import (
 )
 from .output import new_table, stream_chunks, when
 
+# The remote's (Linux) signal numbers, which the supervisor reports: named here rather than
+# by this machine's ``signal`` module, whose numbers differ on macOS (SIGUSR1 is 30 there).
+SIGNAL_NAMES: dict[int, str] = dict(enumerate((
+    "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+    "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+    "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS"), start=1))
+
+
+def signal_name(number: int) -> str:
+    """``15`` -> ``SIGTERM`` (Linux numbering); real-time ones as ``SIGRTMIN+N``."""
+    if number in SIGNAL_NAMES:
+        return "SIG" + SIGNAL_NAMES[number]
+    return f"SIGRTMIN+{number - 34}" if 34 < number <= 64 else \
+        "SIGRTMIN" if number == 34 else f"SIG{number}"
+
+
+def _signal_number(info: JobInfo) -> int | None:
+    if info.signal:
+        return int(info.signal)
+    if info.exit_code is not None and info.exit_code < 0:  # a Popen returncode: -N
+        return -int(info.exit_code)
+    return None
+
 
 def job_exit_code(info: JobInfo) -> int:
     """What a shell would report: the exit code, or 128+N for a job ended by signal N."""
-    if info.signal:
-        return 128 + int(info.signal)
+    number = _signal_number(info)
+    if number is not None:
+        return 128 + number
     if info.exit_code is None:
         return EXIT_ERROR
-    if info.exit_code < 0:
-        return 128 - info.exit_code
     return min(int(info.exit_code), 255)
 
 
+def exit_fields(info: JobInfo) -> dict[str, Any]:
+    """How a job ended, in the one vocabulary of every command and ``--json``: ``exit_code``
+    (the code it exited with; null while running, when a signal ended it, or when lost) and
+    ``signal`` (the name of the signal that ended it, else null)."""
+    number = _signal_number(info)
+    code = None if number is not None or info.state == "running" else info.exit_code
+    return {"exit_code": code, "signal": signal_name(number) if number is not None else None}
+
+
+def exit_text(info: JobInfo) -> str:
+    """The same words everywhere: ``exited with code 3``, ``killed by SIGTERM``, ..."""
+    fields = exit_fields(info)
+    if info.state == "running":
+        return "running"
+    if fields["signal"]:
+        return f"killed by {fields['signal']}"
+    if fields["exit_code"] is not None:
+        return f"exited with code {fields['exit_code']}"
+    if info.state == "lost":
+        return "lost (its process is gone and no exit code was recorded)"
+    return info.state
+
+
 def job_row(info: JobInfo) -> dict[str, Any]:
-    row = info.to_dict()
+    row = {**info.to_dict(), **exit_fields(info)}
     row["duration_s"] = (round((info.ended_at or time.time()) - info.started_at, 3)
                          if info.started_at else None)
     return row
@@ -60,11 +104,11 @@ def follow_job(ctx: Ctx, job: Job, offset: int = 0) -> int:
         return EXIT_INTERRUPTED
     code = job_exit_code(info)
     if ctx.json:
-        ctx.emit_json({**job_row(info), "log_tail": job.tail(50), "exit_status": code})
+        ctx.emit_json({**job_row(info), "log_tail": job.tail(50)})
     elif info.state == "lost":
-        error(f"job {job.job_id} was lost: its process is gone and no exit code was recorded")
-    elif code != 0:
-        ctx.note(f"[job {job.job_id} {info.state}: exit status {code}]")
+        error(f"job {job.job_id} {exit_text(info)}")
+    else:
+        ctx.note(f"[job {job.job_id} {exit_text(info)}]")
     return code
 
 
@@ -123,7 +167,7 @@ def cmd_run(ctx: Ctx) -> int:
                                    name=args.name, idempotency_key=args.idempotency_key)
     if args.detach:
         if ctx.json:
-            ctx.emit_json(job.info.to_dict() if job.info else {"job_id": job.job_id})
+            ctx.emit_json(job_row(job.info) if job.info else {"job_id": job.job_id})
         else:
             ctx.out.print(job.job_id, markup=False, highlight=False)
             ctx.note("follow it with: " + ctx.again(f"logs {job.job_id} -f"))
@@ -161,10 +205,11 @@ def cmd_jobs(ctx: Ctx) -> int:
         if ctx.tty:
             colour = "red" if state == "exited" and info.exit_code else colours.get(state, "")
             state = f"[{colour}]{state}[/]" if colour else state
-        exit_text = "-" if info.state == "running" else (
-            f"sig {info.signal}" if info.signal else str(info.exit_code))
+        fields = exit_fields(info)
+        ended = fields["signal"] or ("-" if fields["exit_code"] is None else
+                                     str(fields["exit_code"]))
         command = info.command if len(info.command) <= 60 else info.command[:57] + "..."
-        table.add_row(info.job_id, state, exit_text, when(info.started_at),
+        table.add_row(info.job_id, state, ended, when(info.started_at),
                       job_duration(info) or "-", command.replace("[", r"\["))
     ctx.table(table)
     return EXIT_OK
@@ -216,7 +261,7 @@ def cmd_logs(ctx: Ctx) -> int:
         stream_chunks(_log_chunks(job, info.bytes_written))
         return EXIT_OK
     if ctx.json:
-        ctx.emit_json({"job_id": job.job_id, "state": info.state, "exit_code": info.exit_code,
+        ctx.emit_json({"job_id": job.job_id, "state": info.state, **exit_fields(info),
                        "log": text})
     else:
         sys.stdout.write(text)
@@ -260,7 +305,7 @@ def _follow_logs(ctx: Ctx, job: Job, offset: int) -> int:
     if ctx.json:
         sys.stdout.write(json.dumps({"job": job_row(info)}, default=json_default) + "\n")
     else:
-        ctx.note(f"[job {job.job_id} {info.state}, exit status {job_exit_code(info)}]")
+        ctx.note(f"[job {job.job_id} {exit_text(info)}]")
     return EXIT_OK
 
 
@@ -274,7 +319,7 @@ def add_kill(subparsers: Any, common: argparse.ArgumentParser) -> None:
         jupyter-tether kill JOB --signal KILL
         """, common)
     p.add_argument("job", help="job id")
-    p.add_argument("-s", "--signal", type=_parse_signal, default=int(signals.SIGTERM),
+    p.add_argument("-s", "--signal", type=_parse_signal, default=15,
                    help="signal name or number (default: TERM)")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds before KILL follows (default: %(default)s)")
@@ -284,11 +329,11 @@ def _parse_signal(value: str) -> int:
     text = value.strip().upper()
     if text.isdigit():
         return int(text)
-    name = text if text.startswith("SIG") else "SIG" + text
-    try:
-        return int(signals.Signals[name])
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown signal {value!r}") from None
+    name = text.removeprefix("SIG")
+    for number, known in SIGNAL_NAMES.items():  # the remote's numbers, not this machine's
+        if known == name:
+            return number
+    raise argparse.ArgumentTypeError(f"unknown signal {value!r} (like TERM, INT, KILL or 15)")
 
 
 def cmd_kill(ctx: Ctx) -> int:
@@ -297,7 +342,5 @@ def cmd_kill(ctx: Ctx) -> int:
     if ctx.json:
         ctx.emit_json(job_row(info))
     else:
-        ctx.out.print(f"job {info.job_id}: {info.state}"
-                      + (f" (exit status {job_exit_code(info)})" if info.done else ""),
-                      markup=False, highlight=False)
+        ctx.out.print(f"job {info.job_id} {exit_text(info)}", markup=False, highlight=False)
     return EXIT_OK

@@ -14,14 +14,37 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from ..controller.blocking_services import ProgressCallback
+from ..controller.blocking_services import ProgressCallback, human_bytes
 from .context import Ctx, json_default
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 file``, ``2 files``, ``0 files``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def rate(size: int, seconds: float) -> str:
+    """``, 12.3 MiB/s`` (binary units, as in the progress bars); "" when nothing moved, so
+    a report never says ``0 B/s``."""
+    if size <= 0 or seconds <= 0:
+        return ""
+    return f", {human_bytes(size / seconds)}/s"
+
+
+class _RateColumn(ProgressColumn):
+    """The transfer rate in the units of the summaries (rich's own column is decimal, MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if not speed else f"{human_bytes(speed)}/s", style="progress.data.speed")
 
 
 def new_table(ctx: Ctx, *columns: str) -> Table:
@@ -83,7 +106,7 @@ def phase_progress(ctx: Ctx) -> Iterator[Callable[[str, int, int], None] | None]
         yield None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-               TransferSpeedColumn(), TimeRemainingColumn())
+               _RateColumn(), TimeRemainingColumn())
     with Progress(*columns, console=ctx.err, transient=True) as progress:
         tasks: dict[str, Any] = {}
 

@@ -8,6 +8,7 @@ every method here is a thin synchronous call into it.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -17,6 +18,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .blocking_services import Files, Jobs, run_on_portal
 from .execute import ExecResult, OutputCallback
+from .submit import SubmitProgress
 from .tether import AsyncTether
 
 T = TypeVar("T")
@@ -92,6 +94,18 @@ class Tether:
              max_output_chars: int = 20_000, on_output: OutputCallback | None = None) -> ExecResult:
         return self._call(self.aio.exec, code, kernel_id=kernel_id, timeout=timeout,
                           max_output_chars=max_output_chars, on_output=on_output)
+
+    def submit(self, spec: dict[str, Any], *, progress: SubmitProgress | None = None,
+               dry_run: bool = False) -> dict[str, Any]:
+        """Sync, bootstrap and start a job spec's run; see ``AsyncTether.submit``."""
+        return self._call(self.aio.submit, spec, progress=progress, dry_run=dry_run)
+
+    def collect(self, job_id: str, local_dir: str | os.PathLike[str], *,
+                require_done: bool = True,
+                progress: SubmitProgress | None = None) -> dict[str, Any]:
+        """Download a submitted job's artifacts; see ``AsyncTether.collect``."""
+        return self._call(self.aio.collect, job_id, local_dir, require_done=require_done,
+                          progress=progress)
 
     def list_kernels(self) -> list[dict[str, Any]]:
         return self._call(self.aio.list_kernels)

@@ -14,15 +14,14 @@ import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
+from ..agent_payload.wire import Op
 from ..errors import JobError, TetherError, TetherTimeout
+from .caller import Caller
 from .rpc import Event
-
-if TYPE_CHECKING:
-    from .tether import AsyncTether
 
 FOLLOW_WINDOW = 8 * 1024 * 1024
 # With no event for this long, ask the supervisor directly (covers any lost notification).
@@ -73,8 +72,8 @@ class JobInfo:
 class AsyncJob:
     """Handle on one remote job. Cheap to create; every method asks the supervisor."""
 
-    def __init__(self, tether: AsyncTether, job_id: str, info: JobInfo | None = None) -> None:
-        self._tether = tether
+    def __init__(self, caller: Caller, job_id: str, info: JobInfo | None = None) -> None:
+        self._caller = caller
         self.job_id = job_id
         self.info = info
 
@@ -83,20 +82,20 @@ class AsyncJob:
         return f"<AsyncJob {self.job_id} {state}>"
 
     async def status(self) -> JobInfo:
-        reply = await self._tether.link.call("job_status", {"job_id": self.job_id})
+        reply = await self._caller.call(Op.JOB_STATUS, {"job_id": self.job_id})
         self.info = JobInfo.from_wire(reply.result)
         return self.info
 
     async def read(self, offset: int = 0, max_bytes: int = 4 * 1024 * 1024) -> tuple[bytes, int]:
         """Log bytes from ``offset`` (at most ``max_bytes``) and the offset after them."""
-        reply = await self._tether.link.call(
-            "job_tail", {"job_id": self.job_id, "offset": offset, "max_bytes": max_bytes})
+        reply = await self._caller.call(
+            Op.JOB_TAIL, {"job_id": self.job_id, "offset": offset, "max_bytes": max_bytes})
         data = reply.buffers[0] if reply.buffers else b""
         return data, int(reply.result["offset_start"]) + len(data)
 
     async def tail(self, lines: int = 200) -> str:
         """The last ``lines`` lines of the log (bytes that are not UTF-8 are replaced)."""
-        reply = await self._tether.link.call("job_tail", {"job_id": self.job_id, "lines": lines})
+        reply = await self._caller.call(Op.JOB_TAIL, {"job_id": self.job_id, "lines": lines})
         data = reply.buffers[0] if reply.buffers else b""
         return data.decode("utf-8", errors="replace")
 
@@ -108,23 +107,23 @@ class AsyncJob:
             if remaining <= 0:
                 raise TetherTimeout(f"job {self.job_id} still running after {timeout}s")
             slice_s = min(_WAIT_SLICE_S, remaining)
-            reply = await self._tether.link.call(
-                "job_wait", {"job_id": self.job_id, "timeout": slice_s}, timeout=slice_s + 30)
+            reply = await self._caller.call(
+                Op.JOB_WAIT, {"job_id": self.job_id, "timeout": slice_s}, timeout=slice_s + 30)
             self.info = JobInfo.from_wire(reply.result)
             if self.info.done:
                 return self.info
 
     async def kill(self, signal: int = 15, grace: float = 5.0) -> JobInfo:
         """Signal the job's whole process group; TERM escalates to KILL after ``grace``."""
-        reply = await self._tether.link.call(
-            "job_kill", {"job_id": self.job_id, "signal": signal, "grace": grace},
+        reply = await self._caller.call(
+            Op.JOB_KILL, {"job_id": self.job_id, "signal": signal, "grace": grace},
             timeout=grace + 30)
         self.info = JobInfo.from_wire(reply.result)
         return self.info
 
     async def follow(self, offset: int = 0, *, window: int = FOLLOW_WINDOW) -> AsyncIterator[bytes]:
         """Yield the log from ``offset`` as it is written, until the job ends and all is read."""
-        link = self._tether.link
+        caller = self._caller
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         job_id = self.job_id
         # Our own subscription: another follower of the same job (this process or another
@@ -146,11 +145,11 @@ class AsyncJob:
         acked = offset
 
         async def subscribe() -> None:
-            await link.call("job_follow", {"job_id": job_id, "offset": next_offset,
+            await caller.call(Op.JOB_FOLLOW, {"job_id": job_id, "offset": next_offset,
                                            "window": window, "subscriber": subscriber})
 
-        remove_listener = link.add_listener(on_event)
-        remove_hook = link.on_reattach(subscribe)
+        remove_listener = caller.add_listener(on_event)
+        remove_hook = caller.on_reattach(subscribe)
         exit_size: int | None = None
         try:
             await subscribe()
@@ -187,7 +186,7 @@ class AsyncJob:
                         yield data
                     if next_offset - acked >= window // 4:
                         acked = next_offset
-                        self._tether.task_group.start_soon(self._ack, acked, subscriber)
+                        caller.start_soon(self._ack, acked, subscriber)
                 if exit_size is not None:
                     async for data in self._read_range(next_offset, exit_size):
                         next_offset += len(data)
@@ -199,7 +198,7 @@ class AsyncJob:
             send.close()
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 try:
-                    await link.call("job_unfollow", {"job_id": job_id, "subscriber": subscriber},
+                    await caller.call(Op.JOB_UNFOLLOW, {"job_id": job_id, "subscriber": subscriber},
                                     timeout=5)
                 except TetherError:
                     pass
@@ -214,10 +213,8 @@ class AsyncJob:
 
     async def _ack(self, offset: int, subscriber: str) -> None:
         try:
-            await self._tether.link.call("job_follow_ack", {"job_id": self.job_id,
-                                                            "offset": offset,
-                                                            "subscriber": subscriber},
-                                         timeout=30)
+            await self._caller.call(Op.JOB_FOLLOW_ACK, {"job_id": self.job_id, "offset": offset,
+                                                        "subscriber": subscriber}, timeout=30)
         except TetherError:
             pass  # a lost ack only pauses the push; the idle check re-subscribes
 
@@ -231,8 +228,8 @@ class AsyncJob:
 class AsyncJobs:
     """``tether.jobs``: start and find jobs, and run short command sequences."""
 
-    def __init__(self, tether: AsyncTether) -> None:
-        self._tether = tether
+    def __init__(self, caller: Caller) -> None:
+        self._caller = caller
 
     async def start(self, command: str, *, cwd: str = "", env: dict[str, str] | None = None,
                     log_path: str | None = None, name: str | None = None,
@@ -251,18 +248,18 @@ class AsyncJobs:
         if name:
             args["name"] = name
         try:
-            reply = await self._tether.link.call("job_start", args)
+            reply = await self._caller.call(Op.JOB_START, args)
         except TetherError as exc:
             raise JobError(f"could not start {command!r}: {exc}") from exc
         info = JobInfo.from_wire(reply.result)
-        return AsyncJob(self._tether, info.job_id, info)
+        return AsyncJob(self._caller, info.job_id, info)
 
     def get(self, job_id: str) -> AsyncJob:
-        return AsyncJob(self._tether, job_id)
+        return AsyncJob(self._caller, job_id)
 
     async def list(self, state: str | None = None) -> builtins.list[JobInfo]:
         args = {"state": state} if state else {}
-        reply = await self._tether.link.call("job_list", args)
+        reply = await self._caller.call(Op.JOB_LIST, args)
         return [JobInfo.from_wire(item) for item in reply.result.get("jobs", [])]
 
     async def run_commands(self, commands: builtins.list[str], *, cwd: str = "",
@@ -275,8 +272,8 @@ class AsyncJobs:
         if env:
             args["env_overrides"] = env
         # Not idempotent: a command sequence must never silently run twice after a drop.
-        reply = await self._tether.link.call(
-            "run_commands", args, idempotent=False,
+        reply = await self._caller.call(
+            Op.RUN_COMMANDS, args, idempotent=False,
             timeout=timeout_per_command * max(1, len(commands)) + 30)
         result: dict[str, Any] = reply.result
         return result

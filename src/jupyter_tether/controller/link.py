@@ -16,15 +16,18 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.abc
+import httpx2
 
 from ..agent_payload import bundle, wire
 from ..errors import AuthError, ConnectionLost, KernelError, TetherError, TetherTimeout
+from .caller import EventListener
 from .execute import control_request, execute, kernel_info
 from .kernel_ws import KernelMessage, KernelSocket
 from .kernels import SUPERVISOR_SESSION, find_or_start
@@ -35,7 +38,6 @@ from .target import Target
 
 log = logging.getLogger(__name__)
 
-EventListener = Callable[[Event], None]
 #: while a reconnect probe hangs (a blackholed path), start another this often
 _PROBE_EVERY_S = 0.5
 
@@ -61,7 +63,11 @@ class LinkOptions:
 
 
 class SupervisorLink:
-    """Owns the supervisor kernel's websocket and comm, and keeps them alive."""
+    """Owns the supervisor kernel's websocket and comm, and keeps them alive.
+
+    It is the services' ``Caller``: they reach the supervisor only through the methods
+    under "public".
+    """
 
     def __init__(self, target: Target, rest: JupyterRest, state: TargetState,
                  options: LinkOptions | None = None) -> None:
@@ -104,6 +110,24 @@ class SupervisorLink:
         return self._connected.is_set()
 
     @property
+    def where(self) -> str:
+        return self.target.display_url
+
+    @property
+    def files_root(self) -> str | None:
+        root = self.facts.get("root_dir")
+        return str(root) if root else None
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        if self._task_group is None:
+            raise ConnectionLost("the link is not open")
+        self._task_group.start_soon(func, *args)
+
+    def stream_get(self, url_path: str,
+                   headers: dict[str, str]) -> AbstractAsyncContextManager[httpx2.Response]:
+        return self.rest.stream_get(url_path, headers)
+
+    @property
     def last_seq(self) -> int:
         return self._sequencer.contiguous
 
@@ -123,7 +147,7 @@ class SupervisorLink:
         return lambda: self._reattach_hooks.remove(hook) if hook in self._reattach_hooks else None
 
     async def call(self, op: str, args: dict[str, Any] | None = None, *,
-                   buffers: list[bytes] | tuple[bytes, ...] = (), timeout: float | None = 60.0,
+                   buffers: Sequence[bytes] = (), timeout: float | None = 60.0,
                    idempotent: bool = True) -> Reply:
         """Send ``op`` and return its reply; raise RemoteError, ConnectionLost or TetherTimeout."""
         call = self._pending.new(op, args or {}, list(buffers), idempotent)
@@ -381,7 +405,7 @@ class SupervisorLink:
 
     async def _handshake(self, sock: KernelSocket) -> dict[str, Any]:
         # hello goes out in JSON: a remote without msgpack can always read it.
-        call = self._pending.new("hello", {"protocol": wire.PROTOCOL_VERSION}, [], True)
+        call = self._pending.new(wire.Op.HELLO, {"protocol": wire.PROTOCOL_VERSION}, [], True)
         try:
             await self._send_request(call)
             with anyio.fail_after(30):
@@ -425,7 +449,7 @@ class SupervisorLink:
             return
         self._replay_requested = True
         try:
-            reply = await self.call("events_since", {"seq": self._sequencer.contiguous},
+            reply = await self.call(wire.Op.EVENTS_SINCE, {"seq": self._sequencer.contiguous},
                                     timeout=30)
             if not reply.result.get("complete", True):
                 log.warning("events before the replay ring were lost; followers re-read files")
@@ -572,8 +596,3 @@ class SupervisorLink:
                 f"the server did not answer within {self.options.ping_timeout:g}s")
         if outcome[0] is not None:
             raise outcome[0]
-
-    def force_drop(self) -> None:
-        """Abort the current connection (tests, and callers who know it is dead)."""
-        if self._sock is not None:
-            self._sock.abort()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx2
@@ -114,7 +115,8 @@ class JupyterRest:
             status=response.status_code,
         )
 
-    def stream_get(self, path: str, headers: dict[str, str] | None = None) -> Any:
+    def stream_get(self, path: str, headers: dict[str, str] | None = None
+                   ) -> AbstractAsyncContextManager[httpx2.Response]:
         """``async with rest.stream_get(path) as response``: a streamed GET, for bulk bytes."""
         return self._client.stream("GET", self.target.http_url(path), headers=headers,
                                    timeout=httpx2.Timeout(30.0, read=120.0))

@@ -28,26 +28,26 @@ import posixpath
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
-from ..agent_payload.files import check_relpath
+from ..agent_payload.paths import check_relpath, is_inside
 from ..agent_payload.wire import OpError
 from ..errors import ConfigError, JobError, NotFound, TetherError, TransferError
+from .caller import Caller
 from .files import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_WINDOW,
     REFERENCE_EXCLUDE_GLOBS_CSV,
+    AsyncFiles,
     check_local_name,
     make_dirs_inside,
     safe_local_path,
     scan_local,
 )
 from .files import DEFAULT_SYNC_EXCLUDES as FILES_DEFAULT_EXCLUDES
-
-if TYPE_CHECKING:
-    from .tether import AsyncTether
+from .jobs import AsyncJobs
 
 #: ``progress(phase, done, total)``: a phase name, then bytes (sync) or steps (the others).
 SubmitProgress = Callable[[str, int, int], None]
@@ -312,161 +312,13 @@ def _redacted_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
-async def _read_json(tether: AsyncTether, path: str) -> dict[str, Any] | None:
-    try:
-        text = await tether.files.read_text(path)
-    except NotFound:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-async def load_record(tether: AsyncTether, job_id: str) -> dict[str, Any]:
-    """The submit record of ``job_id``; NotFound (with what to do) if it has none."""
-    record = await _read_json(tether, record_path(job_id))
-    if record is None:
-        raise NotFound("not_found",
-                       f"job {job_id} has no submit record at {record_path(job_id)} on "
-                       f"{tether.target.display_url}: it was not started by a job submit, so "
-                       "it has no artifact list; download its files one by one instead")
-    return record
-
-
 def _emit(progress: SubmitProgress | None, phase: str, done: int, total: int) -> None:
     if progress is not None:
         progress(phase, done, total)
 
 
-# --- submit -----------------------------------------------------------------------------------
-
-
-async def submit(tether: AsyncTether, spec: dict[str, Any], *,
-                 progress: SubmitProgress | None = None,
-                 dry_run: bool = False) -> dict[str, Any]:
-    """Sync, bootstrap, start the run as a background job; returns as soon as it started.
-
-    The result names the job (``job_id``, ``job``), the ``sync`` and ``bootstrap`` results
-    and the ``artifacts`` that ``collect`` downloads. When a bootstrap command fails the run
-    is not started: ``ok`` is false and ``error`` says which command. ``dry_run`` changes
-    nothing: it reports what each sync would upload and delete, and runs nothing.
-    """
-    norm = validate_spec(spec)
-    if dry_run:
-        return await _dry_run(tether, norm)
-    explicit_key = norm["idempotency_key"]
-    # Walking the local trees is blocking file I/O: keep it off the event loop.
-    derived = explicit_key or await anyio.to_thread.run_sync(derive_key, norm)
-    index = await _read_json(tether, _key_path(derived))
-    attempt = 0
-    if index is not None and isinstance(index.get("job_id"), str):
-        previous = index["job_id"]
-        attempt = int(index.get("attempt", 0))
-        try:
-            info = await tether.jobs.get(previous).status()
-        except NotFound:
-            info = None
-        recent = time.time() - float(index.get("submitted_at", 0)) < REPEAT_WINDOW_S
-        if info is not None and (explicit_key or info.state == "running" or recent):
-            record = await _read_json(tether, record_path(previous)) or {}
-            return {
-                "ok": True, "reused": True, "job_id": previous, "job": info.to_dict(),
-                "idempotency_key": index.get("idempotency_key", derived),
-                "sync": record.get("sync", []), "bootstrap": record.get("bootstrap"),
-                "artifacts": record.get("artifacts", norm["artifacts"]),
-                "log_path": info.log_path, "record_path": record_path(previous),
-                "note": ("an identical submit already started this job (same spec and local "
-                         "files); it was not started again. Set spec.idempotency_key to a new "
-                         "value to force a fresh run."),
-            }
-        attempt += 1
-    job_key = derived if (explicit_key or attempt == 0) else f"{derived}-{attempt}"
-
-    sync_results: list[dict[str, Any]] = []
-    for item in norm["sync"]:
-        phase = f"sync {item['local_dir']} -> {item['remote_dir']}"
-        _emit(progress, phase, 0, 0)
-
-        def on_bytes(done: int, total: int, phase: str = phase) -> None:
-            _emit(progress, phase, done, total)
-
-        result = await tether.files.sync(
-            str(Path(item["local_dir"]).expanduser()), item["remote_dir"],
-            exclude=split_globs(item["exclude_globs_csv"]), delete=item["clean_remote"],
-            max_bytes=item["max_bytes"], progress=on_bytes,
-            allow_root_delete=item["allow_root_delete"])
-        sync_results.append({"local_dir": item["local_dir"], "remote_dir": item["remote_dir"],
-                             **result})
-
-    boot_result: dict[str, Any] | None = None
-    boot = norm["bootstrap"]
-    if boot is not None and boot["commands"]:
-        _emit(progress, "bootstrap", 0, len(boot["commands"]))
-        boot_result = await tether.jobs.run_commands(
-            boot["commands"], cwd=boot["cwd"], env=_env(boot["env_overrides"]),
-            timeout_per_command=float(boot["timeout_s_per_command"]),
-            fail_fast=boot["fail_fast"], max_output_chars=boot["max_output_chars"])
-        _emit(progress, "bootstrap", len(boot["commands"]), len(boot["commands"]))
-        failed = [r for r in boot_result.get("results", [])
-                  if r.get("returncode") != 0 or r.get("timed_out")]
-        if failed:
-            first = failed[0]
-            why = "timed out" if first.get("timed_out") else f"exited with {first.get('returncode')}"
-            return {"ok": False, "reused": False, "job_id": None, "job": None,
-                    "error": (f"bootstrap command {first.get('command')!r} {why}; the run was "
-                              "not started. Fix it and submit again (see bootstrap.results)."),
-                    "sync": sync_results, "bootstrap": boot_result,
-                    "artifacts": norm["artifacts"]}
-
-    run = norm["run"]
-    _emit(progress, "start", 0, 1)
-    job = await tether.jobs.start(run["command"], cwd=run["cwd"], env=_env(run["env_overrides"]),
-                                  log_path=run["log_path"], name=run["name"] or norm["name"],
-                                  idempotency_key=job_key)
-    info = job.info or await job.status()
-    now = time.time()
-    record = {
-        "version": RECORD_VERSION, "job_id": job.job_id, "idempotency_key": job_key,
-        "attempt": attempt, "submitted_at": now, "target": tether.target.display_url,
-        "spec": _redacted_spec(norm), "artifacts": norm["artifacts"],
-        "sync": sync_results, "bootstrap": boot_result, "log_path": info.log_path,
-    }
-    await tether.files.write_text(record_path(job.job_id), json.dumps(record, indent=1))
-    await tether.files.write_text(_key_path(derived), json.dumps(
-        {"job_id": job.job_id, "idempotency_key": job_key, "attempt": attempt,
-         "submitted_at": now}))
-    _emit(progress, "start", 1, 1)
-    return {"ok": True, "reused": False, "job_id": job.job_id, "job": info.to_dict(),
-            "idempotency_key": job_key, "sync": sync_results, "bootstrap": boot_result,
-            "artifacts": norm["artifacts"], "log_path": info.log_path,
-            "record_path": record_path(job.job_id)}
-
-
-async def _dry_run(tether: AsyncTether, norm: dict[str, Any]) -> dict[str, Any]:
-    """What ``submit`` would sync (uploads, deletions, refusals); nothing is changed or run."""
-    syncs: list[dict[str, Any]] = []
-    for item in norm["sync"]:
-        result = await tether.files.sync(
-            str(Path(item["local_dir"]).expanduser()), item["remote_dir"],
-            exclude=split_globs(item["exclude_globs_csv"]), delete=item["clean_remote"],
-            max_bytes=item["max_bytes"], allow_root_delete=item["allow_root_delete"],
-            dry_run=True)
-        syncs.append({"local_dir": item["local_dir"], "remote_dir": item["remote_dir"], **result})
-    refusals = [r for s in syncs for r in s.get("would_refuse", [])]
-    boot = norm["bootstrap"]
-    return {"ok": not refusals, "dry_run": True, "job_id": None, "sync": syncs,
-            "would_refuse": refusals,
-            "bootstrap_commands": boot["commands"] if boot is not None else [],
-            "run": norm["run"].get("command"), "artifacts": norm["artifacts"]}
-
-
 def _env(values: dict[str, Any] | None) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in values.items()} if values else None
-
-
-# --- collect ----------------------------------------------------------------------------------
 
 
 def _plan_artifact(base: Path, art: Any) -> tuple[str, str, Path]:
@@ -493,78 +345,240 @@ def _plan_artifact(base: Path, art: Any) -> tuple[str, str, Path]:
     if not isinstance(rel, str):
         raise TransferError(f"artifact {art!r}: the local name must be a string")
     local = safe_local_path(base, rel)
-    if kind == "dir" and os.path.islink(local):
-        real_base = os.path.realpath(base)
-        real = os.path.realpath(local)
-        if real != real_base and not real.startswith(real_base.rstrip(os.sep) + os.sep):
-            raise TransferError(f"refusing local directory {local}: it is a link leading "
-                                f"outside {base}")
+    if kind == "dir" and os.path.islink(local) and not is_inside(os.path.realpath(local),
+                                                                 os.path.realpath(base)):
+        raise TransferError(f"refusing local directory {local}: it is a link leading "
+                            f"outside {base}")
     return kind, remote, local
 
 
-async def collect(tether: AsyncTether, job_id: str, local_dir: str | os.PathLike[str], *,
-                  require_done: bool = True,
-                  progress: SubmitProgress | None = None) -> dict[str, Any]:
-    """Download the artifacts a submitted job listed into ``local_dir``.
+# --- submit and collect -----------------------------------------------------------------------
 
-    Refuses while the job runs if ``require_done``. A missing artifact does not stop the
-    others: each download reports ``ok`` and, on failure, ``error``. A file artifact lands
-    at its ``local_path``, else at its remote basename; an artifact whose local target is
-    refused (absolute, ``..``, outside ``local_dir``) or already taken by an earlier
-    artifact of the list is not downloaded and reports why.
+
+class Submits:
+    """``submit`` and ``collect`` on one remote, through its files and jobs services.
+
+    ``AsyncTether.submit``/``collect`` are the face; here they need only a ``Caller`` and the
+    two services on it.
     """
-    record = await load_record(tether, job_id)
-    info = await tether.jobs.get(job_id).status()
-    if require_done and info.state == "running":
-        raise JobError(f"job {job_id} is still running; wait for it (job wait) or collect "
-                       "with require_done=false to take the artifacts as they are now")
-    artifacts = record.get("artifacts", [])
-    if not isinstance(artifacts, list):
-        raise JobError(f"the submit record {record_path(job_id)} of job {job_id} is damaged: "
-                       "its artifacts are not a list")
-    # The caller's own argument: expanded once, here; names from the record never are.
-    base = Path(os.path.abspath(os.path.expanduser(os.fspath(local_dir))))
-    base.mkdir(parents=True, exist_ok=True)
-    downloads: list[dict[str, Any]] = []
-    taken: dict[Path, Any] = {}  # local target -> the artifact that claimed it
-    for art in artifacts:
-        item: dict[str, Any]
+
+    def __init__(self, caller: Caller, files: AsyncFiles, jobs: AsyncJobs) -> None:
+        self._caller = caller
+        self._files = files
+        self._jobs = jobs
+
+    async def _read_json(self, path: str) -> dict[str, Any] | None:
         try:
-            kind, remote, local = _plan_artifact(base, art)
-            if local in taken:
-                raise TransferError(
-                    f"{remote!r} would land at {local}, where artifact {taken[local]!r} goes "
-                    "too; not downloaded rather than overwritten. Give it its own place: "
-                    '{"remote_path": ..., "local_path": ...} (or "local_subdir" for a '
-                    "directory)")
-            taken[local] = art
-            if kind == "file":
-                item = {"remote_path": remote, "local_path": str(local)}
-                make_dirs_inside(base, local.parent)
-                safe_local_path(base, os.path.relpath(local, base))  # again, now parents exist
-                phase = f"download {remote}"
+            text = await self._files.read_text(path)
+        except NotFound:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
 
-                def on_file(done: int, total: int, phase: str = phase) -> None:
-                    _emit(progress, phase, done, total)
+    async def load_record(self, job_id: str) -> dict[str, Any]:
+        """The submit record of ``job_id``; NotFound (with what to do) if it has none."""
+        record = await self._read_json(record_path(job_id))
+        if record is None:
+            raise NotFound("not_found",
+                           f"job {job_id} has no submit record at {record_path(job_id)} on "
+                           f"{self._caller.where}: it was not started by a job submit, so "
+                           "it has no artifact list; download its files one by one instead")
+        return record
 
-                # The absolute, checked path as it is (the public download() would expand it).
-                result = await tether.files._download(
-                    remote, local, progress=on_file, chunk_size=DEFAULT_CHUNK_BYTES,
-                    window=DEFAULT_WINDOW)
-                item = {**item, **result.to_dict(), "ok": True, "local_path": str(local)}
-            else:
-                item = {"remote_dir": remote, "local_dir": str(local)}
-                make_dirs_inside(base, local)  # one level at a time, never through a link out
-                phase = f"download {remote}/"
+    async def submit(self, spec: dict[str, Any], *,
+                     progress: SubmitProgress | None = None,
+                     dry_run: bool = False) -> dict[str, Any]:
+        """Sync, bootstrap, start the run as a background job; returns as soon as it started.
 
-                def on_dir(done: int, total: int, phase: str = phase) -> None:
-                    _emit(progress, phase, done, total)
+        The result names the job (``job_id``, ``job``), the ``sync`` and ``bootstrap`` results
+        and the ``artifacts`` that ``collect`` downloads. When a bootstrap command fails the run
+        is not started: ``ok`` is false and ``error`` says which command. ``dry_run`` changes
+        nothing: it reports what each sync would upload and delete, and runs nothing.
+        """
+        norm = validate_spec(spec)
+        if dry_run:
+            return await self._dry_run(norm)
+        explicit_key = norm["idempotency_key"]
+        # Walking the local trees is blocking file I/O: keep it off the event loop.
+        derived = explicit_key or await anyio.to_thread.run_sync(derive_key, norm)
+        index = await self._read_json(_key_path(derived))
+        attempt = 0
+        if index is not None and isinstance(index.get("job_id"), str):
+            previous = index["job_id"]
+            attempt = int(index.get("attempt", 0))
+            try:
+                info = await self._jobs.get(previous).status()
+            except NotFound:
+                info = None
+            recent = time.time() - float(index.get("submitted_at", 0)) < REPEAT_WINDOW_S
+            if info is not None and (explicit_key or info.state == "running" or recent):
+                record = await self._read_json(record_path(previous)) or {}
+                return {
+                    "ok": True, "reused": True, "job_id": previous, "job": info.to_dict(),
+                    "idempotency_key": index.get("idempotency_key", derived),
+                    "sync": record.get("sync", []), "bootstrap": record.get("bootstrap"),
+                    "artifacts": record.get("artifacts", norm["artifacts"]),
+                    "log_path": info.log_path, "record_path": record_path(previous),
+                    "note": ("an identical submit already started this job (same spec and local "
+                             "files); it was not started again. Set spec.idempotency_key to a new "
+                             "value to force a fresh run."),
+                }
+            attempt += 1
+        job_key = derived if (explicit_key or attempt == 0) else f"{derived}-{attempt}"
 
-                result_dir = await tether.files._download_dir(remote, local, progress=on_dir)
-                item = {**item, **result_dir, "ok": True, "local_dir": str(local)}
-        except (TetherError, OSError) as exc:
-            item = {"artifact": art, "ok": False, "error": str(exc)}
-        downloads.append(item)
-    return {"ok": all(d["ok"] for d in downloads), "job_id": job_id, "job": info.to_dict(),
-            "local_dir": str(base), "downloads": downloads,
-            "missing": [d["artifact"] for d in downloads if not d["ok"]]}
+        sync_results: list[dict[str, Any]] = []
+        for item in norm["sync"]:
+            phase = f"sync {item['local_dir']} -> {item['remote_dir']}"
+            _emit(progress, phase, 0, 0)
+
+            def on_bytes(done: int, total: int, phase: str = phase) -> None:
+                _emit(progress, phase, done, total)
+
+            result = await self._files.sync(
+                str(Path(item["local_dir"]).expanduser()), item["remote_dir"],
+                exclude=split_globs(item["exclude_globs_csv"]), delete=item["clean_remote"],
+                max_bytes=item["max_bytes"], progress=on_bytes,
+                allow_root_delete=item["allow_root_delete"])
+            sync_results.append({"local_dir": item["local_dir"], "remote_dir": item["remote_dir"],
+                                 **result})
+
+        boot_result: dict[str, Any] | None = None
+        boot = norm["bootstrap"]
+        if boot is not None and boot["commands"]:
+            _emit(progress, "bootstrap", 0, len(boot["commands"]))
+            boot_result = await self._jobs.run_commands(
+                boot["commands"], cwd=boot["cwd"], env=_env(boot["env_overrides"]),
+                timeout_per_command=float(boot["timeout_s_per_command"]),
+                fail_fast=boot["fail_fast"], max_output_chars=boot["max_output_chars"])
+            _emit(progress, "bootstrap", len(boot["commands"]), len(boot["commands"]))
+            failed = [r for r in boot_result.get("results", [])
+                      if r.get("returncode") != 0 or r.get("timed_out")]
+            if failed:
+                first = failed[0]
+                why = "timed out" if first.get("timed_out") else f"exited with {first.get('returncode')}"
+                return {"ok": False, "reused": False, "job_id": None, "job": None,
+                        "error": (f"bootstrap command {first.get('command')!r} {why}; the run was "
+                                  "not started. Fix it and submit again (see bootstrap.results)."),
+                        "sync": sync_results, "bootstrap": boot_result,
+                        "artifacts": norm["artifacts"]}
+
+        run = norm["run"]
+        _emit(progress, "start", 0, 1)
+        job = await self._jobs.start(run["command"], cwd=run["cwd"], env=_env(run["env_overrides"]),
+                                      log_path=run["log_path"], name=run["name"] or norm["name"],
+                                      idempotency_key=job_key)
+        info = job.info or await job.status()
+        now = time.time()
+        record = {
+            "version": RECORD_VERSION, "job_id": job.job_id, "idempotency_key": job_key,
+            "attempt": attempt, "submitted_at": now, "target": self._caller.where,
+            "spec": _redacted_spec(norm), "artifacts": norm["artifacts"],
+            "sync": sync_results, "bootstrap": boot_result, "log_path": info.log_path,
+        }
+        await self._files.write_text(record_path(job.job_id), json.dumps(record, indent=1))
+        await self._files.write_text(_key_path(derived), json.dumps(
+            {"job_id": job.job_id, "idempotency_key": job_key, "attempt": attempt,
+             "submitted_at": now}))
+        _emit(progress, "start", 1, 1)
+        return {"ok": True, "reused": False, "job_id": job.job_id, "job": info.to_dict(),
+                "idempotency_key": job_key, "sync": sync_results, "bootstrap": boot_result,
+                "artifacts": norm["artifacts"], "log_path": info.log_path,
+                "record_path": record_path(job.job_id)}
+
+    async def _dry_run(self, norm: dict[str, Any]) -> dict[str, Any]:
+        """What ``submit`` would sync (uploads, deletions, refusals); nothing is changed or run."""
+        syncs: list[dict[str, Any]] = []
+        for item in norm["sync"]:
+            result = await self._files.sync(
+                str(Path(item["local_dir"]).expanduser()), item["remote_dir"],
+                exclude=split_globs(item["exclude_globs_csv"]), delete=item["clean_remote"],
+                max_bytes=item["max_bytes"], allow_root_delete=item["allow_root_delete"],
+                dry_run=True)
+            syncs.append({"local_dir": item["local_dir"], "remote_dir": item["remote_dir"], **result})
+        refusals = [r for s in syncs for r in s.get("would_refuse", [])]
+        boot = norm["bootstrap"]
+        return {"ok": not refusals, "dry_run": True, "job_id": None, "sync": syncs,
+                "would_refuse": refusals,
+                "bootstrap_commands": boot["commands"] if boot is not None else [],
+                "run": norm["run"].get("command"), "artifacts": norm["artifacts"]}
+
+    async def collect(self, job_id: str, local_dir: str | os.PathLike[str], *,
+                      require_done: bool = True,
+                      progress: SubmitProgress | None = None) -> dict[str, Any]:
+        """Download the artifacts a submitted job listed into ``local_dir``.
+
+        Refuses while the job runs if ``require_done``. A missing artifact does not stop the
+        others: each download reports ``ok`` and, on failure, ``error``. A file artifact lands
+        at its ``local_path``, else at its remote basename; an artifact whose local target is
+        refused (absolute, ``..``, outside ``local_dir``) or already taken by an earlier
+        artifact of the list is not downloaded and reports why.
+        """
+        record = await self.load_record(job_id)
+        info = await self._jobs.get(job_id).status()
+        if require_done and info.state == "running":
+            raise JobError(f"job {job_id} is still running; wait for it (job wait) or collect "
+                           "with require_done=false to take the artifacts as they are now")
+        artifacts = record.get("artifacts", [])
+        if not isinstance(artifacts, list):
+            raise JobError(f"the submit record {record_path(job_id)} of job {job_id} is damaged: "
+                           "its artifacts are not a list")
+        # The caller's own argument: expanded once, here; names from the record never are.
+        base = Path(os.path.abspath(os.path.expanduser(os.fspath(local_dir))))
+        base.mkdir(parents=True, exist_ok=True)
+        downloads: list[dict[str, Any]] = []
+        taken: dict[Path, Any] = {}  # local target -> the artifact that claimed it
+        for art in artifacts:
+            item: dict[str, Any]
+            try:
+                kind, remote, local = _plan_artifact(base, art)
+                if local in taken:
+                    raise TransferError(
+                        f"{remote!r} would land at {local}, where artifact {taken[local]!r} goes "
+                        "too; not downloaded rather than overwritten. Give it its own place: "
+                        '{"remote_path": ..., "local_path": ...} (or "local_subdir" for a '
+                        "directory)")
+                taken[local] = art
+                if kind == "file":
+                    item = {"remote_path": remote, "local_path": str(local)}
+                    make_dirs_inside(base, local.parent)
+                    safe_local_path(base, os.path.relpath(local, base))  # again, now parents exist
+                    phase = f"download {remote}"
+
+                    def on_file(done: int, total: int, phase: str = phase) -> None:
+                        _emit(progress, phase, done, total)
+
+                    # The absolute, checked path as it is (the public download() would expand it).
+                    result = await self._files._download(
+                        remote, local, progress=on_file, chunk_size=DEFAULT_CHUNK_BYTES,
+                        window=DEFAULT_WINDOW)
+                    item = {**item, **result.to_dict(), "ok": True, "local_path": str(local)}
+                else:
+                    item = {"remote_dir": remote, "local_dir": str(local)}
+                    make_dirs_inside(base, local)  # one level at a time, never through a link out
+                    phase = f"download {remote}/"
+
+                    def on_dir(done: int, total: int, phase: str = phase) -> None:
+                        _emit(progress, phase, done, total)
+
+                    result_dir = await self._files._download_dir(remote, local, progress=on_dir)
+                    item = {**item, **result_dir, "ok": True, "local_dir": str(local)}
+            except (TetherError, OSError) as exc:
+                item = {"artifact": art, "ok": False, "error": str(exc)}
+            downloads.append(item)
+        return {"ok": all(d["ok"] for d in downloads), "job_id": job_id, "job": info.to_dict(),
+                "local_dir": str(base), "downloads": downloads,
+                "missing": [d["artifact"] for d in downloads if not d["ok"]]}
+
+
+# TEMPORARY (until the CLI and MCP call sites use ``tether.submit``/``collect``).
+async def submit(tether: Any, spec: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    result: dict[str, Any] = await tether.submit(spec, **kwargs)
+    return result
+
+
+async def collect(tether: Any, job_id: str, local_dir: Any, **kwargs: Any) -> dict[str, Any]:
+    result: dict[str, Any] = await tether.collect(job_id, local_dir, **kwargs)
+    return result

@@ -13,6 +13,7 @@ import anyio
 import anyio.abc
 import platformdirs
 
+from ..agent_payload.wire import Op
 from ..errors import ConfigError, ConnectionLost, KernelError, TetherError
 from .embedded import LocalJupyterServer
 from .execute import ExecResult, OutputCallback, execute
@@ -23,6 +24,7 @@ from .kernels import SUPERVISOR_SESSION, WORK_SESSION, find_or_start
 from .link import LinkOptions, SupervisorLink
 from .rest import JupyterRest
 from .state import TargetState
+from .submit import SubmitProgress, Submits
 from .target import URL_ENV, Target, parse_target
 
 
@@ -78,8 +80,10 @@ class AsyncTether:
             await self._rest.status()  # fail fast, with a clear message, on a bad URL/token
             self._link = SupervisorLink(self._target, self._rest, self._state, self.options)
             await self._link.start(self._task_group)
-            self.jobs = AsyncJobs(self)
-            self.files = AsyncFiles(self)
+            # The services see the supervisor only through the link (a ``Caller``).
+            self.jobs = AsyncJobs(self._link)
+            self.files = AsyncFiles(self._link)
+            self._submits = Submits(self._link, self.files, self.jobs)
         except BaseException as exc:
             await self._shutdown(type(exc), exc, exc.__traceback__)
             raise
@@ -116,7 +120,7 @@ class AsyncTether:
     async def aclose(self) -> None:
         await self._shutdown(None, None, None)
 
-    # --- internals shared with the services ------------------------------------------------
+    # --- internals (the CLI's interrupt and tests reach the link and the REST client) ------
 
     @property
     def link(self) -> SupervisorLink:
@@ -145,7 +149,7 @@ class AsyncTether:
     async def ping(self, timeout: float = 30.0) -> dict[str, Any]:
         """Round trip to the supervisor; returns the RTT and the server's version."""
         started = time.perf_counter()
-        await self.link.call("ping", timeout=timeout)
+        await self.link.call(Op.PING, timeout=timeout)
         rtt = time.perf_counter() - started
         version = await self.rest.version()
         return {"ok": True, "rtt_ms": round(rtt * 1000, 3), "server_version": version.get("version"),
@@ -156,7 +160,7 @@ class AsyncTether:
         return dict(self.link.facts)
 
     async def env_snapshot(self, timeout: float = 120.0) -> dict[str, Any]:
-        reply = await self.link.call("env_snapshot", {"timeout": max(5.0, timeout - 5)},
+        reply = await self.link.call(Op.ENV_SNAPSHOT, {"timeout": max(5.0, timeout - 5)},
                                      timeout=timeout)
         result: dict[str, Any] = reply.result
         return result
@@ -167,6 +171,33 @@ class AsyncTether:
                 "embedded": self._embedded is not None, **link.status(),
                 "work_kernel_id": self._default_work_kernel,
                 "root_dir": link.facts.get("root_dir"), "hostname": link.facts.get("hostname")}
+
+    # --- job specs ---------------------------------------------------------------------------
+
+    async def submit(self, spec: dict[str, Any], *, progress: SubmitProgress | None = None,
+                     dry_run: bool = False) -> dict[str, Any]:
+        """Sync, bootstrap, then start the spec's run as a background job; returns at once.
+
+        ``spec`` is ``{"sync": [...], "bootstrap": {...}, "run": {...}, "artifacts": [...]}``
+        (``run`` is required). The result names the job (``job_id``) and what was synced and
+        bootstrapped; a failing bootstrap command starts no run (``ok`` is false, ``error``
+        says which). A retried identical submit returns the same job. ``dry_run`` changes
+        nothing and reports what each sync would send and delete. ``progress(phase, done,
+        total)`` is called as it goes.
+        """
+        return await self._submits.submit(spec, progress=progress, dry_run=dry_run)
+
+    async def collect(self, job_id: str, local_dir: str | os.PathLike[str], *,
+                      require_done: bool = True,
+                      progress: SubmitProgress | None = None) -> dict[str, Any]:
+        """Download the artifacts a submitted job listed into ``local_dir``.
+
+        Works from any controller (the submit's record is on the remote). Refuses while the
+        job runs unless ``require_done`` is False; a missing artifact does not stop the
+        others (each download reports ``ok`` and ``error``).
+        """
+        return await self._submits.collect(job_id, local_dir, require_done=require_done,
+                                           progress=progress)
 
     # --- kernels and sessions -------------------------------------------------------------
 

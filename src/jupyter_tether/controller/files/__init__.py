@@ -1,18 +1,20 @@
 """Files on the remote: chunked resumable transfers, small-file ops, delta sync, tree download.
 
-Bytes travel over the supervisor's comm (``agent_payload`` holds the remote half and
-documents each op), never through the contents API; downloads may use ranged
-``GET /files`` instead where the server serves the file. ``AsyncFiles`` (``service``) is
-the face; each module below says one thing:
+Every op is a supervisor op sent through a ``Caller`` (``agent_payload`` holds the remote
+half and documents each op), never the contents API. Uploads, small files and manifests
+travel over the comm; a download streams with ranged ``GET /files`` where the server
+serves the file, and over the comm elsewhere. ``AsyncFiles`` (``service``) is the face;
+each module below says one thing:
 
 - ``tuning``        chunk, batch and window sizes, timeouts, retries;
 - ``excludes``      the default sync excludes (one table) and ``exclude`` arguments;
 - ``local``         local I/O (positional, sha256, atomic writes) and names from the remote;
 - ``scan``          the local tree a sync sends (excludes, ``.gitignore`` scoping);
-- ``ranges``        byte-range arithmetic of resumable transfers (pure);
+- ``ranges``        cutting the missing byte ranges into chunks (the range arithmetic is
+                    the payload's ``transfer_state``, shared with the remote side);
 - ``part``          a download's ``.tether-part`` file and its sidecar;
 - ``progress``, ``result``  progress callbacks and ``TransferResult``;
-- ``channel``       the few things of a tether the services use, and shared error helpers;
+- ``remote``        the manifest fetch and the error helpers every transfer shares;
 - ``upload``, ``download``  one file each way, resumable;
 - ``plan``          ``plan_sync``: what a sync uploads and deletes, or why it refuses (pure);
 - ``sync``          executing that plan; ``download_dir``: a remote tree into a local one.

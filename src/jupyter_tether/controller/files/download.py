@@ -23,13 +23,14 @@ import anyio
 import httpx2
 
 from ...agent_payload import wire
-from ...agent_payload.files import PART_SUFFIX, side_name
+from ...agent_payload.paths import PART_SUFFIX, is_inside, side_name
+from ...agent_payload.wire import Op
 from ...errors import ConnectionLost, RemoteError, TetherTimeout, TransferError
-from .channel import Channel, resumable, with_context
-from .local import is_inside
+from ..caller import Caller
 from .part import DownloadPart
 from .progress import Progress, ProgressCallback
 from .ranges import chunks
+from .remote import resumable, with_context
 from .result import TransferResult
 from .tuning import CHUNK_TIMEOUT_S, MANIFEST_TIMEOUT_S, MAX_ATTEMPTS
 
@@ -57,10 +58,10 @@ class _Slot:
 
 
 class Downloader:
-    """Fetches remote files into local paths over a ``Channel``."""
+    """Fetches remote files into local paths over a ``Caller``."""
 
-    def __init__(self, channel: Channel) -> None:
-        self._channel = channel
+    def __init__(self, caller: Caller) -> None:
+        self._caller = caller
 
     async def download(self, remote_path: str, local: Path, *,
                        progress: ProgressCallback | None, chunk_size: int, window: int,
@@ -85,7 +86,7 @@ class Downloader:
             transfer_id: str | None = None
             keep_partial = False
             try:
-                begun = (await self._channel.call("download_begin",
+                begun = (await self._caller.call(Op.DOWNLOAD_BEGIN,
                                                   {"path": remote_path, "hash": True},
                                                   timeout=MANIFEST_TIMEOUT_S)).result
                 transfer_id = str(begun["transfer_id"])
@@ -128,7 +129,7 @@ class Downloader:
                 break
             except (ConnectionLost, TetherTimeout) as exc:
                 if attempt < MAX_ATTEMPTS and (isinstance(exc, (TetherTimeout, _GarbledReply))
-                                               or self._channel.connected):
+                                               or self._caller.connected):
                     log.info("%s: %s; resuming", where, exc)
                     continue
                 partial = local.with_name(side_name(local.name, PART_SUFFIX))
@@ -161,7 +162,7 @@ class Downloader:
                     if transfer_id is not None:
                         with anyio.move_on_after(5), contextlib.suppress(
                                 RemoteError, ConnectionLost, TetherTimeout):
-                            await self._channel.call("download_end",
+                            await self._caller.call(Op.DOWNLOAD_END,
                                                      {"transfer_id": transfer_id}, timeout=5)
         assert part is not None
         return TransferResult(path=part.remote_path, local_path=str(local), bytes=part.size,
@@ -171,7 +172,7 @@ class Downloader:
 
     def _files_url_path(self, resolved: str) -> str | None:
         """``files/<rel>`` for a path the server's /files handler will serve, else None."""
-        root = self._channel.root_dir
+        root = self._caller.files_root
         if not root or not is_inside(resolved, root) or resolved == root:
             return None
         rel = os.path.relpath(resolved, root).replace(os.sep, "/")
@@ -197,7 +198,7 @@ class Downloader:
         async def watch_link() -> None:
             # The comm link's keepalive notices a dead path within seconds; a streamed GET on
             # a blackholed connection would only notice at its read timeout.
-            while self._channel.connected:
+            while self._caller.connected:
                 await anyio.sleep(0.2)
             raise _NoHttp("the connection dropped")
 
@@ -206,7 +207,7 @@ class Downloader:
                 for start, end in part.missing():
                     headers = {"Range": f"bytes={start}-{end - 1}"}
                     try:
-                        async with self._channel.stream_get(url_path, headers) as response:
+                        async with self._caller.stream_get(url_path, headers) as response:
                             if response.status_code != 206 and not (
                                     response.status_code == 200 and start == 0
                                     and end == part.size):
@@ -249,7 +250,7 @@ class Downloader:
         goes) and only then returns their credit: requests in flight plus chunks waiting to
         be written never exceed ``window``.
         """
-        channel = self._channel
+        caller = self._caller
         credit = anyio.Semaphore(window)
         failures: list[BaseException] = []
         written = 0
@@ -257,7 +258,7 @@ class Downloader:
 
         async def fetch(slot: _Slot) -> None:
             try:
-                reply = await channel.call("download_chunk", {"transfer_id": transfer_id,
+                reply = await caller.call(Op.DOWNLOAD_CHUNK, {"transfer_id": transfer_id,
                                                               "offset": slot.offset,
                                                               "length": slot.length},
                                            timeout=CHUNK_TIMEOUT_S)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,13 +17,16 @@ from typing import Any
 
 import anyio
 
+from ...agent_payload.wire import Op
 from ...errors import NotFound, RemoteError, TransferError
+from ..caller import Caller
 from ..concurrency import gather_limited
-from .channel import Channel, ManifestFetch, with_context
 from .download import Downloader
 from .excludes import normal_excludes
 from .local import atomic_local_write, make_dirs_inside, safe_local_path
+from .plan import MTIME_TOLERANCE_NS
 from .progress import Progress, ProgressCallback
+from .remote import ManifestFetch, with_context
 from .tuning import (
     BATCH_BYTES,
     BATCH_FILES,
@@ -41,9 +45,9 @@ Planned = tuple[dict[str, Any], Path]  # a manifest's file entry and its checked
 class DirDownload:
     """Runs downloads of remote trees (see ``AsyncFiles.download_dir``)."""
 
-    def __init__(self, channel: Channel, downloader: Downloader,
+    def __init__(self, caller: Caller, downloader: Downloader,
                  manifest: ManifestFetch) -> None:
-        self._channel = channel
+        self._caller = caller
         self._downloader = downloader
         self._manifest = manifest
 
@@ -103,6 +107,7 @@ class DirDownload:
             target = plan(str(item["path"]))
             if target is not None:
                 files.append((item, target))
+        files, unchanged = split_unchanged(files)
         total = sum(int(item["size"]) for item, _ in files)
         tracker = Progress(progress, total)
         written = {"files": 0, "bytes": 0}
@@ -112,8 +117,8 @@ class DirDownload:
             targets = {str(item["path"]): target for item, target in group}
             pending = list(targets)
             while pending:
-                reply = await self._channel.call(
-                    "batch_read", {"root": remote_root, "paths": pending,
+                reply = await self._caller.call(
+                    Op.BATCH_READ, {"root": remote_root, "paths": pending,
                                    "max_bytes": BATCH_BYTES + MiB},
                     timeout=CHUNK_TIMEOUT_S)
                 stored = await anyio.to_thread.run_sync(
@@ -150,7 +155,8 @@ class DirDownload:
             raise with_context(exc, where) from None
         result: dict[str, Any] = {
             "remote_dir": remote_root, "local_dir": str(root), "files": written["files"],
-            "bytes": written["bytes"], "skipped": skipped, "errors": errors,
+            "bytes": written["bytes"], "unchanged": unchanged, "skipped": skipped,
+            "errors": errors,
             "seconds": time.perf_counter() - started,
         }
         if errors:
@@ -158,6 +164,26 @@ class DirDownload:
             raise TransferError(f"{where}: {len(errors)} entries failed (the other "
                                 f"{written['files']} files are in place): {shown}")
         return result
+
+
+def split_unchanged(files: Sequence[Planned]) -> tuple[list[Planned], int]:
+    """The files to fetch, and how many are already here: a local regular file with the
+    remote's size and mtime (as an earlier download left it: files keep their remote mtime)
+    is not fetched again, the quick check ``sync`` makes on the way up."""
+    fetch: list[Planned] = []
+    same = 0
+    for item, target in files:
+        mtime = item.get("mtime_ns")
+        try:
+            st = target.lstat()
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == int(item["size"]) \
+                and isinstance(mtime, int) and abs(st.st_mtime_ns - mtime) < MTIME_TOLERANCE_NS:
+            same += 1
+        else:
+            fetch.append((item, target))
+    return fetch, same
 
 
 def group_for_download(files: Sequence[Planned]) -> tuple[list[list[Planned]], list[Planned]]:

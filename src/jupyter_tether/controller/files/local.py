@@ -8,7 +8,6 @@ through ``safe_local_path``, and directories for it only through ``make_dirs_ins
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import threading
@@ -16,13 +15,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ...agent_payload import files as payload_files
 from ...agent_payload import wire
-from ...agent_payload.files import TEMP_MARK, check_relpath, side_name
+from ...agent_payload.fsutil import read_at, write_at
+from ...agent_payload.hashing import hash_fd, sha256_file
+from ...agent_payload.paths import TEMP_MARK, check_relpath, is_inside, side_name
 from ...errors import TransferError
 
-MiB = 1024 * 1024
-O_BINARY = getattr(os, "O_BINARY", 0)
 _HAS_PREAD = hasattr(os, "pread")
 # A file modified within this window of being read may change again within the same mtime
 # tick (coarse file systems: FAT has 2 s) without its mtime moving. Such "racy" files get no
@@ -39,20 +37,16 @@ class LocalFile:
 
     def read_at(self, offset: int, length: int) -> bytes:
         with self._lock if not _HAS_PREAD else contextlib.nullcontext():
-            return payload_files.read_at(self.fd, offset, length)
+            return read_at(self.fd, offset, length)
 
     def write_at(self, offset: int, data: bytes) -> None:
         with self._lock if not _HAS_PREAD else contextlib.nullcontext():
-            payload_files.write_at(self.fd, offset, data)
+            write_at(self.fd, offset, data)
 
     def hash_from(self, start: int, hasher: Any) -> Any:
-        offset = start
-        while True:
-            block = self.read_at(offset, 4 * MiB)
-            if not block:
-                return hasher
-            hasher.update(block)
-            offset += len(block)
+        """``hasher`` fed the file from ``start`` to its end."""
+        with self._lock if not _HAS_PREAD else contextlib.nullcontext():
+            return hash_fd(self.fd, start, hasher)[0]
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -62,12 +56,7 @@ class LocalFile:
 
 def sha256_path(path: str) -> str:
     """Streaming sha256 of a local file (memory: one block)."""
-    handle = LocalFile(os.open(path, os.O_RDONLY | O_BINARY))
-    try:
-        digest: str = handle.hash_from(0, hashlib.sha256()).hexdigest()
-        return digest
-    finally:
-        handle.close()
+    return sha256_file(path)
 
 
 def racy(st: os.stat_result, now_ns: int) -> bool:
@@ -98,10 +87,6 @@ def atomic_local_write(target: Path, data: bytes, mtime_ns: int | None = None) -
 
 
 # --- local paths for names that came from the remote -----------------------------------------
-
-
-def is_inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -9,25 +9,26 @@ before ``finish`` renames the part over the target.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
-from ...agent_payload.files import PART_SUFFIX, SIDECAR_SUFFIX, side_name
+from ...agent_payload.fsutil import O_BINARY
+from ...agent_payload.paths import PART_SUFFIX, SIDECAR_SUFFIX, side_name
+from ...agent_payload.transfer_state import TransferState, parse_sidecar
 from ...errors import TransferError
-from .local import O_BINARY, LocalFile
-from .ranges import merge_range, missing_ranges
+from .local import LocalFile
 
-DOWNLOAD_SIDECAR_VERSION = 1
 _SIDECAR_SAVE_INTERVAL_S = 0.5
 
 
 class DownloadPart:
-    """``<target>.tether-part`` and its sidecar: what of which remote content is on disk."""
+    """``<target>.tether-part`` and its sidecar: what of which remote content is on disk.
+
+    What has arrived is a ``TransferState``, the object a remote upload keeps too.
+    """
 
     def __init__(self, target: Path, remote_path: str, size: int, sha256: str) -> None:
         self.target = target
@@ -37,17 +38,15 @@ class DownloadPart:
         self.remote_path = remote_path
         self.size = size
         self.sha256 = sha256
-        self.received: list[list[int]] = []
-        self.file: LocalFile | None = None
         # Chunks are written in order, so a fresh download hashes as it goes; resumed bytes
         # from an earlier attempt are hashed from disk at the end instead.
-        self.hasher: Any = None
-        self.hashed_upto = 0
+        self.state = TransferState(size, sha256)
+        self.file: LocalFile | None = None
         self._saved_at = 0.0
 
     @property
     def received_bytes(self) -> int:
-        return sum(e - s for s, e in self.received)
+        return self.state.received_bytes
 
     def open(self) -> int:
         """Open (resuming a matching partial) and return the bytes already on disk."""
@@ -65,46 +64,33 @@ class DownloadPart:
                          | getattr(os, "O_NOFOLLOW", 0), 0o666)
             self.file = LocalFile(fd)
             os.ftruncate(fd, self.size)  # sparse until written
-            self.received = []
-            self.hasher = hashlib.sha256()
+            self.state = TransferState(self.size, self.sha256)
             return 0
         self.file = LocalFile(os.open(self.part, os.O_RDWR | O_BINARY))
-        self.received = resumed
-        self.hasher = None
+        self.state = resumed
         return self.received_bytes
 
-    def _load(self) -> list[list[int]] | None:
+    def _load(self) -> TransferState | None:
         try:
             data = json.loads(self.sidecar.read_text(encoding="utf-8"))
             part_size = self.part.stat().st_size
         except (OSError, ValueError):
             return None
-        if not isinstance(data, dict) or data.get("version") != DOWNLOAD_SIDECAR_VERSION:
+        record = parse_sidecar(data, part_size)
+        # A partial of other content (the remote file changed since) is started afresh.
+        if record is None or (record.get("sha256"), record.get("size")) != (self.sha256,
+                                                                              self.size):
             return None
-        if (data.get("sha256"), data.get("size")) != (self.sha256, self.size) \
-                or part_size != self.size or not isinstance(data.get("received"), list):
-            return None
-        ranges: list[list[int]] = []
-        for row in data["received"]:
-            if isinstance(row, list) and len(row) == 2 and all(isinstance(v, int) for v in row) \
-                    and 0 <= row[0] < row[1] <= self.size:
-                ranges = merge_range(ranges, row[0], row[1])
-        return ranges
+        return TransferState.resume(self.size, self.sha256, record["received"])
 
-    def missing(self) -> list[tuple[int, int]]:
-        return missing_ranges(self.received, self.size)
+    def missing(self) -> list[list[int]]:
+        return self.state.missing()
 
     def write(self, offset: int, data: bytes) -> None:
         """Write a chunk (worker thread; chunks arrive here in offset order)."""
         assert self.file is not None
         self.file.write_at(offset, data)
-        if self.hasher is not None:
-            if offset == self.hashed_upto:
-                self.hasher.update(data)
-                self.hashed_upto += len(data)
-            else:
-                self.hasher = None
-        self.received = merge_range(self.received, offset, offset + len(data))
+        self.state.add(offset, data)
         now = time.monotonic()
         if now - self._saved_at >= _SIDECAR_SAVE_INTERVAL_S:
             self.save()
@@ -112,16 +98,15 @@ class DownloadPart:
     def save(self) -> None:
         # Written after the data it describes: a sidecar never claims bytes not on disk.
         self._saved_at = time.monotonic()
-        data = {"version": DOWNLOAD_SIDECAR_VERSION, "remote_path": self.remote_path,
-                "size": self.size, "sha256": self.sha256, "received": self.received}
+        data = self.state.sidecar({"remote_path": self.remote_path})
         with contextlib.suppress(OSError):
             self.sidecar.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
 
     def digest(self) -> str:
-        if self.hasher is not None and self.hashed_upto == self.size:
-            return str(self.hasher.hexdigest())
+        """The sha256 of the part: the running hash, fed what it has not seen from disk."""
         assert self.file is not None
-        return str(self.file.hash_from(0, hashlib.sha256()).hexdigest())
+        hasher, start = self.state.hash_resume()
+        return str(self.file.hash_from(start, hasher).hexdigest())
 
     def close(self) -> None:
         if self.file is not None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...agent_payload import files as payload_files
+from ...agent_payload.manifest import protected_root_error
 from .scan import LocalEntry, LocalTree
 from .tuning import (
     BATCH_BYTES,
@@ -118,7 +118,7 @@ def plan_sync(tree: LocalTree, remote: dict[str, Any], options: SyncOptions,
     protected = remote.get("delete_protected")
     if options.delete and protected and not options.allow_root_delete:
         # Decided by the supervisor from the real paths; its sync_delete refuses too.
-        plan.refusals.append(f"sync {local_dir}: " + payload_files.protected_root_error(
+        plan.refusals.append(f"sync {local_dir}: " + protected_root_error(
             remote_root, str(protected)).message)
 
     rfiles: dict[str, dict[str, Any]] = {f["path"]: f for f in remote.get("files", [])}

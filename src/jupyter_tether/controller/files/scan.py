@@ -7,9 +7,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...agent_payload.files import PART_SUFFIX, SIDECAR_SUFFIX, TEMP_MARK, ExcludeMatcher
+from ...agent_payload.excludes import ExcludeMatcher
+from ...agent_payload.paths import PART_SUFFIX, SIDECAR_SUFFIX, TEMP_MARK, is_inside
 from ...errors import TransferError
-from .local import is_inside
 
 
 @dataclass

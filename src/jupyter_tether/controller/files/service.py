@@ -13,17 +13,20 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
-from ...agent_payload.files import FS_READ_MAX_BYTES, HashCache
+from ...agent_payload.fs_ops import FS_READ_MAX_BYTES
+from ...agent_payload.hashing import HashCache
+from ...agent_payload.wire import Op
+from ..caller import Caller
 from ..rpc import check_listing
 from ..state import state_dir
-from .channel import Channel
 from .download import Downloader
 from .download_dir import DirDownload
 from .progress import ProgressCallback
+from .remote import fetch_manifest
 from .result import TransferResult
 from .sync import TreeSync
 from .tuning import (
@@ -35,32 +38,29 @@ from .tuning import (
 )
 from .upload import Uploader
 
-if TYPE_CHECKING:
-    from ..tether import AsyncTether
-
 log = logging.getLogger(__name__)
 _List = builtins.list  # ``list`` is a method name below
 
 
 class AsyncFiles:
-    """``tether.files``: transfers, small-file ops and directory sync over the comm."""
+    """``tether.files``: transfers, small-file ops and directory sync on the remote."""
 
-    def __init__(self, tether: AsyncTether) -> None:
-        self._channel = Channel(tether)
+    def __init__(self, caller: Caller) -> None:
+        self._caller = caller
         # sha256 of local files by (size, mtime, ctime, inode); persisted per synced tree.
         self._hashes = HashCache(str(state_dir() / "hash-cache"))
-        self._uploader = Uploader(self._channel, self._hashes)
-        self._downloader = Downloader(self._channel)
+        self._uploader = Uploader(caller, self._hashes)
+        self._downloader = Downloader(caller)
 
     async def _manifest(self, path: str, excludes: Sequence[str], *,
                         hash_files: bool) -> dict[str, Any]:
-        return await self._channel.manifest(path, excludes, hash_files=hash_files)
+        return await fetch_manifest(self._caller, path, excludes, hash_files=hash_files)
 
     # --- small files ----------------------------------------------------------------------
 
     async def list(self, path: str = "", *, max_entries: int = 10000) -> _List[dict[str, Any]]:
         """Entries of a remote directory: name, path, type, size, mtime (and link target)."""
-        reply = await self._channel.call("fs_list", {"path": path, "max_entries": max_entries})
+        reply = await self._caller.call(Op.FS_LIST, {"path": path, "max_entries": max_entries})
         entries = check_listing(reply.result, max_entries)
         base = str(reply.result["path"])
         for entry in entries:
@@ -72,7 +72,7 @@ class AsyncFiles:
 
     async def stat(self, path: str) -> dict[str, Any]:
         """Type, size, mtime, mode of a remote path; ``exists`` is False (no error) if missing."""
-        reply = await self._channel.call("fs_stat", {"path": path})
+        reply = await self._caller.call(Op.FS_STAT, {"path": path})
         result: dict[str, Any] = reply.result
         return result
 
@@ -83,7 +83,7 @@ class AsyncFiles:
         resolved = path
         while got < max_bytes:
             want = min(max_bytes - got, FS_READ_MAX_BYTES)
-            reply = await self._channel.call("fs_read", {"path": path, "offset": offset + got,
+            reply = await self._caller.call(Op.FS_READ, {"path": path, "offset": offset + got,
                                                          "max_bytes": want})
             data = reply.buffers[0] if reply.buffers else b""
             resolved = str(reply.result.get("path", path))
@@ -112,7 +112,7 @@ class AsyncFiles:
             args: dict[str, Any] = {"path": path}
             if mode is not None:
                 args["mode"] = mode
-            reply = await self._channel.call("fs_write", args, buffers=[bytes(data)])
+            reply = await self._caller.call(Op.FS_WRITE, args, buffers=[bytes(data)])
             result: dict[str, Any] = reply.result
             return result
         # Too big for one message: the chunked upload, straight from memory.
@@ -131,13 +131,13 @@ class AsyncFiles:
     async def remove(self, path: str, recursive: bool = False, *,
                      missing_ok: bool = False) -> dict[str, Any]:
         """Remove a remote file, link or (empty, or with ``recursive``) directory."""
-        reply = await self._channel.call("fs_remove", {"path": path, "recursive": recursive,
-                                                       "missing_ok": missing_ok})
+        reply = await self._caller.call(Op.FS_REMOVE, {"path": path, "recursive": recursive,
+                                                      "missing_ok": missing_ok})
         result: dict[str, Any] = reply.result
         return result
 
     async def mkdir(self, path: str, *, parents: bool = True) -> dict[str, Any]:
-        reply = await self._channel.call("fs_mkdir", {"path": path, "parents": parents})
+        reply = await self._caller.call(Op.FS_MKDIR, {"path": path, "parents": parents})
         result: dict[str, Any] = reply.result
         return result
 
@@ -219,7 +219,7 @@ class AsyncFiles:
         reports what would be uploaded (``would_upload``) and deleted (``would_delete``),
         and in ``would_refuse`` why a real run would refuse.
         """
-        runner = TreeSync(self._channel, self._hashes, self._uploader, self._manifest)
+        runner = TreeSync(self._caller, self._hashes, self._uploader, self._manifest)
         return await runner.run(local_dir, remote_dir, exclude=exclude, delete=delete,
                                 max_bytes=max_bytes, progress=progress, gitignore=gitignore,
                                 dry_run=dry_run, allow_root_delete=allow_root_delete)
@@ -245,5 +245,5 @@ class AsyncFiles:
                             exclude: str | Sequence[str] | None = None) -> dict[str, Any]:
         """``download_dir`` into ``root``, an absolute path taken as it is (no ``~``)."""
         # Built per call, so the run asks ``self._manifest`` as it is now (tests replace it).
-        runner = DirDownload(self._channel, self._downloader, self._manifest)
+        runner = DirDownload(self._caller, self._downloader, self._manifest)
         return await runner.run(remote_dir, root, progress=progress, exclude=exclude)

@@ -17,14 +17,16 @@ from typing import Any
 
 import anyio
 
-from ...agent_payload.files import HashCache
+from ...agent_payload.hashing import HashCache
+from ...agent_payload.wire import Op
 from ...errors import RemoteError, TransferError
+from ..caller import Caller
 from ..concurrency import gather_limited
-from .channel import Channel, ManifestFetch, with_context
 from .excludes import normal_excludes
 from .local import cacheable, racy, sha256_path
 from .plan import ContentHashes, SyncOptions, SyncPlan, plan_sync, unreadable_refusal
 from .progress import Progress, ProgressCallback
+from .remote import ManifestFetch, with_context
 from .scan import LocalEntry, LocalTree, scan_local
 from .tuning import (
     BATCH_WINDOW,
@@ -42,9 +44,9 @@ from .upload import Uploader
 class TreeSync:
     """Runs syncs of local trees to remote directories (see ``AsyncFiles.sync``)."""
 
-    def __init__(self, channel: Channel, hashes: HashCache, uploader: Uploader,
+    def __init__(self, caller: Caller, hashes: HashCache, uploader: Uploader,
                  manifest: ManifestFetch) -> None:
-        self._channel = channel
+        self._caller = caller
         self._hashes = hashes
         self._uploader = uploader
         self._manifest = manifest
@@ -111,8 +113,8 @@ class TreeSync:
         pruned_dirs = 0
         if plan.delete:
             try:
-                reply = await self._channel.call(
-                    "sync_delete", {"root": remote_root, "paths": plan.delete,
+                reply = await self._caller.call(
+                    Op.SYNC_DELETE, {"root": remote_root, "paths": plan.delete,
                                     "allow_root_delete": allow_root_delete},
                     timeout=MANIFEST_TIMEOUT_S)
             except RemoteError as exc:
@@ -147,7 +149,7 @@ class TreeSync:
         return result
 
     async def _mkdir(self, path: str) -> None:
-        await self._channel.call("fs_mkdir", {"path": path, "parents": True})
+        await self._caller.call(Op.FS_MKDIR, {"path": path, "parents": True})
 
     async def _local_hashes(self, entries: Sequence[LocalEntry]) -> dict[str, str]:
         def run() -> dict[str, str]:
@@ -189,7 +191,7 @@ class TreeSync:
             outcome["errors"].extend(errors)
             late.extend(grown)
             if specs:
-                await self._channel.call("batch_write", {"root": remote_root, "files": specs,
+                await self._caller.call(Op.BATCH_WRITE, {"root": remote_root, "files": specs,
                                                          "make_dirs": True},
                                          buffers=blobs, timeout=CHUNK_TIMEOUT_S)
                 sent = sum(len(b) for b in blobs)

@@ -20,12 +20,16 @@ from typing import Any
 import anyio
 
 from ...agent_payload import wire
-from ...agent_payload.files import HashCache
+from ...agent_payload.fsutil import O_BINARY
+from ...agent_payload.hashing import HashCache
+from ...agent_payload.transfer_state import clean_ranges, missing_ranges
+from ...agent_payload.wire import Op
 from ...errors import ConnectionLost, NotFound, RemoteError, TetherTimeout, TransferError
-from .channel import Channel, resumable, with_context
-from .local import O_BINARY, LocalFile, cacheable, racy
+from ..caller import Caller
+from .local import LocalFile, cacheable, racy
 from .progress import Progress, ProgressCallback
-from .ranges import chunks, missing_ranges
+from .ranges import chunks
+from .remote import resumable, with_context
 from .result import TransferResult
 from .tuning import CHUNK_TIMEOUT_S, MAX_ATTEMPTS
 
@@ -33,10 +37,10 @@ log = logging.getLogger(__name__)
 
 
 class Uploader:
-    """Sends local files and in-memory bytes to remote paths over a ``Channel``."""
+    """Sends local files and in-memory bytes to remote paths over a ``Caller``."""
 
-    def __init__(self, channel: Channel, hashes: HashCache) -> None:
-        self._channel = channel
+    def __init__(self, caller: Caller, hashes: HashCache) -> None:
+        self._caller = caller
         # sha256 of local files by (size, mtime, ctime, inode), shared with sync.
         self._hashes = hashes
 
@@ -106,10 +110,11 @@ class Uploader:
         while True:
             attempt += 1
             try:
-                begun = (await self._channel.call("upload_begin", args)).result
+                begun = (await self._caller.call(Op.UPLOAD_BEGIN, args)).result
                 target = str(begun["path"])
                 where = f"upload {local_label} -> {target}"
-                missing = missing_ranges(begun.get("received") or [], size)
+                # The remote's own record of what it holds: untrusted, so cleaned first.
+                missing = missing_ranges(clean_ranges(begun.get("received") or [], size), size)
                 if resumed is None:
                     resumed = int(begun.get("received_bytes", 0))
                 tracker.set(size - sum(e - s for s, e in missing))
@@ -137,7 +142,7 @@ class Uploader:
                 # ConnectionLost means the link stayed down for its whole reconnect wait:
                 # try again only if it is back by now.
                 if attempt < MAX_ATTEMPTS and (isinstance(exc, TetherTimeout)
-                                               or self._channel.connected):
+                                               or self._caller.connected):
                     log.info("%s: %s; resuming", where, exc)
                     continue
                 raise TransferError(f"{where}: {exc} (the remote keeps what arrived: upload "
@@ -147,14 +152,14 @@ class Uploader:
                               resumed_bytes=resumed or 0, sent_bytes=sent, direction="upload")
 
     async def _send_chunks(self, transfer_id: str, read_at: Callable[[int, int], bytes],
-                           ranges: Sequence[tuple[int, int]], chunk_size: int, window: int,
+                           ranges: Sequence[Sequence[int]], chunk_size: int, window: int,
                            tracker: Progress) -> int:
         """Send ``ranges`` with ``window`` chunks in flight; returns the bytes acknowledged.
 
         Not ``gather_limited``: chunks are read here, one after the other in offset order
         (a sequential disk read), and only the sends overlap.
         """
-        channel = self._channel
+        caller = self._caller
         credit = anyio.Semaphore(window)
         failures: list[BaseException] = []
         acked = 0
@@ -162,7 +167,7 @@ class Uploader:
         async def send(offset: int, data: bytes, scope: anyio.CancelScope) -> None:
             nonlocal acked
             try:
-                await channel.call("upload_chunk", {"transfer_id": transfer_id, "offset": offset},
+                await caller.call(Op.UPLOAD_CHUNK, {"transfer_id": transfer_id, "offset": offset},
                                    buffers=[data], timeout=CHUNK_TIMEOUT_S)
                 acked += len(data)
                 tracker.add(len(data))
@@ -195,7 +200,7 @@ class Uploader:
         # Generous: a resumed upload is re-hashed from disk on the remote before the rename.
         timeout = 120.0 + size / 20e6
         try:
-            reply = await self._channel.call("upload_commit", {"transfer_id": transfer_id},
+            reply = await self._caller.call(Op.UPLOAD_COMMIT, {"transfer_id": transfer_id},
                                              timeout=timeout)
             result: dict[str, Any] = reply.result
             return result
@@ -211,11 +216,11 @@ class Uploader:
     async def remote_has(self, path: str, size: int, digest: str) -> bool:
         """Whether the remote file at ``path`` has this size and sha256 (False when unsure)."""
         try:
-            begun = (await self._channel.call("download_begin", {"path": path, "hash": True},
+            begun = (await self._caller.call(Op.DOWNLOAD_BEGIN, {"path": path, "hash": True},
                                               timeout=120.0 + size / 50e6)).result
         except (RemoteError, ConnectionLost, TetherTimeout):
             return False
         with contextlib.suppress(RemoteError, ConnectionLost, TetherTimeout):
-            await self._channel.call("download_end", {"transfer_id": begun["transfer_id"]},
+            await self._caller.call(Op.DOWNLOAD_END, {"transfer_id": begun["transfer_id"]},
                                      timeout=10)
         return bool(begun.get("size") == size and begun.get("sha256") == digest)

@@ -4,10 +4,12 @@ annotation hints, and the table a module's tools are registered from.
 A tool is a plain async function whose first parameter is ``tc: ToolContext``; the rest of
 its signature is the tool's input schema (the SDK reads it), its docstring the description.
 ``ToolTable.tool(hints(...))`` puts it in its module's table; ``register()`` binds ``tc``
-and adds it to the server under the function's name.
+(a fresh copy per call) and adds it to the server under the function's name. What the tool
+returns is sent in the shape every tool shares (shape.py): compact JSON, UTC times,
+root-relative remote paths.
 """
 # No ``from __future__ import annotations`` here: the SDK reads these signatures at runtime
-# to build the input and output schemas.
+# to build the input schemas.
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -16,7 +18,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resolve import ListRoots, Resolve
-from mcp_types import ListRootsResult, ToolAnnotations
+from mcp_types import CallToolResult, ListRootsResult, TextContent, ToolAnnotations
 from pydantic import Field
 from typing_extensions import TypedDict  # pydantic needs it for nested TypedDicts on 3.11
 
@@ -25,6 +27,7 @@ from ...controller.target import redact
 from ..helpers import tool_errors
 from ..local_roots import AllowedRoots, roots_from_uris
 from ..pool import TetherPool
+from .shape import compact_schema, iso_utc, jsonable, shape, to_json_text
 
 ToolFn = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=ToolFn)
@@ -49,13 +52,36 @@ class ToolContext:
     def __init__(self, holder: PoolHolder, local_roots: tuple[str, ...]) -> None:
         self._holder = holder
         self.local_roots = local_roots
+        # The remote root of the target this call used: results' paths are relative to it
+        # (unless a tool turns relative_paths off).
+        self.remote_root: str | None = None
+        self.relative_paths = True
+
+    def for_call(self) -> "ToolContext":
+        """A copy for one tool call (its own remote_root)."""
+        return ToolContext(self._holder, self.local_roots)
 
     @property
     def pool(self) -> TetherPool:
         return self._holder.pool
 
     async def tether(self, server_url: str | None) -> AsyncTether:
-        return await self.pool.get(server_url)
+        return self._used(await self.pool.get(server_url))
+
+    async def job_tether(self, job_id: str, server_url: str | None) -> AsyncTether:
+        """The tether of the target that knows ``job_id`` (see TetherPool.for_job)."""
+        return self._used(await self.pool.for_job(job_id, server_url))
+
+    def _used(self, tether: AsyncTether) -> AsyncTether:
+        self.remote_root = tether.link.facts.get("root_dir") or self.remote_root
+        return tether
+
+    def result(self, value: Any) -> CallToolResult:
+        """A tool's return value as sent: the shared shape (shape.py), as compact JSON text
+        and as structured content."""
+        data = shape(jsonable(value), self.remote_root if self.relative_paths else None)
+        return CallToolResult(content=[TextContent(type="text", text=to_json_text(data))],
+                              structured_content=data)
 
     def confine(self, path: str, client: ListRootsResult | None) -> str:
         """The resolved local path, refused outside the allowed roots (checked per call)."""
@@ -83,20 +109,15 @@ class ToolContext:
 
 # --- argument types ---------------------------------------------------------------------------
 
+# Shared arguments are described in a few words: they recur in every tool, and the server's
+# instructions (and the jupyter-tether://help resource) explain them once in full.
 ServerUrl = Annotated[str | None, Field(
-    description="Jupyter server base URL (a token may ride in ?token=), or the name of a "
-                "target in jupyter-tether's config file (targets.toml; jupyter_status lists "
-                "them), which brings its own token. Default: the server's --url or "
-                "REMOTE_JUPYTER_URL (token from REMOTE_JUPYTER_TOKEN), else an embedded local "
-                "Jupyter server.")]
-KernelCompat = Annotated[str | None, Field(
-    description="Accepted for compatibility and ignored: jupyter-tether does this through "
-                "its persistent supervisor, never in a user kernel.")]
-JobId = Annotated[str, Field(description="Job id from jupyter_job_start / jupyter_job_submit.",
-                             min_length=1)]
+    description="URL or target name.")]
+COMPAT = "Ignored (compatibility)."
+KernelCompat = Annotated[str | None, Field(description=COMPAT)]
+JobId = Annotated[str, Field(min_length=1)]
 EnvOverrides = Annotated[dict[str, str | int | float | bool] | None, Field(
-    description="Environment variables to set for the command(s); numbers and booleans are "
-                "turned into their text (0 -> \"0\").")]
+    description="Environment variables (numbers and booleans become text).")]
 
 
 def _ask_client_roots(ctx: Context) -> ListRoots | None:
@@ -115,7 +136,9 @@ def env_strings(values: dict[str, str | int | float | bool] | None) -> dict[str,
     return {name: str(value) for name, value in values.items()} if values else None
 
 
-def timeout_arg(description: str = "Upper bound on this call, in seconds.") -> Any:
+def timeout_arg(description: str | None = None) -> Any:
+    """``timeout_s``: described only where it means more than the instructions' "seconds
+    this call may take"."""
     return Field(description=description, gt=0)
 
 
@@ -129,8 +152,8 @@ class JobStatusResult(TypedDict):
     pid: int | None
     exit_code: int | None
     signal: int | None
-    started_at: float | None
-    ended_at: float | None
+    started_at: str | None
+    ended_at: str | None
     command: str
     cwd: str
     log_path: str
@@ -161,7 +184,7 @@ class WaitResult(TypedDict):
 class PingResult(TypedDict):
     ok: bool
     base_url: str
-    rtt_ms: float
+    rtt_s: float
     server_version: str | None
     supervisor_pid: int | None
 
@@ -169,8 +192,8 @@ class PingResult(TypedDict):
 def job_dict(info: JobInfo) -> JobStatusResult:
     return JobStatusResult(
         job_id=info.job_id, state=info.state, alive=info.state == "running", pid=info.pid,
-        exit_code=info.exit_code, signal=info.signal, started_at=info.started_at,
-        ended_at=info.ended_at, command=info.command, cwd=info.cwd, log_path=info.log_path,
+        exit_code=info.exit_code, signal=info.signal, started_at=iso_utc(info.started_at),
+        ended_at=iso_utc(info.ended_at), command=info.command, cwd=info.cwd, log_path=info.log_path,
         bytes_written=info.bytes_written, name=info.name)
 
 
@@ -179,9 +202,14 @@ def job_dict(info: JobInfo) -> JobStatusResult:
 
 def hints(read_only: bool, destructive: bool = False, idempotent: bool = False,
           title: str | None = None) -> ToolAnnotations:
-    return ToolAnnotations(title=title, read_only_hint=read_only,
-                           destructive_hint=destructive if not read_only else False,
-                           idempotent_hint=idempotent or read_only, open_world_hint=True)
+    """Only what differs from the protocol's defaults (destructive and idempotent mean
+    nothing for a read-only tool; open world is the default), to keep tools/list small."""
+    given: dict[str, Any] = {"title": title} if title else {}
+    if not read_only:
+        given["destructive_hint"] = destructive
+        if idempotent:
+            given["idempotent_hint"] = True
+    return ToolAnnotations(read_only_hint=read_only, **given)
 
 
 @dataclass(frozen=True)
@@ -232,7 +260,8 @@ def bind(fn: ToolFn, tc: ToolContext) -> ToolFn:
         raise TypeError(f"tool {fn.__name__} must take tc: ToolContext as its first parameter")
 
     async def call(*args: Any, **kwargs: Any) -> Any:
-        return await fn(tc, *args, **kwargs)
+        own = tc.for_call()
+        return own.result(await fn(own, *args, **kwargs))
 
     # Not functools.wraps: a __wrapped__ would lead the SDK's lookups back to ``fn``'s ``tc``.
     call.__name__, call.__qualname__ = fn.__name__, fn.__qualname__
@@ -247,6 +276,17 @@ def register(server: MCPServer, specs: Iterable[ToolSpec], tc: ToolContext) -> N
     for spec in specs:
         wrapped = tool_errors(tc.scrub, _not_found_hint(spec.name))(bind(spec.fn, tc))
         # cleandoc: the same text on every Python (3.13+ dedents docstrings when compiling).
+        # No output schema in tools/list (agents never see one; it cost a sixth of the
+        # list): every result still comes as structured content and as compact JSON text.
         server.add_tool(wrapped, name=spec.name,
                         description=inspect.cleandoc(spec.fn.__doc__ or ""),
-                        annotations=spec.annotations)
+                        annotations=spec.annotations, structured_output=False)
+        _compact_input_schema(server, spec.name)
+
+
+def _compact_input_schema(server: MCPServer, name: str) -> None:
+    """List the tool's input schema compactly (shape.py); arguments are still validated
+    by their pydantic model, so what is accepted does not change."""
+    tool = server._tool_manager.get_tool(name)  # the SDK offers no public handle on it
+    if tool is not None:
+        tool.parameters = compact_schema(tool.parameters)

@@ -13,7 +13,16 @@ from pydantic import Field
 
 from ...controller import submit as submit_mod
 from ..helpers import activity, bounded, cap_head, cap_value
-from .common import ClientRoots, KernelCompat, ServerUrl, ToolContext, ToolTable, hints, timeout_arg
+from .common import (
+    COMPAT,
+    ClientRoots,
+    KernelCompat,
+    ServerUrl,
+    ToolContext,
+    ToolTable,
+    hints,
+    timeout_arg,
+)
 
 DOWNLOAD_BASE64_MAX = 16 * 1024 * 1024
 
@@ -28,7 +37,7 @@ async def jupyter_list_dir(
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
     max_entries: Annotated[int, Field(description="Cap on entries returned.", ge=1)] = 1000,
 ) -> dict[str, Any]:
-    """List a remote directory: name, type, size, modification time of each entry."""
+    """List a remote directory: name, type, size, mtime of each entry."""
     async with bounded(timeout_s, "list dir"):
         # One more than asked: tells whether there were more.
         entries = await (await tc.tether(server_url)).files.list(
@@ -44,15 +53,14 @@ async def jupyter_list_dir(
 @TOOLS.tool(hints(True, title="Read a remote text file"))
 async def jupyter_read_text(
     tc: ToolContext,
-    path: Annotated[str, Field(description="Remote file path (relative to the root).",
-                               min_length=1)],
+    path: Annotated[str, Field(description="Remote file path.", min_length=1)],
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
     max_chars: Annotated[int, Field(description="Cap on returned chars (the head is kept).",
                                     ge=100)] = 100_000,
 ) -> dict[str, Any]:
-    """Read a remote text file. Long files are cut with a marker; fetch whole files with
-    jupyter_download_to_local."""
+    """Read a remote text file (a long one is cut; jupyter_download_to_local fetches it
+    whole)."""
     async with bounded(timeout_s, "read text"):
         tether = await tc.tether(server_url)
         # Never more than the cap needs (UTF-8 is at most 4 bytes a char), plus one to
@@ -72,11 +80,11 @@ async def jupyter_write_text(
     tc: ToolContext,
     path: Annotated[str, Field(description="Remote file path; parents are created.",
                                min_length=1)],
-    content: Annotated[str, Field(description="The text to write (replaces the file).")],
+    content: Annotated[str, Field(description="The text (replaces the file).")],
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
 ) -> dict[str, Any]:
-    """Write (create or replace) a remote text file, atomically."""
+    """Create or replace a remote text file, atomically."""
     async with bounded(timeout_s, "write text"):
         result = await (await tc.tether(server_url)).files.write_text(path, content)
     return {**result, "path": path, "resolved_path": result.get("path")}
@@ -91,8 +99,7 @@ async def jupyter_upload_base64(
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 60.0,
 ) -> dict[str, Any]:
-    """Write bytes given as base64 to a remote file. For local files use
-    jupyter_upload_local_file (no base64, any size)."""
+    """Write base64 bytes to a remote file. Local files: jupyter_upload_local_file."""
     try:
         data = base64.b64decode(content_base64.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as exc:
@@ -107,18 +114,15 @@ async def jupyter_upload_base64(
 async def jupyter_upload_local_file(
     tc: ToolContext,
     ctx: Context,
-    local_path: Annotated[str, Field(description="File on the machine running this MCP "
-                                                 "server.", min_length=1)],
-    remote_path: Annotated[str, Field(description="Destination path on the remote.",
-                                      min_length=1)],
+    local_path: Annotated[str, Field(description="File on this MCP server's machine.",
+                                     min_length=1)],
+    remote_path: Annotated[str, Field(description="Remote destination.", min_length=1)],
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 120.0,
     client_roots: ClientRoots = None,
 ) -> dict[str, Any]:
-    """Upload a local file to the remote in chunks, verified by SHA-256 and renamed into
-    place atomically; sends progress notifications. Returns bytes, seconds and hash.
-    local_path must lie inside the allowed local roots (your MCP roots, within the
-    server's cwd or --local-root dirs); a relative one starts at the first root."""
+    """Upload a local file (inside the allowed local roots) in chunks, SHA-256 verified,
+    renamed into place atomically; sends progress. Returns bytes, seconds, sha256."""
     local = tc.confine(local_path, client_roots)
     if not os.path.isfile(local):
         raise ToolError(f"local file not found: {local_path}")
@@ -138,8 +142,8 @@ async def jupyter_download_base64(
     max_bytes: Annotated[int, Field(description="Refuse files larger than this.",
                                     ge=1)] = DOWNLOAD_BASE64_MAX,
 ) -> dict[str, Any]:
-    """Return a remote file's bytes as base64 (small files only: base64 costs context).
-    Prefer jupyter_download_to_local for anything big."""
+    """A remote file's bytes as base64: small files only (it costs context); else
+    jupyter_download_to_local."""
     async with bounded(timeout_s, "download"):
         tether = await tc.tether(server_url)
         data = await tether.files.read_bytes(remote_path, max_bytes=max_bytes + 1)
@@ -155,16 +159,14 @@ async def jupyter_download_to_local(
     tc: ToolContext,
     ctx: Context,
     remote_path: Annotated[str, Field(description="Remote file path.", min_length=1)],
-    local_path: Annotated[str, Field(description="Destination on the machine running "
-                                                 "this MCP server.", min_length=1)],
+    local_path: Annotated[str, Field(description="Destination on this MCP server's "
+                                                 "machine.", min_length=1)],
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 120.0,
     client_roots: ClientRoots = None,
 ) -> dict[str, Any]:
-    """Download a remote file to a local path in chunks, verified by SHA-256, written
-    atomically; sends progress notifications. Returns bytes, seconds and hash.
-    local_path must lie inside the allowed local roots (your MCP roots, within the
-    server's cwd or --local-root dirs); a relative one starts at the first root."""
+    """Download a remote file to a local path (inside the allowed local roots) in chunks,
+    SHA-256 verified, written atomically; sends progress. Returns bytes, seconds, sha256."""
     local = tc.confine(local_path, client_roots)
     async with bounded(timeout_s, f"download of {remote_path}"), \
             activity(ctx, f"download {os.path.basename(remote_path)}") as act:
@@ -180,18 +182,14 @@ async def jupyter_download_dir_to_local(
     remote_dir: Annotated[str, Field(description="Remote directory.", min_length=1)],
     local_dir: Annotated[str, Field(description="Local destination directory.",
                                     min_length=1)],
-    archive_remote_path: Annotated[str | None, Field(
-        description="Accepted for compatibility and ignored: no archive is staged on the "
-                    "remote.")] = None,
+    archive_remote_path: Annotated[str | None, Field(description=COMPAT)] = None,
     kernel_id: KernelCompat = None,
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 600.0,
     client_roots: ClientRoots = None,
 ) -> dict[str, Any]:
-    """Download a remote directory tree into a local directory. Paths that would land
-    outside local_dir (absolute, '..', links, devices) are refused. local_dir must lie
-    inside the allowed local roots (your MCP roots, within the server's cwd or
-    --local-root dirs)."""
+    """Download a remote directory tree into local_dir (inside the allowed local roots);
+    entries that would land outside it (absolute, '..', links, devices) are refused."""
     local = tc.confine(local_dir, client_roots)
     async with bounded(timeout_s, f"download of {remote_dir}"), \
             activity(ctx, f"download {remote_dir}") as act:
@@ -211,20 +209,14 @@ async def jupyter_sync_dir(
     exclude_globs_csv: Annotated[str, Field(
         description="Comma-separated globs to leave out.")] = submit_mod.DEFAULT_SYNC_EXCLUDES,
     clean_remote: Annotated[bool, Field(
-        description="Delete remote files that are not in local_dir (the remote ends up "
-                    "equal to the local tree). Refused in the server root, the home "
-                    "directory, / or a directory above them unless "
-                    "allow_root_delete.")] = True,
+        description="Delete remote files not in local_dir (refused at the server root, "
+                    "home, / or above unless allow_root_delete).")] = True,
     dry_run: Annotated[bool, Field(
-        description="Change nothing: report what would be uploaded (would_upload_paths) "
-                    "and deleted (would_delete_paths), and why a real run would refuse "
-                    "(would_refuse).")] = False,
+        description="Change nothing; report would_upload_paths, would_delete_paths, "
+                    "would_refuse.")] = False,
     allow_root_delete: Annotated[bool, Field(
-        description="Let clean_remote delete in the server root, the home directory, / "
-                    "or a directory above them. Only when the user asked for exactly "
-                    "that.")] = False,
-    keep_archive: Annotated[bool, Field(
-        description="Accepted for compatibility and ignored: no archive is made.")] = False,
+        description="Let clean_remote delete there; only if the user asked.")] = False,
+    keep_archive: Annotated[bool, Field(description=COMPAT)] = False,
     max_bytes: Annotated[int, Field(description="Refuse if the files to send exceed this.",
                                     ge=0)] = 200 * 1024 * 1024,
     kernel_id: KernelCompat = None,
@@ -232,10 +224,8 @@ async def jupyter_sync_dir(
     timeout_s: Annotated[float, timeout_arg()] = 600.0,
     client_roots: ClientRoots = None,
 ) -> dict[str, Any]:
-    """Make a remote directory match a local one. Only changed files travel (manifests of
-    size, mtime and hash are compared); sends progress notifications. local_dir must lie
-    inside the allowed local roots (your MCP roots, within the server's cwd or
-    --local-root dirs)."""
+    """Make a remote directory match a local one (inside the allowed local roots); only
+    changed files travel (size, mtime, hash compared); sends progress."""
     local = tc.confine(local_dir, client_roots)
     if not os.path.isdir(local):
         raise ToolError(f"local directory not found: {local_dir}")

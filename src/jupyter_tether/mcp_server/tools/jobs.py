@@ -30,9 +30,13 @@ MAX_WAIT_S = 300.0
 MAX_FOLLOW_WAIT_S = 30.0
 FOLLOW_POLL_S = 0.2
 
+
 async def _follow_once(job: AsyncJob, offset: int, wait_s: float,
                        max_chars: int) -> FollowResult:
-    """New log text from ``offset``: waits up to ``wait_s`` for some, returns the next offset.
+    """The log from ``offset``, gathered for up to ``wait_s``; sooner only when the job has
+    ended and all of it is read (eof on the call that carries the last bytes) or when
+    ``max_chars`` bytes are there. Returning at the first new line would cost an agent a
+    call (and a turn) per line.
 
     Ends on a UTF-8 character boundary and, when the chunk is full, after the last complete
     line, so concatenating the texts of successive calls gives the log exactly once.
@@ -41,21 +45,20 @@ async def _follow_once(job: AsyncJob, offset: int, wait_s: float,
     data, start = b"", offset
     info = await job.status()
     while True:
-        chunk, after = await job.read(offset, max_chars)
+        # The state is asked before the read: once ended, that read sees all it wrote.
+        ended = info.done
+        chunk, after = await job.read(start + len(data), max_chars - len(data))
         if chunk:
-            data, start = chunk, after - len(chunk)
-            info = await job.status() if info.state == "running" else info
+            if not data:
+                start = after - len(chunk)
+            data += chunk
+        if ended or len(data) >= max_chars:
             break
-        if info.done:
+        left = deadline - anyio.current_time()
+        if left <= 0:
             break
-        if anyio.current_time() >= deadline:
-            break
-        await anyio.sleep(min(FOLLOW_POLL_S, max(0.0, deadline - anyio.current_time())))
+        await anyio.sleep(min(FOLLOW_POLL_S, left))
         info = await job.status()
-        if info.done:  # read once more: output written just before the exit
-            chunk, after = await job.read(offset, max_chars)
-            data, start = chunk, after - len(chunk)
-            break
     size = max(info.bytes_written, start + len(data))
     at_end = info.done and start + len(data) >= size
     used = utf8_prefix(data, final=at_end)
@@ -81,7 +84,6 @@ async def _follow_once(job: AsyncJob, offset: int, wait_s: float,
 TOOLS = ToolTable()
 
 
-
 @TOOLS.tool(hints(False, destructive=True, title="Run shell commands"))
 async def jupyter_run_commands(
     tc: ToolContext,
@@ -98,9 +100,8 @@ async def jupyter_run_commands(
     kernel_id: KernelCompat = None,
     server_url: ServerUrl = None,
 ) -> dict[str, Any]:
-    """Run shell commands one after another and return each one's returncode, stdout,
-    stderr, duration and timed_out; ok is true when all succeeded. For long work use
-    jupyter_job_start, which returns at once."""
+    """Run shell commands in order; returns each one's returncode, stdout, stderr,
+    duration_s, timed_out, and ok (all succeeded). Long work: jupyter_job_start."""
     limit = timeout_s_per_command * len(commands) + 60
     async with bounded(limit, "run_commands"), \
             activity(ctx, f"running {len(commands)} command(s)"):
@@ -114,24 +115,21 @@ async def jupyter_run_commands(
 @TOOLS.tool(hints(False, title="Start a background job"))
 async def jupyter_job_start(
     tc: ToolContext,
-    command: Annotated[str, Field(description="Shell command to run in the background.",
-                                  min_length=1)],
+    command: Annotated[str, Field(description="Shell command.", min_length=1)],
     kernel_id: KernelCompat = None,
     cwd: Annotated[str, Field(description="Remote working directory ('' = root).")] = "",
     env_overrides: EnvOverrides = None,
     log_path: Annotated[str | None, Field(
-        description="Remote log file for stdout+stderr (default: under logs/).")] = None,
-    timeout_s: Annotated[float, timeout_arg("Bound on starting the job (not its run).")] = 60.0,
+        description="Remote log file (default: under logs/).")] = None,
+    timeout_s: Annotated[float, timeout_arg("Bound on starting it (not its run).")] = 60.0,
     server_url: ServerUrl = None,
     name: Annotated[str | None, Field(description="A label for jupyter_job_list.")] = None,
     idempotency_key: Annotated[str | None, Field(
-        description="Retrying with the same key returns the same job instead of starting "
-                    "another.")] = None,
+        description="A retry with the same key returns the same job.")] = None,
 ) -> JobStatusResult:
-    """Start a shell command as a background job on the remote and return at once with
-    its job_id, pid and log_path. The job runs in its own session: it survives kernel
-    restarts, network drops and this MCP server restarting. Follow its log with
-    jupyter_job_follow, wait with jupyter_job_wait, stop with jupyter_job_kill."""
+    """Start a shell command as a background job; returns at once with job_id, pid and
+    log_path. It survives kernel restarts, network drops and MCP server restarts. Then
+    jupyter_job_follow, jupyter_job_wait, jupyter_job_kill."""
     async with bounded(timeout_s, "job start"):
         tether = await tc.tether(server_url)
         job = await tether.jobs.start(command, cwd=cwd, env=env_strings(env_overrides),
@@ -149,10 +147,10 @@ async def jupyter_job_status(
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
     server_url: ServerUrl = None,
 ) -> JobStatusResult:
-    """A job's state (running, exited, killed, lost), exit code, start and end times, log
-    path and log size. Known across MCP server restarts (the registry is on the remote)."""
+    """A job's state (running, exited, killed, lost), exit code, times, log path and size;
+    known across MCP server restarts."""
     async with bounded(timeout_s, "job status"):
-        tether = await tc.pool.for_job(job_id, server_url)
+        tether = await tc.job_tether(job_id, server_url)
         return job_dict(await tether.jobs.get(job_id).status())
 
 
@@ -166,10 +164,10 @@ async def jupyter_job_tail(
     max_chars: Annotated[int, Field(description="Cap on returned chars (the tail is kept).",
                                     ge=100)] = 20000,
 ) -> dict[str, Any]:
-    """The last lines of a job's log, with its state. To read everything exactly once,
-    loop on jupyter_job_follow instead."""
+    """The last lines of a job's log, with its state. To read all of it exactly once:
+    jupyter_job_follow."""
     async with bounded(timeout_s, "job tail"):
-        tether = await tc.pool.for_job(job_id, server_url)
+        tether = await tc.job_tether(job_id, server_url)
         job = tether.jobs.get(job_id)
         text = await job.tail(lines)
         info = await job.status()
@@ -188,13 +186,13 @@ async def jupyter_job_kill(
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
     server_url: ServerUrl = None,
     grace_s: Annotated[float, Field(
-        description="After TERM, send KILL if still alive after this many seconds.",
+        description="KILL after TERM if still alive after this long.",
         ge=0, le=600)] = 5.0,
 ) -> JobStatusResult:
-    """Signal a job's whole process group (TERM escalates to KILL after grace_s) and
-    return its resulting status."""
+    """Signal a job's process group (TERM escalates to KILL after grace_s); returns its
+    status."""
     async with bounded(timeout_s + grace_s, "job kill"):
-        tether = await tc.pool.for_job(job_id, server_url)
+        tether = await tc.job_tether(job_id, server_url)
         return job_dict(await tether.jobs.get(job_id).kill(sig, grace=grace_s))
 
 
@@ -207,8 +205,8 @@ async def jupyter_job_list(
     limit: Annotated[int, Field(description="Most recent jobs to return.", ge=1)] = 50,
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
 ) -> dict[str, Any]:
-    """Jobs known to the remote registry (including ones started before this MCP server
-    restarted), most recent first."""
+    """Jobs in the remote registry (also those from before an MCP server restart), newest
+    first."""
     async with bounded(timeout_s, "job list"):
         tether = await tc.tether(server_url)
         jobs = await tether.jobs.list(state)
@@ -223,21 +221,21 @@ async def jupyter_job_list(
 async def jupyter_job_follow(
     tc: ToolContext,
     job_id: JobId,
-    offset: Annotated[int, Field(description="Byte offset to read from: 0 at first, "
-                                             "then the next_offset of the last call.",
+    offset: Annotated[int, Field(description="0, then the last call's next_offset.",
                                  ge=0)] = 0,
     wait_s: Annotated[float, Field(
-        description="If nothing new is there yet, wait up to this long for output.",
+        description="Gather output this long, unless the job ends or max_chars fill.",
         ge=0, le=MAX_FOLLOW_WAIT_S)] = 10.0,
-    max_chars: Annotated[int, Field(description="Most text to return per call.",
+    max_chars: Annotated[int, Field(description="Most bytes per call.",
                                     ge=256, le=1_000_000)] = 20000,
     server_url: ServerUrl = None,
 ) -> FollowResult:
-    """Follow a job's log: returns the text written since `offset` (waiting up to wait_s
-    for some) and next_offset. Call again with offset=next_offset until eof is true:
-    every line arrives exactly once, in order, even across reconnects and restarts."""
+    """Follow a job's log: the text written since offset, gathered for up to wait_s (less
+    if the job ends: eof comes with its last bytes), and next_offset. Call again with
+    offset=next_offset until eof: every byte arrives once, in order, across reconnects
+    and restarts."""
     async with bounded(wait_s + 60, "job follow"):
-        tether = await tc.pool.for_job(job_id, server_url)
+        tether = await tc.job_tether(job_id, server_url)
         return await _follow_once(tether.jobs.get(job_id), offset, wait_s, max_chars)
 
 
@@ -247,17 +245,16 @@ async def jupyter_job_wait(
     ctx: Context,
     job_id: JobId,
     timeout_s: Annotated[float, Field(
-        description=f"Wait at most this long (at most {MAX_WAIT_S:g} s); call again if "
-                    "the job is still running.", gt=0, le=MAX_WAIT_S)] = 30.0,
+        description="Call again if the job still runs.", gt=0, le=MAX_WAIT_S)] = 30.0,
     server_url: ServerUrl = None,
 ) -> WaitResult:
-    """Wait for a job to end, up to timeout_s, sending progress notifications meanwhile.
-    Returns done=false (not an error) if it is still running when the time is up."""
+    """Wait up to timeout_s for a job to end (sends progress meanwhile); done=false, not
+    an error, if it still runs."""
     started = anyio.current_time()
     info: JobInfo | None = None
     async with bounded(timeout_s + 30, "job wait"), \
             activity(ctx, f"waiting for job {job_id}") as act:
-        tether = await tc.pool.for_job(job_id, server_url)
+        tether = await tc.job_tether(job_id, server_url)
         job = tether.jobs.get(job_id)
         while True:
             left = timeout_s - (anyio.current_time() - started)

@@ -19,13 +19,13 @@ async def jupyter_ping(
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
 ) -> PingResult:
-    """Check the Jupyter server and jupyter-tether's supervisor answer. Returns the round
-    trip time over the persistent link and the server's version."""
+    """Check the Jupyter server and jupyter-tether's supervisor answer: the round trip
+    time over the link (rtt_s) and the server's version."""
     async with bounded(timeout_s, "ping"):
         tether = await tc.tether(server_url)
         result = await tether.ping(timeout=timeout_s)
     return PingResult(ok=bool(result.get("ok")), base_url=tether.target.display_url,
-                      rtt_ms=float(result["rtt_ms"]),
+                      rtt_s=round(float(result["rtt_ms"]) / 1000, 4),
                       server_version=result.get("server_version"),
                       supervisor_pid=result.get("supervisor_pid"))
 
@@ -39,8 +39,8 @@ async def jupyter_env_snapshot(
     timeout_s: Annotated[float, timeout_arg()] = 120.0,
 ) -> dict[str, Any]:
     """Reproducibility snapshot of the remote: python, platform, cwd, CUDA env vars,
-    nvidia-smi and nvidia-smi -L, nvcc, pip freeze, torch version/CUDA/devices. Long
-    command outputs are capped."""
+    nvidia-smi (-L), nvcc, pip freeze, torch version/CUDA/devices. Long outputs are capped."""
+    tc.relative_paths = False  # a snapshot keeps the remote's own view: its absolute cwd
     async with bounded(timeout_s + 10, "env snapshot"), activity(ctx, "env snapshot"):
         tether = await tc.tether(server_url)
         snapshot = await tether.env_snapshot(timeout=timeout_s)
@@ -53,8 +53,8 @@ async def jupyter_list_kernels(
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
 ) -> dict[str, Any]:
-    """Running kernels on the server. jupyter-tether's own supervisor kernel is marked
-    role="supervisor" (never run code there); its default work kernel role="work"."""
+    """Running kernels. role="supervisor" marks jupyter-tether's own (never run code
+    there), role="work" its default work kernel."""
     async with bounded(timeout_s, "list kernels"):
         tether = await tc.tether(server_url)
         kernels = await tether.list_kernels()
@@ -72,7 +72,7 @@ async def jupyter_list_sessions(
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
 ) -> dict[str, Any]:
-    """Jupyter sessions on the server (notebooks, consoles, and jupyter-tether's own)."""
+    """Jupyter sessions (notebooks, consoles, jupyter-tether's own)."""
     async with bounded(timeout_s, "list sessions"):
         sessions = await (await tc.tether(server_url)).list_sessions()
     return {"sessions": sessions, "count": len(sessions)}
@@ -85,8 +85,8 @@ async def jupyter_start_kernel(
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
 ) -> dict[str, Any]:
-    """Start a new kernel and return its id (use it as kernel_id in jupyter_exec_python).
-    Not needed for plain use: exec without kernel_id runs in a persistent work kernel."""
+    """Start a kernel; returns its kernel_id for jupyter_exec_python. Rarely needed: exec
+    without kernel_id runs in a persistent work kernel."""
     async with bounded(timeout_s, "start kernel"):
         model = await (await tc.tether(server_url)).start_kernel(kernel_name)
     return {**model, "kernel_id": model.get("id")}
@@ -102,8 +102,7 @@ async def jupyter_shutdown_kernel(
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
 ) -> dict[str, Any]:
-    """Shut down a kernel (its variables are lost). The supervisor kernel is refused:
-    background jobs do not depend on any user kernel."""
+    """Shut down a kernel (its variables are lost). The supervisor kernel is refused."""
     async with bounded(timeout_s, "shutdown kernel"):
         await (await tc.tether(server_url)).shutdown_kernel(kernel_id, now)
     return {"kernel_id": kernel_id, "shutdown": True, "mode": "now" if now else "graceful"}
@@ -113,20 +112,18 @@ async def jupyter_shutdown_kernel(
 async def jupyter_exec_python(
     tc: ToolContext,
     ctx: Context,
-    code: Annotated[str, Field(description="Python code to run in the remote kernel.")],
+    code: Annotated[str, Field(description="Python code.")],
     kernel_id: Annotated[str | None, Field(
-        description="Kernel to run in; default: a persistent work kernel whose variables "
-                    "survive between calls.")] = None,
+        description="Default: a persistent work kernel (variables persist).")] = None,
     timeout_s: Annotated[float, timeout_arg(
-        "Run time limit; past it the kernel is interrupted and status is 'timeout'.")] = 120.0,
+        "Past it the kernel is interrupted (status 'timeout').")] = 120.0,
     server_url: ServerUrl = None,
     max_output_chars: Annotated[int, Field(
         description="Cap on stdout/stderr (the tail is kept).", ge=100)] = 20000,
 ) -> dict[str, Any]:
-    """Run Python in a remote kernel and return notebook-style outputs: status, stdout,
-    stderr, results (display data by MIME type), error with traceback. Images are saved
-    to local files (listed in images) instead of being inlined. For work longer than a
-    few minutes use jupyter_job_start."""
+    """Run Python in a remote kernel; returns status, stdout, stderr, results (display
+    data by MIME type), error with traceback. Images are saved to local files (images),
+    never inlined. Work over a few minutes: jupyter_job_start."""
     async with bounded(timeout_s + 30, "exec"), activity(ctx, "exec"):
         tether = await tc.tether(server_url)
         result = await tether.exec(code, kernel_id=kernel_id, timeout=timeout_s,

@@ -17,10 +17,9 @@ async def jupyter_status(
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
 ) -> dict[str, Any]:
-    """Where things stand: the target, the link (connected, reconnect count, protocol),
-    the supervisor (pid, python, host), the kernels it uses, and the jobs (running and
-    recent). Also every named target of the config file (pass its name as server_url
-    to any tool) and every target this MCP server has opened."""
+    """Where things stand: target, link (connected, reconnects), supervisor, kernels, jobs
+    (running, recent), the config's named targets (usable as server_url) and the targets
+    this MCP server has open."""
     async with bounded(timeout_s, "status"):
         tether = await tc.tether(server_url)
         link = await tether.status()

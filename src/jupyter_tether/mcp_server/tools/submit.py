@@ -22,24 +22,19 @@ async def jupyter_job_submit(
         "max_bytes, allow_root_delete}], bootstrap: {cwd, commands, fail_fast, env_overrides, "
         "timeout_s_per_command}, run: {cwd, command, log_path, env_overrides} (required), "
         "artifacts: [remote file path | {remote_path} | {remote_dir, local_subdir}], "
-        "server_url (a URL or a target name), kernel_id, idempotency_key}."))],
+        "server_url, kernel_id, idempotency_key}."))],
     timeout_s: Annotated[float, timeout_arg(
-        "Bound on this call: sync, bootstrap commands and starting the run (not the run "
-        "itself, which goes on in the background).")] = 600.0,
+        "Bound on sync, bootstrap and starting the run (not the run).")] = 600.0,
     dry_run: Annotated[bool, Field(
-        description="Change nothing and run nothing: report what each sync would upload "
-                    "and delete, and why a real submit would refuse (would_refuse).")] = False,
+        description="Change and run nothing; report what each sync would upload and "
+                    "delete, and would_refuse.")] = False,
     client_roots: ClientRoots = None,
 ) -> dict[str, Any]:
-    """Sync local directories, run bootstrap commands, then start `run` as a background
-    job and return at once with its job_id. The artifact list is stored on the remote
-    with the job, so jupyter_job_collect works even after this MCP server restarts.
-    A retried submit (same spec, same local files, within 10 minutes or while the job
-    runs) returns the same job instead of starting it twice; set spec.idempotency_key to
-    force a new run. If a bootstrap command fails, the run is not started (ok=false).
-    Sends progress notifications through the sync, bootstrap and start phases. Each
-    sync local_dir must lie inside the allowed local roots (your MCP roots, within the
-    server's cwd or --local-root dirs)."""
+    """Sync local dirs (inside the allowed local roots), run bootstrap commands, then
+    start `run` as a background job; returns at once with job_id (ok=false and no run if
+    a bootstrap command fails). Artifacts are stored with the job on the remote, for
+    jupyter_job_collect. A retry (same spec and files, within 10 min or while it runs)
+    returns the same job; a new spec.idempotency_key forces a new run. Sends progress."""
     spec = tc.confine_spec(spec, client_roots)
     norm = submit_mod.validate_spec(spec)
     server_url = norm.get("server_url")
@@ -75,21 +70,18 @@ async def jupyter_job_collect(
     tc: ToolContext,
     ctx: Context,
     job_id: JobId,
-    local_dir: Annotated[str, Field(description="Local directory to download into.",
-                                    min_length=1)],
+    local_dir: Annotated[str, Field(description="Local directory.", min_length=1)],
     require_done: Annotated[bool, Field(
         description="Refuse while the job is still running.")] = True,
     timeout_s: Annotated[float, timeout_arg()] = 120.0,
     server_url: ServerUrl = None,
     client_roots: ClientRoots = None,
 ) -> dict[str, Any]:
-    """Download the artifacts listed when the job was submitted (files and directories)
-    into local_dir. Works after an MCP server restart. A missing artifact is reported in
-    `missing` without stopping the others. local_dir must lie inside the allowed local
-    roots (your MCP roots, within the server's cwd or --local-root dirs)."""
+    """Download a submitted job's artifacts into local_dir (inside the allowed local
+    roots), also after an MCP server restart; missing ones are listed in `missing`."""
     local_dir = tc.confine(local_dir, client_roots)
     async with bounded(timeout_s, "collect"), activity(ctx, f"collect {job_id}") as act:
-        tether = await tc.pool.for_job(job_id, server_url)
+        tether = await tc.job_tether(job_id, server_url)
 
         # Bytes so far over all artifacts, so progress only ever grows.
         seen: dict[str, int] = {}
