@@ -1,0 +1,110 @@
+"""The layers hold: imports only point down (mcp_server and cli -> controller -> payload), and
+no module imports itself back through others. Read from the source with ``ast``, so an
+import under ``TYPE_CHECKING`` or inside a function counts too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import jupyter_tether
+
+PACKAGE = "jupyter_tether"
+SOURCE = Path(jupyter_tether.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SOURCE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in SOURCE.rglob("*.py")}
+
+
+def imports_of(name: str) -> set[str]:
+    """The project's modules ``name`` imports (a package counts as its ``__init__``)."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # ``from pkg import mod`` imports the submodule; ``from pkg import name``, ``pkg``.
+            submodules = {f"{target}.{alias.name}" for alias in node.names} & MODULES.keys()
+            found.update(submodules)
+            if len(submodules) < len(node.names):
+                found.add(target)
+    return {f for f in found if f in MODULES and f != name}
+
+
+GRAPH = {name: imports_of(name) for name in MODULES}
+
+
+def layer(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_the_graph_is_read() -> None:
+    # A parser that found nothing would let every check below pass.
+    assert f"{PACKAGE}.controller.tether" in GRAPH[f"{PACKAGE}.controller.blocking"]
+    assert f"{PACKAGE}.agent_payload.wire" in GRAPH[f"{PACKAGE}.controller.files.upload"]
+    assert f"{PACKAGE}.controller.files.service" in GRAPH[f"{PACKAGE}.controller.files"]
+
+
+def test_no_import_cycles() -> None:
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        path.append(name)
+        for other in sorted(GRAPH[name]):
+            if state.get(other) == 1:
+                cycles.append([*path[path.index(other):], other])
+            elif other not in state:
+                visit(other)
+        path.pop()
+        state[name] = 2
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name)
+    assert cycles == [], "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize(("low", "forbidden"), [
+    ("agent_payload", {"controller", "mcp_server", "cli", "errors", "config", "__init__"}),
+    ("controller", {"mcp_server", "cli"}),
+    ("mcp_server", {"cli"}),
+])
+def test_layers_import_only_downwards(low: str, forbidden: set[str]) -> None:
+    wrong = sorted(f"{name} -> {other}" for name, others in GRAPH.items() if layer(name) == low
+                   for other in others
+                   if layer(other) in forbidden or (other == PACKAGE and "__init__" in forbidden))
+    assert wrong == []
+
+
+def test_the_payload_imports_only_itself_and_the_standard_library() -> None:
+    # It runs in the remote kernel, where nothing of jupyter_tether is installed.
+    outside: list[str] = []
+    for name, path in MODULES.items():
+        if layer(name) != "agent_payload":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and not node.level and \
+                    (node.module or "").startswith(PACKAGE):
+                outside.append(f"{name}: from {node.module}")
+            elif isinstance(node, ast.Import):
+                outside.extend(f"{name}: import {a.name}" for a in node.names
+                               if a.name.startswith(PACKAGE))
+    assert outside == []
