@@ -49,8 +49,9 @@ from mcp import Client
 from jupyter_tether import AsyncTether
 from jupyter_tether.controller.embedded import free_port
 
+# The nginx and server environments of the tests (tests/proxy_server.py), from the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.proxy_server import (  # noqa: E402 - the repository root is on the path only now
+from tests.proxy_server import (
     KAGGLE_PINS,
     kaggle_site,
     resolve_server_env,
@@ -130,7 +131,15 @@ class DelayRelay:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        async def close() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
 
 
 async def sampled(n: int, call: Callable[[], Awaitable[object]], warmup: int = 10) -> Stats:
@@ -276,7 +285,7 @@ def print_tables(all_results: dict[str, dict[str, Any]], mcp: dict[str, dict[str
     print(f"{'connect (s, median)':<24}"
           + "".join(f"{all_results[c]['connect (s)']:>22.3f}" for c in columns))
     if "upload MiB/s" in all_results[columns[0]]:
-        print(f"\ntransfers, loopback: MiB/s")
+        print("\ntransfers, loopback: MiB/s")
         for key in ("upload MiB/s", "download MiB/s"):
             print(f"{key:<24}" + "".join(f"{all_results[c][key]:>22.1f}" for c in columns))
     if mcp:

@@ -18,25 +18,31 @@ would over the comm. Two faces over one supervisor:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 import httpx2
 import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from jupyter_tether.agent_payload import app, wire
 from jupyter_tether.agent_payload.supervisor import Supervisor
 from jupyter_tether.controller.caller import Caller, EventListener
+from jupyter_tether.controller.files import AsyncFiles
+from jupyter_tether.controller.jobs import AsyncJobs
 from jupyter_tether.controller.rpc import Event, Reply
+from jupyter_tether.controller.submit import Submits
 from jupyter_tether.errors import ConnectionLost, RemoteError, TetherTimeout
 
+T = TypeVar("T")
 Envelope = dict[str, Any]
 Message = tuple[Envelope, list[bytes]]
 #: ``mangle(op, reply) -> reply``: what a hostile remote answers instead
@@ -299,6 +305,32 @@ def remote_fixture(tmp_path: Path) -> Any:
     harness = InProcess(root)
     yield harness
     harness.close()
+
+
+class Services:
+    """The controller's services on an ``InProcess`` supervisor, for blocking tests: every
+    call runs on a portal's event loop (its own thread), as ``Tether`` runs them."""
+
+    def __init__(self, portal: BlockingPortal, remote: InProcess) -> None:
+        self.portal = portal
+        self.remote = remote
+        self.root = remote.root
+        self.files = AsyncFiles(remote)
+        self.jobs = AsyncJobs(remote)
+        self.submits = Submits(remote, self.files, self.jobs)
+
+    def run(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        return self.portal.call(functools.partial(func, *args, **kwargs))
+
+
+@pytest.fixture(name="services")
+def services_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """``services``: ``Services`` on a fresh in-process supervisor, its root outside
+    ``tmp_path`` (which stays the test's own). A test module imports ``services_fixture``."""
+    remote = InProcess(tmp_path_factory.mktemp("remote-root"))
+    with start_blocking_portal("asyncio") as portal, \
+            portal.wrap_async_context_manager(remote):
+        yield Services(portal, remote)
 
 
 _: type[Caller] = InProcess  # InProcess must stay a Caller

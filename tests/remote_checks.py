@@ -14,11 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from jupyter_tether import Tether
+from jupyter_tether import ConnectionLost, Tether
 from jupyter_tether.agent_payload import bundle
+from jupyter_tether.controller.execute import kernel_info
 from jupyter_tether.controller.jobs import AsyncJob
+from jupyter_tether.controller.kernel_ws import KernelSocket
 
 #: a job whose output must arrive exactly: numbered lines on stdout and stderr, then exit 3
 JOB_LINES = 20_000
@@ -65,11 +68,39 @@ def check_job_follow(t: Tether) -> None:
     assert (info.state, info.exit_code) == ("exited", 3)
 
 
+def drop_link(t: Tether) -> None:
+    """Make the server drop the supervisor link's websocket.
+
+    A second websocket on the link's own session, as a client back from a lost network
+    opens, makes jupyter_server close the first one as stale.
+    """
+    status = t.status()
+
+    async def intrude() -> None:
+        async with anyio.create_task_group() as group:
+            sock = KernelSocket(t.aio.target, status["kernel_id"],
+                                session_id=status["session_id"], cookies=t.aio.rest.cookies)
+            await sock.open(group)
+            # Fully attached before it goes: the server keeps its channels for the session.
+            await kernel_info(sock)
+            await sock.aclose()
+            group.cancel_scope.cancel()
+
+    for attempt in range(3):
+        try:
+            t.portal.call(intrude)
+            return
+        except ConnectionLost:  # our own socket refused (the link reconnecting meanwhile)
+            if attempt == 2:
+                raise
+            time.sleep(0.5)
+
+
 def check_reconnect(t: Tether) -> None:
     """A dropped websocket comes back by itself, and the next call works through it."""
     before = t.status()["reconnects"]
     pid = t.info()["pid"]
-    t.portal.call(t.aio.link.force_drop)
+    drop_link(t)
     assert t.ping(timeout=30)["ok"]
     deadline = time.monotonic() + 30
     while t.status()["reconnects"] <= before and time.monotonic() < deadline:

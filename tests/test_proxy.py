@@ -85,6 +85,9 @@ def test_connect_and_exec_through_the_proxy_on_the_environment_versions(
 def test_each_supervisor_reply_is_one_websocket_message(t: Tether) -> None:
     """No busy/idle pair around replies, with or without kernel subshells: behind nginx the
     second small message of a burst waits ~40 ms for a delayed ACK."""
+    for _ in range(3):
+        t.ping()
+    time.sleep(0.5)  # what connecting stirred up (the comm_open's status pair, events) is over
     link = t.aio.link
     sock = link._sock
     assert sock is not None
@@ -103,7 +106,7 @@ def test_each_supervisor_reply_is_one_websocket_message(t: Tether) -> None:
             t.jobs.list()
     finally:
         sock._route = original  # type: ignore[method-assign]
-    assert seen.count("comm_msg") == 40
+    assert seen.count("comm_msg") >= 40  # the replies, and maybe an event
     assert "status" not in seen, seen[:12]
 
 

@@ -418,7 +418,7 @@ def test_supervisor_kernel_lost_gets_new_supervisor_and_jobs_readopted(
         if how == "killed":
             t.portal.call(lambda: rest.shutdown_kernel(kernel_id))
         else:
-            t.portal.call(lambda: rest.restart_kernel(kernel_id))
+            t.portal.call(lambda: rest.request("POST", f"api/kernels/{kernel_id}/restart"))
 
         def new_supervisor() -> bool:
             try:

@@ -1,29 +1,24 @@
-"""Job specs: default excludes, the idempotency fingerprint, and ``collect``'s local targets."""
+"""Job specs: default excludes, the idempotency fingerprint, and ``collect``'s local targets
+(against an in-process supervisor)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from jupyter_tether import Tether
 from jupyter_tether.agent_payload.excludes import ExcludeMatcher
 from jupyter_tether.controller import files, submit
 from jupyter_tether.errors import ConfigError
 
-T = TypeVar("T")
+from .inprocess import Services, services_fixture  # noqa: F401 (the ``services`` fixture)
+
 # The reference server's documented default (SEED_TOOLS.md), written out: not imported.
 REFERENCE_CSV = (".git/**,.hg/**,.svn/**,**/__pycache__/**,**/*.pyc,.venv/**,venv/**,build/**,"
                  "dist/**,*.egg-info/**,.mypy_cache/**,.pytest_cache/**,.ruff_cache/**")
-
-
-def run(t: Tether, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-    return t.portal.call(functools.partial(func, *args, **kwargs))
 
 
 # --- default excludes ---------------------------------------------------------------------------
@@ -102,20 +97,20 @@ def test_a_spec_refuses_local_names_outside_the_collect_directory() -> None:
 # --- collect ----------------------------------------------------------------------------------
 
 
-def _finished_job(tether: Tether, command: str, artifacts: list[Any]) -> str:
+def _finished_job(services: Services, command: str, artifacts: list[Any]) -> str:
     spec = {"run": {"command": command}, "artifacts": artifacts,
             "idempotency_key": f"test-submit-{time.time_ns()}"}
-    result = tether.submit(spec)
+    result = services.run(services.submits.submit, spec)
     assert result["ok"], result
     job_id = str(result["job_id"])
-    info = run(tether, tether.aio.jobs.get(job_id).wait, timeout=60)
+    info = services.run(services.jobs.get(job_id).wait, timeout=60)
     assert info.exit_code == 0, info
     return job_id
 
 
 def test_collect_refuses_local_targets_of_a_tampered_record(
-        tether: Tether, tmp_path: Path, server_root: Path) -> None:
-    job_id = _finished_job(tether, "mkdir -p tamper && echo fine > tamper/ok.txt",
+        services: Services, tmp_path: Path) -> None:
+    job_id = _finished_job(services, "mkdir -p tamper && echo fine > tamper/ok.txt",
                            ["tamper/ok.txt"])
     dest = tmp_path / "dest"
     outside = tmp_path / "outside"
@@ -134,12 +129,12 @@ def test_collect_refuses_local_targets_of_a_tampered_record(
         "tamper/ok.txt",
     ]
     # Someone with write access to the remote rewrites the record collect trusts.
-    record_file = server_root / submit.record_path(job_id)
+    record_file = services.root / submit.record_path(job_id)
     record = json.loads(record_file.read_text())
     record["artifacts"] = hostile
-    run(tether, tether.aio.files.write_text, submit.record_path(job_id), json.dumps(record))
+    services.run(services.files.write_text, submit.record_path(job_id), json.dumps(record))
 
-    result = tether.collect(job_id, dest)
+    result = services.run(services.submits.collect, job_id, dest)
     assert not result["ok"]
     assert [d["ok"] for d in result["downloads"]] == [False] * 8 + [True]
     for refused in result["downloads"][:7]:
@@ -153,15 +148,15 @@ def test_collect_refuses_local_targets_of_a_tampered_record(
 
 
 def test_collect_does_not_overwrite_artifacts_that_share_a_local_name(
-        tether: Tether, tmp_path: Path) -> None:
+        services: Services, tmp_path: Path) -> None:
     job_id = _finished_job(
-        tether, "mkdir -p clash/a clash/b && echo A > clash/a/out.txt && echo B > clash/b/out.txt",
+        services, "mkdir -p clash/a clash/b && echo A > clash/a/out.txt && echo B > clash/b/out.txt",
         ["clash/a/out.txt", "clash/b/out.txt",
          {"remote_path": "clash/b/out.txt", "local_path": "b/out.txt"},
          {"remote_dir": "clash/a"}, {"remote_dir": "clash/b"},
          {"remote_dir": "clash/b", "local_subdir": "b-dir"}])
     dest = tmp_path / "dest"
-    result = tether.collect(job_id, dest)
+    result = services.run(services.submits.collect, job_id, dest)
     oks = [d["ok"] for d in result["downloads"]]
     assert oks == [True, False, True, True, False, True]
     for clash, first in ((1, "clash/a/out.txt"), (4, {"remote_dir": "clash/a",
@@ -175,3 +170,30 @@ def test_collect_does_not_overwrite_artifacts_that_share_a_local_name(
     assert (dest / "b" / "out.txt").read_text() == "B\n"
     assert (dest / "artifact_dir" / "out.txt").read_text() == "A\n"
     assert (dest / "b-dir" / "out.txt").read_text() == "B\n"
+
+
+def test_submit_syncs_bootstraps_starts_once_and_collect_fetches_the_artifacts(
+        services: Services, tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "data.txt").write_text("hello\n")
+    (project / "main.sh").write_text("cat data.txt > out/r.txt\n")
+    spec = {"sync": [{"local_dir": str(project), "remote_dir": "p"}],
+            "bootstrap": {"cwd": "p", "commands": ["mkdir -p out"]},
+            "run": {"cwd": "p", "command": "sh main.sh"}, "artifacts": ["p/out/r.txt"]}
+    dry = services.run(services.submits.submit, spec, dry_run=True)
+    assert dry["ok"] and dry["dry_run"] and dry["job_id"] is None
+    assert dry["sync"][0]["would_upload"] and not (services.root / "p").exists()
+
+    first = services.run(services.submits.submit, spec)
+    assert first["ok"] and not first["reused"] and first["sync"][0]["uploaded"] == 2
+    assert [r["returncode"] for r in first["bootstrap"]["results"]] == [0]
+    again = services.run(services.submits.submit, spec)  # a retry: the same job, not a new run
+    assert again["reused"] and again["job_id"] == first["job_id"]
+    assert services.run(services.jobs.get(first["job_id"]).wait, 30).exit_code == 0
+    collected = services.run(services.submits.collect, first["job_id"], tmp_path / "results")
+    assert collected["ok"] and (tmp_path / "results" / "r.txt").read_text() == "hello\n"
+
+    failing = {**spec, "bootstrap": {"cwd": "p", "commands": ["exit 4"]}}
+    result = services.run(services.submits.submit, failing)
+    assert not result["ok"] and result["job_id"] is None and "exit 4" in result["error"]

@@ -10,6 +10,8 @@ from .controller.blocking_services import Files, Job, Jobs
 from .controller.execute import ExecResult
 from .controller.jobs import AsyncJob, JobInfo
 from .controller.link import LinkOptions
+from .controller.submit import SubmitProgress
+from .controller.submit import validate_spec as validate_job_spec
 from .controller.target import Target
 from .controller.tether import AsyncTether
 from .errors import (
@@ -51,6 +53,7 @@ __all__ = [
     "NotFound",
     "RemoteError",
     "ServerError",
+    "SubmitProgress",
     "Target",
     "Tether",
     "TetherError",
@@ -58,4 +61,5 @@ __all__ = [
     "TransferError",
     "__version__",
     "connect",
+    "validate_job_spec",
 ]

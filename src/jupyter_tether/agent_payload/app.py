@@ -2,7 +2,7 @@
 
 from typing import Optional
 
-from . import files, hostinfo, jobs
+from . import files, hostinfo, jobs, streams
 from .supervisor import SendFn, Supervisor
 
 
@@ -18,4 +18,5 @@ def create_supervisor(
     hostinfo.register(supervisor)
     files.register(supervisor)
     jobs.register(supervisor)
+    streams.register(supervisor)
     return supervisor

@@ -37,6 +37,9 @@ MODULES = (
     "follow",
     "run_commands",
     "jobs",
+    # forwarded TCP streams
+    "stream_state",
+    "streams",
     # host facts, assembly, and the kernel binding
     "hostinfo",
     "app",

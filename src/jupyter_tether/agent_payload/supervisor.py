@@ -55,6 +55,10 @@ class Request:
 
 Handler = Callable[[Request], Any]
 
+# What a handler returns to send no reply at all: a one-way message (a tunnel's bytes, whose
+# progress comes back as credit, not as one reply per chunk; iopub carries 1000 msg/s).
+NO_REPLY = object()
+
 
 class Deferred:
     """A reply an op sends later: the handler returns it, then someone settles it once.
@@ -220,7 +224,7 @@ class Supervisor:
         except Exception as exc:
             self._complete(req, None, exc)
             return
-        if not isinstance(value, Deferred):
+        if not isinstance(value, Deferred) and value is not NO_REPLY:
             self._complete(req, value, None)
 
     def _complete(self, req: Request, value: Any, error: Optional[BaseException]) -> None:
@@ -256,6 +260,16 @@ class Supervisor:
             self._send(data, list(blobs), channel)
         except Exception:  # a dead channel must not kill the supervisor
             self.counters["send_failures"] += 1
+
+    def push(self, channel: Any, envelope: Dict[str, Any], blobs: Sequence[bytes] = ()) -> bool:
+        """Send an unsequenced message on one client's channel, outside the event stream
+        (tunnel bytes: no seq, never replayed). False when the channel could not take it."""
+        try:
+            self._send(wire.encode(envelope, wire.MSGPACK), list(blobs), channel)
+        except Exception:
+            self.counters["send_failures"] += 1
+            return False
+        return True
 
     # --- events -----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ The codec is self-describing: a JSON envelope starts with ``{``; anything else i
 """
 
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 try:  # msgpack is optional on the remote side: fall back to JSON without it.
     import msgpack as _msgpack
@@ -113,6 +113,12 @@ class Op:
     JOB_FOLLOW_ACK = "job_follow_ack"
     JOB_UNFOLLOW = "job_unfollow"
     RUN_COMMANDS = "run_commands"
+    # forwarded TCP streams (streams.py)
+    STREAM_OPEN = "stream_open"
+    STREAM_WRITE = "stream_write"
+    STREAM_ACK = "stream_ack"
+    STREAM_CLOSE = "stream_close"
+    STREAM_SYNC = "stream_sync"
 
     @classmethod
     def names(cls) -> List[str]:
@@ -181,7 +187,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError("not JSON serialisable: %r" % type(value).__name__)
 
 
-def request(request_id: int, op: str, args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def request(request_id: Union[int, str], op: str, args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     return {"type": "request", "id": request_id, "op": op, "args": args or {}}
 
 

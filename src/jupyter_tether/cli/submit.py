@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import shlex
 from pathlib import Path
@@ -11,9 +10,8 @@ from typing import Any
 
 import anyio
 
-from .. import AsyncTether, Target
-from ..controller import submit as submit_mod
-from ..controller.blocking_services import human_bytes, run_on_portal
+from .. import AsyncTether, Target, validate_job_spec
+from ..controller.blocking_services import human_bytes
 from .context import EXIT_ERROR, EXIT_OK, Ctx, UsageError, add_command, error, one_line, unwrap
 from .fanout import configured_targets, gather
 from .files import report_dry_run
@@ -68,10 +66,7 @@ def cmd_submit(ctx: Ctx) -> int:
         return _submit_many(ctx, spec)
     tether = ctx.connect()
     with phase_progress(ctx) as progress:
-        result: dict[str, Any] = run_on_portal(
-            tether.portal,
-            functools.partial(submit_mod.submit, tether.aio, spec, progress=progress,
-                              dry_run=ctx.args.dry_run))
+        result = tether.submit(spec, progress=progress, dry_run=ctx.args.dry_run)
     if result.get("dry_run"):
         if ctx.json:
             ctx.emit_json(result)
@@ -111,7 +106,7 @@ def _submit_many(ctx: Ctx, spec: dict[str, Any]) -> int:
     if args.follow:
         raise UsageError("--follow follows one job: with several --target names, follow each "
                          "job with `jupyter-tether --target NAME logs JOB -f`")
-    submit_mod.validate_spec(spec)  # a bad spec is refused before anything is sent anywhere
+    validate_job_spec(spec)  # a bad spec is refused before anything is sent anywhere
     entries = configured_targets(args.targets)
 
     async def one(entry: tuple[str, Target | None, str | None]) -> dict[str, Any]:
@@ -121,7 +116,7 @@ def _submit_many(ctx: Ctx, spec: dict[str, Any]) -> int:
             return row
         try:
             async with AsyncTether(target=target) as aio:
-                result = await submit_mod.submit(aio, spec)
+                result = await aio.submit(spec)
         except Exception as raised:
             row["error"] = one_line(unwrap(raised), target)
             return row
@@ -180,10 +175,8 @@ def add_collect(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def cmd_collect(ctx: Ctx) -> int:
     tether = ctx.connect()
     with phase_progress(ctx) as progress:
-        result: dict[str, Any] = run_on_portal(
-            tether.portal, functools.partial(submit_mod.collect, tether.aio, ctx.args.job,
-                                             ctx.args.dir, require_done=not ctx.args.allow_running,
-                                             progress=progress))
+        result = tether.collect(ctx.args.job, ctx.args.dir,
+                                require_done=not ctx.args.allow_running, progress=progress)
     if ctx.json:
         ctx.emit_json(result)
     else:

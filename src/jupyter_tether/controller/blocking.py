@@ -18,6 +18,8 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .blocking_services import Files, Jobs, run_on_portal
 from .execute import ExecResult, OutputCallback
+from .forward import BlockingPortForward
+from .notebooks.blocking import Notebooks
 from .submit import SubmitProgress
 from .tether import AsyncTether
 
@@ -55,6 +57,10 @@ class Tether:
     @property
     def files(self) -> Files:
         return Files(self._portal, self.aio.files)
+
+    @property
+    def notebooks(self) -> Notebooks:
+        return Notebooks(self._portal, self.aio.notebooks)
 
     def close(self) -> None:
         if self._closed:
@@ -106,6 +112,16 @@ class Tether:
         """Download a submitted job's artifacts; see ``AsyncTether.collect``."""
         return self._call(self.aio.collect, job_id, local_dir, require_done=require_done,
                           progress=progress)
+
+    def forward(self, remote_port: int, local_port: int = 0, remote_host: str = "127.0.0.1",
+                *, allow_remote_host: bool = False) -> BlockingPortForward:
+        """Forward a local port to a remote one; see ``AsyncTether.forward``."""
+        return BlockingPortForward(self._portal, self._call(
+            self.aio.forward, remote_port, local_port, remote_host,
+            allow_remote_host=allow_remote_host))
+
+    def forwards(self) -> list[dict[str, Any]]:
+        return self._portal.call(self.aio.forwards)
 
     def list_kernels(self) -> list[dict[str, Any]]:
         return self._call(self.aio.list_kernels)

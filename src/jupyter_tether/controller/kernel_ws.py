@@ -234,6 +234,13 @@ class KernelSocket:
             raise ConnectionLost(f"kernel websocket closed while sending: {exc}") from None
         return str(msg["header"]["msg_id"])
 
+    def write_buffer_size(self) -> int:
+        """Bytes handed to the socket and not yet sent (0 when closed)."""
+        connection = self._connection
+        if connection is None or self.closed.is_set():
+            return 0
+        return int(connection.transport.get_write_buffer_size())
+
     # --- receiving --------------------------------------------------------------------------
 
     def expect(self, msg_id: str) -> MemoryObjectReceiveStream[KernelMessage]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 
 #: while a reconnect probe hangs (a blackholed path), start another this often
 _PROBE_EVERY_S = 0.5
+#: bulk messages (tunnel bytes) wait until the websocket holds less than this unsent, so a
+#: small call sent meanwhile queues behind at most about this much
+BULK_LOW_WATER = 256 * 1024
+
+#: gets each ``stream`` message of our comm: its envelope and blobs (see stream_state)
+StreamHandler = Callable[[dict[str, Any], list[bytes]], None]
 
 
 @dataclass
@@ -102,6 +109,10 @@ class SupervisorLink:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._replay_requested = False
         self._retry_now = anyio.Event()
+        self._stream_handler: StreamHandler | None = None
+        self._drop_hooks: list[Callable[[], None]] = []
+        self._post_ids = itertools.count(1)
+        self._bulk_lock = anyio.Lock()
 
     # --- public ---------------------------------------------------------------------------
 
@@ -145,6 +156,52 @@ class SupervisorLink:
         """Run ``hook`` after every reconnect (to re-subscribe follows, say); returns a remover."""
         self._reattach_hooks.append(hook)
         return lambda: self._reattach_hooks.remove(hook) if hook in self._reattach_hooks else None
+
+    def on_drop(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call ``hook`` (sync) as soon as a drop is noticed; returns a remover."""
+        self._drop_hooks.append(hook)
+        return lambda: self._drop_hooks.remove(hook) if hook in self._drop_hooks else None
+
+    def set_stream_handler(self, handler: StreamHandler | None) -> None:
+        """Route the supervisor's ``stream`` messages on our comm to ``handler``."""
+        self._stream_handler = handler
+
+    @property
+    def generation(self) -> int:
+        """Bumped on every (re)connect: what was sent on an older one is gone."""
+        return self._generation
+
+    async def post(self, op: str, args: dict[str, Any], buffers: Sequence[bytes] = (), *,
+                   bulk: bool = False) -> None:
+        """Send a one-way request now (no reply is awaited, none is re-sent after a drop).
+
+        ``bulk`` messages go one at a time, and only once the websocket has sent most of
+        what it holds: calls and small posts never queue behind more than
+        ``BULK_LOW_WATER`` of tunnel bytes. Raises ConnectionLost when the link is down.
+        """
+        if bulk:
+            async with self._bulk_lock:
+                while True:
+                    sock = self._sock
+                    if sock is None or not self.connected or sock.closed.is_set():
+                        break
+                    if sock.write_buffer_size() <= BULK_LOW_WATER:
+                        break
+                    await anyio.sleep(0.0005)
+                await self._post_now(op, args, buffers)
+        else:
+            await self._post_now(op, args, buffers)
+
+    async def _post_now(self, op: str, args: dict[str, Any], buffers: Sequence[bytes]) -> None:
+        sock = self._sock
+        if sock is None or not self.connected:
+            raise ConnectionLost(f"cannot send {op!r}: the link to {self.target.display_url} "
+                                 "is down")
+        # String ids: a reply to a post (an error) can never match a pending call's int id.
+        envelope = wire.encode(wire.request(f"p{next(self._post_ids)}", op, args), self._codec)
+        msg = sock.build("comm_msg", {"comm_id": self.comm_id, "data": {"tether": 1}},
+                         header_extra=self._subshell_header())
+        await sock.send(msg, [envelope, *buffers])
 
     async def call(self, op: str, args: dict[str, Any] | None = None, *,
                    buffers: Sequence[bytes] = (), timeout: float | None = 60.0,
@@ -479,7 +536,14 @@ class SupervisorLink:
             log.warning("undecodable envelope from the supervisor dropped")
             return
         kind = envelope.get("type")
-        if kind == "reply":
+        if kind == "stream":
+            # Tunnel bytes of our current comm only: streams of an older one were reset.
+            if content.get("comm_id") == self.comm_id and self._stream_handler is not None:
+                try:
+                    self._stream_handler(envelope, msg.buffers[1:])
+                except Exception:
+                    log.exception("stream handler failed")
+        elif kind == "reply":
             # Other controllers' replies reach us too (iopub is broadcast): only ours count.
             if content.get("comm_id") in self._comm_ids:
                 self._pending.resolve(envelope, msg.buffers[1:])
@@ -514,6 +578,11 @@ class SupervisorLink:
             if sock.limit_error is not None:
                 self._pending.fail_sent(self._generation, sock.limit_error)
             self._pending.wake_all()
+            for hook in list(self._drop_hooks):
+                try:
+                    hook()
+                except Exception:
+                    log.exception("drop hook failed")
             await self._reconnect()
 
     async def _reconnect(self) -> None:

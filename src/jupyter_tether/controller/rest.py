@@ -170,10 +170,6 @@ class JupyterRest:
     async def interrupt_kernel(self, kernel_id: str) -> None:
         await self.request("POST", f"api/kernels/{kernel_id}/interrupt")
 
-    async def restart_kernel(self, kernel_id: str) -> None:
-        await self.request("POST", f"api/kernels/{kernel_id}/restart")
-
-
     async def list_sessions(self) -> list[dict[str, Any]]:
         """The server's sessions; ``[]`` where there is no sessions API."""
         response = await self.request("GET", "api/sessions", ok=(200, 403, 404))

@@ -1,6 +1,8 @@
 """RPC channel state with no I/O: request ids, pending calls, and event sequencing.
 
-The link feeds decoded envelopes in and asks what to do; tests drive it directly.
+The link feeds decoded envelopes in and asks what to do (resolve this call, deliver this
+event, ask for a replay); with no socket in sight it is tested with plain inputs
+(``tests/test_rpc.py``). Also here: the checks on listings and manifests from the remote.
 """
 
 from __future__ import annotations

@@ -571,14 +571,3 @@ class Submits:
         return {"ok": all(d["ok"] for d in downloads), "job_id": job_id, "job": info.to_dict(),
                 "local_dir": str(base), "downloads": downloads,
                 "missing": [d["artifact"] for d in downloads if not d["ok"]]}
-
-
-# TEMPORARY (until the CLI and MCP call sites use ``tether.submit``/``collect``).
-async def submit(tether: Any, spec: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    result: dict[str, Any] = await tether.submit(spec, **kwargs)
-    return result
-
-
-async def collect(tether: Any, job_id: str, local_dir: Any, **kwargs: Any) -> dict[str, Any]:
-    result: dict[str, Any] = await tether.collect(job_id, local_dir, **kwargs)
-    return result

@@ -18,10 +18,12 @@ from ..errors import ConfigError, ConnectionLost, KernelError, TetherError
 from .embedded import LocalJupyterServer
 from .execute import ExecResult, OutputCallback, execute
 from .files import AsyncFiles
+from .forward import Forwarder, PortForward
 from .jobs import AsyncJobs
 from .kernel_ws import KernelSocket
 from .kernels import SUPERVISOR_SESSION, WORK_SESSION, find_or_start
 from .link import LinkOptions, SupervisorLink
+from .notebooks.service import AsyncNotebooks
 from .rest import JupyterRest
 from .state import TargetState
 from .submit import SubmitProgress, Submits
@@ -64,6 +66,7 @@ class AsyncTether:
         self._work_locks: dict[str, anyio.Lock] = {}
         self._default_work_kernel: str | None = None
         self._state: TargetState | None = None
+        self._forwarder: Forwarder | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -84,6 +87,7 @@ class AsyncTether:
             self.jobs = AsyncJobs(self._link)
             self.files = AsyncFiles(self._link)
             self._submits = Submits(self._link, self.files, self.jobs)
+            self.notebooks = AsyncNotebooks(self)
         except BaseException as exc:
             await self._shutdown(type(exc), exc, exc.__traceback__)
             raise
@@ -96,6 +100,8 @@ class AsyncTether:
     async def _shutdown(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         with anyio.CancelScope(shield=True):
+            if self._forwarder is not None:
+                await self._forwarder.aclose()
             if self._link is not None:
                 await self._link.aclose()
             for sock in self._work_sockets.values():
@@ -143,6 +149,26 @@ class AsyncTether:
     def task_group(self) -> anyio.abc.TaskGroup:
         assert self._task_group is not None
         return self._task_group
+
+    # --- port forwarding ---------------------------------------------------------------------
+
+    async def forward(self, remote_port: int, local_port: int = 0,
+                      remote_host: str = "127.0.0.1", *,
+                      allow_remote_host: bool = False) -> PortForward:
+        """Reach ``remote_host:remote_port`` on the remote at ``http://127.0.0.1:PORT`` here.
+
+        Listens on 127.0.0.1 only (``local_port`` 0: any free port); each connection is one
+        stream over the link. A ``remote_host`` other than the remote's loopback needs
+        ``allow_remote_host=True``. ``await fwd.close()`` or ``async with`` ends it.
+        """
+        if self._forwarder is None:
+            self._forwarder = Forwarder(self.link, self.rest, self.task_group)
+        return await self._forwarder.open(remote_port, local_port, remote_host,
+                                          allow_remote_host=allow_remote_host)
+
+    def forwards(self) -> list[dict[str, Any]]:
+        """The open forwards, with their connection and byte counts."""
+        return self._forwarder.list() if self._forwarder is not None else []
 
     # --- server and supervisor ----------------------------------------------------------------
 

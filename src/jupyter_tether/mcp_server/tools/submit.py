@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context
 from pydantic import Field
 
-from ...controller import submit as submit_mod
+from ... import validate_job_spec
 from ..helpers import activity, bounded, cap_value, mib
 from .common import ClientRoots, JobId, ServerUrl, ToolContext, ToolTable, hints, timeout_arg
 
@@ -36,7 +36,7 @@ async def jupyter_job_submit(
     jupyter_job_collect. A retry (same spec and files, within 10 min or while it runs)
     returns the same job; a new spec.idempotency_key forces a new run. Sends progress."""
     spec = tc.confine_spec(spec, client_roots)
-    norm = submit_mod.validate_spec(spec)
+    norm = validate_job_spec(spec)
     server_url = norm.get("server_url")
     async with bounded(timeout_s, "job submit"), activity(ctx, "submit: connecting") as act:
         # Phases: one per sync entry, then bootstrap, then starting the run.
@@ -58,8 +58,7 @@ async def jupyter_job_submit(
 
         tether = await tc.tether(server_url)
         act.label = act.message = "submit: checking for an identical earlier submit"
-        result = await submit_mod.submit(tether, spec, progress=on_progress,
-                                         dry_run=dry_run)
+        result = await tether.submit(spec, progress=on_progress, dry_run=dry_run)
     if result.get("job_id"):
         tc.pool.remember_job(result["job_id"], server_url)
     return dict(cap_value(result))
@@ -91,6 +90,6 @@ async def jupyter_job_collect(
             act.progress = float(sum(seen.values()))
             act.message = f"{phase}: {mib(done)} of {mib(total)} MiB"
 
-        result = await submit_mod.collect(tether, job_id, local_dir,
-                                          require_done=require_done, progress=on_progress)
+        result = await tether.collect(job_id, local_dir, require_done=require_done,
+                                      progress=on_progress)
     return dict(cap_value(result))

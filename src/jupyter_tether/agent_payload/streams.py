@@ -1,0 +1,543 @@
+"""Stream service of the payload: TCP connections on the remote, carried over the comm.
+
+A controller forwarding a local port opens one stream per accepted connection
+(``stream_open`` connects to ``host:port`` on the remote, the loopback unless asked
+otherwise). Bytes go up as one-way ``stream_write`` messages and come down in batched
+``stream`` messages on the channel that opened the stream (``Supervisor.push``); each
+direction has a credit window (``stream_state``), so neither side buffers more than one
+window per stream. Half-close (``eof``) and reset travel both ways.
+
+One I/O thread serves every stream with non-blocking sockets and a selector; op handlers
+only queue bytes and wake it. Pushes are paced (``PUSH_INTERVAL_S``): iopub carries about
+1000 messages a second, so a saturated tunnel sends few large messages, while the first
+bytes after a quiet spell go out at once.
+
+Streams belong to an ``owner`` (one per controller). The owner's ``stream_sync`` renews its
+lease and, after a reconnect, resets the streams of the connections the drop reset; an
+owner silent for ``OWNER_LEASE_S`` has gone away and its streams are reset. Standard
+library only.
+"""
+
+import collections
+import errno
+import selectors
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from . import stream_state as st
+from .supervisor import NO_REPLY, Deferred, Request, Supervisor
+from .wire import ErrorCode, Op, OpError, arg
+
+READ_BYTES = 1024 * st.KIB  # one recv
+PUSH_BYTES = 4 * st.MIB  # blobs of one pushed message
+# iopub carries about 1000 messages a second: pushes are paced by a token bucket, so a
+# saturated tunnel sends few large messages while a quiet one answers at once.
+PUSH_RATE = 400.0
+PUSH_BURST = 8.0
+#: bytes read from the remote sockets and not yet consumed by the controller, per channel
+CHANNEL_BUDGET = 16 * st.MIB
+CONNECT_TIMEOUT_S = 10.0
+CONNECTORS = 8  # threads that connect new streams (a loopback connect is instant)
+OWNER_LEASE_S = 60.0
+LEASE_CHECK_S = 1.0
+MAX_REASON_CHARS = 200
+
+
+class _Stream:
+    """One forwarded connection: its remote socket and both directions' credit."""
+
+    __slots__ = ("channel", "down", "eof_sent", "host", "key", "mask", "opened_at",
+                 "out_eof", "outq", "port", "read_done", "sock", "up", "wr_shut")
+
+    def __init__(self, key: Tuple[str, int], sock: Optional[socket.socket], channel: Any,
+                 host: str,
+                 port: int, window: int):
+        self.key = key
+        self.sock = sock
+        self.channel = channel
+        self.host = host
+        self.port = port
+        self.down = st.SendCredit(window)  # remote socket -> controller
+        self.up = st.ReceiveCredit(window)  # controller -> remote socket
+        self.outq: Deque[bytes] = collections.deque()
+        self.out_eof = False  # the controller finished sending: shut down once drained
+        self.wr_shut = False
+        self.read_done = False  # the remote end finished sending (or failed)
+        self.eof_sent = False
+        self.mask = 0
+        self.opened_at = time.time()
+
+
+class _Batch:
+    """Items and blobs waiting to be pushed to one channel."""
+
+    __slots__ = ("blobs", "bytes", "channel", "items", "owner")
+
+    def __init__(self, channel: Any, owner: str):
+        self.channel = channel
+        self.owner = owner
+        self.items: List[List[Any]] = []
+        self.blobs: List[bytes] = []
+        self.bytes = 0
+
+
+def _channel_key(channel: Any) -> Any:
+    return getattr(channel, "comm_id", None) or id(channel)
+
+
+def _reset_socket(sock: socket.socket) -> None:
+    """Close with RST: the peer sees the connection fail rather than end normally."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class StreamService:
+    """The ``stream_*`` ops and the I/O thread of one supervisor."""
+
+    def __init__(self, supervisor: Supervisor):
+        self.sup = supervisor
+        self._lock = threading.Lock()
+        self._streams: Dict[Tuple[str, int], _Stream] = {}
+        self._leases: Dict[str, float] = {}  # owner -> monotonic time last heard from
+        self._batches: Dict[Tuple[Any, str], _Batch] = {}
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._woken = False
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._tokens = PUSH_BURST
+        self._tokens_at = time.monotonic()
+        self._connector: Optional[ThreadPoolExecutor] = None
+        self._last_lease_check = 0.0
+        self.counters = supervisor.counters
+
+    # --- ops (the kernel's shell thread, or a worker for open) ------------------------------
+
+    def op_open(self, req: Request) -> Any:
+        """Register the stream at once (writes may follow right behind), connect on a
+        connector thread; the reply, and a ``reset`` item on failure, say how it went."""
+        owner = st.check_owner(req.args)
+        sid = st.check_sid(arg(req.args, "sid", int))
+        port = st.check_port(arg(req.args, "port", int))
+        allow = arg(req.args, "allow_remote_host", bool, False)
+        host = st.check_host(arg(req.args, "host", str, "127.0.0.1"), allow)
+        window = st.window_arg(req.args)
+        key = (owner, sid)
+        stream = _Stream(key, None, req.channel, host, port, window)
+        deferred = self.sup.defer(req)
+        with self._lock:
+            if self._stop.is_set():
+                raise OpError(ErrorCode.INTERNAL, "the supervisor is shutting down")
+            self._check_room(owner, key)
+            self._leases[owner] = time.monotonic()
+            self._streams[key] = stream
+            if self._connector is None:
+                self._connector = ThreadPoolExecutor(max_workers=CONNECTORS,
+                                                     thread_name_prefix="tether-connect")
+            self._connector.submit(self._connect, stream, deferred)
+        self._ensure_thread()
+        return deferred
+
+    def _connect(self, stream: _Stream, deferred: Deferred) -> None:
+        host, port = stream.host, stream.port
+        sock: Optional[socket.socket] = None
+        error: Optional[OpError] = None
+        try:
+            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except ConnectionRefusedError:
+            error = OpError(ErrorCode.NOT_FOUND, "nothing listens on %s:%d on the remote "
+                            "(connection refused): start the server there first, or check "
+                            "the port" % (host, port), {"host": host, "port": port})
+        except socket.timeout:  # noqa: UP041 - not yet TimeoutError on Python 3.9
+            error = OpError(ErrorCode.TIMEOUT, "connecting to %s:%d on the remote timed out "
+                            "after %gs" % (host, port, CONNECT_TIMEOUT_S),
+                            {"host": host, "port": port})
+        except socket.gaierror as exc:
+            error = OpError(ErrorCode.INVALID_ARGUMENT, "cannot resolve %r on the remote: %s"
+                            % (host, exc), {"host": host})
+        except OSError as exc:
+            error = OpError(ErrorCode.NOT_FOUND, "cannot connect to %s:%d on the remote: %s"
+                            % (host, port, exc.strerror or exc), {"host": host, "port": port})
+        with self._lock:
+            if self._streams.get(stream.key) is not stream:  # reset while it connected
+                if sock is not None:
+                    _reset_socket(sock)
+                error = error or OpError(ErrorCode.CONFLICT, "stream %d was closed while it "
+                                         "connected" % stream.key[1])
+            elif error is not None:
+                self._fail(stream, error.message)
+            else:
+                stream.sock = sock
+        self._wake()
+        if error is not None:
+            deferred.reject(error)
+        else:
+            deferred.resolve({"sid": stream.key[1], "window": stream.up.window, "host": host,
+                              "port": port})
+
+    def _check_room(self, owner: str, key: Tuple[str, int]) -> None:
+        """Call with the lock held."""
+        if key in self._streams:
+            raise OpError(ErrorCode.CONFLICT, "stream %d is already open" % key[1])
+        if len(self._streams) >= st.MAX_STREAMS:
+            raise OpError(ErrorCode.TOO_LARGE, "the remote has %d forwarded connections open, "
+                          "its limit: close some" % st.MAX_STREAMS, {"limit": st.MAX_STREAMS})
+        mine = sum(1 for k in self._streams if k[0] == owner)
+        if mine >= st.MAX_STREAMS_PER_OWNER:
+            raise OpError(ErrorCode.TOO_LARGE, "this controller has %d forwarded connections "
+                          "open, the limit per controller: close some"
+                          % st.MAX_STREAMS_PER_OWNER, {"limit": st.MAX_STREAMS_PER_OWNER})
+
+    def op_write(self, req: Request) -> Any:
+        owner = st.check_owner(req.args)
+        sid = st.check_sid(arg(req.args, "sid", int))
+        data = b"".join(req.buffers)
+        if len(data) > st.MAX_WRITE_BYTES:
+            raise OpError(ErrorCode.TOO_LARGE, "a stream write carries at most %d bytes"
+                          % st.MAX_WRITE_BYTES)
+        with self._lock:
+            self._leases[owner] = time.monotonic()
+            stream = self._streams.get((owner, sid))
+            if stream is None:
+                # Gone (reset, or the remote closed): tell the writer so it stops.
+                self._queue(req.channel, owner, [sid, st.RESET, "no such stream"])
+            elif stream.out_eof:
+                self._fail(stream, "bytes after end of stream")
+            elif not stream.up.on_data(len(data)):
+                self._fail(stream, "the controller overran its credit window")
+            elif data:
+                stream.outq.append(data)
+        self._wake()
+        return NO_REPLY
+
+    def op_ack(self, req: Request) -> Any:
+        owner = st.check_owner(req.args)
+        acks = arg(req.args, "acks", list)
+        if len(acks) > st.MAX_STREAMS:
+            raise OpError(ErrorCode.TOO_LARGE, "acks lists more than %d streams" % st.MAX_STREAMS)
+        with self._lock:
+            self._leases[owner] = time.monotonic()
+            for pair in acks:
+                if not isinstance(pair, list) or len(pair) != 2:
+                    continue
+                stream = self._streams.get((owner, pair[0])) if isinstance(pair[0], int) else None
+                if stream is not None and not stream.down.on_ack(pair[1]):
+                    self._fail(stream, "impossible ack")
+        self._wake()
+        return NO_REPLY
+
+    def op_close(self, req: Request) -> Any:
+        owner = st.check_owner(req.args)
+        sid = st.check_sid(arg(req.args, "sid", int))
+        how = arg(req.args, "how", str, "eof")
+        if how not in ("eof", "reset"):
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "how must be 'eof' or 'reset'")
+        with self._lock:
+            self._leases[owner] = time.monotonic()
+            stream = self._streams.get((owner, sid))
+            if stream is not None:
+                if how == "reset":
+                    self._drop(stream)
+                else:
+                    stream.out_eof = True
+        self._wake()
+        return NO_REPLY
+
+    def op_sync(self, req: Request) -> Dict[str, Any]:
+        """Renew ``owner``'s lease, reset its streams below ``reset_below`` (those of
+        connections a drop reset), and say which ``live`` streams are unknown here."""
+        owner = st.check_owner(req.args)
+        live = set(st.sid_list(req.args, "live"))
+        reset_below = arg(req.args, "reset_below", int, 0)
+        with self._lock:
+            self._leases[owner] = time.monotonic()
+            for stream in [s for k, s in self._streams.items() if k[0] == owner]:
+                if stream.key[1] < reset_below:
+                    self._drop(stream)
+            known = {k[1] for k in self._streams if k[0] == owner}
+            open_count = len(self._streams)
+        self._wake()
+        return {"unknown": sorted(live - known), "open": open_count,
+                "limit": st.MAX_STREAMS}
+
+    def hello(self) -> Dict[str, Any]:
+        return {"streams": {"open": len(self._streams), "limit": st.MAX_STREAMS,
+                            "window": st.DEFAULT_WINDOW}}
+
+    # --- stream state (lock held) -------------------------------------------------------------
+
+    def _queue(self, channel: Any, owner: str, item: List[Any], blob: Optional[bytes] = None
+               ) -> None:
+        key = (_channel_key(channel), owner)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _Batch(channel, owner)
+        batch.items.append(item)
+        if blob is not None:
+            batch.blobs.append(blob)
+            batch.bytes += len(blob)
+
+    def _fail(self, stream: _Stream, reason: str) -> None:
+        """Reset the stream and tell its controller why."""
+        self.counters["streams_failed"] += 1
+        self._queue(stream.channel, stream.key[0], [stream.key[1], st.RESET,
+                                                    reason[:MAX_REASON_CHARS]])
+        self._drop(stream)
+
+    def _drop(self, stream: _Stream) -> None:
+        if self._streams.pop(stream.key, None) is None:
+            return
+        if stream.mask:
+            try:
+                self._selector.unregister(stream.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+            stream.mask = 0
+        if stream.sock is not None:
+            _reset_socket(stream.sock)
+
+    def _finish(self, stream: _Stream) -> None:
+        """Both directions ended normally: close quietly."""
+        if self._streams.pop(stream.key, None) is None:
+            return
+        if stream.mask:
+            try:
+                self._selector.unregister(stream.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+            stream.mask = 0
+        if stream.sock is not None:
+            try:
+                stream.sock.close()
+            except OSError:
+                pass
+
+    # --- the I/O thread -----------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._stop.is_set():
+                return
+            self._thread = threading.Thread(target=self._loop, name="tether-streams",
+                                            daemon=True)
+            self._thread.start()
+
+    def _wake(self) -> None:
+        if self._woken:
+            return
+        self._woken = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception:  # one bad turn must not end every stream
+                self.counters["streams_loop_errors"] += 1
+                time.sleep(0.01)
+        with self._lock:
+            for stream in list(self._streams.values()):
+                self._drop(stream)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._update_interest()
+            pending = any(b.items for b in self._batches.values())
+        timeout = LEASE_CHECK_S
+        if pending:
+            self._refill(now)
+            timeout = max(0.0, (1.0 - self._tokens) / PUSH_RATE)
+        events = self._selector.select(timeout)
+        with self._lock:
+            for key, mask in events:
+                if key.data is None:
+                    self._woken = False
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except OSError:
+                        pass
+                    continue
+                stream: _Stream = key.data
+                if self._streams.get(stream.key) is not stream:
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    self._write(stream)
+                if mask & selectors.EVENT_READ and self._streams.get(stream.key) is stream:
+                    self._read(stream)
+            now = time.monotonic()
+            if now - self._last_lease_check >= LEASE_CHECK_S:
+                self._last_lease_check = now
+                self._expire(now)
+            ready = []
+            self._refill(now)
+            if self._tokens >= 1.0:
+                ready = [b for b in self._batches.values() if b.items]
+                self._batches = {}
+                self._tokens -= len(ready)
+        for batch in ready:
+            self._push(batch)
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(PUSH_BURST, self._tokens + (now - self._tokens_at) * PUSH_RATE)
+        self._tokens_at = now
+
+    def _update_interest(self) -> None:
+        """Read where credit allows, write where bytes wait; lock held."""
+        in_flight: Dict[Any, int] = collections.Counter()
+        for stream in self._streams.values():
+            in_flight[_channel_key(stream.channel)] += stream.down.sent - stream.down.acked
+        for stream in list(self._streams.values()):
+            if stream.sock is None:
+                continue  # still connecting: writes wait in its queue
+            channel = _channel_key(stream.channel)
+            batch = self._batches.get((channel, stream.key[0]))
+            mask = 0
+            if not stream.read_done and stream.down.available > 0 \
+                    and in_flight[channel] < CHANNEL_BUDGET \
+                    and (batch is None or batch.bytes < PUSH_BYTES):
+                mask |= selectors.EVENT_READ
+            if stream.outq:
+                mask |= selectors.EVENT_WRITE
+            elif stream.out_eof and not stream.wr_shut:
+                self._shut_write(stream)
+                if self._streams.get(stream.key) is not stream:
+                    continue
+            if stream.read_done and stream.wr_shut:
+                self._finish(stream)
+                continue
+            if mask != stream.mask:
+                if stream.mask == 0:
+                    self._selector.register(stream.sock, mask, stream)
+                elif mask == 0:
+                    self._selector.unregister(stream.sock)
+                else:
+                    self._selector.modify(stream.sock, mask, stream)
+                stream.mask = mask
+
+    def _read(self, stream: _Stream) -> None:
+        count = min(READ_BYTES, stream.down.available)
+        if count <= 0:
+            return
+        try:
+            data = stream.sock.recv(count)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(stream, "the remote connection failed: %s" % (exc.strerror or exc))
+            return
+        owner, sid = stream.key
+        if not data:
+            stream.read_done = True
+            stream.eof_sent = True
+            self._queue(stream.channel, owner, [sid, st.EOF, None])
+            return
+        stream.down.on_sent(len(data))
+        self._queue(stream.channel, owner, [sid, st.DATA, len(data)], data)
+
+    def _write(self, stream: _Stream) -> None:
+        written = 0
+        while stream.outq:
+            head = stream.outq[0]
+            try:
+                sent = stream.sock.send(head)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._fail(stream, "writing to the remote connection failed: %s"
+                           % (exc.strerror or exc))
+                return
+            written += sent
+            if sent < len(head):
+                stream.outq[0] = head[sent:]
+                break
+            stream.outq.popleft()
+        if written:
+            total = stream.up.on_consumed(written)
+            if total is not None:
+                self._queue(stream.channel, stream.key[0], [stream.key[1], st.ACK, total])
+
+    def _shut_write(self, stream: _Stream) -> None:
+        stream.wr_shut = True
+        try:
+            stream.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                self._fail(stream, "closing the remote connection failed: %s"
+                           % (exc.strerror or exc))
+
+    def _expire(self, now: float) -> None:
+        """Reset the streams of owners not heard from within the lease; lock held."""
+        owners = {k[0] for k in self._streams}
+        for owner in list(self._leases):
+            if owner not in owners and now - self._leases[owner] > OWNER_LEASE_S:
+                del self._leases[owner]
+        for stream in list(self._streams.values()):
+            if now - self._leases.get(stream.key[0], 0.0) > OWNER_LEASE_S:
+                self.counters["streams_expired"] += 1
+                self._drop(stream)
+
+    def _push(self, batch: _Batch) -> None:
+        envelope = {"type": st.ENVELOPE_TYPE, "owner": batch.owner, "items": batch.items}
+        if not self.sup.push(batch.channel, envelope, batch.blobs):
+            self.counters["streams_push_failures"] += 1
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Reset every stream and stop the I/O thread (supervisor upgrade or shutdown)."""
+        self._stop.set()
+        self._woken = False
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        with self._lock:
+            for stream in list(self._streams.values()):
+                self._drop(stream)
+            connector, self._connector = self._connector, None
+        if connector is not None:
+            connector.shutdown(wait=False)
+        for sock in (self._wake_r, self._wake_w):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        try:
+            self._selector.close()
+        except Exception:
+            pass
+
+
+def register(supervisor: Supervisor) -> StreamService:
+    """Register the stream ops on ``supervisor``."""
+    service = StreamService(supervisor)
+    # Quick, and in order with the writes behind it (it connects on its own threads).
+    supervisor.register(Op.STREAM_OPEN, service.op_open)
+    # One-way and quick: they only queue bytes or credit for the I/O thread.
+    supervisor.register(Op.STREAM_WRITE, service.op_write)
+    supervisor.register(Op.STREAM_ACK, service.op_ack)
+    supervisor.register(Op.STREAM_CLOSE, service.op_close)
+    supervisor.register(Op.STREAM_SYNC, service.op_sync)
+    supervisor.add_hello_extra(service.hello)
+    supervisor.add_closer(service.close)
+    return service

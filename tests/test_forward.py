@@ -1,0 +1,421 @@
+"""Port forwarding through the comm: real servers started as remote jobs, reached through
+``t.forward`` on 127.0.0.1, across resets and blackholes of the link.
+
+The first part drives the supervisor's stream service directly (``InProcess``: no Jupyter)
+for what a hostile or broken client may send; the rest goes through a real Jupyter server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import psutil
+import pytest
+import websockets.sync.client
+
+from jupyter_tether import ConfigError, Tether
+from jupyter_tether.agent_payload import stream_state as st
+from jupyter_tether.agent_payload import streams
+from jupyter_tether.agent_payload.wire import ErrorCode, Op
+from jupyter_tether.controller.forward import BlockingPortForward
+
+from .conftest import fast_options
+from .inprocess import InProcess, remote_fixture, until
+from .netfault import FaultProxy, proxied_server
+
+__all__ = ["proxied_server", "remote_fixture"]  # fixtures: imported for pytest
+
+MIB = 1024 * 1024
+OWNER = "test-owner"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the pure credit windows ------------------------------------------------------------------
+
+
+def test_credit_reports_each_quarter_window_and_refuses_overruns() -> None:
+    send, receive = st.SendCredit(1000), st.ReceiveCredit(1000)
+    send.on_sent(1000)
+    assert send.available == 0
+    assert receive.on_data(1000)
+    assert receive.on_consumed(249) is None, "no report before a quarter window"
+    total = receive.on_consumed(1)
+    assert total == 250 and send.on_ack(total) and send.available == 250
+    assert not send.on_ack(5000), "an ack beyond what was sent is impossible"
+    assert not send.on_ack(True)
+    assert receive.on_data(250) and not receive.on_data(1), "one byte past the window"
+
+
+# --- the supervisor's stream service, driven directly ------------------------------------------
+
+
+class EchoServer:
+    """A loopback TCP server that echoes, or (``record``) keeps what it receives."""
+
+    def __init__(self, host: str = "127.0.0.1", record: bool = False) -> None:
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        self.closed = threading.Event()
+        self._record = record
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    self.received += data
+                    if not self._record:
+                        conn.sendall(data)
+        self.closed.set()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def stream_items(remote: InProcess, sid: int) -> list[tuple[str, Any, bytes]]:
+    """Every (kind, value, blob) the supervisor pushed for stream ``sid`` so far."""
+    found = []
+    for envelope, blobs in list(remote.replies):
+        if envelope.get("type") != st.ENVELOPE_TYPE:
+            continue
+        blob_index = 0
+        for item_sid, kind, value in envelope["items"]:
+            blob = b""
+            if kind == st.DATA:
+                blob = blobs[blob_index]
+                blob_index += 1
+            if item_sid == sid:
+                found.append((kind, value, blob))
+    return found
+
+
+def open_args(port: int, sid: int = 1, **extra: Any) -> dict[str, Any]:
+    return {"owner": OWNER, "sid": sid, "port": port, **extra}
+
+
+def test_stream_carries_bytes_both_ways_and_half_close(remote: InProcess) -> None:
+    server = EchoServer()
+    result = remote.ok(Op.STREAM_OPEN, open_args(server.port))
+    assert result["window"] == st.DEFAULT_WINDOW
+    remote.submit(Op.STREAM_WRITE, {"owner": OWNER, "sid": 1}, [b"hello ", b"world"])
+    until(lambda: b"".join(b for k, _, b in stream_items(remote, 1) if k == st.DATA)
+          == b"hello world")
+    remote.submit(Op.STREAM_CLOSE, {"owner": OWNER, "sid": 1, "how": "eof"})
+    until(lambda: any(k == st.EOF for k, _, _ in stream_items(remote, 1)))
+    assert server.closed.wait(5), "the remote end saw our half-close, then closed"
+    assert remote.ok(Op.STREAM_SYNC, {"owner": OWNER, "live": [1]})["unknown"] == [1]
+    server.close()
+
+
+def test_stream_refuses_other_hosts_unless_asked_and_bad_ports(remote: InProcess) -> None:
+    server = EchoServer(host="127.0.0.2")  # loopback, but not the remote's "own" address
+    error = remote.fails(ErrorCode.PERMISSION_DENIED, Op.STREAM_OPEN,
+                         open_args(server.port, host="127.0.0.2"))
+    assert "allow_remote_host=True" in error.message
+    remote.ok(Op.STREAM_OPEN, open_args(server.port, host="127.0.0.2", allow_remote_host=True))
+    for port in (0, 65536, -1, "80", True, None, 2.5):
+        remote.fails(ErrorCode.INVALID_ARGUMENT, Op.STREAM_OPEN, open_args(port, sid=2))  # type: ignore[arg-type]
+    for host in ("", "a/b", "x" * 300, 7):
+        remote.fails(ErrorCode.INVALID_ARGUMENT, Op.STREAM_OPEN,
+                     open_args(server.port, sid=3, host=host))
+    closed = free_port()
+    error = remote.fails(ErrorCode.NOT_FOUND, Op.STREAM_OPEN, open_args(closed, sid=4))
+    assert f"nothing listens on 127.0.0.1:{closed}" in error.message
+    server.close()
+
+
+def test_supervisor_survives_whatever_a_client_sends_to_streams(remote: InProcess) -> None:
+    server = EchoServer(record=True)
+    remote.ok(Op.STREAM_OPEN, open_args(server.port, window=st.MIN_WINDOW))
+    junk: list[dict[str, Any]] = [
+        {}, {"owner": 5}, {"owner": OWNER, "sid": "x"}, {"owner": OWNER, "sid": 2**60},
+        {"owner": OWNER, "acks": "no"}, {"owner": OWNER, "acks": [[1], [None, 3], "z", [1, "a"]]},
+        {"owner": OWNER, "sid": 1, "how": "sideways"}, {"owner": "o" * 100, "sid": 1},
+        {"owner": OWNER, "live": list(range(st.MAX_STREAMS + 1))},
+    ]
+    for op in (Op.STREAM_WRITE, Op.STREAM_ACK, Op.STREAM_CLOSE, Op.STREAM_SYNC, Op.STREAM_OPEN):
+        for args in junk:
+            remote.submit(op, args, [b"junk"])
+    remote.submit(Op.STREAM_WRITE, {"owner": OWNER, "sid": 99}, [b"to nobody"])
+    assert remote.ok(Op.PING)["pong"]
+    until(lambda: any(k == st.RESET for k, _, _ in stream_items(remote, 99)))
+    # An ack for bytes never sent is a broken client: its stream is reset, nothing else.
+    other = EchoServer(record=True)
+    remote.ok(Op.STREAM_OPEN, open_args(other.port, sid=2))
+    remote.submit(Op.STREAM_ACK, {"owner": OWNER, "acks": [[2, 12345]]})
+    until(lambda: any(k == st.RESET for k, _, _ in stream_items(remote, 2)))
+    assert other.closed.wait(5)
+    assert remote.ok(Op.PING)["pong"]
+
+
+def test_a_client_overrunning_its_window_gets_a_reset_not_our_memory(remote: InProcess) -> None:
+    server = EchoServer(record=True)
+    remote.ok(Op.STREAM_OPEN, open_args(server.port, window=st.MIN_WINDOW))
+    for _ in range(3):  # three times the window, with no credit back
+        remote.submit(Op.STREAM_WRITE, {"owner": OWNER, "sid": 1}, [b"x" * st.MIN_WINDOW])
+    until(lambda: [v for k, v, _ in stream_items(remote, 1) if k == st.RESET])
+    reasons = [v for k, v, _ in stream_items(remote, 1) if k == st.RESET]
+    assert "overran" in reasons[0]
+    remote.fails(ErrorCode.TOO_LARGE, Op.STREAM_WRITE, {"owner": OWNER, "sid": 1},
+                 [b"y" * (st.MAX_WRITE_BYTES + 1)])
+
+
+def test_stream_counts_are_bounded(remote: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(st, "MAX_STREAMS_PER_OWNER", 2)
+    server = EchoServer()
+    remote.ok(Op.STREAM_OPEN, open_args(server.port, sid=1))
+    remote.ok(Op.STREAM_OPEN, open_args(server.port, sid=2))
+    error = remote.fails(ErrorCode.TOO_LARGE, Op.STREAM_OPEN, open_args(server.port, sid=3))
+    assert "limit per controller" in error.message
+    remote.fails(ErrorCode.CONFLICT, Op.STREAM_OPEN, open_args(server.port, sid=2))
+    server.close()
+
+
+def test_streams_of_a_silent_controller_are_reset_when_its_lease_ends(
+        remote: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "OWNER_LEASE_S", 0.5)
+    monkeypatch.setattr(streams, "LEASE_CHECK_S", 0.1)
+    server = EchoServer(record=True)
+    remote.ok(Op.STREAM_OPEN, open_args(server.port))
+    assert server.closed.wait(10), "the remote connection was closed when the lease ran out"
+    assert remote.ok(Op.STREAM_SYNC, {"owner": OWNER, "live": [1]})["unknown"] == [1]
+
+
+# --- through a real Jupyter server: servers started as remote jobs -----------------------------
+
+
+@contextlib.contextmanager
+def remote_job(t: Tether, command: str, port: int) -> Iterator[BlockingPortForward]:
+    """Start ``command`` as a remote job, forward ``port``, wait until it listens there."""
+    job = t.jobs.start(command)
+    try:
+        with t.forward(port) as fwd:
+            deadline = time.monotonic() + 30
+            while not fwd.probe():
+                assert job.status().state == "running", job.tail()
+                assert time.monotonic() < deadline, "the remote server never listened"
+                time.sleep(0.2)
+            yield fwd
+    finally:
+        job.kill(grace=1)
+
+
+@pytest.fixture(scope="module")
+def web_root(server_root: Path) -> Path:
+    folder = server_root / "forward-web"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "big.bin", "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(MIB))
+    for i in range(50):
+        (folder / f"small-{i}.txt").write_text(f"file {i} " * (i + 1))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def http_forward(tether: Tether, web_root: Path) -> Iterator[BlockingPortForward]:
+    port = free_port()
+    command = f"{sys.executable} -m http.server {port} --bind 127.0.0.1 --directory {web_root}"
+    with remote_job(tether, command, port) as fwd:
+        yield fwd
+
+
+def test_forward_listens_on_loopback_only_and_lists_itself(
+        tether: Tether, http_forward: BlockingPortForward) -> None:
+    assert http_forward.url == f"http://127.0.0.1:{http_forward.local_port}/"
+    with socket.socket() as probe:  # not on the machine's other addresses
+        hostname_ip = socket.gethostbyname(socket.gethostname())
+        if not hostname_ip.startswith("127."):
+            assert probe.connect_ex((hostname_ip, http_forward.local_port)) != 0
+    listed = [f for f in tether.forwards() if f["local_port"] == http_forward.local_port]
+    assert listed and listed[0]["remote_listening"] is True
+
+
+def test_get_of_64_mib_file_through_forward_is_byte_equal(
+        http_forward: BlockingPortForward, web_root: Path) -> None:
+    expected = hashlib.sha256((web_root / "big.bin").read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    size = 0
+    with httpx2.stream("GET", http_forward.url + "big.bin", timeout=120) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            digest.update(chunk)
+            size += len(chunk)
+    assert size == 64 * MIB and digest.hexdigest() == expected
+    info = http_forward.info()
+    assert info["bytes_down"] >= 64 * MIB and info["connections"] >= 1
+
+
+def test_fifty_concurrent_small_gets_are_all_correct(
+        http_forward: BlockingPortForward, web_root: Path) -> None:
+    def get(i: int) -> bool:
+        response = httpx2.get(f"{http_forward.url}small-{i}.txt", timeout=60)
+        return response.text == (web_root / f"small-{i}.txt").read_text()
+
+    with ThreadPoolExecutor(50) as pool:
+        assert all(pool.map(get, range(50)))
+    until(lambda: http_forward.info()["active"] == 0)
+
+
+WS_ECHO = """
+import asyncio, sys
+from websockets.asyncio.server import serve
+
+async def echo(ws):
+    async for message in ws:
+        await ws.send(message)
+
+async def main():
+    async with serve(echo, "127.0.0.1", int(sys.argv[1]), max_size=None):
+        await asyncio.Future()
+
+asyncio.run(main())
+"""
+
+
+def test_websocket_echo_of_1000_messages_round_trips(tether: Tether, server_root: Path) -> None:
+    script = server_root / "ws_echo.py"
+    script.write_text(WS_ECHO)
+    port = free_port()
+    rng = random.Random(7)
+    with remote_job(tether, f"{sys.executable} {script} {port}", port) as fwd, \
+            websockets.sync.client.connect(f"ws://127.0.0.1:{fwd.local_port}/",
+                                           max_size=None) as ws:
+        for i in range(1000):
+            message: str | bytes = rng.randbytes(rng.randint(1, 64 * 1024)) if i % 2 \
+                else f"message {i}"
+            ws.send(message)
+            assert ws.recv(timeout=30) == message
+
+
+ENDLESS = """
+import socket, sys
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+block = b"x" * 65536
+while True:
+    conn, _ = server.accept()
+    try:
+        while True:
+            conn.sendall(block)
+    except OSError:
+        conn.close()
+"""
+
+
+def test_slow_local_reader_grows_neither_supervisor_nor_controller_memory(
+        tether: Tether, server_root: Path) -> None:
+    script = server_root / "endless.py"
+    script.write_text(ENDLESS)
+    port = free_port()
+    supervisor = psutil.Process(tether.info()["pid"])
+    controller = psutil.Process()
+    with remote_job(tether, f"{sys.executable} {script} {port}", port) as fwd, \
+            socket.create_connection(("127.0.0.1", fwd.local_port)) as sock:
+        read = 0
+        while read < 8 * MIB:  # at full speed first: the windows are open and warm
+            read += len(sock.recv(MIB))
+        before = (supervisor.memory_info().rss, controller.memory_info().rss)
+        deadline = time.monotonic() + 4  # then slowly: ~1 MiB/s against ~100+ MiB/s on offer
+        while time.monotonic() < deadline:
+            read += len(sock.recv(64 * 1024))
+            time.sleep(0.05)
+        after = (supervisor.memory_info().rss, controller.memory_info().rss)
+        ahead = fwd.info()["bytes_down"] - read
+    growth = [(b - a) / MIB for a, b in zip(before, after, strict=True)]
+    print(f"\n[forward] slow reader: supervisor +{growth[0]:.1f} MiB, controller "
+          f"+{growth[1]:.1f} MiB, forwarded ahead of the reader {ahead / MIB:.1f} MiB")
+    # Without flow control 4 s at full speed would be hundreds of MiB in one of them.
+    assert growth[0] < 48 and growth[1] < 48
+
+
+def test_remote_port_closed_refuses_local_connection_with_clear_message(tether: Tether) -> None:
+    port = free_port()
+    with tether.forward(port) as fwd:
+        assert fwd.remote_listening is False
+        with socket.create_connection(("127.0.0.1", fwd.local_port)) as sock:
+            sock.settimeout(30)
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass  # reset: the client sees the connection refused, as a closed port does
+        until(lambda: fwd.info()["failed"] == 1)
+        assert f"nothing listens on 127.0.0.1:{port} on the remote" in fwd.info()["last_error"]
+
+
+def test_forward_arguments_are_checked_before_anything_listens(tether: Tether) -> None:
+    for bad in (0, 70000, "6006"):
+        with pytest.raises(ConfigError, match="remote_port must be a TCP port"):
+            tether.forward(bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="allow_remote_host=True"):
+        tether.forward(80, remote_host="10.0.0.1")
+    before = len(tether.forwards())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ConfigError, match="already in use"):
+            tether.forward(free_port(), local_port=busy.getsockname()[1])
+    assert len(tether.forwards()) == before
+
+
+def test_no_jupyter_server_proxy_means_no_proxy_url(http_forward: BlockingPortForward) -> None:
+    assert http_forward.proxy_url is None  # the test server has no jupyter-server-proxy
+
+
+# --- across drops -----------------------------------------------------------------------------
+
+
+def open_streams(t: Tether) -> int:
+    """How many streams the supervisor holds open (all controllers)."""
+    reply = t.portal.call(lambda: t.aio.link.call(Op.STREAM_SYNC, {"owner": "counter",
+                                                                   "live": []}))
+    return int(reply.result["open"])
+
+
+@pytest.mark.parametrize("fault", ["reset", "blackhole"])
+def test_forward_keeps_working_after_a_fault_of_the_link(
+        proxied_server: tuple[FaultProxy, str, str], server_root: Path, web_root: Path,
+        tmp_path: Path, fault: str) -> None:
+    proxy, url, token = proxied_server
+    endless = server_root / "endless.py"
+    endless.write_text(ENDLESS)
+    web_port, endless_port = free_port(), free_port()
+    with Tether(url, token, options=fast_options(), output_dir=tmp_path) as t:
+        web = f"{sys.executable} -m http.server {web_port} --bind 127.0.0.1 --directory {web_root}"
+        with remote_job(t, web, web_port) as fwd, \
+                remote_job(t, f"{sys.executable} {endless} {endless_port}", endless_port) as busy:
+            assert httpx2.get(fwd.url + "small-3.txt", timeout=30).status_code == 200
+            held = socket.create_connection(("127.0.0.1", busy.local_port))
+            held.settimeout(60)
+            assert len(held.recv(65536)) > 0
+            baseline = open_streams(t)
+            getattr(proxy, fault)()
+            # The connection open during the drop ends with a reset, not a hang or an EOF.
+            with pytest.raises(ConnectionResetError):
+                while held.recv(MIB):
+                    pass
+            held.close()
+            proxy.heal()
+            # New connections work again, with no call from the user.
+            response = httpx2.get(fwd.url + "small-7.txt", timeout=60)
+            assert response.text == (web_root / "small-7.txt").read_text()
+            until(lambda: open_streams(t) < baseline, timeout=20)
+            assert t.status()["reconnects"] >= 1
