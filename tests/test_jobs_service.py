@@ -66,7 +66,7 @@ def test_kill_ends_the_whole_group_even_children_ignoring_term(services: Service
     (services.root / "stubborn.py").write_text(script)
     job = start(services, "python3 stubborn.py")
     deadline = time.monotonic() + 20
-    while not pid_file.exists() and time.monotonic() < deadline:
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     child_pid = int(pid_file.read_text())
     info = services.portal.call(lambda: job.kill(15, 1.0))

@@ -188,6 +188,23 @@ def test_parameters_go_after_the_parameters_cell_replacing_an_earlier_injection(
     doc.validate(nb, "x.ipynb")
 
 
+def test_the_remote_runner_needs_only_python_3_9_and_jupyter_client() -> None:
+    import ast
+
+    from jupyter_tether.controller.notebooks import remote_runner
+
+    tree = ast.parse(Path(remote_runner.__file__).read_text(), feature_version=(3, 9))
+    # ``X | None`` annotations stay unevaluated strings on 3.9 only with this import.
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body)
+    for node in ast.walk(tree):
+        assert not isinstance(node, ast.Match)
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        for name in names:
+            root = name.split(".")[0]
+            assert root in sys.stdlib_module_names or root == "jupyter_client", name
+
+
 # --- against a real server ----------------------------------------------------------------------
 
 
@@ -272,6 +289,9 @@ def test_a_cell_that_prints_displays_and_raises_leaves_its_outputs(tether: Tethe
     # The notebook session now holds the kernel: JupyterLab opening it shares that state.
     again = tether.notebooks.run(rel, [1])
     assert again["kernel"] == "session" and again["kernel_id"] == run["kernel_id"]
+    for session in tether.list_sessions():
+        if session.get("path") == rel:
+            tether.portal.call(tether.aio.rest.delete_session, session["id"])
 
 
 def test_a_long_run_returns_a_handle_and_keeps_writing(tether: Tether, server_root: Path) -> None:
@@ -291,6 +311,10 @@ def test_a_cancelled_run_interrupts_the_kernel_and_keeps_what_finished(
     write_nb(server_root / rel, ["print('first')", "import time\ntime.sleep(60)",
                                  "print('never')"])
     started = tether.notebooks.run(rel, kernel="work", timeout=1.5)
+    for _ in range(120):  # until the first cell is done (a fresh work kernel starts first)
+        if started["cells_done"] >= 1:
+            break
+        started = tether.notebooks.wait(started["run_id"], timeout=0.5)
     assert started["status"] == "running" and started["running_cell"]
     stopped = tether.notebooks.cancel(started["run_id"])
     assert stopped["status"] == "cancelled"
@@ -377,6 +401,19 @@ def test_a_failing_notebook_job_logs_the_traceback_and_exits_1(tether: Tether,
     nbformat.validate(nb)
     assert nb.metadata["jupyter_tether"]["status"] == "failed"
     assert nb.cells[1].outputs[-1]["ename"] == "KeyError" and nb.cells[2].outputs == []
+
+
+def test_nb_help_has_examples_and_a_missing_subcommand_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from jupyter_tether import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["nb", "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0 and "jupyter-tether nb run" in out and "examples:" in out
+    assert "--json" in out and "--target" in out
+    assert cli.main(["nb"]) == 2
+    assert "nb needs a subcommand" in capsys.readouterr().err
 
 
 def test_nb_cli_shows_runs_and_starts(jupyter_server: LocalJupyterServer, server_root: Path,
@@ -497,12 +534,16 @@ def test_mcp_edit_read_run_round_trip(jupyter_server: LocalJupyterServer, server
         async with connect(proc.url) as client:
             calls = Calls(client)
             made = await calls.ok("jupyter_nb_edit", {
-                "path": "nbtest/mcp.ipynb", "create": True, "expected_revision": None,
+                "path": "nbtest/mcp.ipynb", "create": True, "expected_revision": "",
                 "ops": [{"op": "insert", "source": "print('via mcp')"}]})
             stale = await calls.error("jupyter_nb_edit", {
                 "path": "nbtest/mcp.ipynb", "expected_revision": "0" * 16,
                 "ops": [{"op": "delete", "cell": 0}]})
             assert "changed since you read it" in stale
+            blind = await calls.error("jupyter_nb_edit", {
+                "path": "nbtest/mcp.ipynb", "expected_revision": "",
+                "ops": [{"op": "delete", "cell": 0}]})
+            assert "read the notebook first" in blind
             run = await calls.ok("jupyter_nb_run", {"path": "nbtest/mcp.ipynb", "wait_s": 0})
             if run["status"] == "running":
                 run = await calls.ok("jupyter_nb_run", {"path": "nbtest/mcp.ipynb",

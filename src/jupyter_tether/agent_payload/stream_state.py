@@ -13,7 +13,8 @@ Messages from the supervisor to one controller (never broadcast, never replayed)
 
     {"type": "stream", "owner": OWNER, "items": [[sid, kind, value], ...]}
 
-with one blob per ``data`` item, in order. Kinds: ``data`` (value: its length), ``eof``
+with one blob per ``data`` item, in order. Kinds: ``data`` (value: its offset in the
+stream, so a lost message is noticed), ``eof``
 (the remote end finished sending), ``reset`` (value: why), ``ack`` (value: running total of
 bytes written to the remote socket). Standard library only; Python >= 3.9.
 """

@@ -33,13 +33,14 @@ from .supervisor import NO_REPLY, Deferred, Request, Supervisor
 from .wire import ErrorCode, Op, OpError, arg
 
 READ_BYTES = 1024 * st.KIB  # one recv
+READS_PER_TURN = 4
 PUSH_BYTES = 4 * st.MIB  # blobs of one pushed message
 # iopub carries about 1000 messages a second: pushes are paced by a token bucket, so a
 # saturated tunnel sends few large messages while a quiet one answers at once.
-PUSH_RATE = 400.0
-PUSH_BURST = 8.0
+PUSH_RATE = 500.0
+PUSH_BURST = 50.0
 #: bytes read from the remote sockets and not yet consumed by the controller, per channel
-CHANNEL_BUDGET = 16 * st.MIB
+CHANNEL_BUDGET = 6 * st.MIB
 CONNECT_TIMEOUT_S = 10.0
 CONNECTORS = 8  # threads that connect new streams (a loopback connect is instant)
 OWNER_LEASE_S = 60.0
@@ -50,7 +51,7 @@ MAX_REASON_CHARS = 200
 class _Stream:
     """One forwarded connection: its remote socket and both directions' credit."""
 
-    __slots__ = ("channel", "down", "eof_sent", "host", "key", "mask", "opened_at",
+    __slots__ = ("channel", "down", "host", "key", "mask", "opened_at",
                  "out_eof", "outq", "port", "read_done", "sock", "up", "wr_shut")
 
     def __init__(self, key: Tuple[str, int], sock: Optional[socket.socket], channel: Any,
@@ -67,7 +68,6 @@ class _Stream:
         self.out_eof = False  # the controller finished sending: shut down once drained
         self.wr_shut = False
         self.read_done = False  # the remote end finished sending (or failed)
-        self.eof_sent = False
         self.mask = 0
         self.opened_at = time.time()
 
@@ -135,9 +135,12 @@ class StreamService:
         allow = arg(req.args, "allow_remote_host", bool, False)
         host = st.check_host(arg(req.args, "host", str, "127.0.0.1"), allow)
         window = st.window_arg(req.args)
+        # quiet: no reply (a connection's open, with bytes right behind it); a failure
+        # still comes back as a ``reset`` item
+        quiet = arg(req.args, "quiet", bool, False)
         key = (owner, sid)
         stream = _Stream(key, None, req.channel, host, port, window)
-        deferred = self.sup.defer(req)
+        deferred = None if quiet else self.sup.defer(req)
         with self._lock:
             if self._stop.is_set():
                 raise OpError(ErrorCode.INTERNAL, "the supervisor is shutting down")
@@ -149,9 +152,9 @@ class StreamService:
                                                      thread_name_prefix="tether-connect")
             self._connector.submit(self._connect, stream, deferred)
         self._ensure_thread()
-        return deferred
+        return NO_REPLY if deferred is None else deferred
 
-    def _connect(self, stream: _Stream, deferred: Deferred) -> None:
+    def _connect(self, stream: _Stream, deferred: Optional[Deferred]) -> None:
         host, port = stream.host, stream.port
         sock: Optional[socket.socket] = None
         error: Optional[OpError] = None
@@ -184,6 +187,8 @@ class StreamService:
             else:
                 stream.sock = sock
         self._wake()
+        if deferred is None:
+            return
         if error is not None:
             deferred.reject(error)
         else:
@@ -300,30 +305,30 @@ class StreamService:
         self._drop(stream)
 
     def _drop(self, stream: _Stream) -> None:
-        if self._streams.pop(stream.key, None) is None:
-            return
-        if stream.mask:
-            try:
-                self._selector.unregister(stream.sock)
-            except (KeyError, ValueError, OSError):
-                pass
-            stream.mask = 0
-        if stream.sock is not None:
-            _reset_socket(stream.sock)
+        """Forget the stream and reset its remote connection."""
+        self._forget(stream, reset=True)
 
     def _finish(self, stream: _Stream) -> None:
-        """Both directions ended normally: close quietly."""
+        """Both directions ended normally: forget it and close quietly."""
+        self._forget(stream, reset=False)
+
+    def _forget(self, stream: _Stream, reset: bool) -> None:
         if self._streams.pop(stream.key, None) is None:
             return
+        sock = stream.sock
+        if sock is None:
+            return  # still connecting: _connect closes what it gets
         if stream.mask:
             try:
-                self._selector.unregister(stream.sock)
+                self._selector.unregister(sock)
             except (KeyError, ValueError, OSError):
                 pass
             stream.mask = 0
-        if stream.sock is not None:
+        if reset:
+            _reset_socket(sock)
+        else:
             try:
-                stream.sock.close()
+                sock.close()
             except OSError:
                 pass
 
@@ -435,31 +440,39 @@ class StreamService:
                 stream.mask = mask
 
     def _read(self, stream: _Stream) -> None:
-        count = min(READ_BYTES, stream.down.available)
-        if count <= 0:
-            return
-        try:
-            data = stream.sock.recv(count)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fail(stream, "the remote connection failed: %s" % (exc.strerror or exc))
-            return
+        """Read what is there (a few reads at most: fairness), so that a response and the
+        end that follows right behind it often travel in one push."""
         owner, sid = stream.key
-        if not data:
-            stream.read_done = True
-            stream.eof_sent = True
-            self._queue(stream.channel, owner, [sid, st.EOF, None])
-            return
-        stream.down.on_sent(len(data))
-        self._queue(stream.channel, owner, [sid, st.DATA, len(data)], data)
+        for _ in range(READS_PER_TURN):
+            count = min(READ_BYTES, stream.down.available)
+            if count <= 0 or stream.sock is None:
+                return
+            try:
+                data = stream.sock.recv(count)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(stream, "the remote connection failed: %s" % (exc.strerror or exc))
+                return
+            if not data:
+                stream.read_done = True
+                self._queue(stream.channel, owner, [sid, st.EOF, None])
+                return
+            # The offset lets the controller notice a lost push (iopub drops past its rate
+            # limit) and reset the stream instead of passing on corrupt bytes.
+            self._queue(stream.channel, owner, [sid, st.DATA, stream.down.sent], data)
+            stream.down.on_sent(len(data))
+            if len(data) < count:
+                return  # drained for now
 
     def _write(self, stream: _Stream) -> None:
         written = 0
+        sock = stream.sock
+        assert sock is not None  # only connected streams are registered
         while stream.outq:
             head = stream.outq[0]
             try:
-                sent = stream.sock.send(head)
+                sent = sock.send(head)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -479,6 +492,7 @@ class StreamService:
     def _shut_write(self, stream: _Stream) -> None:
         stream.wr_shut = True
         try:
+            assert stream.sock is not None
             stream.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:

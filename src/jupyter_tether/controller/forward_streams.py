@@ -109,7 +109,12 @@ class StreamConnection:
 
     # --- from the mux (sync, on the event loop) -------------------------------------------------
 
-    def on_data(self, blob: bytes) -> None:
+    def on_data(self, blob: bytes, offset: Any) -> None:
+        if offset != self.down.received:
+            self.abort("bytes were lost on the way (did the server's iopub rate limit drop a "
+                       "message? see ServerApp.iopub_msg_rate_limit): connection reset",
+                       tell_remote=True)
+            return
         if not self.down.on_data(len(blob)):
             self.abort("the remote overran the credit window", tell_remote=True)
             return
@@ -138,34 +143,42 @@ class StreamConnection:
 
     # --- the connection's life ------------------------------------------------------------------
 
+    def on_remote_reset(self, reason: str) -> None:
+        """The remote refused or reset the stream: say why in the forward's counters."""
+        self.counters.failed += 1
+        self.counters.last_error = reason
+        log.info("forwarded connection %d reset by the remote: %s", self.sid, reason)
+        self.abort(f"the remote reset the connection: {reason}")
+
     async def run(self, port: int, host: str, allow_remote_host: bool) -> None:
-        """Open the remote stream, carry bytes both ways, close or reset both ends."""
+        """Open the remote stream, carry bytes both ways, close or reset both ends.
+
+        The open is one-way: bytes follow right behind it (no round trip per connection);
+        a refusal comes back as a ``reset`` item that says why.
+        """
         link, owner = self.mux.link, self.mux.owner
         try:
-            try:
-                reply = await link.call(Op.STREAM_OPEN, {
-                    "owner": owner, "sid": self.sid, "port": port, "host": host,
-                    "allow_remote_host": allow_remote_host, "window": self.down.window},
-                    timeout=OPEN_TIMEOUT_S, idempotent=False)
-            except TetherError as exc:
-                self.counters.failed += 1
-                self.counters.last_error = str(exc)
-                log.warning("forward to remote %s:%d: %s", host, port, exc)
-                self.abort(str(exc))
-                return
-            self.opened = True
-            window = reply.result.get("window") if isinstance(reply.result, dict) else None
-            if isinstance(window, int) and st.MIN_WINDOW <= window <= st.MAX_WINDOW:
-                self.up.window = window
-            if self.reset_reason is not None:  # the link dropped while it opened
-                self._tell_remote = True
-                return
             with anyio.CancelScope() as scope:
                 self._scope = scope
+                with anyio.move_on_after(OPEN_TIMEOUT_S):
+                    while not link.connected and self.reset_reason is None:
+                        await anyio.sleep(0.05)  # a drop: new connections wait for the heal
+                if not link.connected:
+                    self.abort(f"the link to {link.where} is down")
+                if self.reset_reason is not None:
+                    return
+                await self._post(Op.STREAM_OPEN, {
+                    "owner": owner, "sid": self.sid, "port": port, "host": host,
+                    "allow_remote_host": allow_remote_host, "window": self.down.window,
+                    "quiet": True})
+                self.opened = True
                 async with anyio.create_task_group() as pumps:
                     pumps.start_soon(self._pump_up, owner)
                     pumps.start_soon(self._pump_down, owner)
         finally:
+            if self.reset_reason is not None and not self.opened:
+                self.counters.failed += 1
+                self.counters.last_error = self.reset_reason
             await self._close()
 
     async def _close(self) -> None:
@@ -302,13 +315,13 @@ class StreamMux:
             if connection is None:
                 continue
             if kind == st.DATA:
-                connection.on_data(blob)
+                connection.on_data(blob, value)
             elif kind == st.EOF:
                 connection.on_eof()
             elif kind == st.ACK:
                 connection.on_ack(value)
             else:
-                connection.abort(f"the remote reset the connection: {str(value)[:200]}")
+                connection.on_remote_reset(str(value)[:300])
 
     def _on_drop(self) -> None:
         self._reset_below = next(self._sids)

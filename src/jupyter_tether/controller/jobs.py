@@ -146,7 +146,7 @@ class AsyncJob:
 
         async def subscribe() -> None:
             await caller.call(Op.JOB_FOLLOW, {"job_id": job_id, "offset": next_offset,
-                                           "window": window, "subscriber": subscriber})
+                                              "window": window, "subscriber": subscriber})
 
         remove_listener = caller.add_listener(on_event)
         remove_hook = caller.on_reattach(subscribe)
@@ -199,7 +199,7 @@ class AsyncJob:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 try:
                     await caller.call(Op.JOB_UNFOLLOW, {"job_id": job_id, "subscriber": subscriber},
-                                    timeout=5)
+                                      timeout=5)
                 except TetherError:
                     pass
 

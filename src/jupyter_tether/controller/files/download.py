@@ -87,8 +87,8 @@ class Downloader:
             keep_partial = False
             try:
                 begun = (await self._caller.call(Op.DOWNLOAD_BEGIN,
-                                                  {"path": remote_path, "hash": True},
-                                                  timeout=MANIFEST_TIMEOUT_S)).result
+                                                 {"path": remote_path, "hash": True},
+                                                 timeout=MANIFEST_TIMEOUT_S)).result
                 transfer_id = str(begun["transfer_id"])
                 target = str(begun["path"])
                 where = f"download {target} -> {local}"
@@ -163,7 +163,7 @@ class Downloader:
                         with anyio.move_on_after(5), contextlib.suppress(
                                 RemoteError, ConnectionLost, TetherTimeout):
                             await self._caller.call(Op.DOWNLOAD_END,
-                                                     {"transfer_id": transfer_id}, timeout=5)
+                                                    {"transfer_id": transfer_id}, timeout=5)
         assert part is not None
         return TransferResult(path=part.remote_path, local_path=str(local), bytes=part.size,
                               seconds=time.perf_counter() - started, sha256=part.sha256,
@@ -261,7 +261,7 @@ class Downloader:
                 reply = await caller.call(Op.DOWNLOAD_CHUNK, {"transfer_id": transfer_id,
                                                               "offset": slot.offset,
                                                               "length": slot.length},
-                                           timeout=CHUNK_TIMEOUT_S)
+                                          timeout=CHUNK_TIMEOUT_S)
                 slot.data = reply.buffers[0] if reply.buffers else b""
                 slot.declared = int(reply.result.get("length", -1))
             except Exception as exc:

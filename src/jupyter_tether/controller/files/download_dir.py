@@ -119,7 +119,7 @@ class DirDownload:
             while pending:
                 reply = await self._caller.call(
                     Op.BATCH_READ, {"root": remote_root, "paths": pending,
-                                   "max_bytes": BATCH_BYTES + MiB},
+                                    "max_bytes": BATCH_BYTES + MiB},
                     timeout=CHUNK_TIMEOUT_S)
                 stored = await anyio.to_thread.run_sync(
                     store_batch, root, targets, pending, reply.result, reply.buffers, errors)

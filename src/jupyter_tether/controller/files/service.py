@@ -132,7 +132,7 @@ class AsyncFiles:
                      missing_ok: bool = False) -> dict[str, Any]:
         """Remove a remote file, link or (empty, or with ``recursive``) directory."""
         reply = await self._caller.call(Op.FS_REMOVE, {"path": path, "recursive": recursive,
-                                                      "missing_ok": missing_ok})
+                                                       "missing_ok": missing_ok})
         result: dict[str, Any] = reply.result
         return result
 

@@ -115,7 +115,7 @@ class TreeSync:
             try:
                 reply = await self._caller.call(
                     Op.SYNC_DELETE, {"root": remote_root, "paths": plan.delete,
-                                    "allow_root_delete": allow_root_delete},
+                                     "allow_root_delete": allow_root_delete},
                     timeout=MANIFEST_TIMEOUT_S)
             except RemoteError as exc:
                 raise with_context(exc, f"{where}: nothing was sent or deleted") from None
@@ -193,7 +193,7 @@ class TreeSync:
             if specs:
                 await self._caller.call(Op.BATCH_WRITE, {"root": remote_root, "files": specs,
                                                          "make_dirs": True},
-                                         buffers=blobs, timeout=CHUNK_TIMEOUT_S)
+                                        buffers=blobs, timeout=CHUNK_TIMEOUT_S)
                 sent = sum(len(b) for b in blobs)
                 outcome["uploaded"] += len(specs)
                 outcome["bytes"] += sent

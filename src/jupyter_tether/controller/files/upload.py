@@ -168,7 +168,7 @@ class Uploader:
             nonlocal acked
             try:
                 await caller.call(Op.UPLOAD_CHUNK, {"transfer_id": transfer_id, "offset": offset},
-                                   buffers=[data], timeout=CHUNK_TIMEOUT_S)
+                                  buffers=[data], timeout=CHUNK_TIMEOUT_S)
                 acked += len(data)
                 tracker.add(len(data))
             except Exception as exc:
@@ -201,7 +201,7 @@ class Uploader:
         timeout = 120.0 + size / 20e6
         try:
             reply = await self._caller.call(Op.UPLOAD_COMMIT, {"transfer_id": transfer_id},
-                                             timeout=timeout)
+                                            timeout=timeout)
             result: dict[str, Any] = reply.result
             return result
         except (ConnectionLost, TetherTimeout, NotFound) as exc:
@@ -217,10 +217,10 @@ class Uploader:
         """Whether the remote file at ``path`` has this size and sha256 (False when unsure)."""
         try:
             begun = (await self._caller.call(Op.DOWNLOAD_BEGIN, {"path": path, "hash": True},
-                                              timeout=120.0 + size / 50e6)).result
+                                             timeout=120.0 + size / 50e6)).result
         except (RemoteError, ConnectionLost, TetherTimeout):
             return False
         with contextlib.suppress(RemoteError, ConnectionLost, TetherTimeout):
             await self._caller.call(Op.DOWNLOAD_END, {"transfer_id": begun["transfer_id"]},
-                                     timeout=10)
+                                    timeout=10)
         return bool(begun.get("size") == size and begun.get("sha256") == digest)

@@ -19,13 +19,18 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 
 from ...agent_payload.wire import ErrorCode
 from ...errors import Conflict, NotFound, TetherError
-from ..jobs import AsyncJob
+from ..files import AsyncFiles
+from ..jobs import AsyncJob, AsyncJobs
+from ..kernel_ws import KernelSocket
+from ..link import LinkOptions, SupervisorLink
+from ..rest import JupyterRest
 from .document import (
     DOC_LIMITS,
     ImageSaver,
@@ -42,9 +47,6 @@ from .document import (
     text_of,
 )
 from .runs import CellRecord, NotebookRun, RunHooks, Updates, drive
-
-if TYPE_CHECKING:
-    from ..tether import AsyncTether
 
 #: a probe for jupyter-collaboration's document-session route: it answers only PUT, so a
 #: GET gets 405 where the extension runs and 404 where it does not
@@ -71,10 +73,34 @@ def _changed(path: str, expected: str | None, actual: str) -> Conflict:
         "written; read it again and redo the edit"), {"path": path, "revision": actual})
 
 
+class NotebookHost(Protocol):
+    """What the service needs of the ``AsyncTether`` that holds it: the link's facts, REST,
+    files and jobs, and its work kernels (their sockets and per-kernel locks)."""
+
+    output_dir: Path
+    options: LinkOptions
+    files: AsyncFiles
+    jobs: AsyncJobs
+    _work_locks: dict[str, anyio.Lock]
+
+    @property
+    def link(self) -> SupervisorLink: ...
+
+    @property
+    def rest(self) -> JupyterRest: ...
+
+    @property
+    def task_group(self) -> anyio.abc.TaskGroup: ...
+
+    async def work_kernel_id(self) -> str: ...
+
+    async def _work_socket(self, kernel_id: str) -> KernelSocket: ...
+
+
 class AsyncNotebooks:
     """``tether.notebooks``: ``read``, ``edit``, ``run`` (+ ``wait``, ``cancel``), ``start``."""
 
-    def __init__(self, tether: AsyncTether) -> None:
+    def __init__(self, tether: NotebookHost) -> None:
         self._tether = tether
         self._runs: dict[str, NotebookRun] = {}
         self._rtc: tuple[float, bool] | None = None

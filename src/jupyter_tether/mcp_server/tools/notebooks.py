@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context
 from pydantic import Field
 
+from ...agent_payload.wire import ErrorCode
+from ...errors import InvalidArgument
 from ..helpers import activity, bounded
 from .common import ServerUrl, ToolContext, ToolTable, hints, job_dict, timeout_arg
 
@@ -42,8 +44,8 @@ async def jupyter_nb_edit(
         'All or none, in order: {op:insert,source,cell_type?,index?|after?}, '
         '{op:replace,cell,source?,cell_type?}, {op:delete,cell}, {op:move,cell,to}, '
         '{op:clear_outputs,cell?}. cell: id or index.'))],
-    expected_revision: Annotated[str | None, Field(
-        description="From jupyter_nb_read; refused if the file changed since.")],
+    expected_revision: Annotated[str, Field(
+        description='From jupyter_nb_read; refused if the file changed since ("" to create).')],
     create: bool = False,
     force: Force = False,
     server_url: ServerUrl = None,
@@ -51,9 +53,12 @@ async def jupyter_nb_edit(
 ) -> dict[str, Any]:
     """Edit cells atomically; the result is validated by nbformat. Returns the new
     revision and the id of each inserted cell."""
+    if not expected_revision and not create:
+        raise InvalidArgument(ErrorCode.INVALID_ARGUMENT, "read the notebook first "
+                              "(jupyter_nb_read) and pass its revision as expected_revision")
     async with bounded(timeout_s, "notebook edit"):
         tether = await tc.tether(server_url)
-        return await tether.notebooks.edit(path, ops, expected_revision=expected_revision,
+        return await tether.notebooks.edit(path, ops, expected_revision=expected_revision or None,
                                            create=create, force=force)
 
 
