@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,6 +98,12 @@ async def main(size_mib: int, rounds: int, n: int) -> None:
             direct_bw = await throughput(port, size, rounds)
             forward_bw = await throughput(local, size, rounds)
 
+            idle_pings = []
+            for _ in range(n):
+                started = time.perf_counter()
+                await t.link.call("ping")
+                idle_pings.append(time.perf_counter() - started)
+
             direct_small = (await run_client(port, "small.txt", n))["times"]
             forward_small = (await run_client(local, "small.txt", n))["times"]
 
@@ -132,6 +137,7 @@ async def main(size_mib: int, rounds: int, n: int) -> None:
     print(fmt("small GET, direct (new connection)", s_direct))
     print(fmt("small GET, through forward (new connection)", s_forward))
     print(f"latency added by the forward: median {added:.2f} ms (goal < 3 ms)")
+    print(fmt("ping on the link, idle", summary(idle_pings)))
     print(fmt("ping on the link, tunnel saturated", s_ping) + "  (goal p99 < 20 ms)")
     print(f"forward counters: {info['connections']} connections, "
           f"{info['bytes_down'] / MIB:.0f} MiB down, {info['failed']} failed")

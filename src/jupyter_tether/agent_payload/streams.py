@@ -20,6 +20,7 @@ library only.
 
 import collections
 import errno
+import os
 import selectors
 import socket
 import struct
@@ -40,7 +41,7 @@ PUSH_BYTES = 4 * st.MIB  # blobs of one pushed message
 PUSH_RATE = 500.0
 PUSH_BURST = 50.0
 #: bytes read from the remote sockets and not yet consumed by the controller, per channel
-CHANNEL_BUDGET = 6 * st.MIB
+CHANNEL_BUDGET = 4 * st.MIB
 CONNECT_TIMEOUT_S = 10.0
 CONNECTORS = 8  # threads that connect new streams (a loopback connect is instant)
 OWNER_LEASE_S = 60.0
@@ -51,12 +52,12 @@ MAX_REASON_CHARS = 200
 class _Stream:
     """One forwarded connection: its remote socket and both directions' credit."""
 
-    __slots__ = ("channel", "down", "host", "key", "mask", "opened_at",
-                 "out_eof", "outq", "port", "read_done", "sock", "up", "wr_shut")
+    __slots__ = ("channel", "connect_deadline", "connecting", "deferred", "down", "host",
+                 "key", "mask", "opened_at", "out_eof", "outq", "port", "read_done", "sock",
+                 "up", "wr_shut")
 
     def __init__(self, key: Tuple[str, int], sock: Optional[socket.socket], channel: Any,
-                 host: str,
-                 port: int, window: int):
+                 host: str, port: int, window: int):
         self.key = key
         self.sock = sock
         self.channel = channel
@@ -70,6 +71,9 @@ class _Stream:
         self.read_done = False  # the remote end finished sending (or failed)
         self.mask = 0
         self.opened_at = time.time()
+        self.connecting = False  # a non-blocking connect in progress
+        self.connect_deadline = 0.0
+        self.deferred: Optional[Deferred] = None  # the open's reply, until connected
 
 
 class _Batch:
@@ -83,6 +87,34 @@ class _Batch:
         self.items: List[List[Any]] = []
         self.blobs: List[bytes] = []
         self.bytes = 0
+
+
+def _literal_family(host: str) -> Optional[int]:
+    """The address family of an IP address literal, None for a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return family
+    return None
+
+
+def _connect_error(exc: OSError, host: str, port: int) -> OpError:
+    """Why a connect failed, as the controller shows it."""
+    where = {"host": host, "port": port}
+    if isinstance(exc, socket.timeout) or exc.errno == errno.ETIMEDOUT:  # 3.9: not TimeoutError
+        return OpError(ErrorCode.TIMEOUT, "connecting to %s:%d on the remote timed out after "
+                       "%gs" % (host, port, CONNECT_TIMEOUT_S), where)
+    if isinstance(exc, socket.gaierror):
+        return OpError(ErrorCode.INVALID_ARGUMENT, "cannot resolve %r on the remote: %s"
+                       % (host, exc), where)
+    if exc.errno == errno.ECONNREFUSED:
+        return OpError(ErrorCode.NOT_FOUND, "nothing listens on %s:%d on the remote "
+                       "(connection refused): start the server there first, or check the "
+                       "port" % (host, port), where)
+    return OpError(ErrorCode.NOT_FOUND, "cannot connect to %s:%d on the remote: %s"
+                   % (host, port, exc.strerror or exc), where)
 
 
 def _channel_key(channel: Any) -> Any:
@@ -121,79 +153,118 @@ class StreamService:
         self._tokens = PUSH_BURST
         self._tokens_at = time.monotonic()
         self._connector: Optional[ThreadPoolExecutor] = None
+        self._settle: List[Tuple[Deferred, Any]] = []  # open replies due, sent unlocked
         self._last_lease_check = 0.0
         self.counters = supervisor.counters
 
     # --- ops (the kernel's shell thread, or a worker for open) ------------------------------
 
     def op_open(self, req: Request) -> Any:
-        """Register the stream at once (writes may follow right behind), connect on a
-        connector thread; the reply, and a ``reset`` item on failure, say how it went."""
+        """Register the stream at once (bytes may ride along or follow right behind) and
+        start connecting; the reply, and a ``reset`` item on failure, say how it went."""
         owner = st.check_owner(req.args)
         sid = st.check_sid(arg(req.args, "sid", int))
         port = st.check_port(arg(req.args, "port", int))
         allow = arg(req.args, "allow_remote_host", bool, False)
         host = st.check_host(arg(req.args, "host", str, "127.0.0.1"), allow)
         window = st.window_arg(req.args)
-        # quiet: no reply (a connection's open, with bytes right behind it); a failure
-        # still comes back as a ``reset`` item
+        # quiet: no reply (a connection's open, with its bytes); a failure still comes back
+        # as a ``reset`` item
         quiet = arg(req.args, "quiet", bool, False)
+        first = self._payload(req)  # the connection's first bytes may ride along
         key = (owner, sid)
         stream = _Stream(key, None, req.channel, host, port, window)
-        deferred = None if quiet else self.sup.defer(req)
+        stream.deferred = None if quiet else self.sup.defer(req)
+        family = _literal_family(host)
         with self._lock:
             if self._stop.is_set():
                 raise OpError(ErrorCode.INTERNAL, "the supervisor is shutting down")
             self._check_room(owner, key)
             self._leases[owner] = time.monotonic()
             self._streams[key] = stream
-            if self._connector is None:
-                self._connector = ThreadPoolExecutor(max_workers=CONNECTORS,
-                                                     thread_name_prefix="tether-connect")
-            self._connector.submit(self._connect, stream, deferred)
+            if first:
+                self._take(req.channel, owner, sid, first)
+            if family is not None:
+                # An address: a non-blocking connect that the I/O thread completes.
+                self._start_connect(stream, family)
+            else:
+                # A name to resolve (getaddrinfo blocks): on a connector thread.
+                if self._connector is None:
+                    self._connector = ThreadPoolExecutor(max_workers=CONNECTORS,
+                                                         thread_name_prefix="tether-connect")
+                self._connector.submit(self._connect_by_name, stream)
         self._ensure_thread()
-        return NO_REPLY if deferred is None else deferred
+        self._wake()
+        return NO_REPLY if stream.deferred is None else stream.deferred
 
-    def _connect(self, stream: _Stream, deferred: Optional[Deferred]) -> None:
-        host, port = stream.host, stream.port
+    def _start_connect(self, stream: _Stream, family: int) -> None:
+        """Lock held."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        code = sock.connect_ex((stream.host, stream.port))
+        stream.sock = sock
+        if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            stream.connecting = True
+            stream.connect_deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        else:
+            self._connected(stream, code)
+
+    def _connected(self, stream: _Stream, code: int) -> None:
+        """The connect ended (``code`` 0: it worked); lock held."""
+        stream.connecting = False
+        deferred, stream.deferred = stream.deferred, None
+        if code:
+            error = _connect_error(OSError(code, os.strerror(code)), stream.host, stream.port)
+            self._fail(stream, error.message)
+            outcome: Any = error
+        else:
+            outcome = {"sid": stream.key[1], "window": stream.up.window, "host": stream.host,
+                       "port": stream.port}
+        if deferred is not None:
+            self._settle.append((deferred, outcome))
+
+    def _connect_by_name(self, stream: _Stream) -> None:
         sock: Optional[socket.socket] = None
         error: Optional[OpError] = None
         try:
-            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+            sock = socket.create_connection((stream.host, stream.port), timeout=CONNECT_TIMEOUT_S)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except ConnectionRefusedError:
-            error = OpError(ErrorCode.NOT_FOUND, "nothing listens on %s:%d on the remote "
-                            "(connection refused): start the server there first, or check "
-                            "the port" % (host, port), {"host": host, "port": port})
-        except socket.timeout:  # noqa: UP041 - not yet TimeoutError on Python 3.9
-            error = OpError(ErrorCode.TIMEOUT, "connecting to %s:%d on the remote timed out "
-                            "after %gs" % (host, port, CONNECT_TIMEOUT_S),
-                            {"host": host, "port": port})
-        except socket.gaierror as exc:
-            error = OpError(ErrorCode.INVALID_ARGUMENT, "cannot resolve %r on the remote: %s"
-                            % (host, exc), {"host": host})
         except OSError as exc:
-            error = OpError(ErrorCode.NOT_FOUND, "cannot connect to %s:%d on the remote: %s"
-                            % (host, port, exc.strerror or exc), {"host": host, "port": port})
+            error = _connect_error(exc, stream.host, stream.port)
         with self._lock:
             if self._streams.get(stream.key) is not stream:  # reset while it connected
                 if sock is not None:
                     _reset_socket(sock)
-                error = error or OpError(ErrorCode.CONFLICT, "stream %d was closed while it "
-                                         "connected" % stream.key[1])
+                deferred, stream.deferred = stream.deferred, None
+                if deferred is not None:
+                    self._settle.append((deferred, error or OpError(
+                        ErrorCode.CONFLICT, "stream %d was closed while it connected"
+                        % stream.key[1])))
             elif error is not None:
+                stream.deferred, deferred = None, stream.deferred
                 self._fail(stream, error.message)
+                if deferred is not None:
+                    self._settle.append((deferred, error))
             else:
                 stream.sock = sock
+                self._connected(stream, 0)
         self._wake()
-        if deferred is None:
-            return
-        if error is not None:
-            deferred.reject(error)
-        else:
-            deferred.resolve({"sid": stream.key[1], "window": stream.up.window, "host": host,
-                              "port": port})
+        self._settle_replies()
+
+    def _settle_replies(self) -> None:
+        """Send the open replies that are due (outside the lock: they go to the comm)."""
+        with self._lock:
+            due, self._settle = self._settle, []
+        for deferred, outcome in due:
+            if isinstance(outcome, OpError):
+                deferred.reject(outcome)
+            else:
+                deferred.resolve(outcome)
 
     def _check_room(self, owner: str, key: Tuple[str, int]) -> None:
         """Call with the lock held."""
@@ -211,24 +282,33 @@ class StreamService:
     def op_write(self, req: Request) -> Any:
         owner = st.check_owner(req.args)
         sid = st.check_sid(arg(req.args, "sid", int))
+        data = self._payload(req)
+        with self._lock:
+            self._leases[owner] = time.monotonic()
+            self._take(req.channel, owner, sid, data)
+        self._wake()
+        return NO_REPLY
+
+    @staticmethod
+    def _payload(req: Request) -> bytes:
         data = b"".join(req.buffers)
         if len(data) > st.MAX_WRITE_BYTES:
             raise OpError(ErrorCode.TOO_LARGE, "a stream write carries at most %d bytes"
                           % st.MAX_WRITE_BYTES)
-        with self._lock:
-            self._leases[owner] = time.monotonic()
-            stream = self._streams.get((owner, sid))
-            if stream is None:
-                # Gone (reset, or the remote closed): tell the writer so it stops.
-                self._queue(req.channel, owner, [sid, st.RESET, "no such stream"])
-            elif stream.out_eof:
-                self._fail(stream, "bytes after end of stream")
-            elif not stream.up.on_data(len(data)):
-                self._fail(stream, "the controller overran its credit window")
-            elif data:
-                stream.outq.append(data)
-        self._wake()
-        return NO_REPLY
+        return data
+
+    def _take(self, channel: Any, owner: str, sid: int, data: bytes) -> None:
+        """Queue bytes from the controller for the remote socket; lock held."""
+        stream = self._streams.get((owner, sid))
+        if stream is None:
+            # Gone (reset, or the remote closed): tell the writer so it stops.
+            self._queue(channel, owner, [sid, st.RESET, "no such stream"])
+        elif stream.out_eof:
+            self._fail(stream, "bytes after end of stream")
+        elif not stream.up.on_data(len(data)):
+            self._fail(stream, "the controller overran its credit window")
+        elif data:
+            stream.outq.append(data)
 
     def op_ack(self, req: Request) -> Any:
         owner = st.check_owner(req.args)
@@ -315,6 +395,10 @@ class StreamService:
     def _forget(self, stream: _Stream, reset: bool) -> None:
         if self._streams.pop(stream.key, None) is None:
             return
+        deferred, stream.deferred = stream.deferred, None
+        if deferred is not None:  # closed before it connected
+            self._settle.append((deferred, OpError(
+                ErrorCode.CONFLICT, "stream %d was closed while it connected" % stream.key[1])))
         sock = stream.sock
         if sock is None:
             return  # still connecting: _connect closes what it gets
@@ -385,6 +469,11 @@ class StreamService:
                 stream: _Stream = key.data
                 if self._streams.get(stream.key) is not stream:
                     continue
+                if stream.connecting:
+                    assert stream.sock is not None
+                    self._connected(stream, stream.sock.getsockopt(socket.SOL_SOCKET,
+                                                                   socket.SO_ERROR))
+                    continue
                 if mask & selectors.EVENT_WRITE:
                     self._write(stream)
                 if mask & selectors.EVENT_READ and self._streams.get(stream.key) is stream:
@@ -401,6 +490,8 @@ class StreamService:
                 self._tokens -= len(ready)
         for batch in ready:
             self._push(batch)
+        if self._settle:
+            self._settle_replies()
 
     def _refill(self, now: float) -> None:
         self._tokens = min(PUSH_BURST, self._tokens + (now - self._tokens_at) * PUSH_RATE)
@@ -413,15 +504,19 @@ class StreamService:
             in_flight[_channel_key(stream.channel)] += stream.down.sent - stream.down.acked
         for stream in list(self._streams.values()):
             if stream.sock is None:
-                continue  # still connecting: writes wait in its queue
+                continue  # a connector thread resolves its name: writes wait in its queue
             channel = _channel_key(stream.channel)
             batch = self._batches.get((channel, stream.key[0]))
             mask = 0
-            if not stream.read_done and stream.down.available > 0 \
+            if stream.connecting:
+                mask = selectors.EVENT_WRITE  # writable: the connect ended, one way or another
+            elif not stream.read_done and stream.down.available > 0 \
                     and in_flight[channel] < CHANNEL_BUDGET \
                     and (batch is None or batch.bytes < PUSH_BYTES):
                 mask |= selectors.EVENT_READ
-            if stream.outq:
+            if stream.connecting:
+                pass
+            elif stream.outq:
                 mask |= selectors.EVENT_WRITE
             elif stream.out_eof and not stream.wr_shut:
                 self._shut_write(stream)
@@ -509,6 +604,8 @@ class StreamService:
             if now - self._leases.get(stream.key[0], 0.0) > OWNER_LEASE_S:
                 self.counters["streams_expired"] += 1
                 self._drop(stream)
+            elif stream.connecting and now > stream.connect_deadline:
+                self._connected(stream, errno.ETIMEDOUT)
 
     def _push(self, batch: _Batch) -> None:
         envelope = {"type": st.ENVELOPE_TYPE, "owner": batch.owner, "items": batch.items}
@@ -529,6 +626,7 @@ class StreamService:
             for stream in list(self._streams.values()):
                 self._drop(stream)
             connector, self._connector = self._connector, None
+        self._settle_replies()
         if connector is not None:
             connector.shutdown(wait=False)
         for sock in (self._wake_r, self._wake_w):

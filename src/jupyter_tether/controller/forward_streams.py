@@ -41,6 +41,8 @@ UP_CHUNK = 256 * 1024
 #: is ``streams.OWNER_LEASE_S``)
 SYNC_EVERY_S = 15.0
 OPEN_TIMEOUT_S = 30.0
+#: how long a new connection waits for the client's first bytes to send them with the open
+FIRST_BYTES_WAIT_S = 0.002
 
 
 class StreamLink(Protocol):
@@ -167,13 +169,26 @@ class StreamConnection:
                     self.abort(f"the link to {link.where} is down")
                 if self.reset_reason is not None:
                     return
+                # A client that speaks first (HTTP) has its request there at once: it rides
+                # in the open, one message less on the way to the remote.
+                first, local_eof = b"", False
+                with anyio.move_on_after(FIRST_BYTES_WAIT_S):
+                    try:
+                        first = await self.local.receive(min(UP_CHUNK, self.up.window))
+                    except anyio.EndOfStream:
+                        local_eof = True
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        self.abort("the local client reset the connection")
+                        return
+                self.up.on_sent(len(first))
                 await self._post(Op.STREAM_OPEN, {
                     "owner": owner, "sid": self.sid, "port": port, "host": host,
                     "allow_remote_host": allow_remote_host, "window": self.down.window,
-                    "quiet": True})
+                    "quiet": True}, [first] if first else [])
+                self.counters.bytes_up += len(first)
                 self.opened = True
                 async with anyio.create_task_group() as pumps:
-                    pumps.start_soon(self._pump_up, owner)
+                    pumps.start_soon(self._pump_up, owner, local_eof)
                     pumps.start_soon(self._pump_down, owner)
         finally:
             if self.reset_reason is not None and not self.opened:
@@ -193,8 +208,11 @@ class StreamConnection:
             with contextlib.suppress(Exception):
                 await self.local.aclose()
 
-    async def _pump_up(self, owner: str) -> None:
+    async def _pump_up(self, owner: str, local_eof: bool) -> None:
         """Local socket -> remote stream, within the remote's credit."""
+        if local_eof:
+            await self._post(Op.STREAM_CLOSE, {"owner": owner, "sid": self.sid, "how": "eof"})
+            return
         while True:
             while self.up.available <= 0:
                 self._credit_ready = anyio.Event()
