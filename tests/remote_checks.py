@@ -90,7 +90,15 @@ def drop_link(t: Tether) -> None:
         try:
             t.portal.call(intrude)
             return
-        except ConnectionLost:  # our own socket refused (the link reconnecting meanwhile)
+        except (ConnectionLost, BaseExceptionGroup) as exc:
+            # Our own socket refused (the link reconnecting meanwhile); the task group
+            # hands it over wrapped.
+            if isinstance(exc, BaseExceptionGroup) and exc.subgroup(ConnectionLost) is None:
+                raise
+            if t.status()["last_drop_at"] != status["last_drop_at"]:
+                # It did drop the link, whose reconnect (same session) then replaced this
+                # socket as stale: what jupyter_server 2.12 does before kernel_info answers.
+                return
             if attempt == 2:
                 raise
             time.sleep(0.5)

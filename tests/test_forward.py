@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import socket
@@ -24,6 +25,8 @@ import httpx2
 import psutil
 import pytest
 import websockets.sync.client
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hyp
 
 from jupyter_tether import ConfigError, Tether
 from jupyter_tether.agent_payload import stream_state as st
@@ -165,6 +168,36 @@ def test_supervisor_survives_whatever_a_client_sends_to_streams(remote: InProces
     until(lambda: any(k == st.RESET for k, _, _ in stream_items(remote, 2)))
     assert other.closed.wait(5)
     assert remote.ok(Op.PING)["pong"]
+
+
+_values = hyp.one_of(hyp.none(), hyp.booleans(), hyp.integers(-2**63, 2**63 - 1),
+                     hyp.text(max_size=80), hyp.binary(max_size=64),
+                     hyp.lists(hyp.lists(hyp.integers(-5, 2**40), max_size=3), max_size=4))
+_stream_args = hyp.fixed_dictionaries({}, optional={
+    key: _values for key in ("owner", "sid", "port", "host", "window", "how", "acks", "live",
+                             "reset_below", "quiet", "allow_remote_host")})
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=hyp.sampled_from([Op.STREAM_OPEN, Op.STREAM_WRITE, Op.STREAM_ACK, Op.STREAM_CLOSE,
+                            Op.STREAM_SYNC]),
+       args=_stream_args, blobs=hyp.lists(hyp.binary(max_size=256), max_size=3))
+def test_stream_ops_survive_any_arguments(remote: InProcess, op: str, args: dict[str, Any],
+                                          blobs: list[bytes]) -> None:
+    remote.submit(op, args, blobs)
+    assert remote.ok(Op.PING)["pong"]
+    remote.clear_replies()
+
+
+def test_a_quiet_open_that_fails_says_why_in_the_stream(remote: InProcess) -> None:
+    closed = free_port()
+    remote.submit(Op.STREAM_OPEN, open_args(closed, sid=1, quiet=True))
+    remote.submit(Op.STREAM_OPEN, open_args(closed, sid=2, quiet=True, host="127.0.0.2"))
+    until(lambda: all(any(k == st.RESET for k, _, _ in stream_items(remote, sid))
+                      for sid in (1, 2)))
+    assert f"nothing listens on 127.0.0.1:{closed}" in stream_items(remote, 1)[0][1]
+    assert "allow_remote_host=True" in stream_items(remote, 2)[0][1]
 
 
 def test_a_client_overrunning_its_window_gets_a_reset_not_our_memory(remote: InProcess) -> None:
@@ -347,6 +380,31 @@ def test_slow_local_reader_grows_neither_supervisor_nor_controller_memory(
     assert growth[0] < 48 and growth[1] < 48
 
 
+def test_closing_a_forward_resets_its_connections_and_bounds_them(
+        tether: Tether, server_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jupyter_tether.controller import forward as forward_module
+
+    monkeypatch.setattr(forward_module, "MAX_CONNECTIONS", 1)
+    script = server_root / "endless.py"
+    script.write_text(ENDLESS)
+    port = free_port()
+    with remote_job(tether, f"{sys.executable} {script} {port}", port) as fwd:
+        held = socket.create_connection(("127.0.0.1", fwd.local_port))
+        held.settimeout(30)
+        assert held.recv(65536)
+        with socket.create_connection(("127.0.0.1", fwd.local_port)) as extra:
+            extra.settimeout(30)
+            with pytest.raises(ConnectionResetError):
+                while extra.recv(65536):
+                    pass
+        assert "more than 1 connections at once" in fwd.info()["last_error"]
+        fwd.close()
+        with pytest.raises(ConnectionResetError):
+            while held.recv(MIB):
+                pass
+        held.close()
+
+
 def test_remote_port_closed_refuses_local_connection_with_clear_message(tether: Tether) -> None:
     port = free_port()
     with tether.forward(port) as fwd:
@@ -419,3 +477,146 @@ def test_forward_keeps_working_after_a_fault_of_the_link(
             assert response.text == (web_root / "small-7.txt").read_text()
             until(lambda: open_streams(t) < baseline, timeout=20)
             assert t.status()["reconnects"] >= 1
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+def test_cli_forward_prints_urls_as_json_forwards_until_ctrl_c(
+        jupyter_server: Any, http_forward: BlockingPortForward, web_root: Path) -> None:
+    import signal
+    import subprocess
+
+    from .test_cli import SCRIPT, cli_env
+
+    remote_port = http_forward.aio.remote_port
+    proc = subprocess.Popen(
+        [str(SCRIPT), "--url", jupyter_server.url, "--token", jupyter_server.token, "--json",
+         "forward", f"0:{remote_port}", f"0:{remote_port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert proc.stdout is not None
+        text = ""
+        for line in proc.stdout:  # the JSON document, then it keeps forwarding
+            text += line
+            if line.rstrip() == "}":
+                break
+        forwards = json.loads(text)["forwards"]
+        assert len(forwards) == 2 and forwards[0]["local_port"] != forwards[1]["local_port"]
+        for row in forwards:
+            assert row["url"].startswith("http://127.0.0.1:") and row["remote_listening"]
+            body = httpx2.get(row["url"] + "small-5.txt", timeout=30).text
+            assert body == (web_root / "small-5.txt").read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    with pytest.raises(httpx2.ConnectError):  # Ctrl-C closed the listeners
+        httpx2.get(forwards[0]["url"], timeout=5)
+
+
+def test_cli_forward_spec_parsing() -> None:
+    from jupyter_tether.cli.context import UsageError
+    from jupyter_tether.cli.forward import parse_spec
+
+    assert parse_spec("6006") == (None, 6006)
+    assert parse_spec("8080:7860") == (8080, 7860)
+    assert parse_spec("0:80") == (0, 80)
+    for bad in ("x", "80:", "0", "70000", "1:2:3", "-1:80"):
+        with pytest.raises(UsageError):
+            parse_spec(bad)
+
+
+# --- the MCP tools: forwards live in the MCP server's process ------------------------------------
+
+
+@pytest.mark.anyio
+async def test_mcp_port_forward_tools_open_list_and_close(
+        jupyter_server: Any, tmp_path_factory: pytest.TempPathFactory,
+        http_forward: BlockingPortForward, web_root: Path) -> None:
+    from .test_mcp import McpProcess, connect
+
+    state = tmp_path_factory.mktemp("mcp-forward")
+    mcp = McpProcess(jupyter_server, state, state / "mcp.log")
+    try:
+        async with connect(mcp.url) as client, httpx2.AsyncClient(timeout=30) as http:
+            opened = await client.call_tool("jupyter_port_forward",
+                                            {"remote_port": http_forward.aio.remote_port})
+            row = opened.structured_content
+            assert not opened.is_error and row and row["remote_listening"] is True
+            body = (await http.get(row["url"] + "small-9.txt")).text
+            assert body == (web_root / "small-9.txt").read_text()
+            listed = (await client.call_tool("jupyter_port_forward_list", {})).structured_content
+            assert listed and [f["local_port"] for f in listed["forwards"]] == [row["local_port"]]
+            assert listed["forwards"][0]["bytes_down"] >= len(body)
+            closed = await client.call_tool("jupyter_port_forward_close",
+                                            {"local_port": row["local_port"]})
+            assert not closed.is_error and closed.structured_content["closed"] is True
+            with pytest.raises(httpx2.ConnectError):
+                await http.get(row["url"])
+            again = await client.call_tool("jupyter_port_forward_close",
+                                           {"local_port": row["local_port"]})
+            assert again.is_error and "jupyter_port_forward_list" in again.content[0].text
+            refused = await client.call_tool("jupyter_port_forward", {
+                "remote_port": http_forward.aio.remote_port, "local_port": 70000})
+            assert refused.is_error and "local_port" in refused.content[0].text
+    finally:
+        mcp.stop()
+
+
+# --- jupyter-server-proxy: offered where the server has it --------------------------------------
+
+SERVER_PROXY_ENV = "JUPYTER_TETHER_SERVER_PROXY_EXT"
+SERVER_PROXY_PACKAGES = ["jupyter-server-proxy==4.6.0", "simpervisor==1.0.0"]
+
+
+def _server_proxy_site() -> Path:
+    """jupyter-server-proxy in a folder of its own (installed once; its aiohttp is already in
+    this environment): only the server started with it has ``<base>/proxy/<port>/``."""
+    import subprocess
+
+    site = Path(os.environ.get(SERVER_PROXY_ENV) or
+                Path(os.environ.get("TMPDIR", "/tmp")) / "jupyter-tether-server-proxy-4.6.0")
+    if not (site / "jupyter_server_proxy").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--target", str(site), *SERVER_PROXY_PACKAGES], check=True, timeout=600)
+    return site
+
+
+@pytest.fixture(scope="module")
+def proxy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from jupyter_tether.controller.embedded import LocalJupyterServer
+
+    site = _server_proxy_site()
+    root = tmp_path_factory.mktemp("server-proxy-root")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), old) if p)
+    try:
+        server = LocalJupyterServer(root, log_path=root.parent / "server-proxy.log", extra_args=[
+            '--ServerApp.jpserver_extensions={"jupyter_server_proxy": True}'])
+        server.start()
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_server_proxy_url_is_offered_where_the_server_has_it(
+        proxy_server: Any, web_root: Path, tmp_path: Path) -> None:
+    port = free_port()
+    web = f"{sys.executable} -m http.server {port} --bind 127.0.0.1 --directory {web_root}"
+    with Tether(proxy_server.url, proxy_server.token, options=fast_options(),
+                output_dir=tmp_path) as t:
+        with t.forward(free_port()) as closed:
+            assert closed.proxy_url is None  # the proxy answers, but nothing is behind it
+        with remote_job(t, web, port) as fwd:
+            assert fwd.url.startswith("http://127.0.0.1:")  # the comm tunnel, either way
+            assert fwd.proxy_url == f"{proxy_server.url.rstrip('/')}/proxy/{port}/"
+            through_proxy = httpx2.get(fwd.proxy_url + "small-1.txt",
+                                       params={"token": proxy_server.token}, timeout=30)
+            assert through_proxy.text == (web_root / "small-1.txt").read_text()

@@ -76,7 +76,9 @@ REFERENCE: dict[str, dict[str, Any]] = {
                             "timeout_s": 120},
 }
 NEW_TOOLS = {"jupyter_job_list", "jupyter_job_follow", "jupyter_job_wait", "jupyter_status",
-             "jupyter_nb_read", "jupyter_nb_edit", "jupyter_nb_run", "jupyter_nb_start"}
+             "jupyter_nb_read", "jupyter_nb_edit", "jupyter_nb_run", "jupyter_nb_start",
+             "jupyter_port_forward", "jupyter_port_forward_list", "jupyter_port_forward_close",
+             "jupyter_resources"}
 PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5E"
        "rkJggg==")
 
@@ -220,8 +222,10 @@ async def test_tools_come_from_the_table_with_only_their_own_arguments() -> None
 
 
 # The bound: tools/list was 46 KB (about 12k tokens of every agent's context); 20 KB
-# then, plus the four notebook tools (3.6 KB, bounded on their own in test_notebooks.py).
-TOOLS_LIST_MAX_BYTES = 23_500
+# then, plus the four notebook tools (3.6 KB, bounded on their own in test_notebooks.py) and
+# the three port forward tools (0.8 KB), and jupyter_resources (0.45 KB, with jupyter_status
+# naming RAM, disk and GPUs).
+TOOLS_LIST_MAX_BYTES = 24_800
 COMPAT_ONLY = [("jupyter_env_snapshot", "kernel_id"), ("jupyter_run_commands", "kernel_id"),
                ("jupyter_job_start", "kernel_id"), ("jupyter_sync_dir", "kernel_id"),
                ("jupyter_sync_dir", "keep_archive"), ("jupyter_download_dir_to_local", "kernel_id"),

@@ -8,6 +8,8 @@ the URL's path is the only credential (``tests/proxy_server.py``).
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -191,3 +193,30 @@ def test_nginx_killed_mid_follow_resumes_with_every_byte_once(
     assert b"".join(received) == slow_job_output()
     assert job.wait(30).exit_code == 3
     assert t.status()["reconnects"] >= 1, "the follow went over a new connection"
+
+
+def test_mcp_server_connections_have_nagle_off() -> None:
+    """Else every tool call over a real link waits ~40 ms more: the result event, written
+    after the response head, sits in Nagle's buffer until the client's delayed ACK."""
+    from jupyter_tether.mcp_server.server import listen_socket
+
+    async def accepted_nodelay() -> int:
+        listener = listen_socket("127.0.0.1", 0)
+        port = listener.getsockname()[1]
+        seen: list[int] = []
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        # As uvicorn serves a socket given to it: asyncio's server on that socket.
+        server = await asyncio.start_server(on_connect, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            while not seen:
+                await asyncio.sleep(0.01)
+            writer.close()
+        return seen[0]
+
+    assert asyncio.run(accepted_nodelay()) != 0

@@ -1,8 +1,10 @@
 """jupyter-tether: run work on a remote Jupyter Server through one persistent, resilient link.
 
     import jupyter_tether
-    with jupyter_tether.connect("https://host/...", token="...") as t:
-        print(t.exec("import torch; torch.cuda.is_available()").results)
+    with jupyter_tether.connect("https://host/...", token="...") as t:  # or a target's name
+        print(t.exec("import torch; torch.cuda.is_available()").raise_for_error().value)
+
+``help(jupyter_tether.connect)`` says which server is chosen when none is named.
 """
 
 from .controller.blocking import Tether, connect

@@ -1,4 +1,4 @@
-"""Named targets: a small TOML file of Jupyter servers the CLI can reach by name.
+"""Named targets: a small TOML file of Jupyter servers to reach by name (API, CLI, MCP server).
 
 ``targets.toml`` lives in the platform's config dir (``JUPYTER_TETHER_CONFIG`` overrides it)::
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,11 +205,27 @@ class Selection:
 
 def select_target(url: str | None = None, token: str | None = None, name: str | None = None,
                   *, path: Path | None = None) -> Selection:
-    """``--target`` beats ``--url``, which beats the env vars, then the config's default."""
+    """Which server to talk to: the one rule of the Python API, the CLI and the MCP server.
+
+    In order: an explicit URL (``url``, ``--url``) or target name (``name``, ``--target``,
+    or a name given where a URL goes, as ``connect("lab")`` does: a configured name wins
+    where the value has no ``://``); then ``$REMOTE_JUPYTER_URL``; then the config file's
+    ``default``; else None, the embedded local server. A bare word that is neither a URL
+    nor a configured name is an error that lists the names.
+
+    ``token`` goes with whatever server is chosen. Without one a URL keeps its own
+    (``?token=``), a named target uses its configured token, and ``$REMOTE_JUPYTER_TOKEN``
+    goes only to ``$REMOTE_JUPYTER_URL``'s origin (``env_token_for``).
+    """
     if name and url:
-        raise ConfigError("give either --target or --url, not both")
+        raise ConfigError("give either a URL (--url, url=) or a target name (--target, "
+                          "target=), not both")
+    if url and not name:
+        named = resolve_name(url, path)
+        if named is not None:
+            return Selection(_with_token(named, token), "target")
     if name:
-        return Selection(target_from_config(name, path), "target")
+        return Selection(_with_token(target_from_config(name, path), token), "target")
     if url:
         target = parse_target(url, token)
         withheld = token is None and not target.token and bool(os.environ.get(TOKEN_ENV))
@@ -218,10 +234,16 @@ def select_target(url: str | None = None, token: str | None = None, name: str | 
         return Selection(parse_target(None, token), "env")
     default = load_config(path).get("default")
     if isinstance(default, str) and default:
-        return Selection(target_from_config(default, path), "default")
+        return Selection(_with_token(target_from_config(default, path), token), "default")
     if token:
-        raise ConfigError(f"--token given without a server: add --url or set {URL_ENV}")
+        raise ConfigError(f"a token was given but no server: pass a URL (--url, url=) or a "
+                          f"target name, or set {URL_ENV}")
     return Selection(None, "embedded")
+
+
+def _with_token(target: Target, token: str | None) -> Target:
+    """``target`` with a token given alongside its name (it goes where the name points)."""
+    return target if token is None else replace(target, token=token.strip())
 
 
 def describe_targets(path: Path | None = None) -> list[dict[str, Any]]:

@@ -33,6 +33,9 @@ MODULES = (
     # jobs
     "procs",
     "job_registry",
+    "gpu",
+    "job_reason",
+    "resources",
     "job_wrapper",
     "follow",
     "run_commands",

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import paths
 from .procs import same_process
@@ -153,6 +153,8 @@ class JobRegistry:
         self.jobs: Dict[str, Job] = {}
         self.unannounced: Dict[str, Job] = {}
         self.wake = threading.Event()
+        # Adds usage and the reason it ended to each summary (resources.ResourceMonitor).
+        self.annotate: Optional[Callable[[Job, Dict[str, Any]], None]] = None
 
     def scan(self) -> None:
         """Re-adopt what earlier supervisors started."""
@@ -227,7 +229,7 @@ class JobRegistry:
     def summary(self, job: Job) -> Dict[str, Any]:
         meta = job.meta
         ended = job.exit or {}
-        return {
+        result = {
             "job_id": job.job_id,
             "state": job.state,
             "pid": meta.get("pid"),
@@ -243,6 +245,12 @@ class JobRegistry:
             "name": meta.get("name"),
             "idempotency_key": meta.get("idempotency_key"),
         }
+        if self.annotate is not None:
+            try:
+                self.annotate(job, result)
+            except Exception as exc:  # usage is extra: say what broke, keep the status
+                result["usage_error"] = "%s: %s" % (type(exc).__name__, str(exc)[:200])
+        return result
 
     def running(self) -> List[Job]:
         with self.lock:

@@ -2,9 +2,10 @@
 
 The wrapper runs in a new session (``start_new_session``); the command runs in its own
 process group inside it, so ``killpg`` on the job never hits the wrapper, which then records
-the exit code and end time in the job's registry folder even when the supervisor (or its
-kernel) is gone. stdout and stderr are appended straight to the log file: no pipe ties the
-job to us but the one JSON line that reports its pids.
+the exit code, end time, and the peak RSS and CPU time of the tree it reaped (getrusage)
+in the job's registry folder even when the supervisor (or its kernel) is gone. stdout and
+stderr are appended straight to the log file: no pipe ties the job to us but the one JSON
+line that reports its pids.
 """
 
 import hashlib
@@ -69,7 +70,15 @@ sys.stdout.write(json.dumps(info) + "\n")
 sys.stdout.flush()
 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 rc = child.wait()
-put("exit.json", {"exit_code": rc, "signal": -rc if rc < 0 else None, "ended_at": time.time()})
+ended = {"exit_code": rc, "signal": -rc if rc < 0 else None, "ended_at": time.time()}
+try:  # the reaped tree: its largest process's peak RSS (KiB on Linux) and CPU time
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ended["max_rss"] = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    ended["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)
+except Exception:
+    pass
+put("exit.json", ended)
 """
 
 

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import job_wrapper, paths
 from .args import command_arg, env_arg, float_arg, int_arg
@@ -24,6 +24,7 @@ from .follow import FollowPump
 from .fsutil import read_at
 from .job_registry import RUNNING, STATES, Job, JobRegistry, short, write_json
 from .procs import NON_FATAL, build_env, group_alive, killpg, same_process, shell, start_token
+from .resources import ResourceMonitor
 from .run_commands import op_run_commands
 from .supervisor import Request, Result, Supervisor
 from .wire import ErrorCode, Op, OpError, arg
@@ -50,6 +51,8 @@ class JobManager:
         self.pump = FollowPump(supervisor, self.registry)
         self._lock = self.registry.lock  # one lock over jobs, follows and waiters
         self._start_lock = threading.Lock()  # serialises starts (idempotency keys)
+        self.monitor = ResourceMonitor(supervisor, self.registry)
+        self.registry.annotate = self.monitor.annotate
         self.registry.scan()  # re-adopt what earlier supervisors started
         if self.registry.running():
             self.pump.ensure()
@@ -162,6 +165,7 @@ class JobManager:
 
     def op_status(self, req: Request) -> Dict[str, Any]:
         job = self.registry.get(req.args)
+        self.monitor.asked()
         with self._lock:
             self.registry.refresh(job)
             return self.registry.summary(job)
@@ -172,6 +176,7 @@ class JobManager:
         if state is not None and state not in STATES:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "state must be running, exited, killed "
                           "or lost, got %r" % short(state))
+        self.monitor.asked()
         with self._lock:
             jobs = list(self.registry.jobs.values())
             for job in jobs:
@@ -192,6 +197,9 @@ class JobManager:
         job = self.registry.get(req.args)
         sig = int_arg(req.args, "signal", int(signal.SIGTERM), 1, int(signal.NSIG) - 1)
         grace = float_arg(req.args, "grace", 5.0, 0.0, MAX_GRACE_S)
+        why = arg(req.args, "reason", str, "user")  # "timeout": the job ran out of time
+        if why not in ("user", "timeout"):
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "reason must be 'user' or 'timeout'")
         pid = job.meta.get("pid")
         pgid = pid if isinstance(pid, int) and pid > 0 else 0  # the command leads its group
         signalled = escalated = False
@@ -201,7 +209,7 @@ class JobManager:
             ours = same_process(pgid, job.meta.get("pid_start"))
             fatal = sig not in NON_FATAL
             if running and ours and fatal and job.killed is None:
-                job.killed = {"signal": sig, "at": time.time()}
+                job.killed = {"signal": sig, "at": time.time(), "by": why}
                 write_json(os.path.join(job.dir, "killed.json"), job.killed)
         if pgid:
             if running and ours:
@@ -269,7 +277,8 @@ class JobManager:
         return Result(value, [data])
 
     def close(self) -> None:
-        """Stop the pump. Jobs are separate processes and keep running."""
+        """Stop the pump and the sampler. Jobs are separate processes and keep running."""
+        self.monitor.close()
         self.pump.close()
 
 
@@ -301,6 +310,16 @@ def _tail_start(fd: int, size: int, lines: int, max_bytes: int) -> Tuple[int, bo
 # --- registration ------------------------------------------------------------------------------
 
 
+def _watching(monitor: ResourceMonitor, handler: Callable[[Request], Any]
+              ) -> Callable[[Request], Any]:
+    """``handler``, and someone follows a log: keep sampling usage while they do."""
+    def handle(req: Request) -> Any:
+        monitor.watch()
+        return handler(req)
+    return handle
+
+
+
 def register(supervisor: Supervisor) -> None:
     """Create the job manager (re-adopting earlier jobs) and register its ops."""
     manager = JobManager(supervisor)
@@ -311,10 +330,12 @@ def register(supervisor: Supervisor) -> None:
     # Not blocking: a wait is settled by the pump and holds no worker (see op_wait).
     supervisor.register(Op.JOB_WAIT, manager.op_wait)
     supervisor.register(Op.JOB_KILL, manager.op_kill, blocking=True)
-    supervisor.register(Op.JOB_FOLLOW, manager.pump.op_follow)
-    supervisor.register(Op.JOB_FOLLOW_ACK, manager.pump.op_follow_ack)
+    supervisor.register(Op.JOB_FOLLOW, _watching(manager.monitor, manager.pump.op_follow))
+    supervisor.register(Op.JOB_FOLLOW_ACK,
+                        _watching(manager.monitor, manager.pump.op_follow_ack))
     supervisor.register(Op.JOB_UNFOLLOW, manager.pump.op_unfollow)
     supervisor.register(Op.RUN_COMMANDS, lambda req: op_run_commands(supervisor.root_dir, req),
                         blocking=True)
+    supervisor.register(Op.RESOURCES, manager.monitor.op_resources, blocking=True)
     supervisor.add_hello_extra(manager.hello)
     supervisor.add_closer(manager.close)

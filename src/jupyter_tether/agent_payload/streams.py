@@ -164,6 +164,18 @@ class StreamService:
         start connecting; the reply, and a ``reset`` item on failure, say how it went."""
         owner = st.check_owner(req.args)
         sid = st.check_sid(arg(req.args, "sid", int))
+        if not arg(req.args, "quiet", bool, False):
+            return self._open(req, owner, sid)
+        try:
+            return self._open(req, owner, sid)
+        except OpError as exc:  # nobody reads a reply to a quiet open: say it in the stream
+            with self._lock:
+                self._queue(req.channel, owner, [sid, st.RESET, exc.message[:MAX_REASON_CHARS]])
+            self._ensure_thread()
+            self._wake()
+            return NO_REPLY
+
+    def _open(self, req: Request, owner: str, sid: int) -> Any:
         port = st.check_port(arg(req.args, "port", int))
         allow = arg(req.args, "allow_remote_host", bool, False)
         host = st.check_host(arg(req.args, "host", str, "127.0.0.1"), allow)

@@ -113,6 +113,8 @@ class Op:
     JOB_FOLLOW_ACK = "job_follow_ack"
     JOB_UNFOLLOW = "job_unfollow"
     RUN_COMMANDS = "run_commands"
+    # usage of the host, GPUs and jobs (resources.py)
+    RESOURCES = "resources"
     # forwarded TCP streams (streams.py)
     STREAM_OPEN = "stream_open"
     STREAM_WRITE = "stream_write"

@@ -16,7 +16,7 @@ from .. import AuthError, ConfigError, TetherError, __version__
 from ..config import CONFIG_ENV, config_path
 from ..controller.embedded import default_root
 from ..controller.target import TOKEN_ENV, URL_ENV
-from . import files, forward, info, jobs, mcp, notebooks, submit
+from . import files, forward, info, jobs, mcp, notebooks, submit, top
 from .context import (
     DEBUG_ENV,
     EXIT_ERROR,
@@ -34,7 +34,7 @@ from .secrets import SECRETS, collect_secrets, remember_secrets, scrub, tokens_i
 #: Every command, in the order ``jupyter-tether --help`` lists them: each adds its sub-parser.
 COMMANDS: tuple[Callable[[Any, argparse.ArgumentParser], None], ...] = (
     mcp.add_mcp, info.add_status, info.add_exec,
-    jobs.add_run, jobs.add_jobs, jobs.add_logs, jobs.add_kill,
+    jobs.add_run, jobs.add_jobs, jobs.add_logs, jobs.add_kill, top.add_top,
     files.add_put, files.add_get, files.add_sync,
     submit.add_submit, submit.add_collect, notebooks.add_nb, forward.add_forward,
     info.add_env, info.add_targets,

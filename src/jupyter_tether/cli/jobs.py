@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import Job, JobInfo
 from ..controller.blocking_services import job_duration
+from ..controller.resources import short_bytes
 from .context import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -87,6 +88,17 @@ def job_row(info: JobInfo) -> dict[str, Any]:
     row["duration_s"] = (round((info.ended_at or time.time()) - info.started_at, 3)
                          if info.started_at else None)
     return row
+
+
+def usage_cells(info: JobInfo) -> tuple[str, str, str]:
+    """CPU (a running job's %, an ended one's seconds), RSS now and its peak: one word each,
+    so piped output still splits on whitespace."""
+    usage = info.usage or {}
+    if usage.get("cpu_percent") is not None:
+        cpu = f"{usage['cpu_percent']:.0f}%"
+    else:
+        cpu = f"{usage['cpu_s']:.1f}s" if usage.get("cpu_s") is not None else "-"
+    return cpu, short_bytes(usage.get("rss")), short_bytes(usage.get("rss_peak"))
 
 
 def follow_job(ctx: Ctx, job: Job, offset: int = 0) -> int:
@@ -198,7 +210,8 @@ def cmd_jobs(ctx: Ctx) -> int:
     if not infos:
         ctx.note("no jobs")
         return EXIT_OK
-    table = new_table(ctx, "JOB", "STATE", "EXIT", "STARTED", "TIME", "COMMAND")
+    table = new_table(ctx, "JOB", "STATE", "EXIT", "WHY", "STARTED", "TIME", "CPU", "RSS",
+                      "PEAK", "COMMAND")
     colours = {"running": "cyan", "exited": "green", "killed": "yellow", "lost": "red"}
     for info in infos:
         state = info.state
@@ -209,8 +222,9 @@ def cmd_jobs(ctx: Ctx) -> int:
         ended = fields["signal"] or ("-" if fields["exit_code"] is None else
                                      str(fields["exit_code"]))
         command = info.command if len(info.command) <= 60 else info.command[:57] + "..."
-        table.add_row(info.job_id, state, ended, when(info.started_at),
-                      job_duration(info) or "-", command.replace("[", r"\["))
+        table.add_row(info.job_id, state, ended, (info.reason or {}).get("kind") or "-",
+                      when(info.started_at), job_duration(info) or "-", *usage_cells(info),
+                      command.replace("[", r"\["))
     ctx.table(table)
     return EXIT_OK
 

@@ -8,9 +8,7 @@ drawn from the caller's thread: a notebook routes output by the thread that writ
 
 from __future__ import annotations
 
-import builtins
 import codecs
-import concurrent.futures
 import functools
 import html
 import math
@@ -24,8 +22,17 @@ import anyio
 from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .files import DEFAULT_SYNC_MAX_BYTES, AsyncFiles, TransferResult
-from .jobs import AsyncJob, AsyncJobs, JobInfo
+from .files import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_SYNC_MAX_BYTES,
+    DEFAULT_WINDOW,
+    AsyncFiles,
+    TransferResult,
+)
+from .jobs import FOLLOW_WINDOW, AsyncJob, AsyncJobs, JobInfo
+from .resources import usage_line
+from .twins import run_on_portal as run_on_portal
+from .twins import share_doc, twin, twin_wrapping
 
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
@@ -33,25 +40,8 @@ ProgressCallback = Callable[[int, int], None]
 # called on the portal's event loop thread, so keep it quick).
 ProgressArg = ProgressCallback | bool | None
 
-_TICK_S = 0.1
 _REPR_TIMEOUT_S = 5.0
 _REPR_TAIL_LINES = 20
-
-
-def run_on_portal(portal: BlockingPortal, func: Callable[..., Awaitable[T]], *args: Any,
-                  tick: Callable[[], None] | None = None) -> T:
-    """``portal.call`` that cancels its task when the waiting thread is interrupted."""
-    future: concurrent.futures.Future[T] = portal.start_task_soon(func, *args)
-    try:
-        while True:
-            done, _ = concurrent.futures.wait([future], timeout=_TICK_S)
-            if tick is not None:
-                tick()
-            if done:
-                return future.result()
-    except BaseException:
-        future.cancel()  # cancels the task's scope on the loop (a no-op once it is done)
-        raise
 
 
 def in_notebook() -> bool:
@@ -150,20 +140,20 @@ class LogFollower(Iterator[bytes]):
     """
 
     def __init__(self, portal: BlockingPortal, job: AsyncJob, offset: int = 0,
-                 buffer: int = 64) -> None:
+                 buffer: int = 64, *, window: int = FOLLOW_WINDOW) -> None:
         self._closed = False
         self._portal = portal
         self._job = job
         self.offset = offset  # the log offset after the last chunk handed out
         send, receive = anyio.create_memory_object_stream[bytes | BaseException](buffer)
         self._receive: MemoryObjectReceiveStream[bytes | BaseException] = receive
-        self._pump = portal.start_task_soon(self._run_pump, send, offset)
+        self._pump = portal.start_task_soon(self._run_pump, send, offset, window)
 
     async def _run_pump(self, send: MemoryObjectSendStream[bytes | BaseException],
-                        offset: int) -> None:
+                        offset: int, window: int) -> None:
         async with send:
             try:
-                async for chunk in self._job.follow(offset):
+                async for chunk in self._job.follow(offset, window=window):
                     await send.send(chunk)
             except Exception as exc:  # handed to the reader, raised in its thread
                 await send.send(exc)
@@ -219,27 +209,16 @@ class Job:
         """The last state seen (no round trip); ``status()`` asks the remote."""
         return self.aio.info
 
-    def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return run_on_portal(self._portal, func, *args)
+    status = twin(AsyncJob.status)
+    tail = twin(AsyncJob.tail)
+    read = twin(AsyncJob.read)
+    wait = twin(AsyncJob.wait)
+    kill = twin(AsyncJob.kill)
 
-    def status(self) -> JobInfo:
-        return self._call(self.aio.status)
-
-    def tail(self, lines: int = 200) -> str:
-        return self._call(self.aio.tail, lines)
-
-    def read(self, offset: int = 0, max_bytes: int = 4 * 1024 * 1024) -> tuple[bytes, int]:
-        return self._call(self.aio.read, offset, max_bytes)
-
-    def follow(self, offset: int = 0) -> LogFollower:
-        """Iterate over the log from ``offset`` as it is written, until the job ends."""
-        return LogFollower(self._portal, self.aio, offset)
-
-    def wait(self, timeout: float | None = None) -> JobInfo:
-        return self._call(self.aio.wait, timeout)
-
-    def kill(self, signal: int = 15, grace: float = 5.0) -> JobInfo:
-        return self._call(self.aio.kill, signal, grace)
+    @share_doc(AsyncJob.follow, returns="LogFollower")
+    def follow(self, offset: int = 0, *, window: int = FOLLOW_WINDOW) -> LogFollower:
+        # A blocking iterator (``for chunk in job.follow()``); closing it stops the follow.
+        return LogFollower(self._portal, self.aio, offset, window=window)
 
     def watch(self, offset: int = 0, file: IO[str] | None = None) -> JobInfo:
         """Print the log as it comes (from ``offset``) until the job ends; return its state."""
@@ -289,7 +268,8 @@ def _exit_text(info: JobInfo) -> str:
 def _job_text(job_id: str, info: JobInfo | None, problem: str | None) -> str:
     if info is None:
         return f"<Job {job_id} unknown{' (' + problem + ')' if problem else ''}>"
-    bits = [info.state, _exit_text(info), job_duration(info), repr(info.command[:80])]
+    bits = [info.state, _exit_text(info), job_duration(info), repr(info.command[:80]),
+            usage_line(info.usage, info.reason)]
     stale = " (last known)" if problem else ""
     return f"<Job {job_id} {' '.join(b for b in bits if b)}{stale}>"
 
@@ -312,6 +292,8 @@ def _job_html(job_id: str, info: JobInfo | None, tail: str | None, problem: str 
         parts.append(f"<br><code>{html.escape(info.command)}</code>")
         if info.cwd:
             parts.append(f" <small>in {html.escape(info.cwd)}</small>")
+        if usage_line(info.usage, info.reason):
+            parts.append(f"<br><small>{html.escape(usage_line(info.usage, info.reason))}</small>")
     if problem:
         parts.append(f"<br><small>(last known state: {html.escape(problem)})</small>")
     if tail:
@@ -328,32 +310,10 @@ class Jobs:
         self._portal = portal
         self.aio = aio
 
-    def start(self, command: str, *, cwd: str = "", env: dict[str, str] | None = None,
-              log_path: str | None = None, name: str | None = None,
-              idempotency_key: str | None = None) -> Job:
-        """Start ``command`` (a shell string) in its own session on the remote; returns at once."""
-
-        async def start() -> AsyncJob:
-            return await self.aio.start(command, cwd=cwd, env=env, log_path=log_path, name=name,
-                                        idempotency_key=idempotency_key)
-
-        return Job(self._portal, run_on_portal(self._portal, start))
-
-    def get(self, job_id: str) -> Job:
-        return Job(self._portal, self.aio.get(job_id))
-
-    def list(self, state: str | None = None) -> list[JobInfo]:
-        return run_on_portal(self._portal, self.aio.list, state)
-
-    def run_commands(self, commands: Sequence[str], *, cwd: str = "", env: dict[str, str] | None = None,
-                     timeout_per_command: float = 600, fail_fast: bool = True,
-                     max_output_chars: int = 20_000) -> dict[str, Any]:
-        async def run() -> dict[str, Any]:
-            return await self.aio.run_commands(
-                list(commands), cwd=cwd, env=env, timeout_per_command=timeout_per_command,
-                fail_fast=fail_fast, max_output_chars=max_output_chars)
-
-        return run_on_portal(self._portal, run)
+    start = twin_wrapping(AsyncJobs.start, Job, "Job")
+    get = twin_wrapping(AsyncJobs.get, Job, "Job")
+    list = twin(AsyncJobs.list)
+    run_commands = twin(AsyncJobs.run_commands)
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -370,9 +330,6 @@ class Files:
         self._portal = portal
         self.aio = aio
 
-    def _call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        return run_on_portal(self._portal, functools.partial(func, *args, **kwargs))
-
     def _transfer(self, label: str, func: Callable[..., Awaitable[T]], progress: ProgressArg,
                   *args: Any, **kwargs: Any) -> T:
         callback, bar = _progress_for(progress, label)
@@ -387,53 +344,47 @@ class Files:
             bar.render(final="done")
         return result
 
+    # Transfers take ``progress`` as ``ProgressArg`` (a notebook bar by default); the rest of
+    # their faces, docstrings included, are the async ones (``share_doc`` checks the match).
+
+    @share_doc(AsyncFiles.upload, annotations={"progress": "ProgressArg"})
     def upload(self, local_path: str | os.PathLike[str], remote_path: str, *,
-               progress: ProgressArg = None) -> TransferResult:
+               progress: ProgressArg = None, chunk_size: int = DEFAULT_CHUNK_BYTES,
+               window: int = DEFAULT_WINDOW) -> TransferResult:
         return self._transfer(f"upload {local_path} -> {remote_path}", self.aio.upload, progress,
-                              local_path, remote_path)
+                              local_path, remote_path, chunk_size=chunk_size, window=window)
 
+    @share_doc(AsyncFiles.download, annotations={"progress": "ProgressArg"})
     def download(self, remote_path: str, local_path: str | os.PathLike[str], *,
-                 progress: ProgressArg = None) -> TransferResult:
+                 progress: ProgressArg = None, chunk_size: int = DEFAULT_CHUNK_BYTES,
+                 window: int = DEFAULT_WINDOW, via: str = "auto") -> TransferResult:
         return self._transfer(f"download {remote_path} -> {local_path}", self.aio.download,
-                              progress, remote_path, local_path)
+                              progress, remote_path, local_path, chunk_size=chunk_size,
+                              window=window, via=via)
 
+    @share_doc(AsyncFiles.sync, annotations={"progress": "ProgressArg"})
     def sync(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
              exclude: str | Sequence[str] | None = None, delete: bool = False,
-             max_bytes: int | None = DEFAULT_SYNC_MAX_BYTES, gitignore: bool = True,
-             progress: ProgressArg = None, dry_run: bool = False,
+             max_bytes: int | None = DEFAULT_SYNC_MAX_BYTES, progress: ProgressArg = None,
+             gitignore: bool = True, dry_run: bool = False,
              allow_root_delete: bool = False) -> dict[str, Any]:
         return self._transfer(f"sync {local_dir} -> {remote_dir}", self.aio.sync, progress,
                               local_dir, remote_dir, exclude=exclude, delete=delete,
                               max_bytes=max_bytes, gitignore=gitignore, dry_run=dry_run,
                               allow_root_delete=allow_root_delete)
 
+    @share_doc(AsyncFiles.download_dir, annotations={"progress": "ProgressArg"})
     def download_dir(self, remote_dir: str, local_dir: str | os.PathLike[str], *,
-                     exclude: str | Sequence[str] | None = None,
-                     progress: ProgressArg = None) -> dict[str, Any]:
+                     progress: ProgressArg = None,
+                     exclude: str | Sequence[str] | None = None) -> dict[str, Any]:
         return self._transfer(f"download {remote_dir} -> {local_dir}", self.aio.download_dir,
                               progress, remote_dir, local_dir, exclude=exclude)
 
-    def list(self, path: str = "", *, max_entries: int = 10000) -> builtins.list[dict[str, Any]]:
-        return self._call(self.aio.list, path, max_entries=max_entries)
-
-    def stat(self, path: str) -> dict[str, Any]:
-        return self._call(self.aio.stat, path)
-
-    def read_bytes(self, path: str, *, max_bytes: int | None = None) -> bytes:
-        return self._call(self.aio.read_bytes, path, max_bytes=max_bytes)
-
-    def read_text(self, path: str, **kwargs: Any) -> str:
-        return self._call(self.aio.read_text, path, **kwargs)
-
-    def write_bytes(self, path: str, data: bytes, *, mode: int | None = None) -> dict[str, Any]:
-        return self._call(self.aio.write_bytes, path, data, mode=mode)
-
-    def write_text(self, path: str, content: str, *, encoding: str = "utf-8") -> dict[str, Any]:
-        return self._call(self.aio.write_text, path, content, encoding=encoding)
-
-    def remove(self, path: str, recursive: bool = False, *,
-               missing_ok: bool = False) -> dict[str, Any]:
-        return self._call(self.aio.remove, path, recursive, missing_ok=missing_ok)
-
-    def mkdir(self, path: str, *, parents: bool = True) -> dict[str, Any]:
-        return self._call(self.aio.mkdir, path, parents=parents)
+    list = twin(AsyncFiles.list)
+    stat = twin(AsyncFiles.stat)
+    read_bytes = twin(AsyncFiles.read_bytes)
+    read_text = twin(AsyncFiles.read_text)
+    write_bytes = twin(AsyncFiles.write_bytes)
+    write_text = twin(AsyncFiles.write_text)
+    remove = twin(AsyncFiles.remove)
+    mkdir = twin(AsyncFiles.mkdir)

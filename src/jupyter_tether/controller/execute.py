@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import ConnectionLost, KernelError
+from ..errors import ConnectionLost, ExecError, KernelError, TetherTimeout
 from .kernel_ws import KernelMessage, KernelSocket
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -143,6 +143,43 @@ class ExecResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    def __bool__(self) -> bool:
+        # ``if t.exec(...):`` reads as "did it work": false on error, timeout or abort.
+        return self.ok
+
+    @property
+    def value(self) -> str | None:
+        """The last expression's ``text/plain`` (``'42'`` for ``6 * 7``); None when the code
+        ends in a statement, or failed before it."""
+        for entry in reversed(self.results):
+            if entry.get("type") == "execute_result":
+                plain = entry.get("data", {}).get("text/plain")
+                return plain if isinstance(plain, str) else None
+        return None
+
+    def raise_for_error(self) -> ExecResult:
+        """Raise when the code did not run to its end; else return this result (to chain).
+
+        ``ExecError`` (``.ename``, ``.evalue``, ``.traceback``; the remote traceback is shown
+        with it) on an exception, ``TetherTimeout`` when the timeout interrupted it,
+        ``ExecError`` with ``ename`` "aborted" when the kernel skipped it.
+        """
+        if self.status == "ok":
+            return self
+        if self.status == "timeout":
+            raise TetherTimeout(f"the code was interrupted at its timeout after "
+                                f"{self.duration_s:.1f}s{_tail_note(self.stdout, self.stderr)}")
+        error = self.error or {}
+        if self.status == "aborted" and not error:
+            raise ExecError("aborted", "the kernel skipped the code (an earlier request "
+                            "failed or was interrupted): run it again", [])
+        traceback = [str(line) for line in error.get("traceback") or []]
+        exc = ExecError(str(error.get("ename") or "Error"), str(error.get("evalue") or ""),
+                        traceback)
+        if traceback:
+            exc.add_note("remote traceback:\n" + "\n".join(traceback))
+        raise exc
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "status": self.status, "stdout": self.stdout, "stderr": self.stderr,
@@ -153,12 +190,41 @@ class ExecResult:
         }
 
     def __repr__(self) -> str:
-        bits = [f"status={self.status!r}"]
-        if self.stdout:
-            bits.append(f"stdout={self.stdout[-200:]!r}")
+        head = self.status + (f" [{self.execution_count}]" if self.execution_count else "")
+        bits = [f"<ExecResult {head} {self.duration_s:.2f}s"]
         if self.error:
-            bits.append(f"error={self.error.get('ename')}: {self.error.get('evalue')}")
-        return f"ExecResult({', '.join(bits)})"
+            bits.append(_preview(f"{self.error.get('ename')}: {self.error.get('evalue')}",
+                                 quote=False))
+        value = self.value
+        if value is not None:
+            bits.append(f"value={_preview(value)}")
+        if self.stdout:
+            bits.append(f"stdout={_preview(self.stdout, tail=True)}")
+        if self.stderr:
+            bits.append(f"stderr={_preview(self.stderr, tail=True)}")
+        displays = sum(1 for r in self.results if r.get("type") == "display_data")
+        if displays:
+            bits.append(f"+{displays} display{'s' if displays > 1 else ''}")
+        if self.images:
+            bits.append(f"+{len(self.images)} image{'s' if len(self.images) > 1 else ''}")
+        if self.truncated:
+            bits.append("(truncated)")
+        return " ".join(bits) + ">"
+
+
+_PREVIEW_CHARS = 60
+
+
+def _preview(text: str, *, tail: bool = False, quote: bool = True) -> str:
+    """A short one-line view of ``text`` for a repr: its start (or end), marked when cut."""
+    if len(text) > _PREVIEW_CHARS:
+        text = ("..." + text[-_PREVIEW_CHARS:]) if tail else (text[:_PREVIEW_CHARS] + "...")
+    return repr(text) if quote else text.replace("\n", " ")
+
+
+def _tail_note(stdout: str, stderr: str) -> str:
+    last = (stderr or stdout).strip().splitlines()
+    return f"; its last output: {last[-1][:200]!r}" if last else ""
 
 
 class _TailText:

@@ -22,11 +22,14 @@ from anyio.from_thread import BlockingPortal
 from ..agent_payload import stream_state as st
 from ..agent_payload.wire import Op, OpError
 from ..errors import ConfigError, NotFound, TetherError
-from .forward_streams import ByteCounters, StreamLink, StreamMux
+from .forward_streams import ByteCounters, StreamConnection, StreamLink, StreamMux, reset_local
 from .rest import JupyterRest
 from .target import redact
 
 PROXY_PROBE_TIMEOUT_S = 5.0
+#: connections one forward carries at once (the supervisor allows
+#: ``stream_state.MAX_STREAMS_PER_OWNER`` per controller)
+MAX_CONNECTIONS = 128
 
 
 def check_forward_args(remote_port: Any, local_port: Any, remote_host: Any,
@@ -81,6 +84,7 @@ class PortForward:
         #: whether something listened on the remote port when the forward was made
         self.remote_listening: bool | None = None
         self.closed = False
+        self._connections: set[StreamConnection] = set()
         self._scope: anyio.CancelScope | None = None
         self._done = anyio.Event()
 
@@ -122,22 +126,36 @@ class PortForward:
     async def _carry(self, stream: anyio.abc.SocketStream) -> None:
         counters = self.counters
         counters.connections += 1
+        if counters.active >= MAX_CONNECTIONS:
+            counters.failed += 1
+            counters.last_error = (f"more than {MAX_CONNECTIONS} connections at once: new ones "
+                                   "are reset until some close")
+            reset_local(stream)
+            await stream.aclose()
+            return
         counters.active += 1
+        connection = self._forwarder.mux.new(stream, counters)
+        self._connections.add(connection)
         try:
-            connection = self._forwarder.mux.new(stream, counters)
             await connection.run(self.remote_port, self.remote_host, self.allow_remote_host)
         finally:
             counters.active -= 1
+            self._connections.discard(connection)
 
     async def probe(self) -> bool:
-        """Whether something listens on the remote port now (kept in ``remote_listening``)."""
+        """Whether something listens on the remote port now (kept in ``remote_listening``);
+        when it does, look for jupyter-server-proxy's URL of it too (``proxy_url``)."""
         self.remote_listening = await self._forwarder.probe(
             self.remote_port, self.remote_host, self.allow_remote_host)
+        if self.remote_listening and self.remote_host in ("127.0.0.1", "localhost"):
+            self.proxy_url = await self._forwarder.proxy_url(self.remote_port)
         return self.remote_listening
 
     async def close(self) -> None:
         """Stop listening and reset the connections still open."""
         self._forwarder.discard(self)
+        for connection in list(self._connections):
+            connection.abort("the forward was closed", tell_remote=True)
         if self._scope is not None:
             self._scope.cancel()
             await self._done.wait()
@@ -181,8 +199,6 @@ class Forwarder:
         forward = PortForward(self, listener, remote_port, remote_host, allow_remote_host)
         try:
             await forward.probe()
-            if remote_host in ("127.0.0.1", "localhost"):
-                forward.proxy_url = await server_proxy_url(self._rest, remote_port)
         except BaseException:
             await listener.aclose()
             raise
@@ -203,6 +219,9 @@ class Forwarder:
         await self.mux.link.post(Op.STREAM_CLOSE, {"owner": self.mux.owner, "sid": sid,
                                                    "how": "reset"})
         return True
+
+    async def proxy_url(self, port: int) -> str | None:
+        return await server_proxy_url(self._rest, port)
 
     def discard(self, forward: PortForward) -> None:
         if forward in self._forwards:

@@ -21,6 +21,7 @@ import anyio
 from ..agent_payload.wire import Op
 from ..errors import JobError, TetherError, TetherTimeout
 from .caller import Caller
+from .resources import usage_line
 from .rpc import Event
 
 FOLLOW_WINDOW = 8 * 1024 * 1024
@@ -46,6 +47,11 @@ class JobInfo:
     bytes_written: int = 0
     name: str | None = None
     idempotency_key: str | None = None
+    # What it uses (running: cpu_percent, rss, rss_peak, threads, open_files, gpu_mem; ended:
+    # rss_peak, cpu_s), why it ended badly ({kind, message, hint}), and the box's warnings.
+    usage: dict[str, Any] | None = None
+    reason: dict[str, str] | None = None
+    warnings: builtins.list[str] | None = None
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> JobInfo:
@@ -82,6 +88,7 @@ class AsyncJob:
         return f"<AsyncJob {self.job_id} {state}>"
 
     async def status(self) -> JobInfo:
+        """The job's state now: running, exited (``exit_code``), killed (``signal``) or lost."""
         reply = await self._caller.call(Op.JOB_STATUS, {"job_id": self.job_id})
         self.info = JobInfo.from_wire(reply.result)
         return self.info
@@ -113,11 +120,16 @@ class AsyncJob:
             if self.info.done:
                 return self.info
 
-    async def kill(self, signal: int = 15, grace: float = 5.0) -> JobInfo:
-        """Signal the job's whole process group; TERM escalates to KILL after ``grace``."""
-        reply = await self._caller.call(
-            Op.JOB_KILL, {"job_id": self.job_id, "signal": signal, "grace": grace},
-            timeout=grace + 30)
+    async def kill(self, signal: int = 15, grace: float = 5.0, *,
+                   reason: str = "user") -> JobInfo:
+        """Signal the job's whole process group; TERM escalates to KILL after ``grace``.
+
+        ``reason="timeout"`` records that it ran out of time (its ``reason`` then says so).
+        """
+        args = {"job_id": self.job_id, "signal": signal, "grace": grace}
+        if reason != "user":
+            args["reason"] = reason
+        reply = await self._caller.call(Op.JOB_KILL, args, timeout=grace + 30)
         self.info = JobInfo.from_wire(reply.result)
         return self.info
 
@@ -222,7 +234,9 @@ class AsyncJob:
         info = self.info
         state = html.escape(info.state if info else "unknown")
         command = html.escape(info.command if info else "")
-        return f"<b>job {html.escape(self.job_id)}</b> <code>{state}</code> {command}"
+        usage = html.escape(usage_line(info.usage, info.reason)) if info else ""
+        return (f"<b>job {html.escape(self.job_id)}</b> <code>{state}</code> {command}"
+                + (f"<br><small>{usage}</small>" if usage else ""))
 
 
 class AsyncJobs:
@@ -255,9 +269,11 @@ class AsyncJobs:
         return AsyncJob(self._caller, info.job_id, info)
 
     def get(self, job_id: str) -> AsyncJob:
+        """A handle on a job by id (no round trip: ``status()`` says whether it exists)."""
         return AsyncJob(self._caller, job_id)
 
     async def list(self, state: str | None = None) -> builtins.list[JobInfo]:
+        """The remote's jobs (every controller's), or only those in ``state``."""
         args = {"state": state} if state else {}
         reply = await self._caller.call(Op.JOB_LIST, args)
         return [JobInfo.from_wire(item) for item in reply.result.get("jobs", [])]

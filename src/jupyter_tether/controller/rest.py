@@ -7,7 +7,14 @@ from typing import Any
 
 import httpx2
 
-from ..errors import AuthError, ConnectionLost, LimitExceeded, NotFound, ServerError
+from ..errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLost,
+    LimitExceeded,
+    NotFound,
+    ServerError,
+)
 from .target import Target, redact
 
 #: the most bytes read from one REST answer (after decompression): kernel and session
@@ -139,7 +146,13 @@ class JupyterRest:
                 return result
             except NotFound:
                 self._has_status = False
-        return await self.version()
+        try:
+            return await self.version()
+        except NotFound:
+            # Neither /api/status nor /api: whatever answers there is no Jupyter server.
+            raise ConfigError(f"no Jupyter server at {self.target.display_url} (404): check the "
+                              "path (the server's base URL: what comes before /lab or /tree "
+                              "in the browser)") from None
 
     # --- kernels ----------------------------------------------------------------------------
 

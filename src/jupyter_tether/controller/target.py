@@ -58,8 +58,9 @@ def parse_target(url: str | None = None, token: str | None = None, name: str = "
 
     Accepted: ``http://host:8888/`` plus a token; ``...?token=XYZ`` (Kaggle's "VSCode
     compatible URL"); ``.../k/<run>/<jwt>/proxy`` (the JWT in the path is the credential);
-    a JupyterHub ``.../user/<name>/`` URL with a hub API token. ``/lab`` or ``/tree`` suffixes
-    copied from a browser are dropped.
+    a JupyterHub ``.../user/<name>/`` URL with a hub API token. A page's path copied from a
+    browser (``/lab``, ``/tree/...``, ``/notebooks/...``) or a REST path (``/api``,
+    ``/api/kernels``) is dropped (``strip_ui_path``).
 
     With ``token=None`` the token is the one in the URL, else the environment's credential,
     but only where the URL has ``REMOTE_JUPYTER_URL``'s origin (see ``env_token_for``).
@@ -97,10 +98,34 @@ def split_url(url: str) -> tuple[str, str]:
         raise ConfigError(f"URL has no host: {redact(url)}")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     url_token = query.pop("token", "")
-    path = re.sub(r"/(lab|tree|notebooks|doc)(/.*)?$", "", parts.path).rstrip("/")
+    path = strip_ui_path(parts.path).rstrip("/")
     # Other query parameters (a browser URL's ?reset, say) are dropped: kept, they would
     # end up in front of every API path built from the base URL.
     return urlunsplit((parts.scheme, parts.netloc, path + "/", "", "")), url_token
+
+
+#: Path segments that start a browser page (``/lab``, ``/tree/x``, ``/notebooks/x.ipynb``...)
+#: rather than the server's base URL.
+_UI_SEGMENTS = frozenset({"lab", "tree", "notebooks", "doc", "edit", "consoles", "terminals"})
+#: What may follow ``/api`` in a pasted REST URL (``/api/kernels/...``).
+_API_SEGMENTS = frozenset({"", "kernels", "sessions", "contents", "status", "kernelspecs",
+                           "terminals", "me", "spec.yaml"})
+
+
+def strip_ui_path(path: str) -> str:
+    """A URL path up to where a browser page or a REST path starts: ``/lab``, ``/tree/...``,
+    ``/notebooks/...``, a trailing ``/api`` or ``/api/kernels/...``.
+
+    The segment right after ``/user/`` is a JupyterHub user's name, never a page.
+    """
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        if index and segments[index - 1] == "user":
+            continue
+        after = segments[index + 1] if index + 1 < len(segments) else ""
+        if segment in _UI_SEGMENTS or (segment == "api" and after in _API_SEGMENTS):
+            return "/".join(segments[:index])
+    return path
 
 
 def origin(url: str) -> tuple[str, str, int]:

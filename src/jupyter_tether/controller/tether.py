@@ -14,6 +14,7 @@ import anyio.abc
 import platformdirs
 
 from ..agent_payload.wire import Op
+from ..config import select_target
 from ..errors import ConfigError, ConnectionLost, KernelError, TetherError
 from .embedded import LocalJupyterServer
 from .execute import ExecResult, OutputCallback, execute
@@ -24,10 +25,11 @@ from .kernel_ws import KernelSocket
 from .kernels import SUPERVISOR_SESSION, WORK_SESSION, find_or_start
 from .link import LinkOptions, SupervisorLink
 from .notebooks.service import AsyncNotebooks
+from .resources import fetch_resources
 from .rest import JupyterRest
 from .state import TargetState
 from .submit import SubmitProgress, Submits
-from .target import URL_ENV, Target, parse_target
+from .target import Target
 
 
 def default_output_dir() -> Path:
@@ -37,8 +39,8 @@ def default_output_dir() -> Path:
 class AsyncTether:
     """Async handle on a remote Jupyter server and the supervisor injected into it.
 
-    ``async with AsyncTether(url, token) as t: await t.exec("print(1)")``. With no URL (and no
-    ``REMOTE_JUPYTER_URL``) it starts an embedded local Jupyter server and uses that.
+    ``async with AsyncTether(url, token) as t: await t.exec("print(1)")``. Which server it
+    reaches follows one rule with the CLI and the MCP server (see ``__init__``).
     """
 
     def __init__(
@@ -46,17 +48,43 @@ class AsyncTether:
         url: str | None = None,
         token: str | None = None,
         *,
-        target: Target | None = None,
+        target: Target | str | None = None,
         options: LinkOptions | None = None,
         output_dir: str | os.PathLike[str] | None = None,
         embedded_root: str | os.PathLike[str] | None = None,
     ) -> None:
+        """Pick the Jupyter server (``AsyncTether`` connects on ``async with``).
+
+        The server, first match wins:
+
+        1. ``url``: a URL as pasted from a browser (``http://host:8888/?token=...``,
+           Kaggle's ``.../proxy``, JupyterHub's ``.../user/NAME/lab``), or the name of a
+           target in ``targets.toml`` (``connect("lab")``);
+        2. ``target``: a target's name in ``targets.toml``, or a ``Target``;
+        3. ``$REMOTE_JUPYTER_URL`` (with ``$REMOTE_JUPYTER_TOKEN``);
+        4. the ``default = "NAME"`` of ``targets.toml`` (``jupyter-tether targets`` lists it);
+        5. none of these: an embedded local Jupyter server, rooted at ``embedded_root``
+           (default: a workspace folder under the user data dir).
+
+        ``token`` goes to the chosen server; without it a URL's own ``?token=`` or a target's
+        configured token is used, and ``$REMOTE_JUPYTER_TOKEN`` is sent only to
+        ``$REMOTE_JUPYTER_URL``'s origin. A name that is neither a URL nor a configured
+        target raises ``ConfigError``. ``options`` tunes the link (keepalive, reconnect);
+        ``output_dir`` is where ``exec`` saves images.
+        """
         self._embedded: LocalJupyterServer | None = None
-        if target is None and url is None and not os.environ.get(URL_ENV):
+        if isinstance(target, Target):
+            if url is not None:
+                raise ConfigError("give either a URL or target=, not both")
+            chosen: Target | None = target
+        else:
+            chosen = select_target(url, token, target).target
+        if chosen is None:
             self._embedded = LocalJupyterServer(embedded_root)
-        elif target is None:
-            target = parse_target(url, token)
-        self._target = target
+        elif embedded_root is not None:
+            raise ConfigError(f"embedded_root is the folder of the embedded local server, but "
+                              f"{chosen.display_url} is selected: leave out one of them")
+        self._target = chosen
         self.options = options or LinkOptions()
         self.output_dir = Path(output_dir) if output_dir else default_output_dir()
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -186,12 +214,24 @@ class AsyncTether:
         return dict(self.link.facts)
 
     async def env_snapshot(self, timeout: float = 120.0) -> dict[str, Any]:
+        """The remote's environment: Python, platform, CPUs, CUDA, nvidia-smi, pip freeze, torch."""
         reply = await self.link.call(Op.ENV_SNAPSHOT, {"timeout": max(5.0, timeout - 5)},
                                      timeout=timeout)
         result: dict[str, Any] = reply.result
         return result
 
+    async def resources(self, *, jobs: bool = True, gpus: bool = True, watch_s: float = 15.0,
+                        timeout: float = 30.0) -> dict[str, Any]:
+        """What the remote has and what its jobs use: ``host`` (RAM, swap, load, CPUs, disks),
+        ``gpus`` (nvidia-smi's devices, their processes mapped to jobs; ``available`` False
+        where there is none), ``jobs`` (each running job's CPU %, RSS and peak, threads,
+        open files, GPU memory), ``warnings`` and the ``sampler``'s own cost. The remote
+        keeps sampling once a second for ``watch_s`` more seconds."""
+        return await fetch_resources(self.link, jobs=jobs, gpus=gpus, watch_s=watch_s,
+                                     timeout=timeout)
+
     async def status(self) -> dict[str, Any]:
+        """The link's state (connected, reconnects, last error), the target and its kernels."""
         link = self.link
         return {"target": self.target.display_url, "name": self.target.name,
                 "embedded": self._embedded is not None, **link.status(),
@@ -228,18 +268,23 @@ class AsyncTether:
     # --- kernels and sessions -------------------------------------------------------------
 
     async def server_version(self) -> dict[str, Any]:
+        """The Jupyter server's ``/api`` answer (its version)."""
         return await self.rest.version()
 
     async def list_kernels(self) -> list[dict[str, Any]]:
+        """The server's running kernels (id, name, execution state, last activity)."""
         return await self.rest.list_kernels()
 
     async def list_sessions(self) -> list[dict[str, Any]]:
+        """The server's sessions (notebooks and consoles with their kernels); ``[]`` if none."""
         return await self.rest.list_sessions()
 
     async def start_kernel(self, kernel_name: str = "python3") -> dict[str, Any]:
+        """Start a kernel of ``kernel_name`` on the server; returns its model (with ``id``)."""
         return await self.rest.start_kernel(kernel_name, path="")
 
     async def shutdown_kernel(self, kernel_id: str, now: bool = True) -> None:
+        """Shut a kernel down (``now=False``: interrupt it first); never the supervisor's."""
         if kernel_id == self.link.kernel_id:
             raise ConfigError(
                 f"kernel {kernel_id} is jupyter-tether's supervisor; shutting it down would stop "
@@ -287,15 +332,23 @@ class AsyncTether:
         code: str,
         *,
         kernel_id: str | None = None,
-        timeout: float | None = 120.0,
+        timeout: float | None = None,
         max_output_chars: int = 20_000,
         on_output: OutputCallback | None = None,
         output_dir: str | os.PathLike[str] | None = None,
     ) -> ExecResult:
         """Run Python in a work kernel (never the supervisor's) and return its outputs.
 
-        Streams output to ``on_output(kind, text)`` as it arrives; on timeout the kernel is
-        interrupted and the result's status is ``"timeout"``. Images are saved to files.
+        The default work kernel is one persistent kernel (its variables stay between
+        calls); ``kernel_id`` picks another. Runs until the code ends, like a notebook cell;
+        with ``timeout`` (seconds) the kernel is interrupted then and the result's status
+        is ``"timeout"``. Output streams to ``on_output(kind, text)`` as it arrives
+        (``kind``: stdout, stderr, result or error); stdout and stderr keep their last
+        ``max_output_chars`` chars. Images are saved to files under ``output_dir``.
+
+        The ``ExecResult`` is true when the code ran without error; ``.value`` is the last
+        expression's text, ``.raise_for_error()`` raises ``ExecError`` with the remote
+        traceback (``TetherTimeout`` on timeout).
         """
         if kernel_id is not None and kernel_id == self.link.kernel_id:
             raise ConfigError(

@@ -19,10 +19,16 @@ import anyio
 import anyio.abc
 
 from .. import AsyncTether, LinkOptions
-from ..config import config_path, configured_for, describe_targets, named_targets, resolve_name
+from ..config import (
+    config_path,
+    configured_for,
+    describe_targets,
+    named_targets,
+    resolve_name,
+    select_target,
+)
 from ..controller.target import (
     TOKEN_ENV,
-    URL_ENV,
     Target,
     carries_credential,
     origin,
@@ -77,12 +83,13 @@ class TetherPool:
                  output_dir: str | os.PathLike[str] | None = None,
                  embedded_root: str | os.PathLike[str] | None = None,
                  allow_any_server: bool = False) -> None:
-        self._url = url or os.environ.get(URL_ENV) or None
         self._token = token
         self._options = options
         self._output_dir = Path(output_dir) if output_dir else None
         self._embedded_root = embedded_root
-        self._default_target = parse_target(self._url, token) if self._url else None
+        # The same rule as connect() and the CLI: a URL or name, $REMOTE_JUPYTER_URL, the
+        # config file's default, else (None) the embedded local server.
+        self._default_target = select_target(url, token).target
         self._allow_any_server = allow_any_server
         self._slots: dict[str, _Slot] = {}
         self._pending: dict[tuple[str, Target], _Slot] = {}  # a new credential being tried

@@ -395,7 +395,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
     """A bound listening TCP socket for the server; a port in use is a ConfigError (exit 2
     in the CLI) that says what to do, rather than uvicorn's own error line."""
     # As uvicorn binds: IPv6 for an address with a colon, else IPv4 (names resolved so).
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP said, not left 0: asyncio turns Nagle off only on sockets that say it, and
+    # with Nagle on each tool call's result waits ~40 ms for a delayed ACK over a real link.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
         sock.bind((host.strip("[]"), port))

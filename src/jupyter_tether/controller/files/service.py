@@ -137,6 +137,7 @@ class AsyncFiles:
         return result
 
     async def mkdir(self, path: str, *, parents: bool = True) -> dict[str, Any]:
+        """Create a remote directory (and its parents, with ``parents``); fine if it exists."""
         reply = await self._caller.call(Op.FS_MKDIR, {"path": path, "parents": parents})
         result: dict[str, Any] = reply.result
         return result

@@ -12,11 +12,11 @@ from __future__ import annotations
 from mcp.server.mcpserver import MCPServer
 
 from ..local_roots import server_roots
-from . import files, jobs, kernels, notebooks, status, submit
+from . import files, forward, jobs, kernels, notebooks, resources, status, submit
 from .common import PoolHolder, ToolContext, ToolSpec, register
 
 TABLE: tuple[ToolSpec, ...] = (*kernels.TOOLS, *files.TOOLS, *jobs.TOOLS, *submit.TOOLS,
-                               *notebooks.TOOLS, *status.TOOLS)
+                               *notebooks.TOOLS, *status.TOOLS, *forward.TOOLS, *resources.TOOLS)
 TOOL_NAMES: tuple[str, ...] = tuple(spec.name for spec in TABLE)
 
 

@@ -14,7 +14,7 @@ root-relative remote paths.
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, NotRequired, Protocol, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resolve import ListRoots, Resolve
@@ -23,6 +23,7 @@ from pydantic import Field
 from typing_extensions import TypedDict  # pydantic needs it for nested TypedDicts on 3.11
 
 from ... import AsyncTether, JobInfo
+from ...controller.resources import compact_usage
 from ...controller.target import redact
 from ..helpers import tool_errors
 from ..local_roots import AllowedRoots, roots_from_uris
@@ -159,6 +160,9 @@ class JobStatusResult(TypedDict):
     log_path: str
     bytes_written: int
     name: str | None
+    usage: NotRequired[dict[str, Any]]  # compact: cpu_pct, rss_mb, peak_mb, gpu_mb
+    reason: NotRequired[dict[str, str]]  # why it ended badly: kind, message, hint
+    warnings: NotRequired[list[str]]  # the box is short of RAM, disk or GPU memory
 
 
 class FollowResult(TypedDict):
@@ -172,6 +176,7 @@ class FollowResult(TypedDict):
     remaining_bytes: int
     log_path: str
     hint: str
+    warnings: NotRequired[list[str]]
 
 
 class WaitResult(TypedDict):
@@ -190,11 +195,19 @@ class PingResult(TypedDict):
 
 
 def job_dict(info: JobInfo) -> JobStatusResult:
-    return JobStatusResult(
+    result = JobStatusResult(
         job_id=info.job_id, state=info.state, alive=info.state == "running", pid=info.pid,
         exit_code=info.exit_code, signal=info.signal, started_at=iso_utc(info.started_at),
         ended_at=iso_utc(info.ended_at), command=info.command, cwd=info.cwd, log_path=info.log_path,
         bytes_written=info.bytes_written, name=info.name)
+    usage = compact_usage(info.usage)
+    if usage:
+        result["usage"] = usage
+    if info.reason:
+        result["reason"] = info.reason
+    if info.warnings:
+        result["warnings"] = info.warnings
+    return result
 
 
 # --- the table and registration ---------------------------------------------------------------

@@ -76,9 +76,14 @@ async def _follow_once(job: AsyncJob, offset: int, wait_s: float,
         hint = f"{remaining} more bytes are ready: call again with offset={next_offset}"
     else:
         hint = f"job still running: call again with offset={next_offset} for more"
-    return FollowResult(job_id=job.job_id, text=text, offset=start, next_offset=next_offset,
-                        eof=eof, state=info.state, exit_code=info.exit_code,
-                        remaining_bytes=remaining, log_path=info.log_path, hint=hint)
+    result = FollowResult(job_id=job.job_id, text=text, offset=start, next_offset=next_offset,
+                          eof=eof, state=info.state, exit_code=info.exit_code,
+                          remaining_bytes=remaining, log_path=info.log_path, hint=hint)
+    if info.reason:
+        result["hint"] = f"{hint}; {info.reason['kind']}: {info.reason['message']}"
+    if info.warnings:
+        result["warnings"] = info.warnings
+    return result
 
 
 TOOLS = ToolTable()

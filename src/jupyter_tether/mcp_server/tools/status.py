@@ -5,6 +5,8 @@ import os
 from typing import Annotated, Any
 
 from ... import __version__
+from ...controller.resources import compact_resources
+from ...errors import TetherError
 from ..helpers import bounded
 from .common import ServerUrl, ToolContext, ToolTable, hints, job_dict, timeout_arg
 
@@ -18,13 +20,18 @@ async def jupyter_status(
     timeout_s: Annotated[float, timeout_arg()] = 30.0,
 ) -> dict[str, Any]:
     """Where things stand: target, link (connected, reconnects), supervisor, kernels, jobs
-    (running, recent), the config's named targets (usable as server_url) and the targets
-    this MCP server has open."""
+    (running, recent), RAM, disk and GPUs in brief, the config's named targets (usable as
+    server_url) and the targets this MCP server has open."""
     async with bounded(timeout_s, "status"):
         tether = await tc.tether(server_url)
         link = await tether.status()
         facts = await tether.info()
         jobs = await tether.jobs.list()
+        try:
+            box: dict[str, Any] = compact_resources(
+                await tether.resources(jobs=False, timeout=min(timeout_s, 15.0)))
+        except TetherError as exc:  # an older supervisor, or nvidia-smi hung: say so
+            box = {"error": str(exc)}
     jobs.sort(key=lambda i: i.started_at or 0, reverse=True)
     return {
         "mcp_server": {"version": __version__, "pid": os.getpid(),
@@ -45,4 +52,5 @@ async def jupyter_status(
                    "work_kernel_id": link.get("work_kernel_id")},
         "jobs": {"total": len(jobs), "running": sum(1 for i in jobs if i.state == "running"),
                  "recent": [job_dict(i) for i in jobs[:10]]},
+        "resources": box,
     }
