@@ -59,3 +59,20 @@ def tether(jupyter_server: LocalJupyterServer,
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# --- layers ---------------------------------------------------------------------------------
+# The fast layer: pure cores and the in-process supervisor, no Jupyter server
+# (`pytest -m fast`, seconds). Everything else is integration (`pytest -m integration`).
+FAST_MODULES = frozenset({
+    "test_concurrency", "test_docs", "test_errors", "test_files_service", "test_files_supervisor",
+    "test_fuzz_supervisor", "test_jobs_service", "test_jobs_supervisor", "test_layers",
+    "test_payload_portability", "test_payload_units", "test_remote_limits", "test_rpc",
+    "test_submit", "test_sync_plan",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.fast if module in FAST_MODULES else pytest.mark.integration)
