@@ -7,6 +7,7 @@ prints the recorded outputs) on PATH. The real binary on a real card is not test
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -21,8 +22,9 @@ import pytest
 from mcp import Client
 
 from jupyter_tether.agent_payload import gpu, job_reason, resources
+from jupyter_tether.controller.blocking_services import Job
 from jupyter_tether.controller.embedded import LocalJupyterServer
-from jupyter_tether.controller.jobs import JobInfo
+from jupyter_tether.controller.jobs import AsyncJob, JobInfo
 from jupyter_tether.controller.resources import (
     compact_resources,
     compact_usage,
@@ -31,13 +33,14 @@ from jupyter_tether.controller.resources import (
 )
 from jupyter_tether.mcp_server import build_server
 from jupyter_tether.mcp_server.tools.common import job_dict
+from jupyter_tether.mcp_server.tools.jobs import _follow_once
 
 from .conftest import fast_options
-from .inprocess import InProcess, remote_fixture, until
+from .inprocess import InProcess, Services, remote_fixture, services_fixture, until
 from .test_cli import tether_cli
 from .test_mcp import Calls
 
-__all__ = ["remote_fixture"]
+__all__ = ["remote_fixture", "services_fixture"]
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia_smi"
 PY = shlex.quote(sys.executable)
@@ -242,6 +245,11 @@ def test_a_traceback_gets_its_last_line_and_others_their_reason(remote: InProces
     sleeper = _start(remote, "sleep 60")
     killed = remote.ok("job_kill", {"job_id": sleeper["job_id"], "grace": 5})
     assert killed["state"] == "killed" and killed["reason"]["kind"] == "killed_by_user"
+    slow = _start(remote, "sleep 60")
+    remote.fails("invalid_argument", "job_kill", {"job_id": slow["job_id"], "reason": "bored"})
+    timed = anyio.run(functools.partial(AsyncJob(remote, slow["job_id"]).kill, grace=5,
+                                        reason="timeout"))
+    assert timed.reason is not None and timed.reason["kind"] == "timeout"
     # A SIGKILL from outside (not a kill request): the OOM killer's signature, or kill -9.
     outside = _wait(remote, _start(remote, "kill -9 $$")["job_id"])
     assert outside["reason"]["kind"] in ("sigkill", "oom_killed")
@@ -299,6 +307,9 @@ def test_gpu_memory_maps_to_its_job_through_a_stand_in_nvidia_smi(
         status = remote.ok("job_status", {"job_id": job["job_id"]})
         assert status["usage"]["gpu_mem"] == 15900 * MIB
         assert any("GPU 0 memory" in w for w in status["warnings"])
+        # jupyter_job_follow's result carries the warning too.
+        followed = anyio.run(_follow_once, AsyncJob(remote, job["job_id"]), 0, 0.0, 1000)
+        assert any("GPU 0 memory" in w for w in followed["warnings"])
     finally:
         remote.ok("job_kill", {"job_id": job["job_id"], "signal": 9})
 
@@ -339,6 +350,23 @@ def test_compact_forms_and_the_usage_line() -> None:
                                       "gpus": resources.NO_NVIDIA_SMI}
     assert readable_resources(res)["gpus"] == {"available": False,
                                                "note": resources.NO_NVIDIA_SMI}
+
+
+def test_a_job_in_a_notebook_shows_a_usage_line(services: Services) -> None:
+    (services.root / "alloc.py").write_text(ALLOC)
+    job = Job(services.portal, services.run(services.jobs.start, f"{PY} alloc.py"))
+    until(lambda: (services.root / "ready").exists(), 30)
+    html = job._repr_html_()
+    assert "CPU " in html and "RSS 3" in html and "MiB" in html, html
+    assert "RSS" in repr(job)
+    (services.root / "go").touch()
+    job.wait(60)
+    assert "peak RSS" in job._repr_html_()
+    (services.root / "fail.py").write_text("raise KeyError('labels')\n")
+    failed = Job(services.portal, services.run(services.jobs.start, f"{PY} fail.py"))
+    failed.wait(60)
+    assert "traceback: KeyError: &#x27;labels&#x27;" in failed._repr_html_()
+    assert "traceback: KeyError: 'labels'" in repr(failed)
 
 
 @pytest.mark.anyio

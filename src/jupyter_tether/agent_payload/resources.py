@@ -307,7 +307,8 @@ class ResourceMonitor:
         self._gpu_owner: Dict[int, str] = {}  # GPU process pid -> job id
         self._ticks: Dict[str, Tuple[float, int]] = {}  # job id -> (monotonic, ticks)
         self._peaks: Dict[str, Dict[str, int]] = {}  # job id -> observed peaks
-        self._reasons: Dict[str, Optional[Dict[str, str]]] = {}
+        # job id -> (the state it was worked out for, the reason): one log read per end
+        self._reasons: Dict[str, Tuple[str, Optional[Dict[str, str]]]] = {}
         self._warnings: List[str] = []
         self.cost = {"samples": 0, "cpu_s": 0.0, "gpu_samples": 0, "gpu_wall_s": 0.0,
                      "last_ms": 0.0}
@@ -487,8 +488,7 @@ class ResourceMonitor:
         ended = job.exit or {}
         with self._lock:
             peaks = dict(self._peaks.get(job.job_id) or {})
-            known = job.job_id in self._reasons
-            reason = self._reasons.get(job.job_id)
+            state, reason = self._reasons.get(job.job_id, ("", None))
             host = self._host
         usage: Dict[str, Any] = {}
         peak = max(peaks.get("rss") or 0, ended.get("max_rss") or 0)
@@ -500,13 +500,13 @@ class ResourceMonitor:
             usage["gpu_mem_peak"] = peaks["gpu_mem"]
         if usage:
             summary["usage"] = usage
-        if not known:
+        if state != job.state:
             if host is None:
                 host = host_sample(self.sup.root_dir, self._cgroups)
             reason = classify(job.state, job.exit, job.killed, _log_tail(job), peak or None,
                               host.get("mem_total"))
             with self._lock:
-                self._reasons[job.job_id] = reason
+                self._reasons[job.job_id] = (job.state, reason)
         if reason is not None:
             summary["reason"] = dict(reason)
 
@@ -514,10 +514,13 @@ class ResourceMonitor:
         want_gpus = arg(req.args, "gpus", bool, True)
         want_jobs = arg(req.args, "jobs", bool, True)
         watch_s = float_arg(req.args, "watch_s", WATCH_S, 0.0, MAX_WATCH_S, clamp=True)
-        self.fresh(gpus=want_gpus)
+        # While the sampler runs, its figures are at most a second old: no extra nvidia-smi.
+        self.fresh(gpus=want_gpus and self._thread is None)
         if want_gpus and self._gpus.get("available") is None:
-            with self._gpu_lock:  # another thread is asking nvidia-smi for the first time
+            with self._gpu_lock:  # another thread may be asking nvidia-smi for the first time
                 pass
+            if self._gpus.get("available") is None:
+                self.fresh(gpus=True)
         if watch_s > 0:
             self.watch(watch_s)
         result: Dict[str, Any] = {}
