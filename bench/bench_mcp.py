@@ -1,48 +1,86 @@
-"""The MCP server as an agent sees it: tool latency, and the server's memory while moving a file.
+"""The MCP server as an agent sees it: tool latency, first call, and files moved through its tools.
 
-    python bench/bench_mcp.py [--n 300] [--size-mib 256]
+    python bench/bench_mcp.py [--n 300] [--sizes 64,256,1024] [--rounds 3] [--upload-mib 256]
 
-Starts a local Jupyter server and ``python -m jupyter_tether mcp`` on loopback, then
-through the real ``mcp`` client over streamable HTTP: ``jupyter_ping`` and
-``jupyter_job_status`` N times each (median, p99, max), and one file up with
-``jupyter_upload_local_file`` and back with ``jupyter_download_to_local`` while sampling the
-MCP server process's RSS (psutil). Goals: median <= 10 ms, no call stalling for seconds,
-peak RSS < 200 MiB for a 1 GiB file.
+Starts a fresh local Jupyter server and a fresh ``python -m jupyter_tether mcp`` on loopback
+and talks to it through the real ``mcp`` client over streamable HTTP:
+
+1. The first tool call (``jupyter_ping``: connect, start the supervisor kernel, inject,
+   hello) on the fresh pair.
+2. ``jupyter_ping`` and ``jupyter_job_status`` N times each (median, p99, max).
+3. For each size, ``--rounds`` rounds of: a plain streamed ``GET /files/<path>`` to disk in a
+   separate process (the same-run baseline: the server's single-threaded file handler is the
+   ceiling), and ``jupyter_download_to_local`` of the same file (sha256-verified, resumable).
+   The order alternates by round. Round 1 is the first time the supervisor sees the file
+   (it hashes it); later rounds may use its hash cache (inode/size/mtime/ctime), unless
+   ``--cold`` touches the file before every download.
+4. ``jupyter_upload_local_file`` of ``--upload-mib`` MiB, ``--rounds`` times (the local file
+   is touched first, so it is hashed again as a new one would be).
+
+All the while a second MCP client calls ``jupyter_ping`` every 50 ms; its latencies are
+reported per kind of transfer, and the MCP server's peak RSS growth (psutil) and the CPU
+seconds of the MCP server, the Jupyter server and the supervisor kernel are sampled.
+Goals (issue 14): downloads >= 0.9x the plain GET, uploads >= 400 MiB/s, pings during either
+max < 50 ms and p99 < 20 ms, MCP server peak RSS growth < 64 MiB, first call < 1 s.
+Prints a table; asserts nothing but the bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx2
-from _common import PeakRss, fmt, local_server, summary
+import psutil
+from _common import PeakRss, fmt, summary
 from mcp import Client
 
 from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 
+MiB = 1024 * 1024
+PING_EVERY_S = 0.05
 
-def start_mcp(server: LocalJupyterServer, state_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+# The baseline: a plain streamed GET to disk, timed inside its own process (after imports).
+GET_SCRIPT = r"""
+import json, sys, time, httpx2
+url, token, dest = sys.argv[1:4]
+with httpx2.Client(headers={"Authorization": "token " + token}, timeout=600) as client:
+    started = time.perf_counter()
+    with client.stream("GET", url) as response, open(dest, "wb") as handle:
+        response.raise_for_status()
+        for chunk in response.iter_bytes(1 << 20):
+            handle.write(chunk)
+    seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds}))
+"""
+
+
+def start_mcp(server: LocalJupyterServer, state_dir: Path,
+              local_root: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "REMOTE_JUPYTER_URL": server.url, "REMOTE_JUPYTER_TOKEN": server.token,
            "JUPYTER_TETHER_STATE_DIR": str(state_dir)}
     process = subprocess.Popen([sys.executable, "-m", "jupyter_tether", "mcp", "--port",
-                                str(port)], env=env, stderr=subprocess.DEVNULL)
+                                str(port), "--local-root", str(local_root), "-q"],
+                               env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             httpx2.get(f"http://127.0.0.1:{port}/", timeout=1)
             return process, f"http://127.0.0.1:{port}/mcp"
         except httpx2.HTTPError:
-            time.sleep(0.05)
+            time.sleep(0.02)
     process.kill()
     raise SystemExit("the MCP server did not start")
 
@@ -65,55 +103,255 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def main(n: int, size_mib: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="tether-bench-mcp-") as tmp, local_server() as server:
-        tmp_path = Path(tmp)
-        process, url = start_mcp(server, tmp_path / "state")
-        try:
-            async with Client(url) as client:
-                for _ in range(20):  # warm up: connect, inject, first calls
-                    await client.call_tool("jupyter_ping", {})
-                ping = await timed(client, "jupyter_ping", {}, n)
-                job = await client.call_tool("jupyter_job_start", {"command": "sleep 600"})
-                job_id = (job.structured_content or {})["job_id"]
-                status = await timed(client, "jupyter_job_status", {"job_id": job_id}, n)
-                await client.call_tool("jupyter_job_kill", {"job_id": job_id, "sig": 9})
-                print(fmt("jupyter_ping (MCP, HTTP)", summary(ping)), f"  max {max(ping)*1000:.1f} ms")
-                print(fmt("jupyter_job_status (MCP, HTTP)", summary(status)),
-                      f"  max {max(status)*1000:.1f} ms")
+def write_random(path: Path, size: int) -> str:
+    """Write ``size`` random bytes; returns their sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        left = size
+        while left:
+            block = os.urandom(min(left, 4 * MiB))
+            digest.update(block)
+            handle.write(block)
+            left -= len(block)
+    return digest.hexdigest()
 
-                source = tmp_path / "payload.bin"
-                with open(source, "wb") as handle:
-                    for _ in range(size_mib):
-                        handle.write(os.urandom(1 << 20))
-                size = source.stat().st_size
-                back = tmp_path / "back.bin"
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system + times.children_user + times.children_system)
+    except psutil.Error:
+        return 0.0
+
+
+class Pinger:
+    """A second MCP client calling ``jupyter_ping`` every 50 ms; samples tagged by phase."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.phase = "idle"
+        self.samples: dict[str, list[float]] = defaultdict(list)
+
+    async def run(self) -> None:
+        next_at = time.perf_counter()
+        while True:
+            phase = self.phase
+            started = time.perf_counter()
+            result = await self.client.call_tool("jupyter_ping", {})
+            took = time.perf_counter() - started
+            assert not result.is_error, result.content
+            if phase == self.phase:  # a ping that straddles two phases counts for neither
+                self.samples[phase].append(took)
+            next_at = max(next_at + PING_EVERY_S, time.perf_counter())
+            await anyio.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+class Run:
+    """One timed transfer: seconds, bytes, CPU seconds per process, MCP server RSS growth."""
+
+    def __init__(self, seconds: float, nbytes: int, cpu: dict[str, float], rss_mib: float) -> None:
+        self.seconds = seconds
+        self.nbytes = nbytes
+        self.cpu = cpu
+        self.rss_mib = rss_mib
+
+    @property
+    def mib_s(self) -> float:
+        return self.nbytes / self.seconds / MiB
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+
+
+def ping_cell(samples: list[float]) -> str:
+    if not samples:
+        return "      -"
+    return f"{pct(samples, 0.99) * 1000:5.1f}/{max(samples) * 1000:5.1f} (n={len(samples)})"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+async def bench(opts: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="tether-bench-mcp-") as tmp:
+        tmp_path = Path(tmp)
+        root, local = tmp_path / "server", tmp_path / "local"
+        local.mkdir()
+        with LocalJupyterServer(root) as server:
+            process, url = start_mcp(server, tmp_path / "state", local)
+            try:
+                await run_all(opts, server, process, url, root, local)
+            finally:
+                process.terminate()
+                process.wait(20)
+
+
+async def run_all(opts: argparse.Namespace, server: LocalJupyterServer,
+                  process: subprocess.Popen[bytes], url: str, root: Path, local: Path) -> None:
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    started = time.perf_counter()
+    async with Client(url) as client:
+        connect_s = time.perf_counter() - started
+        started = time.perf_counter()
+        first = await client.call_tool("jupyter_ping", {})
+        first_s = time.perf_counter() - started
+        assert not first.is_error, first.content
+        kernel_pid = int((first.structured_content or {})["supervisor_pid"])
+        print(f"first tool call on a fresh MCP + Jupyter server: {first_s:.2f} s "
+              f"(MCP client connect before it {connect_s:.2f} s)")
+        assert server.process is not None
+        pids = {"mcp": process.pid, "server": server.process.pid, "kernel": kernel_pid}
+
+        if opts.n:
+            for _ in range(20):  # warm up
+                await client.call_tool("jupyter_ping", {})
+            ping = await timed(client, "jupyter_ping", {}, opts.n)
+            job = await client.call_tool("jupyter_job_start", {"command": "sleep 600"})
+            job_id = (job.structured_content or {})["job_id"]
+            status = await timed(client, "jupyter_job_status", {"job_id": job_id}, opts.n)
+            await client.call_tool("jupyter_job_kill", {"job_id": job_id, "sig": 9})
+            print(fmt("jupyter_ping (MCP, HTTP)", summary(ping)), f"  max {max(ping)*1000:.1f} ms")
+            print(fmt("jupyter_job_status (MCP, HTTP)", summary(status)),
+                  f"  max {max(status)*1000:.1f} ms")
+
+        async with Client(url) as ping_client, anyio.create_task_group() as group:
+            pinger = Pinger(ping_client)
+            group.start_soon(pinger.run)
+            await anyio.sleep(1.0)  # idle pings first
+
+            async def measure(phase: str, nbytes: int, action: Any) -> Run:
+                pinger.phase = phase
+                before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 with PeakRss(process.pid) as rss:
                     started = time.perf_counter()
-                    up = await client.call_tool("jupyter_upload_local_file", {
-                        "local_path": str(source), "remote_path": "bench/payload.bin",
-                        "timeout_s": 3600})
-                    up_s = time.perf_counter() - started
-                    assert not up.is_error, up.content
-                    started = time.perf_counter()
-                    down = await client.call_tool("jupyter_download_to_local", {
-                        "remote_path": "bench/payload.bin", "local_path": str(back),
-                        "timeout_s": 3600})
-                    down_s = time.perf_counter() - started
-                    assert not down.is_error, down.content
-                assert sha256(back) == sha256(source)
-                print(f"upload   {size_mib} MiB: {up_s:6.2f} s  {size / up_s / 2**20:7.1f} MiB/s")
-                print(f"download {size_mib} MiB: {down_s:6.2f} s  {size / down_s / 2**20:7.1f} MiB/s")
-                print(f"MCP server RSS: baseline {rss.baseline / 2**20:.1f} MiB, "
-                      f"peak {rss.peak / 2**20:.1f} MiB (+{rss.growth_mib:.1f} MiB)")
-        finally:
-            process.terminate()
-            process.wait(20)
+                    own = await action()
+                    seconds = own if own is not None else time.perf_counter() - started
+                pinger.phase = "between"
+                await anyio.sleep(0.3)  # let the page cache writeback of the last run settle
+                return Run(seconds, nbytes, {name: cpu_seconds(pid) - before[name]
+                                             for name, pid in pids.items()}, rss.growth_mib)
+
+            rows = []
+            for mib in opts.sizes:
+                size = mib * MiB
+                rel = f"bench/data-{mib}.bin"
+                digest = write_random(root / rel, size)
+                gets: list[Run] = []
+                downs: list[Run] = []
+                for index in range(opts.rounds):
+                    dest_get = local / f"get-{mib}-{index}.bin"
+                    dest = local / f"down-{mib}-{index}.bin"
+
+                    async def get(dest_get: Path = dest_get, rel: str = rel) -> float:
+                        done = await anyio.run_process(
+                            [sys.executable, "-c", GET_SCRIPT, f"{server.url}files/{rel}",
+                             server.token, str(dest_get)])
+                        return float(json.loads(done.stdout)["seconds"])
+
+                    async def down(dest: Path = dest, rel: str = rel,
+                                   digest: str = digest) -> None:
+                        if opts.cold:
+                            os.utime(root / rel)
+                        result = await client.call_tool("jupyter_download_to_local", {
+                            "remote_path": rel, "local_path": str(dest), "timeout_s": 3600})
+                        assert not result.is_error, result.content
+                        assert (result.structured_content or {})["sha256"] == digest
+
+                    for which in (("get", "mcp") if index % 2 == 0 else ("mcp", "get")):
+                        if which == "get":
+                            gets.append(await measure(f"get {mib}", size, get))
+                            dest_get.unlink()
+                        else:
+                            downs.append(await measure(f"download {mib}", size, down))
+                            if index == 0:
+                                assert sha256(dest) == digest, "the download differs"
+                            dest.unlink()
+                (root / rel).unlink()
+                rows.append((f"download {mib} MiB", gets, downs, f"download {mib}"))
+
+            source = local / "upload.bin"
+            up_size = opts.upload_mib * MiB
+            up_digest = write_random(source, up_size)
+            ups: list[Run] = []
+            for index in range(opts.rounds):
+                rel = f"bench/up-{index}.bin"
+                os.utime(source)  # new to the uploader: hashed again, as a new file would be
+
+                async def up(rel: str = rel) -> None:
+                    result = await client.call_tool("jupyter_upload_local_file", {
+                        "local_path": str(source), "remote_path": rel, "timeout_s": 3600})
+                    assert not result.is_error, result.content
+                    assert (result.structured_content or {})["sha256"] == up_digest
+
+                ups.append(await measure(f"upload {opts.upload_mib}", up_size, up))
+                assert sha256(root / rel) == up_digest
+                (root / rel).unlink()
+            rows.append((f"upload {opts.upload_mib} MiB", [], ups, f"upload {opts.upload_mib}"))
+            group.cancel_scope.cancel()
+
+    report(opts, rows, pinger.samples, first_s)
+
+
+def report(opts: argparse.Namespace, rows: list[tuple[str, list[Run], list[Run], str]],
+           pings: dict[str, list[float]], first_s: float) -> None:
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; MiB/s, median / best of "
+          f"{opts.rounds}{'; --cold: every download hashes the file again' if opts.cold else ''}")
+    print(f"{'':<19}{'plain GET':>15}  {'via MCP tool':>15}  {'ratio':>11}  "
+          f"{'MCP rounds':<20} {'ping p99/max ms':<22} {'RSS+':>6}  CPU s mcp/server/kernel")
+    ratios: list[float] = []
+    mcp_pings: dict[str, list[float]] = defaultdict(list)
+    worst_rss = 0.0
+    upload_median = 0.0
+    for name, gets, runs, phase in rows:
+        med = statistics.median(r.mib_s for r in runs)
+        best = max(runs, key=lambda r: r.mib_s)
+        rounds = "/".join(f"{r.mib_s:.0f}" for r in runs)
+        cpu = "/".join(f"{best.cpu[k]:.2f}" for k in ("mcp", "server", "kernel"))
+        rss = max(r.rss_mib for r in runs)
+        worst_rss = max(worst_rss, rss)
+        mcp_pings[phase.split()[0]].extend(pings.get(phase, []))
+        if gets:
+            get_med = statistics.median(r.mib_s for r in gets)
+            get_best = max(r.mib_s for r in gets)
+            ratio = med / get_med
+            ratios.append(ratio)
+            plain = f"{get_med:6.0f} / {get_best:6.0f}"
+            ratio_cell = f"{ratio:4.2f} / {best.mib_s / get_best:4.2f}"
+        else:
+            upload_median = med
+            plain, ratio_cell = "-", "-"
+        print(f"{name:<19}{plain:>15}  {f'{med:6.0f} / {best.mib_s:6.0f}':>15}  {ratio_cell:>11}  "
+              f"{rounds:<20} {ping_cell(pings.get(phase, [])):<22} {rss:6.1f}  {cpu}")
+    print(f"pings idle {ping_cell(pings.get('idle', []))}; during the plain GETs "
+          f"{ping_cell([s for k, v in pings.items() if k.startswith('get') for s in v])}")
+
+    print("\ngoals:")
+    print(f"  downloads >= 0.9x the plain GET (medians): "
+          f"{', '.join(f'{r:.2f}x' for r in ratios)}: {verdict(min(ratios) >= 0.9)}")
+    print(f"  upload {opts.upload_mib} MiB median {upload_median:.0f} MiB/s >= 400: "
+          f"{verdict(upload_median >= 400)}")
+    for kind in ("download", "upload"):
+        samples = mcp_pings[kind]
+        if samples:
+            ok = max(samples) < 0.05 and pct(samples, 0.99) < 0.02
+            print(f"  pings during {kind}s: p99 {pct(samples, 0.99) * 1000:.1f} ms < 20, "
+                  f"max {max(samples) * 1000:.1f} ms < 50: {verdict(ok)}")
+    print(f"  MCP server peak RSS growth {worst_rss:.1f} MiB < 64: {verdict(worst_rss < 64)}")
+    print(f"  first tool call {first_s:.2f} s < 1: {verdict(first_s < 1)}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=300)
-    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--n", type=int, default=300, help="latency samples (0: skip)")
+    parser.add_argument("--sizes", default="64,256,1024", help="download sizes in MiB")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--upload-mib", type=int, default=256)
+    parser.add_argument("--cold", action="store_true",
+                        help="touch the remote file before every download (no hash cache)")
     options = parser.parse_args()
-    anyio.run(main, options.n, options.size_mib)
+    options.sizes = [int(v) for v in options.sizes.split(",") if v]
+    anyio.run(bench, options)

@@ -1,5 +1,6 @@
 """Resources: the nvidia-smi parser on recorded outputs, why jobs die, and the usage that job
-status, ``resources``, the MCP tools and ``jupyter-tether top`` show, on real processes.
+status, ``resources`` and a job's notebook repr show, on real processes (in-process
+supervisor; the MCP tools and ``jupyter-tether top``: test_resources_faces.py).
 
 No GPU here: the end-to-end GPU path runs a stand-in ``nvidia-smi`` (a shell script that
 prints the recorded outputs) on PATH. The real binary on a real card is not tested here.
@@ -8,7 +9,6 @@ prints the recorded outputs) on PATH. The real binary on a real card is not test
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shlex
 import signal
@@ -19,11 +19,9 @@ from typing import Any
 
 import anyio
 import pytest
-from mcp import Client
 
 from jupyter_tether.agent_payload import gpu, job_reason, resources
 from jupyter_tether.controller.blocking_services import Job
-from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.jobs import AsyncJob, JobInfo
 from jupyter_tether.controller.resources import (
     compact_resources,
@@ -31,14 +29,10 @@ from jupyter_tether.controller.resources import (
     readable_resources,
     usage_line,
 )
-from jupyter_tether.mcp_server import build_server
 from jupyter_tether.mcp_server.tools.common import job_dict
 from jupyter_tether.mcp_server.tools.jobs import _follow_once
 
-from .conftest import fast_options
 from .inprocess import InProcess, Services, remote_fixture, services_fixture, until
-from .test_cli import tether_cli
-from .test_mcp import Calls
 
 __all__ = ["remote_fixture", "services_fixture"]
 
@@ -367,55 +361,3 @@ def test_a_job_in_a_notebook_shows_a_usage_line(services: Services) -> None:
     failed.wait(60)
     assert "traceback: KeyError: &#x27;labels&#x27;" in failed._repr_html_()
     assert "traceback: KeyError: 'labels'" in repr(failed)
-
-
-@pytest.mark.anyio
-async def test_mcp_resources_status_and_job_status_show_usage(
-        jupyter_server: LocalJupyterServer, server_root: Path) -> None:
-    (server_root / "rs_alloc.py").write_text(ALLOC.replace("'ready'", "'rs_ready'")
-                                             .replace("'go'", "'rs_go'"))
-    app = build_server(url=jupyter_server.url, token=jupyter_server.token,
-                       options=fast_options())
-    async with Client(app) as client:
-        calls = Calls(client)
-        job = await calls.ok("jupyter_job_start", {"command": f"{PY} rs_alloc.py"})
-        with anyio.fail_after(30):
-            while not (server_root / "rs_ready").exists():
-                await anyio.sleep(0.05)
-        try:
-            res = await calls.ok("jupyter_resources")
-            (row,) = [j for j in res["jobs"] if j["job_id"] == job["job_id"]]
-            assert row["rss_mb"] >= 300 and row["threads"] >= 1
-            assert res["host"]["ram_total_gb"] > 0 and res["host"]["disks"]
-            assert res["gpus"]["available"] in (True, False)  # whatever this box has
-            status = await calls.ok("jupyter_status")
-            assert status["resources"]["ram_gb"] > 0 and "gpus" in status["resources"]
-            job_status = await calls.ok("jupyter_job_status", {"job_id": job["job_id"]})
-            assert job_status["usage"]["rss_mb"] >= 300
-        finally:
-            (server_root / "rs_go").touch()
-        done = await calls.ok("jupyter_job_wait", {"job_id": job["job_id"], "timeout_s": 60})
-        assert done["job"]["usage"]["peak_mb"] >= 300
-
-
-def test_cli_top_once_json_and_jobs_columns(jupyter_server: LocalJupyterServer,
-                                           server_root: Path) -> None:
-    ran = tether_cli(jupyter_server, "--json", "run", "-d", "sleep 30")
-    job_id = json.loads(ran.stdout)["job_id"]
-    try:
-        shown = tether_cli(jupyter_server, "top", "--once")
-        assert shown.returncode == 0, shown.stderr
-        lines = shown.stdout.splitlines()
-        assert "CPUs" in lines[0] and "RAM" in lines[0] and "disk" in lines[0]
-        assert any(line.startswith("GPUs: ") or line.startswith("GPU ") for line in lines)
-        header = next(line for line in lines if line.startswith("JOB"))
-        assert header.split()[:5] == ["JOB", "CPU", "RSS", "PEAK", "THREADS"]
-        assert any(line.startswith(job_id) for line in lines)
-        as_json = json.loads(tether_cli(jupyter_server, "--json", "top").stdout)
-        assert {"host", "gpus", "jobs", "warnings", "sampler"} <= set(as_json)
-        listed = tether_cli(jupyter_server, "jobs", "--state", "running").stdout
-        assert listed.splitlines()[0].split()[6:9] == ["CPU", "RSS", "PEAK"]
-        row = next(line for line in listed.splitlines() if line.startswith(job_id))
-        assert row.split()[7].endswith("M")  # sleep's RSS, in MiB
-    finally:
-        tether_cli(jupyter_server, "kill", job_id, "--signal", "KILL")

@@ -333,7 +333,8 @@ class ResourceMonitor:
 
     def fresh(self, gpus: bool, max_age: float = SAMPLE_INTERVAL_S) -> None:
         """Sample unless the last sample is younger than ``max_age`` (GPUs too when asked
-        and due). A sample already in progress elsewhere is not waited for."""
+        and due). Waits at most for another thread's /proc sample (ms), never for another
+        thread's nvidia-smi."""
         new_gpus = self._gpus_if_due() if gpus else False
         if not new_gpus and time.monotonic() - self._sampled_at < max_age:
             return
