@@ -170,6 +170,9 @@ class InProcess:
                    headers: dict[str, str]) -> AbstractAsyncContextManager[httpx2.Response]:
         raise AssertionError("no GET /files in-process: files_root is None")
 
+    def files_request(self, url_path: str) -> tuple[str, dict[str, str]]:
+        raise AssertionError("no GET /files in-process: files_root is None")
+
     def _attach(self) -> None:
         with self._cond:
             self._loop = asyncio.get_running_loop()

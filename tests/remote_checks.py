@@ -19,8 +19,8 @@ import pytest
 
 from jupyter_tether import ConnectionLost, Tether
 from jupyter_tether.agent_payload import bundle
-from jupyter_tether.controller.execute import kernel_info
 from jupyter_tether.controller.jobs import AsyncJob
+from jupyter_tether.controller.kernel_requests import kernel_info
 from jupyter_tether.controller.kernel_ws import KernelSocket
 
 #: a job whose output must arrive exactly: numbered lines on stdout and stderr, then exit 3

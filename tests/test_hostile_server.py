@@ -26,7 +26,8 @@ from jupyter_tether import AsyncTether, LimitExceeded, Tether
 from jupyter_tether.agent_payload import wire
 from jupyter_tether.controller import kernel_ws
 from jupyter_tether.controller.embedded import LocalJupyterServer
-from jupyter_tether.controller.execute import EXEC_LIMITS, execute, kernel_info
+from jupyter_tether.controller.execute import EXEC_LIMITS, execute
+from jupyter_tether.controller.kernel_requests import kernel_info
 from jupyter_tether.controller.kernel_ws import KernelSocket, new_session_id
 from jupyter_tether.controller.rest import MAX_REST_BODY_BYTES, JupyterRest
 from jupyter_tether.controller.target import Target

@@ -108,3 +108,25 @@ def test_the_payload_imports_only_itself_and_the_standard_library() -> None:
                 outside.extend(f"{name}: import {a.name}" for a in node.names
                                if a.name.startswith(PACKAGE))
     assert outside == []
+
+
+#: The only controller modules the CLI and the MCP server import directly (everything else
+#: comes through ``jupyter_tether``, ``jupyter_tether.errors`` or a neutral top-level module:
+#: ``config``, ``credentials``, ``formatting``), each with its reason.
+FACE_TO_CONTROLLER = {
+    # The pool's trust rule splits a pasted server_url into its base and its own token.
+    ("mcp_server.pool", "controller.target"),
+    # jupyter_sync_dir's reference-tool exclude CSV, read as job specs read it.
+    ("mcp_server.tools.files", "controller.submit"),
+}
+
+
+def test_the_cli_and_the_mcp_server_use_the_public_face() -> None:
+    def short(name: str) -> str:
+        return name.removeprefix(PACKAGE + ".")
+
+    direct = sorted(f"{short(name)} -> {short(other)}" for name, others in GRAPH.items()
+                    if layer(name) in ("cli", "mcp_server") for other in others
+                    if layer(other) == "controller"
+                    and (short(name), short(other)) not in FACE_TO_CONTROLLER)
+    assert direct == [], "import these through jupyter_tether (or a neutral module)"

@@ -751,7 +751,8 @@ async def test_bounded_converts_only_its_own_deadline() -> None:
     import anyio
 
     from jupyter_tether.errors import TetherTimeout
-    from jupyter_tether.mcp_server.helpers import BoundExceeded, _hint, bounded
+    from jupyter_tether.mcp_server.limits import BoundExceeded, bounded
+    from jupyter_tether.mcp_server.tool_errors import _hint
 
     # The link's own timeout (a TimeoutError subclass) is not the tool's timeout_s.
     with pytest.raises(TetherTimeout):

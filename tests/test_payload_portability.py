@@ -12,7 +12,10 @@ from jupyter_tether.agent_payload import bundle
 
 # Optional speed-ups the payload uses when present and falls back from cleanly, and the
 # kernel itself (only comm_binding touches it).
-OPTIONAL = {"msgpack", "psutil", "zstandard", "IPython", "ipykernel"}
+OPTIONAL = {"msgpack", "psutil", "zstandard", "IPython", "ipykernel",
+            # pyzmq and jupyter_client (with jupyter_core) come with ipykernel: kernel_exec
+            # uses them, and says "unavailable" where they are missing
+            "zmq", "jupyter_client", "jupyter_core"}
 
 
 @pytest.mark.parametrize("name", bundle.MODULES)

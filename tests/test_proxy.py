@@ -112,6 +112,96 @@ def test_each_supervisor_reply_is_one_websocket_message(t: Tether) -> None:
     assert "status" not in seen, seen[:12]
 
 
+class CallCounter:
+    """What one controller call costs: the supervisor ops it sends, the supervisor's
+    websocket messages that come back, and the REST requests it makes."""
+
+    def __init__(self, t: Tether) -> None:
+        self.link = t.aio.link
+        self.rest = t.aio.rest
+        self.ops: list[str] = []
+        self.messages: list[str] = []
+        self.requests: list[str] = []
+
+    def measure(self, action: Callable[[], Any]) -> tuple[list[str], int, list[str]]:
+        """(ops, comm messages back, REST requests) of ``action``."""
+        link, rest = self.link, self.rest
+        sock = link._sock
+        assert sock is not None
+        call, route, request = link.call, sock._route, rest.request
+
+        async def counted_call(op: str, *args: Any, **kwargs: Any) -> Any:
+            self.ops.append(op)
+            return await call(op, *args, **kwargs)
+
+        def spy(msg: Any) -> None:
+            if msg.channel == "iopub":
+                self.messages.append(msg.msg_type)
+            route(msg)
+
+        async def counted_request(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+            self.requests.append(f"{method} {path}")
+            return await request(method, path, *args, **kwargs)
+
+        self.ops.clear()
+        self.messages.clear()
+        self.requests.clear()
+        link.call, sock._route, rest.request = (  # type: ignore[method-assign]
+            counted_call, spy, counted_request)
+        try:
+            action()
+        finally:
+            del link.call, sock._route, rest.request
+        return list(self.ops), self.messages.count("comm_msg"), list(self.requests)
+
+
+def test_small_calls_are_one_call_and_one_message_each(t: Tether) -> None:
+    """Behind the proxy every message after the first of a burst waits ~40 ms for a
+    delayed ACK, and a far link pays its round trip per call: ping (the server version is
+    kept), tail (the job's state comes with it), a follow of an ended job (its end comes
+    with the reply, no events, no unfollow) and a small exec (relayed by the supervisor)
+    are each one supervisor call answered by one message, and no REST request."""
+    job = t.jobs.start("printf 'a\\nb\\n'; exit 3")
+    assert job.wait(30).exit_code == 3
+    t.ping()
+    t.exec("0")  # the default work kernel is there, the supervisor attached to it
+    time.sleep(0.5)  # the job's end announced: nothing else is on its way
+    counter = CallCounter(t)
+    assert counter.measure(t.ping) == (["ping"], 1, [])
+    assert counter.measure(lambda: job.tail(1)) == (["job_tail"], 1, [])
+    assert job.info is not None and job.info.exit_code == 3
+    followed: list[bytes] = []
+    assert counter.measure(lambda: followed.extend(job.follow())) == (["job_follow"], 1, [])
+    assert b"".join(followed) == b"a\nb\n"
+    result: list[Any] = []
+    assert counter.measure(lambda: result.append(t.exec("6 * 7"))) == (["kernel_exec"], 1, [])
+    assert result[0].value == "42"
+    assert t.aio._work_sockets == {}, "no websocket to the work kernel was needed"
+
+
+def test_exec_streams_times_out_and_falls_back_to_the_websocket(
+        site: KaggleSite, t: Tether) -> None:
+    """Relayed exec keeps exec's semantics on both kernel lines; where the supervisor cannot
+    reach the kernel (no connection file: a gateway's kernel) the websocket path runs it."""
+    seen: list[str] = []
+    result = t.exec("import time\nprint('start', flush=True)\ntime.sleep(30)", timeout=2,
+                    on_output=lambda kind, text: seen.append(text))
+    assert result.status == "timeout" and "start\n" in seen
+    assert result.error is not None and result.error["ename"] == "KeyboardInterrupt"
+    kernel_id = t.status()["work_kernel_id"]
+    path = Path(str(t.exec("from ipykernel.connect import get_connection_file\n"
+                           "get_connection_file()").value).strip("'"))
+    assert path.name == f"kernel-{kernel_id}.json"
+    path.rename(path.with_suffix(".away"))
+    try:
+        counter = CallCounter(t)
+        ops, _, _ = counter.measure(lambda: seen.append(str(t.exec("2 + 2").value)))
+        assert ops == ["kernel_exec"] and seen[-1] == "4"
+        assert kernel_id in t.aio._work_sockets, "it ran over the work kernel's websocket"
+    finally:
+        path.with_suffix(".away").rename(path)
+
+
 def test_job_follow_tail_and_list_through_the_proxy(t: Tether) -> None:
     check_job_follow(t)
     job = t.jobs.start("printf 'a\\nb\\nc\\n'")

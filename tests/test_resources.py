@@ -23,7 +23,7 @@ import pytest
 from jupyter_tether.agent_payload import gpu, job_reason, resources
 from jupyter_tether.controller.blocking_services import Job
 from jupyter_tether.controller.jobs import AsyncJob, JobInfo
-from jupyter_tether.controller.resources import (
+from jupyter_tether.formatting import (
     compact_resources,
     compact_usage,
     readable_resources,
@@ -101,6 +101,13 @@ def test_nvidia_smi_messages_are_not_gpus() -> None:
     assert gpus == [] and "couldn't communicate with the NVIDIA driver" in other[0]
     gpus, other = gpu.parse_gpus(fixture("no_devices.txt"))
     assert gpus == [] and other == ["No devices were found"]
+
+
+def test_rows_without_their_key_go_with_the_other_lines_after_them() -> None:
+    gpus, other = gpu.parse_gpus("[N/A], GPU-x, 1, 2, 3, 4, 5, 6, 7, Tesla T4\nhello\n")
+    assert gpus == [] and other[0] == "hello" and other[1].startswith("unparsed: {'index'")
+    apps, other = gpu.parse_apps("GPU-x, [N/A], 100, python\n")
+    assert apps == [] and len(other) == 1 and other[0].startswith("unparsed: ")
 
 
 # --- warnings ---------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from mcp import Client
 from jupyter_tether import cli
 from jupyter_tether.config import AUTH_TOKEN_ENV, resolve_auth_token, select_target
 from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
-from jupyter_tether.controller.target import parse_target, scrub_secrets
+from jupyter_tether.controller.target import parse_target
+from jupyter_tether.credentials import scrub_secrets
 from jupyter_tether.errors import ConfigError
 from jupyter_tether.mcp_server import build_server, http_app
 from jupyter_tether.mcp_server.server import split_allowed_host

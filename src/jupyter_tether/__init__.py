@@ -10,11 +10,13 @@
 from .controller.blocking import Tether, connect
 from .controller.blocking_services import Files, Job, Jobs
 from .controller.execute import ExecResult
+from .controller.files import DEFAULT_SYNC_MAX_BYTES, ProgressCallback
+from .controller.forward import BlockingPortForward, PortForward
 from .controller.jobs import AsyncJob, JobInfo
 from .controller.link import LinkOptions
 from .controller.submit import SubmitProgress
 from .controller.submit import validate_spec as validate_job_spec
-from .controller.target import Target
+from .controller.target import Target, parse_target
 from .controller.tether import AsyncTether
 from .errors import (
     AuthError,
@@ -36,9 +38,11 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_SYNC_MAX_BYTES",
     "AsyncJob",
     "AsyncTether",
     "AuthError",
+    "BlockingPortForward",
     "ConfigError",
     "ConnectionLost",
     "ExecError",
@@ -53,6 +57,8 @@ __all__ = [
     "LimitExceeded",
     "LinkOptions",
     "NotFound",
+    "PortForward",
+    "ProgressCallback",
     "RemoteError",
     "ServerError",
     "SubmitProgress",
@@ -63,5 +69,6 @@ __all__ = [
     "TransferError",
     "__version__",
     "connect",
+    "parse_target",
     "validate_job_spec",
 ]

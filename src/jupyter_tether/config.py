@@ -26,7 +26,8 @@ from typing import Any
 
 import platformdirs
 
-from .controller.target import TOKEN_ENV, URL_ENV, Target, origin, parse_target, redact
+from .controller.target import Target, parse_target
+from .credentials import TOKEN_ENV, URL_ENV, origin, redact
 from .errors import ConfigError
 
 CONFIG_ENV = "JUPYTER_TETHER_CONFIG"
@@ -61,6 +62,13 @@ def config_path() -> Path:
     if override:
         return Path(override).expanduser()
     return Path(platformdirs.user_config_dir("jupyter-tether")) / "targets.toml"
+
+
+def default_root() -> Path:
+    """Where the embedded server's root is when none is given: a workspace folder under the
+    user data dir, never the folder jupyter-tether was started from (jobs, synced trees and
+    the supervisor's state would otherwise land there)."""
+    return Path(platformdirs.user_data_dir("jupyter-tether")) / "workspace"
 
 
 def load_config(path: Path | None = None) -> dict[str, Any]:

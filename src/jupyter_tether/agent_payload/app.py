@@ -2,7 +2,7 @@
 
 from typing import Optional
 
-from . import files, hostinfo, jobs, streams
+from . import files, hostinfo, jobs, kernel_exec, streams
 from .supervisor import SendFn, Supervisor
 
 
@@ -18,5 +18,6 @@ def create_supervisor(
     hostinfo.register(supervisor)
     files.register(supervisor)
     jobs.register(supervisor)
+    kernel_exec.register(supervisor)
     streams.register(supervisor)
     return supervisor

@@ -40,8 +40,11 @@ MODULES = (
     "follow",
     "run_commands",
     "jobs",
+    # code in work kernels over their ZMQ ports
+    "kernel_exec",
     # forwarded TCP streams
     "stream_state",
+    "stream_conn",
     "streams",
     # host facts, assembly, and the kernel binding
     "hostinfo",

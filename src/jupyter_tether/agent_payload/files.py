@@ -52,6 +52,8 @@ class FilesService:
             # Inline on purpose: chunks are written in arrival order, so they hash as they come.
             Op.UPLOAD_CHUNK: self.uploads.upload_chunk,
             Op.DOWNLOAD_END: self.downloads.download_end,
+            # Returns at once: the reply is sent when the background hash is done.
+            Op.DOWNLOAD_HASH: self.downloads.download_hash,
         }
         slow: Dict[str, Callable[[Request], Any]] = {
             Op.FS_READ: self.fs.fs_read,

@@ -14,13 +14,13 @@ timeout passes, so any number of waits leave the supervisor's worker pool alone.
 import os
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import job_wrapper
 from .args import int_arg
 from .fsutil import read_at
 from .job_registry import RUNNING, Job, JobRegistry, file_size
-from .supervisor import Deferred, Request, Supervisor
+from .supervisor import Deferred, Request, Result, Supervisor
 from .wire import ErrorCode, OpError, arg
 
 KIB = 1024
@@ -78,14 +78,41 @@ class _Follow:
 
 
 class _Waiter:
-    """A ``job_wait`` in progress: settled by the pump when the job ends or time runs out."""
+    """A ``job_wait`` in progress: settled by the pump when the job ends or time runs out,
+    or when ``ready()`` says so; ``answer()`` (outside the lock) then makes the reply,
+    else it is the job's summary."""
 
-    __slots__ = ("deadline", "deferred", "job")
+    __slots__ = ("answer", "deadline", "deferred", "job", "ready")
 
-    def __init__(self, job: "Job", deadline: float, deferred: Deferred):
+    def __init__(self, job: "Job", deadline: float, deferred: Deferred,
+                 ready: Optional[Callable[[], bool]] = None,
+                 answer: Optional[Callable[[], Any]] = None):
         self.job = job
         self.deadline = deadline
         self.deferred = deferred
+        self.ready = ready
+        self.answer = answer
+
+
+def _read_from(path: str, offset: int, count: int) -> Tuple[bytes, Optional[int]]:
+    """Up to ``count`` bytes of ``path`` from ``offset``, and the file's size."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return b"", None
+    try:
+        size = os.fstat(fd).st_size
+        count = min(count, size - offset)
+        return (read_at(fd, offset, count) if count > 0 else b""), size
+    finally:
+        os.close(fd)
+
+
+def _safe_ready(ready: Callable[[], bool]) -> bool:
+    try:
+        return bool(ready())
+    except Exception:  # let the answer say what is wrong
+        return True
 
 
 class FollowPump:
@@ -109,14 +136,24 @@ class FollowPump:
 
     # --- wait -------------------------------------------------------------------------------
 
-    def wait(self, job: Job, timeout: float, req: Request) -> Any:
-        """``job``'s summary now if it ended, else a Deferred the pump settles later."""
+    def wait(self, job: Job, timeout: float, req: Request,
+             ready: Optional[Callable[[], bool]] = None,
+             answer: Optional[Callable[[], Any]] = None) -> Any:
+        """``job``'s summary (or ``answer()``) now if it ended or ``ready()``, else a
+        Deferred the pump settles when one of them comes true or ``timeout`` passes."""
         with self._lock:
             self.registry.refresh(job)
-            if job.state != RUNNING or timeout <= 0 or self._stop.is_set():
+            now = (job.state != RUNNING or timeout <= 0 or self._stop.is_set()
+                   or (ready is not None and ready()))
+            if now and answer is None:
                 return self._wait_result(job)
-            deferred = self.sup.defer(req)
-            self._waiters.append(_Waiter(job, time.monotonic() + timeout, deferred))
+            if not now:
+                deferred = self.sup.defer(req)
+                self._waiters.append(_Waiter(job, time.monotonic() + timeout, deferred,
+                                             ready, answer))
+        if now:
+            assert answer is not None
+            return answer()
         self.ensure()
         self._wake.set()
         return deferred
@@ -138,38 +175,70 @@ class FollowPump:
                 self.registry.refresh(job)  # once per job, however many wait for it
             keep = []
             for waiter in self._waiters:
-                if everyone or waiter.job.state != RUNNING or now >= waiter.deadline:
-                    ready.append((waiter, self._wait_result(waiter.job)))
+                if everyone or waiter.job.state != RUNNING or now >= waiter.deadline or (
+                        waiter.ready is not None and _safe_ready(waiter.ready)):
+                    summary = self._wait_result(waiter.job) if waiter.answer is None else None
+                    ready.append((waiter, summary))
                 else:
                     keep.append(waiter)
             self._waiters = keep
         for waiter, summary in ready:
-            waiter.deferred.resolve(summary)
+            if waiter.answer is None:
+                waiter.deferred.resolve(summary)
+                continue
+            try:
+                waiter.deferred.resolve(waiter.answer())
+            except Exception as exc:
+                waiter.deferred.reject(exc)
 
     # --- follow -----------------------------------------------------------------------------
 
-    def op_follow(self, req: Request) -> Dict[str, Any]:
+    def op_follow(self, req: Request) -> Any:
+        """Subscribe from ``offset``. With ``inline`` > 0 the reply itself carries up to that
+        many bytes from ``offset`` (one blob; the pump goes on after them), and when the job
+        has ended and they are all of it, ``complete`` with the job's summary and no
+        subscription: a follow of an ended job is one message, no events, no unfollow."""
         job = self.registry.get(req.args)
         subscriber = subscriber_arg(req.args)
         offset = int_arg(req.args, "offset", 0, 0, 1 << 62)
         window = int_arg(req.args, "window", DEFAULT_WINDOW, 1, 1 << 40)
         window = max(MIN_WINDOW, min(MAX_WINDOW, window))
+        inline = min(int_arg(req.args, "inline", 0, 0, 1 << 40), CHUNK_BYTES, window)
+        path = job.meta["log_path"]
         with self._lock:
+            # The state before the read: once ended, the read below sees all it wrote.
             self.registry.refresh(job)
-            key = (job.job_id, subscriber)
-            sub = self._follows.get(key)
-            if sub is None:
-                sub = _Follow(job.job_id, subscriber, job.meta["log_path"])
-                self._follows[key] = sub
-            sub.gen += 1
-            sub.sent = sub.acked = offset
-            sub.window = window
-            sub.progress_at = time.monotonic()
             state = job.state
-        self.ensure()
-        self._wake.set()
-        return {"job_id": job.job_id, "subscriber": subscriber, "offset": offset,
-                "window": window, "size": file_size(job.meta["log_path"]), "state": state}
+        data = b""
+        size = file_size(path)
+        if inline:
+            data, size = _read_from(path, offset, inline)
+        sent = offset + len(data)
+        complete = bool(inline) and state != RUNNING and sent >= (size or 0)
+        key = (job.job_id, subscriber)
+        with self._lock:
+            if complete:
+                self._follows.pop(key, None)  # an earlier subscription of ours is done too
+                summary = self.registry.summary(job)
+            else:
+                sub = self._follows.get(key)
+                if sub is None:
+                    sub = _Follow(job.job_id, subscriber, path)
+                    self._follows[key] = sub
+                sub.gen += 1
+                sub.acked = offset
+                sub.sent = sent
+                sub.window = window
+                sub.progress_at = time.monotonic()
+        result = {"job_id": job.job_id, "subscriber": subscriber, "offset": offset,
+                  "window": window, "size": size, "state": state, "sent": sent}
+        if complete:
+            result["complete"] = True
+            result["job"] = summary
+        else:
+            self.ensure()
+            self._wake.set()
+        return Result(result, [data]) if inline else result
 
     def op_follow_ack(self, req: Request) -> Dict[str, Any]:
         job = self.registry.get(req.args)

@@ -62,11 +62,16 @@ def _value(text: str, kind: str) -> Any:
     return number
 
 
-def _rows(text: str, fields: Tuple[Tuple[str, str, str], ...]
+def _rows(text: str, fields: Tuple[Tuple[str, str, str], ...], key: str
           ) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """Parsed rows, and the lines that were not rows (nvidia-smi's own messages)."""
+    """Parsed rows, and the lines that were not rows (nvidia-smi's own messages).
+
+    A row without ``key`` (a garbled line) is not a row: it goes with the other lines, after
+    them.
+    """
     rows: List[Dict[str, Any]] = []
     other: List[str] = []
+    unkeyed: List[str] = []
     for line in text.splitlines():
         line = line.strip()
         if not line:
@@ -76,8 +81,11 @@ def _rows(text: str, fields: Tuple[Tuple[str, str, str], ...]
             other.append(line[:300])
             continue
         row = {fields[i][1]: _value(part, fields[i][2]) for i, part in enumerate(parts)}
-        rows.append(row)
-    return rows, other
+        if row[key] is None:
+            unkeyed.append("unparsed: %s" % row)
+        else:
+            rows.append(row)
+    return rows, other + unkeyed
 
 
 def parse_gpus(text: str) -> Tuple[List[Dict[str, Any]], List[str]]:
@@ -85,29 +93,16 @@ def parse_gpus(text: str) -> Tuple[List[Dict[str, Any]], List[str]]:
 
     A row without an index (a garbled line) is not a GPU and goes with the other lines.
     """
-    rows, other = _rows(text, GPU_FIELDS)
-    gpus = []
-    for row in rows:
-        if row["index"] is None:
-            other.append("unparsed: %s" % row)
-            continue
-        gpus.append(row)
-    return gpus, other
+    return _rows(text, GPU_FIELDS, "index")
 
 
 def parse_apps(text: str) -> Tuple[List[Dict[str, Any]], List[str]]:
     """``--query-compute-apps`` output as one dict per (process, GPU), and any other lines.
 
-    ``mem_used`` is None where the driver does not say (MIG devices, some containers).
+    ``mem_used`` is None where the driver does not say (MIG devices, some containers); a row
+    without a pid goes with the other lines.
     """
-    rows, other = _rows(text, APP_FIELDS)
-    apps = []
-    for row in rows:
-        if row["pid"] is None:
-            other.append("unparsed: %s" % row)
-            continue
-        apps.append(row)
-    return apps, other
+    return _rows(text, APP_FIELDS, "pid")
 
 
 def summarise(gpus: List[Dict[str, Any]], apps: List[Dict[str, Any]]) -> Dict[str, Any]:

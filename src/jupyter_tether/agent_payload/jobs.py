@@ -22,7 +22,7 @@ from . import job_wrapper, paths
 from .args import command_arg, env_arg, float_arg, int_arg
 from .follow import FollowPump
 from .fsutil import read_at
-from .job_registry import RUNNING, STATES, Job, JobRegistry, short, write_json
+from .job_registry import RUNNING, STATES, Job, JobRegistry, file_size, short, write_json
 from .procs import NON_FATAL, build_env, group_alive, killpg, same_process, shell, start_token
 from .resources import ResourceMonitor
 from .run_commands import op_run_commands
@@ -49,6 +49,7 @@ class JobManager:
         self.jobs_dir = self.registry.jobs_dir
         self.keys_dir = self.registry.keys_dir
         self.pump = FollowPump(supervisor, self.registry)
+        self.starter = job_wrapper.Starter(self.jobs_dir)
         self._lock = self.registry.lock  # one lock over jobs, follows and waiters
         self._start_lock = threading.Lock()  # serialises starts (idempotency keys)
         self.monitor = ResourceMonitor(supervisor, self.registry)
@@ -128,8 +129,8 @@ class JobManager:
         }
         try:
             write_json(os.path.join(job_dir, "job.json"), meta)
-            popen = job_wrapper.start(self.jobs_dir, job_dir, shell_path, command, cwd,
-                                      build_env(overrides), log_fd)
+            popen = self.starter.start(job_dir, shell_path, command, cwd, build_env(overrides),
+                                       log_path, log_fd)
         except OSError as exc:
             self.registry.discard(job_dir, key_path)
             raise OpError(ErrorCode.INTERNAL, "could not start job: %s" % exc) from None
@@ -241,45 +242,65 @@ class JobManager:
 
     # --- tail -------------------------------------------------------------------------------
 
-    def op_tail(self, req: Request) -> Result:
+    def op_tail(self, req: Request) -> Any:
+        """Log bytes: the last ``lines`` lines, or ``max_bytes`` from ``offset``; with the
+        job's summary (``job``, as ``job_status`` gives it), taken before the read, so an
+        ended job's read holds all it wrote. ``wait`` (with ``offset``): hold the reply,
+        with no thread, until ``max_bytes`` are there, the job ends, or ``wait`` s pass."""
         job = self.registry.get(req.args)
         args = req.args
         offset = int_arg(args, "offset", None, 0, 1 << 62)
         lines = int_arg(args, "lines", None, 0, MAX_TAIL_LINES)
         max_bytes = int_arg(args, "max_bytes", DEFAULT_TAIL_BYTES, 0, MAX_TAIL_BYTES)
+        wait = float_arg(args, "wait", 0.0, 0.0, MAX_WAIT_S, clamp=True)
         if offset is not None and lines is not None:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "give either lines or offset, not both")
         if offset is None and lines is None:
             lines = DEFAULT_TAIL_LINES
         path = job.meta["log_path"]
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise paths.os_error(exc, path) from None
-        try:
-            size = os.fstat(fd).st_size
-            truncated = False
-            if offset is not None:
-                start = min(offset, size)
-                end = min(size, start + max_bytes)
-                truncated = end < size
-            else:
-                end = size
-                start, truncated = _tail_start(fd, size, lines, max_bytes)
-            data = read_at(fd, start, end - start) if end > start else b""
-        finally:
-            os.close(fd)
-        with self._lock:
-            self.registry.refresh(job)
-            state = job.state
-        value = {"job_id": job.job_id, "offset_start": start, "offset_end": start + len(data),
-                 "size": size, "truncated": truncated, "state": state}
-        return Result(value, [data])
+
+        def answer() -> Result:
+            self.monitor.asked()  # as job_status: its usage figures are fresh
+            with self._lock:
+                self.registry.refresh(job)
+                summary = self.registry.summary(job)
+            return _tail(job.job_id, path, offset, lines, max_bytes, summary)
+
+        if offset is None or wait <= 0:
+            return answer()
+        want = offset + max_bytes
+        return self.pump.wait(job, wait, req, ready=lambda: (file_size(path) or 0) >= want,
+                              answer=answer)
 
     def close(self) -> None:
         """Stop the pump and the sampler. Jobs are separate processes and keep running."""
         self.monitor.close()
+        self.starter.close()
         self.pump.close()
+
+
+def _tail(job_id: str, path: str, offset: Optional[int], lines: Optional[int],
+          max_bytes: int, summary: Dict[str, Any]) -> Result:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise paths.os_error(exc, path) from None
+    try:
+        size = os.fstat(fd).st_size
+        truncated = False
+        if offset is not None:
+            start = min(offset, size)
+            end = min(size, start + max_bytes)
+            truncated = end < size
+        else:
+            end = size
+            start, truncated = _tail_start(fd, size, lines or 0, max_bytes)
+        data = read_at(fd, start, end - start) if end > start else b""
+    finally:
+        os.close(fd)
+    value = {"job_id": job_id, "offset_start": start, "offset_end": start + len(data),
+             "size": size, "truncated": truncated, "state": summary["state"], "job": summary}
+    return Result(value, [data])
 
 
 def _tail_start(fd: int, size: int, lines: int, max_bytes: int) -> Tuple[int, bool]:

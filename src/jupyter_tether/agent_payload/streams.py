@@ -8,9 +8,10 @@ direction has a credit window (``stream_state``), so neither side buffers more t
 window per stream. Half-close (``eof``) and reset travel both ways.
 
 One I/O thread serves every stream with non-blocking sockets and a selector; op handlers
-only queue bytes and wake it. Pushes are paced (``PUSH_INTERVAL_S``): iopub carries about
-1000 messages a second, so a saturated tunnel sends few large messages, while the first
-bytes after a quiet spell go out at once.
+only queue bytes and wake it. Pushes are paced (a token bucket, ``PUSH_RATE``): iopub
+carries about 1000 messages a second, so a saturated tunnel sends few large messages, while
+the first bytes after a quiet spell go out at once. One stream and its socket steps are in
+``stream_conn``.
 
 Streams belong to an ``owner`` (one per controller). The owner's ``stream_sync`` renews its
 lease and, after a reconnect, resets the streams of the connections the drop reset; an
@@ -23,13 +24,24 @@ import errno
 import os
 import selectors
 import socket
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import stream_state as st
+from .stream_conn import (
+    CONNECT_TIMEOUT_S,
+    Batch,
+    Stream,
+    channel_key,
+    close_quietly,
+    connect_by_name,
+    connect_error,
+    literal_family,
+    reset_socket,
+    start_connect,
+)
 from .supervisor import NO_REPLY, Deferred, Request, Supervisor
 from .wire import ErrorCode, Op, OpError, arg
 
@@ -42,95 +54,10 @@ PUSH_RATE = 500.0
 PUSH_BURST = 50.0
 #: bytes read from the remote sockets and not yet consumed by the controller, per channel
 CHANNEL_BUDGET = 4 * st.MIB
-CONNECT_TIMEOUT_S = 10.0
 CONNECTORS = 8  # threads that connect new streams (a loopback connect is instant)
 OWNER_LEASE_S = 60.0
 LEASE_CHECK_S = 1.0
 MAX_REASON_CHARS = 200
-
-
-class _Stream:
-    """One forwarded connection: its remote socket and both directions' credit."""
-
-    __slots__ = ("channel", "connect_deadline", "connecting", "deferred", "down", "host",
-                 "key", "mask", "opened_at", "out_eof", "outq", "port", "read_done", "sock",
-                 "up", "wr_shut")
-
-    def __init__(self, key: Tuple[str, int], sock: Optional[socket.socket], channel: Any,
-                 host: str, port: int, window: int):
-        self.key = key
-        self.sock = sock
-        self.channel = channel
-        self.host = host
-        self.port = port
-        self.down = st.SendCredit(window)  # remote socket -> controller
-        self.up = st.ReceiveCredit(window)  # controller -> remote socket
-        self.outq: Deque[bytes] = collections.deque()
-        self.out_eof = False  # the controller finished sending: shut down once drained
-        self.wr_shut = False
-        self.read_done = False  # the remote end finished sending (or failed)
-        self.mask = 0
-        self.opened_at = time.time()
-        self.connecting = False  # a non-blocking connect in progress
-        self.connect_deadline = 0.0
-        self.deferred: Optional[Deferred] = None  # the open's reply, until connected
-
-
-class _Batch:
-    """Items and blobs waiting to be pushed to one channel."""
-
-    __slots__ = ("blobs", "bytes", "channel", "items", "owner")
-
-    def __init__(self, channel: Any, owner: str):
-        self.channel = channel
-        self.owner = owner
-        self.items: List[List[Any]] = []
-        self.blobs: List[bytes] = []
-        self.bytes = 0
-
-
-def _literal_family(host: str) -> Optional[int]:
-    """The address family of an IP address literal, None for a name."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-        except (OSError, ValueError):
-            continue
-        return family
-    return None
-
-
-def _connect_error(exc: OSError, host: str, port: int) -> OpError:
-    """Why a connect failed, as the controller shows it."""
-    where = {"host": host, "port": port}
-    if isinstance(exc, socket.timeout) or exc.errno == errno.ETIMEDOUT:  # 3.9: not TimeoutError
-        return OpError(ErrorCode.TIMEOUT, "connecting to %s:%d on the remote timed out after "
-                       "%gs" % (host, port, CONNECT_TIMEOUT_S), where)
-    if isinstance(exc, socket.gaierror):
-        return OpError(ErrorCode.INVALID_ARGUMENT, "cannot resolve %r on the remote: %s"
-                       % (host, exc), where)
-    if exc.errno == errno.ECONNREFUSED:
-        return OpError(ErrorCode.NOT_FOUND, "nothing listens on %s:%d on the remote "
-                       "(connection refused): start the server there first, or check the "
-                       "port" % (host, port), where)
-    return OpError(ErrorCode.NOT_FOUND, "cannot connect to %s:%d on the remote: %s"
-                   % (host, port, exc.strerror or exc), where)
-
-
-def _channel_key(channel: Any) -> Any:
-    return getattr(channel, "comm_id", None) or id(channel)
-
-
-def _reset_socket(sock: socket.socket) -> None:
-    """Close with RST: the peer sees the connection fail rather than end normally."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
 
 
 class StreamService:
@@ -139,9 +66,9 @@ class StreamService:
     def __init__(self, supervisor: Supervisor):
         self.sup = supervisor
         self._lock = threading.Lock()
-        self._streams: Dict[Tuple[str, int], _Stream] = {}
+        self._streams: Dict[Tuple[str, int], Stream] = {}
         self._leases: Dict[str, float] = {}  # owner -> monotonic time last heard from
-        self._batches: Dict[Tuple[Any, str], _Batch] = {}
+        self._batches: Dict[Tuple[Any, str], Batch] = {}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -185,9 +112,9 @@ class StreamService:
         quiet = arg(req.args, "quiet", bool, False)
         first = self._payload(req)  # the connection's first bytes may ride along
         key = (owner, sid)
-        stream = _Stream(key, None, req.channel, host, port, window)
+        stream = Stream(key, None, req.channel, host, port, window)
         stream.deferred = None if quiet else self.sup.defer(req)
-        family = _literal_family(host)
+        family = literal_family(host)
         with self._lock:
             if self._stop.is_set():
                 raise OpError(ErrorCode.INTERNAL, "the supervisor is shutting down")
@@ -209,28 +136,21 @@ class StreamService:
         self._wake()
         return NO_REPLY if stream.deferred is None else stream.deferred
 
-    def _start_connect(self, stream: _Stream, family: int) -> None:
+    def _start_connect(self, stream: Stream, family: int) -> None:
         """Lock held."""
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        code = sock.connect_ex((stream.host, stream.port))
-        stream.sock = sock
-        if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+        stream.sock, code = start_connect(stream.host, stream.port, family)
+        if code is None:
             stream.connecting = True
             stream.connect_deadline = time.monotonic() + CONNECT_TIMEOUT_S
         else:
             self._connected(stream, code)
 
-    def _connected(self, stream: _Stream, code: int) -> None:
+    def _connected(self, stream: Stream, code: int) -> None:
         """The connect ended (``code`` 0: it worked); lock held."""
         stream.connecting = False
         deferred, stream.deferred = stream.deferred, None
         if code:
-            error = _connect_error(OSError(code, os.strerror(code)), stream.host, stream.port)
+            error = connect_error(OSError(code, os.strerror(code)), stream.host, stream.port)
             self._fail(stream, error.message)
             outcome: Any = error
         else:
@@ -239,19 +159,17 @@ class StreamService:
         if deferred is not None:
             self._settle.append((deferred, outcome))
 
-    def _connect_by_name(self, stream: _Stream) -> None:
+    def _connect_by_name(self, stream: Stream) -> None:
         sock: Optional[socket.socket] = None
         error: Optional[OpError] = None
         try:
-            sock = socket.create_connection((stream.host, stream.port), timeout=CONNECT_TIMEOUT_S)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = connect_by_name(stream.host, stream.port)
         except OSError as exc:
-            error = _connect_error(exc, stream.host, stream.port)
+            error = connect_error(exc, stream.host, stream.port)
         with self._lock:
             if self._streams.get(stream.key) is not stream:  # reset while it connected
                 if sock is not None:
-                    _reset_socket(sock)
+                    reset_socket(sock)
                 deferred, stream.deferred = stream.deferred, None
                 if deferred is not None:
                     self._settle.append((deferred, error or OpError(
@@ -380,31 +298,31 @@ class StreamService:
 
     def _queue(self, channel: Any, owner: str, item: List[Any], blob: Optional[bytes] = None
                ) -> None:
-        key = (_channel_key(channel), owner)
+        key = (channel_key(channel), owner)
         batch = self._batches.get(key)
         if batch is None:
-            batch = self._batches[key] = _Batch(channel, owner)
+            batch = self._batches[key] = Batch(channel, owner)
         batch.items.append(item)
         if blob is not None:
             batch.blobs.append(blob)
             batch.bytes += len(blob)
 
-    def _fail(self, stream: _Stream, reason: str) -> None:
+    def _fail(self, stream: Stream, reason: str) -> None:
         """Reset the stream and tell its controller why."""
         self.counters["streams_failed"] += 1
         self._queue(stream.channel, stream.key[0], [stream.key[1], st.RESET,
                                                     reason[:MAX_REASON_CHARS]])
         self._drop(stream)
 
-    def _drop(self, stream: _Stream) -> None:
+    def _drop(self, stream: Stream) -> None:
         """Forget the stream and reset its remote connection."""
         self._forget(stream, reset=True)
 
-    def _finish(self, stream: _Stream) -> None:
+    def _finish(self, stream: Stream) -> None:
         """Both directions ended normally: forget it and close quietly."""
         self._forget(stream, reset=False)
 
-    def _forget(self, stream: _Stream, reset: bool) -> None:
+    def _forget(self, stream: Stream, reset: bool) -> None:
         if self._streams.pop(stream.key, None) is None:
             return
         deferred, stream.deferred = stream.deferred, None
@@ -421,12 +339,9 @@ class StreamService:
                 pass
             stream.mask = 0
         if reset:
-            _reset_socket(sock)
+            reset_socket(sock)
         else:
-            try:
-                sock.close()
-            except OSError:
-                pass
+            close_quietly(sock)
 
     # --- the I/O thread -----------------------------------------------------------------------
 
@@ -478,7 +393,7 @@ class StreamService:
                     except OSError:
                         pass
                     continue
-                stream: _Stream = key.data
+                stream: Stream = key.data
                 if self._streams.get(stream.key) is not stream:
                     continue
                 if stream.connecting:
@@ -513,11 +428,11 @@ class StreamService:
         """Read where credit allows, write where bytes wait; lock held."""
         in_flight: Dict[Any, int] = collections.Counter()
         for stream in self._streams.values():
-            in_flight[_channel_key(stream.channel)] += stream.down.sent - stream.down.acked
+            in_flight[channel_key(stream.channel)] += stream.down.sent - stream.down.acked
         for stream in list(self._streams.values()):
             if stream.sock is None:
                 continue  # a connector thread resolves its name: writes wait in its queue
-            channel = _channel_key(stream.channel)
+            channel = channel_key(stream.channel)
             batch = self._batches.get((channel, stream.key[0]))
             mask = 0
             if stream.connecting:
@@ -546,7 +461,7 @@ class StreamService:
                     self._selector.modify(stream.sock, mask, stream)
                 stream.mask = mask
 
-    def _read(self, stream: _Stream) -> None:
+    def _read(self, stream: Stream) -> None:
         """Read what is there (a few reads at most: fairness), so that a response and the
         end that follows right behind it often travel in one push."""
         owner, sid = stream.key
@@ -572,7 +487,7 @@ class StreamService:
             if len(data) < count:
                 return  # drained for now
 
-    def _write(self, stream: _Stream) -> None:
+    def _write(self, stream: Stream) -> None:
         written = 0
         sock = stream.sock
         assert sock is not None  # only connected streams are registered
@@ -596,7 +511,7 @@ class StreamService:
             if total is not None:
                 self._queue(stream.channel, stream.key[0], [stream.key[1], st.ACK, total])
 
-    def _shut_write(self, stream: _Stream) -> None:
+    def _shut_write(self, stream: Stream) -> None:
         stream.wr_shut = True
         try:
             assert stream.sock is not None
@@ -619,7 +534,7 @@ class StreamService:
             elif stream.connecting and now > stream.connect_deadline:
                 self._connected(stream, errno.ETIMEDOUT)
 
-    def _push(self, batch: _Batch) -> None:
+    def _push(self, batch: Batch) -> None:
         envelope = {"type": st.ENVELOPE_TYPE, "owner": batch.owner, "items": batch.items}
         if not self.sup.push(batch.channel, envelope, batch.blobs):
             self.counters["streams_push_failures"] += 1
@@ -642,10 +557,7 @@ class StreamService:
         if connector is not None:
             connector.shutdown(wait=False)
         for sock in (self._wake_r, self._wake_w):
-            try:
-                sock.close()
-            except OSError:
-                pass
+            close_quietly(sock)
         try:
             self._selector.close()
         except Exception:

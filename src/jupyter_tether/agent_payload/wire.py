@@ -97,6 +97,7 @@ class Op:
     DOWNLOAD_BEGIN = "download_begin"
     DOWNLOAD_CHUNK = "download_chunk"
     DOWNLOAD_END = "download_end"
+    DOWNLOAD_HASH = "download_hash"
     # directory sync (tree_sync.py)
     MANIFEST = "manifest"
     BATCH_WRITE = "batch_write"
@@ -113,6 +114,8 @@ class Op:
     JOB_FOLLOW_ACK = "job_follow_ack"
     JOB_UNFOLLOW = "job_unfollow"
     RUN_COMMANDS = "run_commands"
+    # code in a work kernel on this host, over its ZMQ ports (kernel_exec.py)
+    KERNEL_EXEC = "kernel_exec"
     # usage of the host, GPUs and jobs (resources.py)
     RESOURCES = "resources"
     # forwarded TCP streams (streams.py)

@@ -13,9 +13,8 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from .. import AuthError, ConfigError, TetherError, __version__
-from ..config import CONFIG_ENV, config_path
-from ..controller.embedded import default_root
-from ..controller.target import TOKEN_ENV, URL_ENV
+from ..config import CONFIG_ENV, config_path, default_root
+from ..credentials import TOKEN_ENV, URL_ENV
 from . import files, forward, info, jobs, mcp, notebooks, submit, top
 from .context import (
     DEBUG_ENV,

@@ -18,9 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import RemoteError, Target, Tether
-from ..config import Selection, select_target
-from ..controller.embedded import default_root
-from ..controller.target import URL_ENV
+from ..config import Selection, default_root, select_target
+from ..credentials import URL_ENV
 from .secrets import remember_secrets, scrub
 
 EXIT_OK = 0

@@ -8,9 +8,8 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from .. import Files, NotFound
-from ..controller.blocking_services import human_bytes
-from ..controller.files import DEFAULT_SYNC_MAX_BYTES
+from .. import DEFAULT_SYNC_MAX_BYTES, Files, NotFound
+from ..formatting import human_bytes
 from .context import EXIT_ERROR, EXIT_OK, Ctx, UsageError, add_command, error
 from .output import plural, rate, transfer_progress
 
@@ -104,9 +103,13 @@ def add_put(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("local", help="local file or directory")
     p.add_argument("remote", nargs="?", default="",
                    help="remote destination, relative to the server root (default: the root)")
+    _add_max_bytes(p, "for a directory: refuse to send more")
+
+
+def _add_max_bytes(p: argparse.ArgumentParser, what: str) -> None:
+    """``--max-bytes`` (put's folders and sync): ``what`` the limit does."""
     p.add_argument("--max-bytes", type=_parse_size, default=DEFAULT_SYNC_MAX_BYTES,
-                   metavar="SIZE", help="for a directory: refuse to send more (default: 200M; "
-                   "0 = no limit)")
+                   metavar="SIZE", help=f"{what} (default: 200M; 0 = no limit)")
 
 
 def cmd_put(ctx: Ctx) -> int:
@@ -209,9 +212,7 @@ def add_sync(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    "dirs, caches, venvs, build outputs)")
     p.add_argument("--no-gitignore", action="store_true",
                    help="do not apply the tree's .gitignore files")
-    p.add_argument("--max-bytes", type=_parse_size, default=DEFAULT_SYNC_MAX_BYTES,
-                   metavar="SIZE", help="refuse, before sending, when more would travel "
-                   "(default: 200M; 0 = no limit)")
+    _add_max_bytes(p, "refuse, before sending, when more would travel")
 
 
 def cmd_sync(ctx: Ctx) -> int:

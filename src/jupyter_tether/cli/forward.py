@@ -8,9 +8,8 @@ import sys
 import time
 from typing import Any
 
-from .. import ConfigError, Tether
-from ..controller.blocking_services import human_bytes
-from ..controller.forward import BlockingPortForward
+from .. import BlockingPortForward, ConfigError, Tether
+from ..formatting import human_bytes
 from .context import EXIT_OK, Ctx, UsageError, add_command
 
 #: how often the live line is redrawn (a terminal) or printed again when it changed (a pipe)

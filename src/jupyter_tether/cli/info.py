@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ import anyio
 
 from .. import AsyncTether, Target, TetherError
 from ..config import config_path, describe_targets
-from ..controller.blocking_services import run_on_portal
 from .context import EXIT_ERROR, EXIT_OK, Ctx, UsageError, add_command, error, one_line, unwrap
 from .fanout import configured_targets, gather
 from .output import escape, new_table, print_mapping, styled
@@ -38,10 +36,12 @@ def add_status(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 async def _status_report(aio: AsyncTether, timeout: float = 30.0) -> dict[str, Any]:
-    ping = await aio.ping(timeout)
-    status = await aio.status()
-    info = await aio.info()
-    jobs = await aio.jobs.list("running")
+    return _status_fields(await aio.ping(timeout), await aio.status(), await aio.info(),
+                          await aio.jobs.list("running"))
+
+
+def _status_fields(ping: dict[str, Any], status: dict[str, Any], info: dict[str, Any],
+                   jobs: list[Any]) -> dict[str, Any]:
     return {
         "target": status.get("target"), "name": status.get("name") or None,
         "embedded": status.get("embedded"), "connected": status.get("connected"),
@@ -58,8 +58,8 @@ def cmd_status(ctx: Ctx) -> int:
     if ctx.args.all:
         return _status_all(ctx)
     tether = ctx.connect()
-    report: dict[str, Any] = run_on_portal(tether.portal,
-                                           functools.partial(_status_report, tether.aio))
+    report = _status_fields(tether.ping(), tether.status(), tether.info(),
+                            tether.jobs.list("running"))
     if ctx.json:
         ctx.emit_json(report)
     else:
@@ -170,11 +170,9 @@ def cmd_exec(ctx: Ctx) -> int:
         stream.write(text)
         stream.flush()
 
-    call = functools.partial(tether.aio.exec, code, kernel_id=ctx.args.kernel,
-                             timeout=ctx.args.timeout,
-                             on_output=None if ctx.json else on_output)
     try:
-        result = run_on_portal(tether.portal, call)
+        result = tether.exec(code, kernel_id=ctx.args.kernel, timeout=ctx.args.timeout,
+                             on_output=None if ctx.json else on_output)
     except KeyboardInterrupt:
         # The kernel keeps running the cell unless told otherwise.
         with contextlib.suppress(Exception):
@@ -206,8 +204,7 @@ def add_env(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_env(ctx: Ctx) -> int:
     tether = ctx.connect()
-    snap: dict[str, Any] = run_on_portal(
-        tether.portal, functools.partial(tether.aio.env_snapshot, ctx.args.timeout))
+    snap = tether.env_snapshot(ctx.args.timeout)
     if ctx.json:
         ctx.emit_json(snap)
         return EXIT_OK

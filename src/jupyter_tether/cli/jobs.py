@@ -12,8 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .. import Job, JobInfo
-from ..controller.blocking_services import job_duration
-from ..controller.resources import short_bytes
+from ..formatting import job_duration, short_bytes
 from .context import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,

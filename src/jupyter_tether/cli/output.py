@@ -22,7 +22,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ..controller.blocking_services import ProgressCallback, human_bytes
+from .. import ProgressCallback
+from ..formatting import human_bytes
 from .context import Ctx, json_default
 
 

@@ -7,8 +7,9 @@ import contextlib
 import os
 from collections.abc import Sequence
 
+from .. import parse_target
 from ..config import AUTH_TOKEN_ENV, config_path, named_targets, target_from_config
-from ..controller.target import MIN_SECRET, TOKEN_ENV, parse_target, scrub_secrets
+from ..credentials import MIN_SECRET, TOKEN_ENV, scrub_secrets
 
 #: Tokens this command knows (``--token``, a token in ``--url``, the config's targets): no
 #: line it prints may show them. Filled by ``main``; ``REMOTE_JUPYTER_TOKEN`` is read live.

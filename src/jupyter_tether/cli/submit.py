@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 
 from .. import AsyncTether, Target, validate_job_spec
-from ..controller.blocking_services import human_bytes
+from ..formatting import human_bytes
 from .context import EXIT_ERROR, EXIT_OK, Ctx, UsageError, add_command, error, one_line, unwrap
 from .fanout import configured_targets, gather
 from .files import report_dry_run

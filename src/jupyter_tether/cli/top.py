@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ..controller.resources import human
+from ..formatting import human
 from .context import EXIT_OK, Ctx, UsageError, add_command
 from .output import escape, new_table
 

@@ -22,20 +22,19 @@ import anyio
 from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..formatting import human_bytes, job_duration, usage_line
 from .files import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_SYNC_MAX_BYTES,
     DEFAULT_WINDOW,
     AsyncFiles,
+    ProgressCallback,
     TransferResult,
 )
 from .jobs import FOLLOW_WINDOW, AsyncJob, AsyncJobs, JobInfo
-from .resources import usage_line
-from .twins import run_on_portal as run_on_portal
-from .twins import share_doc, twin, twin_wrapping
+from .twins import run_on_portal, share_doc, twin, twin_wrapping
 
 T = TypeVar("T")
-ProgressCallback = Callable[[int, int], None]
 # None: a progress bar when running in a notebook; False: none; a callable: yours (it is
 # called on the portal's event loop thread, so keep it quick).
 ProgressArg = ProgressCallback | bool | None
@@ -51,27 +50,6 @@ def in_notebook() -> bool:
         return False
     shell = ipython.get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
-
-
-def human_bytes(value: float) -> str:
-    """``512 B``, ``1.5 MiB``, ... (binary units up to TiB)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
-def job_duration(info: JobInfo) -> str:
-    """How long a job ran (or has been running): ``4.2s``, ``3m05s``, ``1h02m``; '' if unknown."""
-    if not info.started_at:
-        return ""
-    seconds = max(0.0, (info.ended_at or time.time()) - info.started_at)
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 class NotebookProgress:
@@ -238,9 +216,10 @@ class Job:
 
         async def fetch() -> tuple[JobInfo, str | None]:
             with anyio.fail_after(_REPR_TIMEOUT_S):
-                info = await self.aio.status()
-                text = await self.aio.tail(tail_lines) if tail_lines else None
-                return info, text
+                if not tail_lines:
+                    return await self.aio.status(), None
+                text = await self.aio.tail(tail_lines)  # the state comes with it
+                return self.aio.info or await self.aio.status(), text
 
         try:
             info, text = run_on_portal(self._portal, fetch)

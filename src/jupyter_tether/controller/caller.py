@@ -59,3 +59,7 @@ class Caller(Protocol):
     def stream_get(self, url_path: str,
                    headers: dict[str, str]) -> AbstractAsyncContextManager[httpx2.Response]:
         """``async with caller.stream_get(path, headers) as response``: a streamed GET."""
+
+    def files_request(self, url_path: str) -> tuple[str, dict[str, str]]:
+        """The full URL and the headers (credentials, cookies) of a GET of ``url_path``,
+        for a client of one's own: bulk downloads read ``/files`` off the event loop."""

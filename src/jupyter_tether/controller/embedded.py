@@ -17,17 +17,10 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx2
-import platformdirs
 
+from ..config import default_root
 from ..errors import TetherError
 from .target import Target
-
-
-def default_root() -> Path:
-    """Where the embedded server's root is when none is given: a workspace folder under the
-    user data dir, never the folder jupyter-tether was started from (jobs, synced trees and
-    the supervisor's state would otherwise land there)."""
-    return Path(platformdirs.user_data_dir("jupyter-tether")) / "workspace"
 
 
 def free_port() -> int:

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from ..errors import ConnectionLost, ExecError, KernelError, TetherTimeout
-from .kernel_ws import KernelMessage, KernelSocket
+from .kernel_requests import await_reply, drain_after_interrupt
+from .kernel_ws import KernelSocket
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif",
@@ -31,9 +30,6 @@ _IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif",
 log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[str, str], None]
-
-#: how long outputs may trail the execute_reply before we stop waiting for the idle status
-IDLE_GRACE_S = 2.0
 
 
 def strip_ansi(text: str) -> str:
@@ -435,37 +431,21 @@ async def execute(
     collector = _Collector(max_output_chars, image_dir, on_output, limits)
     started = time.monotonic()
     replies = sock.expect(msg_id)
-    reply: dict[str, Any] | None = None
-    idle = False
     status = "ok"
+
+    def feed(msg_type: str, content: dict[str, Any]) -> None:
+        collector.feed(msg_type, content, msg_id)
+
     try:
         await sock.send(msg)
-        with anyio.move_on_after(timeout) as scope:
-            async for incoming in replies:
-                if incoming.channel == "shell" and incoming.msg_type == "execute_reply":
-                    reply = incoming.content
-                    # Outputs end with the idle status on iopub; but iopub can lose messages
-                    # (a kernel restart's late-joining subscription, the rate limiter), and
-                    # the reply alone must not then wait for ever.
-                    scope.deadline = min(scope.deadline, anyio.current_time() + IDLE_GRACE_S)
-                elif incoming.channel == "iopub":
-                    if incoming.msg_type == "status":
-                        idle = incoming.content.get("execution_state") == "idle"
-                    else:
-                        collector.feed(incoming.msg_type, incoming.content, msg_id)
-                if reply is not None and (idle or not wait_for_outputs):
-                    break
-        if scope.cancelled_caught and reply is None:
+        reply, timed_out = await await_reply(replies, feed, timeout,
+                                             wait_for_outputs=wait_for_outputs)
+        if timed_out and reply is None:
             status = "timeout"
             if interrupt is not None:
                 await interrupt()
-                # Give the kernel a moment to report the KeyboardInterrupt it raised.
-                with anyio.move_on_after(5):
-                    async for incoming in replies:
-                        if incoming.channel == "shell" and incoming.msg_type == "execute_reply":
-                            break
-                        if incoming.channel == "iopub" and incoming.msg_type != "status":
-                            collector.feed(incoming.msg_type, incoming.content, msg_id)
+                # Its late reply does not count: the run timed out.
+                await drain_after_interrupt(replies, feed, 5)
         elif reply is None and sock.limit_error is not None:
             raise sock.limit_error
         elif reply is None and sock.kernel_lost:
@@ -496,67 +476,3 @@ async def execute(
         elif status == "ok" and reply.get("status") == "aborted":
             result.status = "aborted"
     return result
-
-
-async def kernel_info(sock: KernelSocket, timeout: float = 30.0) -> dict[str, Any]:
-    """Ask until the kernel answers on shell *and* iopub, then return its kernel_info.
-
-    A request sent while a kernel (re)starts is simply lost, and after a restart the server's
-    iopub subscription joins late: replies on shell flow while iopub (where every comm reply
-    travels) still drops messages. Like jupyter_server's own "nudge", keep asking until a
-    status message for one of our requests comes back on iopub.
-    """
-    deadline = anyio.current_time() + timeout
-    sent: list[str] = []
-    send_reply, replies = anyio.create_memory_object_stream[KernelMessage](math.inf)
-    info: dict[str, Any] | None = None
-    try:
-        interval = 0.5
-        while anyio.current_time() < deadline:
-            msg = sock.build("kernel_info_request", {})
-            sent.append(msg["header"]["msg_id"])
-            sock.expect_into(sent[-1], send_reply)
-            await sock.send(msg)
-            with anyio.move_on_after(min(interval, max(0.0, deadline - anyio.current_time()))):
-                iopub_seen = False
-                async for incoming in replies:
-                    if incoming.msg_type == "kernel_info_reply":
-                        info = incoming.content
-                    elif incoming.channel == "iopub":
-                        iopub_seen = True
-                    if info is not None and iopub_seen:
-                        return info
-            if sock.limit_error is not None:
-                raise sock.limit_error
-            if sock.closed.is_set():
-                raise ConnectionLost(f"kernel websocket closed: {sock.close_reason}")
-            interval = min(interval * 2, 4.0)
-    finally:
-        for msg_id in sent:
-            sock.forget(msg_id)
-        send_reply.close()
-    if info is not None:
-        log.warning("kernel %s answers but its iopub stays silent", sock.kernel_id)
-        return info
-    raise KernelError(f"kernel {sock.kernel_id} did not answer kernel_info in {timeout}s")
-
-
-async def control_request(sock: KernelSocket, msg_type: str, content: dict[str, Any],
-                          timeout: float = 20.0) -> dict[str, Any]:
-    """Send a control-channel request (e.g. ``create_subshell_request``) and await its reply."""
-    msg = sock.build(msg_type, content, channel="control")
-    replies = sock.expect(msg["header"]["msg_id"])
-    reply_type = msg_type.replace("_request", "_reply")
-    try:
-        await sock.send(msg)
-        with anyio.fail_after(timeout):
-            async for incoming in replies:
-                if incoming.msg_type == reply_type:
-                    return incoming.content
-    except TimeoutError:
-        raise KernelError(f"kernel {sock.kernel_id} did not answer {msg_type}") from None
-    finally:
-        sock.forget(msg["header"]["msg_id"])
-    if sock.limit_error is not None:
-        raise sock.limit_error
-    raise ConnectionLost(f"kernel websocket closed: {sock.close_reason}")

@@ -21,10 +21,10 @@ from anyio.from_thread import BlockingPortal
 
 from ..agent_payload import stream_state as st
 from ..agent_payload.wire import Op, OpError
+from ..credentials import redact
 from ..errors import ConfigError, NotFound, TetherError
 from .forward_streams import ByteCounters, StreamConnection, StreamLink, StreamMux, reset_local
 from .rest import JupyterRest
-from .target import redact
 
 PROXY_PROBE_TIMEOUT_S = 5.0
 #: connections one forward carries at once (the supervisor allows

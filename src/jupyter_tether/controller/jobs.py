@@ -9,6 +9,7 @@ reconnect re-subscribes from ``next_offset``. Every byte arrives once, in order.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import html
 import math
 import uuid
@@ -20,11 +21,13 @@ import anyio
 
 from ..agent_payload.wire import Op
 from ..errors import JobError, TetherError, TetherTimeout
+from ..formatting import usage_line
 from .caller import Caller
-from .resources import usage_line
 from .rpc import Event
 
 FOLLOW_WINDOW = 8 * 1024 * 1024
+# What a follow's reply carries itself: an ended job's log up to this size is one message.
+FOLLOW_INLINE_BYTES = 1024 * 1024
 # With no event for this long, ask the supervisor directly (covers any lost notification).
 FOLLOW_IDLE_CHECK_S = 2.0
 _WAIT_SLICE_S = 30.0
@@ -93,18 +96,36 @@ class AsyncJob:
         self.info = JobInfo.from_wire(reply.result)
         return self.info
 
-    async def read(self, offset: int = 0, max_bytes: int = 4 * 1024 * 1024) -> tuple[bytes, int]:
-        """Log bytes from ``offset`` (at most ``max_bytes``) and the offset after them."""
-        reply = await self._caller.call(
-            Op.JOB_TAIL, {"job_id": self.job_id, "offset": offset, "max_bytes": max_bytes})
+    async def read(self, offset: int = 0, max_bytes: int = 4 * 1024 * 1024, *,
+                   wait: float = 0.0) -> tuple[bytes, int]:
+        """Log bytes from ``offset`` (at most ``max_bytes``) and the offset after them.
+
+        ``wait`` > 0: the supervisor holds the reply until ``max_bytes`` are there, the job
+        ends, or ``wait`` seconds pass (one round trip however long it gathers). ``info``
+        is the job's state as of just before the read: once it says ended, the read has
+        everything the job wrote.
+        """
+        args: dict[str, Any] = {"job_id": self.job_id, "offset": offset, "max_bytes": max_bytes}
+        if wait > 0:
+            args["wait"] = wait
+        reply = await self._caller.call(Op.JOB_TAIL, args, timeout=wait + 60)
+        self._note(reply.result)
         data = reply.buffers[0] if reply.buffers else b""
         return data, int(reply.result["offset_start"]) + len(data)
 
     async def tail(self, lines: int = 200) -> str:
-        """The last ``lines`` lines of the log (bytes that are not UTF-8 are replaced)."""
+        """The last ``lines`` lines of the log (bytes that are not UTF-8 are replaced);
+        ``info`` is updated with the job's state in the same round trip."""
         reply = await self._caller.call(Op.JOB_TAIL, {"job_id": self.job_id, "lines": lines})
+        self._note(reply.result)
         data = reply.buffers[0] if reply.buffers else b""
         return data.decode("utf-8", errors="replace")
+
+    def _note(self, result: dict[str, Any]) -> None:
+        """Keep the job's summary a reply carried (``job``) as ``info``."""
+        summary = result.get("job")
+        if isinstance(summary, dict):
+            self.info = JobInfo.from_wire(summary)
 
     async def wait(self, timeout: float | None = None) -> JobInfo:
         """Wait until the job ends; raise TetherTimeout after ``timeout`` seconds."""
@@ -155,10 +176,31 @@ class AsyncJob:
 
         next_offset = offset
         acked = offset
+        # Whether the supervisor holds a subscription of ours that it will not end itself.
+        subscribed = False
 
         async def subscribe() -> None:
-            await caller.call(Op.JOB_FOLLOW, {"job_id": job_id, "offset": next_offset,
-                                              "window": window, "subscriber": subscriber})
+            # The reply carries what the log holds from the offset (and, for an ended job
+            # whose log fits, the end too): fed in as the pump's events would be.
+            nonlocal subscribed
+            reply = await caller.call(Op.JOB_FOLLOW, {
+                "job_id": job_id, "offset": next_offset, "window": window,
+                "subscriber": subscriber, "inline": FOLLOW_INLINE_BYTES})
+            result = reply.result
+            blob = reply.buffers[0] if reply.buffers else b""
+            subscribed = not result.get("complete")
+            if isinstance(result.get("job"), dict):
+                self.info = JobInfo.from_wire(result["job"])
+            # A re-subscribe after a drop may answer once the follow is over: nothing to feed.
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                if blob:
+                    send.send_nowait(Event(0, "log", {"chunks": [{
+                        "job_id": job_id, "subscriber": subscriber,
+                        "offset": int(result["offset"]), "length": len(blob)}]}, [blob]))
+                if result.get("complete"):
+                    send.send_nowait(Event(0, "job_exit", {
+                        "job_id": job_id, "subscriber": subscriber,
+                        "size": result.get("size"), "state": result.get("state")}))
 
         remove_listener = caller.add_listener(on_event)
         remove_hook = caller.on_reattach(subscribe)
@@ -178,6 +220,8 @@ class AsyncJob:
                         await subscribe()
                         continue
                 elif event.name == "job_exit":
+                    if event.body.get("subscriber") == subscriber:
+                        subscribed = False  # the supervisor dropped it with this event
                     size = event.body.get("size")
                     if size is None:
                         size = (await self.status()).bytes_written
@@ -208,12 +252,14 @@ class AsyncJob:
             remove_listener()
             remove_hook()
             send.close()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                try:
-                    await caller.call(Op.JOB_UNFOLLOW, {"job_id": job_id, "subscriber": subscriber},
-                                      timeout=5)
-                except TetherError:
-                    pass
+            if subscribed:  # left early (or the end went unseen): let it go, unawaited
+                with contextlib.suppress(RuntimeError):  # the link is closing: it goes too
+                    caller.start_soon(self._unfollow, subscriber)
+
+    async def _unfollow(self, subscriber: str) -> None:
+        with contextlib.suppress(TetherError):
+            await self._caller.call(Op.JOB_UNFOLLOW, {"job_id": self.job_id,
+                                                      "subscriber": subscriber}, timeout=5)
 
     async def _read_range(self, start: int, end: int) -> AsyncIterator[bytes]:
         while start < end:

@@ -40,8 +40,9 @@ from jupyter_server.services.kernels.connection.base import (
 from websockets.asyncio.client import ClientConnection
 
 from ..agent_payload import wire
+from ..credentials import redact
 from ..errors import AuthError, ConnectionLost, KernelError, LimitExceeded
-from .target import Target, redact
+from .target import Target
 
 log = logging.getLogger(__name__)
 

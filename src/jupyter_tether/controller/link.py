@@ -5,13 +5,13 @@ and waits for its reply across reconnects (idempotent ops are re-sent; others fa
 ``ConnectionLost`` saying they may have run). Events are deduplicated by ``seq`` and gaps are
 filled from the supervisor's replay ring. A maintainer task notices drops (keepalive pings,
 closed sockets, kernel restarts) and reconnects with jittered exponential backoff, re-using
-the same websocket ``session_id`` so the server replays what it buffered.
+the same websocket ``session_id`` so the server replays what it buffered. The attach steps
+themselves (open, install, park, probe) are in ``attach``.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import random
@@ -26,10 +26,11 @@ import anyio
 import anyio.abc
 import httpx2
 
-from ..agent_payload import bundle, wire
+from ..agent_payload import wire
 from ..errors import AuthError, ConnectionLost, KernelError, TetherError, TetherTimeout
+from .attach import inject, open_watching, park_subshell, probe_server
 from .caller import EventListener
-from .execute import control_request, execute, kernel_info
+from .kernel_requests import kernel_info
 from .kernel_ws import KernelMessage, KernelSocket
 from .kernels import SUPERVISOR_SESSION, find_or_start
 from .rest import JupyterRest
@@ -39,8 +40,6 @@ from .target import Target
 
 log = logging.getLogger(__name__)
 
-#: while a reconnect probe hangs (a blackholed path), start another this often
-_PROBE_EVERY_S = 0.5
 #: bulk messages (tunnel bytes) wait until the websocket holds less than this unsent, so a
 #: small call sent meanwhile queues behind at most about this much
 BULK_LOW_WATER = 256 * 1024
@@ -137,6 +136,13 @@ class SupervisorLink:
     def stream_get(self, url_path: str,
                    headers: dict[str, str]) -> AbstractAsyncContextManager[httpx2.Response]:
         return self.rest.stream_get(url_path, headers)
+
+    def files_request(self, url_path: str) -> tuple[str, dict[str, str]]:
+        headers = {**self.target.auth_headers(), "User-Agent": "jupyter-tether"}
+        cookies = self.rest.cookies
+        if cookies:
+            headers["Cookie"] = "; ".join(f"{name}={value}" for name, value in cookies.items())
+        return self.target.http_url(url_path), headers
 
     @property
     def last_seq(self) -> int:
@@ -334,12 +340,12 @@ class SupervisorLink:
                             ping_interval=self.options.ping_interval,
                             ping_timeout=self.options.ping_timeout,
                             max_message_bytes=self.options.max_message_bytes)
-        await self._open_watching(sock, kernel_id)
+        await open_watching(sock, kernel_id, self.rest, self._task_group)
         try:
             sock.comm_handler = self._on_comm
             info = await kernel_info(sock)
             self.subshell_id = None
-            await self._inject(sock, kernel_id)
+            self.install_outcome = await inject(sock, kernel_id, self.options.remote_state_dir)
             previous_comm = self.comm_id
             self.comm_id = uuid.uuid4().hex
             self._comm_ids.append(self.comm_id)
@@ -355,7 +361,7 @@ class SupervisorLink:
             self._codec = wire.JSON
             hello = await self._handshake(sock)
             if self.options.use_subshell and "kernel subshells" in info.get("supported_features", []):
-                self.subshell_id = hello.get("parked_subshell_id") or await self._park(sock)
+                self.subshell_id = hello.get("parked_subshell_id") or await park_subshell(sock)
         except BaseException:
             await sock.aclose()
             raise
@@ -370,95 +376,6 @@ class SupervisorLink:
         self.connected_at = time.time()
         # In the background: the maintainer must be back watching the socket at once.
         self._task_group.start_soon(self._request_replay)
-
-    async def _open_watching(self, sock: KernelSocket, kernel_id: str) -> None:
-        """Open ``sock``, giving up as soon as the REST API says its kernel is gone.
-
-        jupyter_server holds the websocket handshake to a kernel that is shutting down until
-        the client's open timeout (20 s): a supervisor kernel deleted just as we reconnect
-        would otherwise stall the link that long before a new one is started.
-        """
-        assert self._task_group is not None
-        gone = False
-        async with anyio.create_task_group() as watchers:
-
-            async def watch() -> None:
-                nonlocal gone
-                while True:
-                    await anyio.sleep(0.5)
-                    with contextlib.suppress(TetherError):
-                        if await self.rest.get_kernel(kernel_id) is None:
-                            gone = True
-                            watchers.cancel_scope.cancel()
-                            return
-
-            watchers.start_soon(watch)
-            failure: BaseException | None = None
-            try:
-                await sock.open(self._task_group)
-            except Exception as exc:
-                # Raised after the group: from inside it would arrive as an ExceptionGroup,
-                # which the reconnect loop's ``except AuthError`` would never match.
-                failure = exc
-            watchers.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        if gone:
-            await sock.aclose()
-            raise KernelError(f"kernel {kernel_id} went away while we connected to it")
-
-    async def _park(self, sock: KernelSocket) -> str | None:
-        """Create a subshell for comm traffic and park a never-ending cell in it.
-
-        A subshell keeps comm traffic off the main shell; the parked cell makes ipykernel
-        dispatch our comm messages there without the busy/idle status pair, so each reply is
-        one iopub message (see ``comm_binding.park``). The cell ends when the supervisor is
-        upgraded or the kernel goes; every controller attached meanwhile shares it.
-        """
-        reply = await control_request(sock, "create_subshell_request", {})
-        if reply.get("status") != "ok":
-            return None
-        subshell_id = str(reply["subshell_id"])
-        park = sock.build("execute_request", {
-            "code": f"await __import__('sys').modules[{bundle.REMOTE_PACKAGE!r}]"
-                    ".comm_binding.park()",
-            "silent": True, "store_history": False, "user_expressions": {},
-            "allow_stdin": False, "stop_on_error": False},
-            header_extra={"subshell_id": subshell_id})
-        await sock.send(park)  # its reply comes only when the cell ends: nobody waits for it
-        return subshell_id
-
-    async def _already_installed(self, sock: KernelSocket) -> bool:
-        """One tiny round trip that saves re-sending ~150 KB of payload on every reconnect."""
-        probe = (f"(lambda m: bool(m) and getattr(m, 'PAYLOAD_HASH', None) == {bundle.payload_hash()!r} "
-                 f"and m.comm_binding.is_live())(__import__('sys').modules.get({bundle.REMOTE_PACKAGE!r}))"
-                 )
-        result = await execute(sock, "", timeout=30, silent=True, store_history=False,
-                               wait_for_outputs=False,
-                               user_expressions={"live": probe})
-        live = result.user_expressions.get("live", {})
-        return isinstance(live, dict) and (live.get("data") or {}).get("text/plain") == "True"
-
-    async def _inject(self, sock: KernelSocket, kernel_id: str) -> None:
-        if await self._already_installed(sock):
-            self.install_outcome = "reused"
-            return
-        config: dict[str, Any] = {}
-        if self.options.remote_state_dir:
-            config["state_dir"] = self.options.remote_state_dir
-        result = await execute(sock, bundle.install_code(config), timeout=60, silent=True,
-                               store_history=False, wait_for_outputs=False,
-                               user_expressions={"outcome": "_jupyter_tether_outcome"})
-        if result.status != "ok":
-            detail = result.error or {}
-            raise KernelError(
-                f"installing the supervisor in kernel {kernel_id} failed: "
-                f"{detail.get('ename')}: {detail.get('evalue')}\n"
-                + "\n".join(detail.get("traceback", [])[-5:])
-            )
-        outcome = result.user_expressions.get("outcome", {})
-        text = (outcome.get("data") or {}).get("text/plain", "") if isinstance(outcome, dict) else ""
-        self.install_outcome = text.strip("'\"")
 
     async def _handshake(self, sock: KernelSocket) -> dict[str, Any]:
         # hello goes out in JSON: a remote without msgpack can always read it.
@@ -591,7 +508,7 @@ class SupervisorLink:
             attempt_started = anyio.current_time()
             self._retry_now = anyio.Event()
             try:
-                await self._probe()
+                await probe_server(self.rest, self.options.ping_timeout)
                 await self._connect()
             except AuthError as exc:
                 # Retrying with the same credentials cannot help; calls fail with this message.
@@ -632,36 +549,3 @@ class SupervisorLink:
             await hook()
         except Exception:
             log.warning("re-attach hook failed", exc_info=True)
-
-    async def _probe(self) -> None:
-        """Wait for one cheap REST round trip to succeed, for at most ``ping_timeout``.
-
-        On a dead path a request on a pooled (half-open) connection, or a connect that is
-        accepted but never answered, would hang for the HTTP client's full timeout. Each
-        probe is cancelled at the deadline (which drops its connection), and while one hangs
-        a fresh one starts every ``_PROBE_EVERY_S``: the first answer ends the wait, so a
-        healed path is noticed within about that long. An answer that is an error (refused,
-        403, 502) ends it at once.
-        """
-        outcome: list[BaseException | None] = []  # the first answer: None when it was good
-        async with anyio.create_task_group() as probes:
-
-            async def probe() -> None:
-                try:
-                    await self.rest.status()
-                except Exception as exc:
-                    outcome.append(exc)
-                else:
-                    outcome.append(None)
-                probes.cancel_scope.cancel()
-
-            with anyio.move_on_after(self.options.ping_timeout):
-                while True:
-                    probes.start_soon(probe)
-                    await anyio.sleep(min(_PROBE_EVERY_S, self.options.ping_timeout))
-            probes.cancel_scope.cancel()
-        if not outcome:
-            raise ConnectionLost(
-                f"the server did not answer within {self.options.ping_timeout:g}s")
-        if outcome[0] is not None:
-            raise outcome[0]

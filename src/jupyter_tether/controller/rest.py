@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx2
 
+from ..credentials import redact
 from ..errors import (
     AuthError,
     ConfigError,
@@ -15,7 +16,7 @@ from ..errors import (
     NotFound,
     ServerError,
 )
-from .target import Target, redact
+from .target import Target
 
 #: the most bytes read from one REST answer (after decompression): kernel and session
 #: listings are kilobytes; a server sending more is broken or hostile

@@ -15,7 +15,7 @@ import platformdirs
 
 from ..agent_payload.wire import Op
 from ..config import select_target
-from ..errors import ConfigError, ConnectionLost, KernelError, TetherError
+from ..errors import ConfigError, ConnectionLost, KernelError, TetherError, TetherTimeout
 from .embedded import LocalJupyterServer
 from .execute import ExecResult, OutputCallback, execute
 from .files import AsyncFiles
@@ -25,6 +25,7 @@ from .kernel_ws import KernelSocket
 from .kernels import SUPERVISOR_SESSION, WORK_SESSION, find_or_start
 from .link import LinkOptions, SupervisorLink
 from .notebooks.service import AsyncNotebooks
+from .relayed_exec import RelayUnavailable, execute_relayed
 from .resources import fetch_resources
 from .rest import JupyterRest
 from .state import TargetState
@@ -95,6 +96,13 @@ class AsyncTether:
         self._default_work_kernel: str | None = None
         self._state: TargetState | None = None
         self._forwarder: Forwarder | None = None
+        #: ``exec`` through the supervisor, which drives the work kernel over its ZMQ ports
+        #: on the remote host (one message per small cell); False: the work kernel's
+        #: websocket. Kernels the supervisor cannot reach use the websocket anyway.
+        self.relay_exec = True
+        self._no_relay: set[str] = set()
+        #: the server's ``/api`` answer and the link generation it was asked in (``ping``)
+        self._server_version: tuple[int, dict[str, Any]] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -201,13 +209,44 @@ class AsyncTether:
     # --- server and supervisor ----------------------------------------------------------------
 
     async def ping(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Round trip to the supervisor; returns the RTT and the server's version."""
+        """Round trip to the supervisor; returns the RTT and the server's version.
+
+        One round trip: the version is asked once per connection (beside the first ping,
+        not after it) and kept; a reconnect may reach an upgraded server, so it is asked
+        again then.
+        """
+        link = self.link
+        version = self._server_version
+        fetched: list[Any] = []
+        done = anyio.Event()
+        if version is None or version[0] != link.generation:
+            # Beside the ping, not after it: the first one costs one round trip too.
+            self.task_group.start_soon(self._fetch_server_version, fetched, done)
+        else:
+            done.set()
         started = time.perf_counter()
-        await self.link.call(Op.PING, timeout=timeout)
+        await link.call(Op.PING, timeout=timeout)
         rtt = time.perf_counter() - started
-        version = await self.rest.version()
-        return {"ok": True, "rtt_ms": round(rtt * 1000, 3), "server_version": version.get("version"),
-                "url": self.target.display_url, "supervisor_pid": self.link.facts.get("pid")}
+        with anyio.move_on_after(timeout):
+            await done.wait()
+        if not done.is_set():
+            raise TetherTimeout(f"the server's /api did not answer within {timeout}s")
+        if fetched and isinstance(fetched[0], BaseException):
+            raise fetched[0]
+        version = self._server_version
+        return {"ok": True, "rtt_ms": round(rtt * 1000, 3),
+                "server_version": (version[1] if version else {}).get("version"),
+                "url": self.target.display_url, "supervisor_pid": link.facts.get("pid")}
+
+    async def _fetch_server_version(self, fetched: list[Any], done: anyio.Event) -> None:
+        """``/api`` into the cache; what it raised into ``fetched``, for ``ping`` to raise."""
+        generation = self.link.generation
+        try:
+            self._server_version = (generation, await self.rest.version())
+        except Exception as exc:
+            fetched.append(exc)
+        finally:
+            done.set()
 
     async def info(self) -> dict[str, Any]:
         """What the supervisor told us at ``hello``: python, host, root dir, capabilities."""
@@ -269,7 +308,9 @@ class AsyncTether:
 
     async def server_version(self) -> dict[str, Any]:
         """The Jupyter server's ``/api`` answer (its version)."""
-        return await self.rest.version()
+        version = await self.rest.version()
+        self._server_version = (self.link.generation, version)
+        return version
 
     async def list_kernels(self) -> list[dict[str, Any]]:
         """The server's running kernels (id, name, execution state, last activity)."""
@@ -356,11 +397,21 @@ class AsyncTether:
                 "(omit kernel_id for the default one)"
             )
         target_kernel = kernel_id or await self.work_kernel_id()
-        if kernel_id is not None and await self.rest.get_kernel(kernel_id) is None:
-            raise KernelError(f"no kernel {kernel_id} on {self.target.display_url}; "
-                              "list them with list_kernels()")
+        image_dir = Path(output_dir) if output_dir else self.output_dir
         lock = self._work_locks.setdefault(target_kernel, anyio.Lock())
         async with lock:
+            if self.relay_exec and target_kernel not in self._no_relay and \
+                    Op.KERNEL_EXEC in self.link.facts.get("ops", ()):
+                try:
+                    return await self._exec_relayed(target_kernel, code, timeout,
+                                                    max_output_chars, image_dir, on_output)
+                except RelayUnavailable:
+                    # Not on the supervisor's host (a gateway), or gone: the websocket
+                    # path says which, and starts a fresh default work kernel if need be.
+                    self._no_relay.add(target_kernel)
+            if kernel_id is not None and await self.rest.get_kernel(kernel_id) is None:
+                raise KernelError(f"no kernel {kernel_id} on {self.target.display_url}; "
+                                  "list them with list_kernels()")
             try:
                 sock = await self._work_socket(target_kernel)
             except KernelError:
@@ -375,7 +426,6 @@ class AsyncTether:
                 with contextlib.suppress(TetherError):  # a kernel gone meanwhile says so itself
                     await self.rest.interrupt_kernel(target_kernel)
 
-            image_dir = Path(output_dir) if output_dir else self.output_dir
             for _ in range(3):
                 result = await execute(sock, code, timeout=timeout,
                                        max_output_chars=max_output_chars, image_dir=image_dir,
@@ -386,6 +436,26 @@ class AsyncTether:
                     break
                 await anyio.sleep(0.2)
             return result
+
+    async def _exec_relayed(self, kernel_id: str, code: str, timeout: float | None,
+                            max_output_chars: int, image_dir: Path,
+                            on_output: OutputCallback | None) -> ExecResult:
+        """``exec`` through the supervisor (one message per small cell behind a proxy);
+        raises RelayUnavailable, before anything ran, where it cannot reach the kernel."""
+
+        async def interrupt() -> None:
+            with contextlib.suppress(TetherError):  # a kernel gone meanwhile says so itself
+                await self.rest.interrupt_kernel(kernel_id)
+
+        for _ in range(3):
+            result = await execute_relayed(self.link, kernel_id, code, timeout=timeout,
+                                           max_output_chars=max_output_chars,
+                                           image_dir=image_dir, on_output=on_output,
+                                           interrupt=interrupt)
+            if result.status != "aborted":  # skipped, not run (see exec): safe to resend
+                break
+            await anyio.sleep(0.2)
+        return result
 
 
 __all__ = ["SUPERVISOR_SESSION", "AsyncTether"]

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp_types import CallToolResult
 
-from ..controller.target import redact
+from ..credentials import redact
 
 LOGGER_NAME = "jupyter_tether.mcp.calls"
 logger = logging.getLogger(LOGGER_NAME)

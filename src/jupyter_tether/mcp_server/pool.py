@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .. import AsyncTether, LinkOptions
+from .. import AsyncTether, LinkOptions, Target, parse_target
 from ..config import (
     config_path,
     configured_for,
@@ -27,16 +27,8 @@ from ..config import (
     resolve_name,
     select_target,
 )
-from ..controller.target import (
-    TOKEN_ENV,
-    Target,
-    carries_credential,
-    origin,
-    parse_target,
-    redact,
-    scrub_secrets,
-    split_url,
-)
+from ..controller.target import split_url
+from ..credentials import TOKEN_ENV, carries_credential, origin, redact, scrub_secrets
 from ..errors import ConfigError, TetherError, TetherTimeout
 
 DEFAULT_KEY = "default"

@@ -23,9 +23,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import LinkOptions, __version__
-from ..config import AUTH_TOKEN_ENV
-from ..controller.embedded import default_root
-from ..controller.target import URL_ENV, redact
+from ..config import AUTH_TOKEN_ENV, default_root
+from ..credentials import URL_ENV, redact
 from ..errors import ConfigError
 from .calllog import ToolCallLog, route_to_stderr
 from .local_roots import server_roots

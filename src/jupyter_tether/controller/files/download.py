@@ -2,9 +2,12 @@
 
 ``download_begin`` gives the size and sha256, then the bytes come either with ranged
 ``GET /files/<path>`` (when the server will serve the file: cheaper to relay than kernel
-websocket traffic) or as comm chunks requested with a credit window of ``window`` requests
-in flight. Either way they are written into a ``DownloadPart`` beside the target and the
-sha256 is verified before the rename. A download that fails for a resumable reason (the
+websocket traffic; read off the event loop by ``fast_get`` where the URL is plain http) or as
+comm chunks requested with a credit window of ``window`` requests in flight. Either way they
+are written into a ``DownloadPart`` beside the target and the sha256 is verified before the
+rename. A fresh download of a big file the remote has not hashed yet does not wait for that
+hash: the remote computes it while the bytes travel and ``download_hash`` fetches it at the
+end. A download that fails for a resumable reason (the
 link dropped, it timed out or was cancelled) leaves that partial behind on purpose: the next
 download of the same remote content fetches only what is missing. Any other failure leaves
 nothing.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -23,10 +27,11 @@ import anyio
 import httpx2
 
 from ...agent_payload import wire
-from ...agent_payload.paths import PART_SUFFIX, is_inside, side_name
+from ...agent_payload.paths import PART_SUFFIX, SIDECAR_SUFFIX, is_inside, side_name
 from ...agent_payload.wire import Op
 from ...errors import ConnectionLost, RemoteError, TetherTimeout, TransferError
 from ..caller import Caller
+from .fast_get import NotSimple, RangeGet, ReceiveError, fetch_range
 from .part import DownloadPart
 from .progress import Progress, ProgressCallback
 from .ranges import chunks
@@ -86,14 +91,19 @@ class Downloader:
             transfer_id: str | None = None
             keep_partial = False
             try:
-                begun = (await self._caller.call(Op.DOWNLOAD_BEGIN,
-                                                 {"path": remote_path, "hash": True},
-                                                 timeout=MANIFEST_TIMEOUT_S)).result
+                # With no partial to match, the remote may hash while the bytes travel.
+                sidecar = local.with_name(side_name(local.name, SIDECAR_SUFFIX))
+                begun = (await self._caller.call(
+                    Op.DOWNLOAD_BEGIN, {"path": remote_path, "hash": True,
+                                        "defer_hash": not sidecar.exists()},
+                    timeout=MANIFEST_TIMEOUT_S)).result
                 transfer_id = str(begun["transfer_id"])
                 target = str(begun["path"])
                 where = f"download {target} -> {local}"
-                size, digest = int(begun["size"]), str(begun["sha256"])
-                part = DownloadPart(local, target, size, digest)
+                size, digest = int(begun["size"]), str(begun.get("sha256") or "")
+                mtime_ns = begun.get("mtime_ns")
+                part = DownloadPart(local, target, size, digest,
+                                    mtime_ns if isinstance(mtime_ns, int) else None)
                 try:
                     already = await anyio.to_thread.run_sync(part.open)
                 except OSError as exc:
@@ -107,7 +117,7 @@ class Downloader:
                 url_path = self._files_url_path(target) if via == "auto" else None
                 if url_path is not None:
                     try:
-                        fetched += await self._fetch_http(url_path, part, tracker)
+                        fetched += await self._fetch_http(url_path, part, tracker, chunk_size)
                         used = "http"
                     except _NoHttp as exc:
                         log.info("%s: %s; fetching the rest over the comm", where, exc)
@@ -118,6 +128,15 @@ class Downloader:
                                                         tracker)
                 keep_partial = False
                 actual = await anyio.to_thread.run_sync(part.digest)
+                if not digest:
+                    digest = str((await self._caller.call(
+                        Op.DOWNLOAD_HASH, {"transfer_id": transfer_id},
+                        timeout=MANIFEST_TIMEOUT_S)).result["sha256"])
+                    part.sha256 = digest
+                if actual != digest and part.unverified and attempt < MAX_ATTEMPTS:
+                    log.info("%s: the partial matched by mtime only was not this content; "
+                             "starting over", where)
+                    continue  # keep_partial is False: the finally removes it
                 if actual != digest:
                     raise TransferError(
                         f"{where}: sha256 mismatch (expected {digest}, got {actual}): the remote "
@@ -180,8 +199,79 @@ class Downloader:
             return None  # a stock server refuses hidden paths
         return "files/" + urllib.parse.quote(rel)
 
-    async def _fetch_http(self, url_path: str, part: DownloadPart, tracker: Progress) -> int:
+    async def _fetch_http(self, url_path: str, part: DownloadPart, tracker: Progress,
+                          buffer_bytes: int) -> int:
         """Fill what ``part`` misses with ranged GETs; raise _NoHttp if the server will not."""
+        url, headers = self._caller.files_request(url_path)
+        fetched = 0
+        try:
+            for start, end in part.missing():
+                get = RangeGet(url, headers, start, end, part.size)
+                fetched += await self._fetch_direct(url_path, get, part, tracker, buffer_bytes)
+            return fetched
+        except NotSimple as exc:
+            log.debug("GET %s: %s; streaming the rest with httpx2", url_path, exc)
+        return fetched + await self._fetch_httpx(url_path, part, tracker)
+
+    async def _fetch_direct(self, url_path: str, get: RangeGet, part: DownloadPart,
+                            tracker: Progress, buffer_bytes: int) -> int:
+        """One range through ``fast_get`` on worker threads; returns the bytes written.
+
+        Each buffer written is reported here (the thread waits for it), so progress, a
+        cancellation from a progress callback and a dropped link all act within a buffer.
+        """
+        send, receive = anyio.create_memory_object_stream[int](0)
+        stop = threading.Event()
+        failure: list[BaseException] = []
+        dropped = False
+        fetched = 0
+
+        def report(count: int) -> bool:  # worker thread
+            if not stop.is_set():
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    anyio.from_thread.run(send.send, count)
+            return not stop.is_set()
+
+        async def work() -> None:
+            async with send:
+                try:
+                    await anyio.to_thread.run_sync(fetch_range, get, part, buffer_bytes,
+                                                   report)
+                except Exception as exc:
+                    failure.append(exc)
+
+        async def watch_link() -> None:
+            # As for httpx2: the comm link's keepalive notices a dead path within seconds.
+            nonlocal dropped
+            while self._caller.connected:
+                await anyio.sleep(0.2)
+            dropped = True
+            stop.set()
+            get.abort()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(work)
+            group.start_soon(watch_link)
+            try:
+                async with receive:
+                    async for count in receive:
+                        fetched += count
+                        tracker.add(count)
+            finally:
+                stop.set()
+                get.abort()  # unblocks the thread if we are cancelled; harmless once done
+            group.cancel_scope.cancel()  # the watcher; ``work`` has finished
+        if failure:
+            if isinstance(failure[0], ReceiveError):
+                # What arrived is kept; the comm path (which waits for the link) does the rest.
+                raise _NoHttp(f"GET {url_path}: {failure[0]}")
+            raise failure[0]
+        if dropped and part.missing():
+            raise _NoHttp("the connection dropped")
+        return fetched
+
+    async def _fetch_httpx(self, url_path: str, part: DownloadPart, tracker: Progress) -> int:
+        """``_fetch_http`` over httpx2 (TLS, proxies, redirects): on the event loop."""
         fetched = 0
         # Reading the socket and hashing+writing overlap: hashlib and file writes release the
         # GIL, so a writer thread fed through a short queue keeps both cores busy.

@@ -4,6 +4,10 @@ Chunks are written with positional writes into the pre-sized part file beside th
 the sidecar names the remote path, size and sha256 and the byte ranges on disk, so a later
 download of the same remote content resumes with what is missing. The sha256 is verified
 before ``finish`` renames the part over the target.
+
+A download that starts before the remote has its sha256 (it hashes while the bytes travel)
+has ``sha256`` "" until the end: its sidecar names the remote mtime instead, and a partial
+resumed on that weaker match is ``unverified`` (a mismatch at the end means start over).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import cast
 
 from ...agent_payload.fsutil import O_BINARY
 from ...agent_payload.paths import PART_SUFFIX, SIDECAR_SUFFIX, side_name
@@ -24,13 +29,19 @@ from .local import LocalFile
 _SIDECAR_SAVE_INTERVAL_S = 0.5
 
 
+def _any_buffer(data: bytes | memoryview) -> bytes:
+    # pwrite and sha256 take any buffer: views of a reused buffer spare a copy.
+    return cast(bytes, data)
+
+
 class DownloadPart:
     """``<target>.tether-part`` and its sidecar: what of which remote content is on disk.
 
     What has arrived is a ``TransferState``, the object a remote upload keeps too.
     """
 
-    def __init__(self, target: Path, remote_path: str, size: int, sha256: str) -> None:
+    def __init__(self, target: Path, remote_path: str, size: int, sha256: str,
+                 mtime_ns: int | None = None) -> None:
         self.target = target
         # Shortened by bytes where ``target`` has a long name (a 255-byte name is valid).
         self.part = target.with_name(side_name(target.name, PART_SUFFIX))
@@ -38,6 +49,9 @@ class DownloadPart:
         self.remote_path = remote_path
         self.size = size
         self.sha256 = sha256
+        self.mtime_ns = mtime_ns
+        #: resumed from a partial matched by size and mtime only (its sha256 was not known)
+        self.unverified = False
         # Chunks are written in order, so a fresh download hashes as it goes; resumed bytes
         # from an earlier attempt are hashed from disk at the end instead.
         self.state = TransferState(size, sha256)
@@ -78,8 +92,15 @@ class DownloadPart:
             return None
         record = parse_sidecar(data, part_size)
         # A partial of other content (the remote file changed since) is started afresh.
-        if record is None or (record.get("sha256"), record.get("size")) != (self.sha256,
-                                                                              self.size):
+        if record is None or record.get("size") != self.size:
+            return None
+        if not record.get("sha256"):
+            # Saved before the remote's hash was known: the same size and mtime will do,
+            # and the sha256 at the end decides.
+            if self.mtime_ns is None or record.get("remote_mtime_ns") != self.mtime_ns:
+                return None
+            self.unverified = True
+        elif record.get("sha256") != self.sha256:
             return None
         return TransferState.resume(self.size, self.sha256, record["received"])
 
@@ -88,9 +109,20 @@ class DownloadPart:
 
     def write(self, offset: int, data: bytes) -> None:
         """Write a chunk (worker thread; chunks arrive here in offset order)."""
+        self.write_raw(offset, data)
+        self.record(offset, data)
+
+    def write_raw(self, offset: int, data: bytes | memoryview) -> None:
+        """Put bytes on disk without recording them (``record`` follows, maybe elsewhere)."""
         assert self.file is not None
-        self.file.write_at(offset, data)
-        self.state.add(offset, data)
+        self.file.write_at(offset, _any_buffer(data))
+
+    def record(self, offset: int, data: bytes | memoryview) -> None:
+        """Count bytes ``write_raw`` put on disk: hashed if in order, saved now and then.
+
+        One thread at a time, in offset order for the running hash to follow.
+        """
+        self.state.add(offset, _any_buffer(data))
         now = time.monotonic()
         if now - self._saved_at >= _SIDECAR_SAVE_INTERVAL_S:
             self.save()
@@ -98,7 +130,8 @@ class DownloadPart:
     def save(self) -> None:
         # Written after the data it describes: a sidecar never claims bytes not on disk.
         self._saved_at = time.monotonic()
-        data = self.state.sidecar({"remote_path": self.remote_path})
+        data = self.state.sidecar({"remote_path": self.remote_path,
+                                   "remote_mtime_ns": self.mtime_ns})
         with contextlib.suppress(OSError):
             self.sidecar.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
 

@@ -26,6 +26,7 @@ from ...agent_payload.transfer_state import clean_ranges, missing_ranges
 from ...agent_payload.wire import Op
 from ...errors import ConnectionLost, NotFound, RemoteError, TetherTimeout, TransferError
 from ..caller import Caller
+from ..concurrency import limited_tasks
 from .local import LocalFile, cacheable, racy
 from .progress import Progress, ProgressCallback
 from .ranges import chunks
@@ -156,44 +157,28 @@ class Uploader:
                            tracker: Progress) -> int:
         """Send ``ranges`` with ``window`` chunks in flight; returns the bytes acknowledged.
 
-        Not ``gather_limited``: chunks are read here, one after the other in offset order
-        (a sequential disk read), and only the sends overlap.
+        Chunks are read here, one after the other in offset order (a sequential disk read),
+        and only the sends overlap; the first error wins.
         """
         caller = self._caller
-        credit = anyio.Semaphore(window)
-        failures: list[BaseException] = []
         acked = 0
 
-        async def send(offset: int, data: bytes, scope: anyio.CancelScope) -> None:
+        async def send(offset: int, data: bytes) -> None:
             nonlocal acked
-            try:
-                await caller.call(Op.UPLOAD_CHUNK, {"transfer_id": transfer_id, "offset": offset},
-                                  buffers=[data], timeout=CHUNK_TIMEOUT_S)
-                acked += len(data)
-                tracker.add(len(data))
-            except Exception as exc:
-                failures.append(exc)
-                scope.cancel()
-            finally:
-                credit.release()
+            await caller.call(Op.UPLOAD_CHUNK, {"transfer_id": transfer_id, "offset": offset},
+                              buffers=[data], timeout=CHUNK_TIMEOUT_S)
+            acked += len(data)
+            tracker.add(len(data))
 
-        async with anyio.create_task_group() as group:
+        async with limited_tasks(window) as tasks:
             for offset, length in chunks(ranges, chunk_size):
-                await credit.acquire()
-                if failures:
+                if not await tasks.slot():
                     break
-                try:
-                    data = await anyio.to_thread.run_sync(read_at, offset, length)
-                    if len(data) != length:
-                        raise TransferError(f"the local file shrank while uploading (short read "
-                                            f"at offset {offset})")
-                except Exception as exc:  # raised here it would come out as an ExceptionGroup
-                    failures.append(exc)
-                    group.cancel_scope.cancel()
-                    break
-                group.start_soon(send, offset, data, group.cancel_scope)
-        if failures:
-            raise failures[0]
+                data = await anyio.to_thread.run_sync(read_at, offset, length)
+                if len(data) != length:
+                    raise TransferError(f"the local file shrank while uploading (short read "
+                                        f"at offset {offset})")
+                tasks.start(send, offset, data)
         return acked
 
     async def _commit(self, transfer_id: str, target: str, size: int, digest: str) -> dict[str, Any]:

@@ -16,10 +16,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-
 from ...errors import ConnectionLost, KernelError
-from ..execute import IDLE_GRACE_S, cap_text
+from ..execute import cap_text
+from ..kernel_requests import await_reply, drain_after_interrupt
 from ..kernel_ws import KernelSocket
 
 _JSON_MIME = re.compile(r"^application/(.*\+)?json$")
@@ -186,37 +185,18 @@ async def execute_cell(sock: KernelSocket, code: str, *,
     recorder = OutputRecorder(limits)
     started = time.monotonic()
     replies = sock.expect(msg_id)
-    reply: dict[str, Any] | None = None
-    idle = False
     try:
         await sock.send(msg)
-        with anyio.move_on_after(timeout) as scope:
-            async for incoming in replies:
-                if incoming.channel == "shell" and incoming.msg_type == "execute_reply":
-                    reply = incoming.content
-                    scope.deadline = min(scope.deadline, anyio.current_time() + IDLE_GRACE_S)
-                elif incoming.channel == "iopub":
-                    if incoming.msg_type == "status":
-                        idle = incoming.content.get("execution_state") == "idle"
-                    else:
-                        recorder.feed(incoming.msg_type, incoming.content)
-                if reply is not None and idle:
-                    break
-        if reply is None and scope.cancelled_caught and interrupt is not None:
+        reply, timed_out = await await_reply(replies, recorder.feed, timeout)
+        if reply is None and timed_out and interrupt is not None:
             await interrupt()
-            with anyio.move_on_after(10):
-                async for incoming in replies:
-                    if incoming.channel == "shell" and incoming.msg_type == "execute_reply":
-                        reply = incoming.content
-                        break
-                    if incoming.channel == "iopub" and incoming.msg_type != "status":
-                        recorder.feed(incoming.msg_type, incoming.content)
+            reply = await drain_after_interrupt(replies, recorder.feed, 10)
         if reply is None:
             if sock.limit_error is not None:
                 raise sock.limit_error
             if sock.kernel_lost:
                 raise KernelError(f"{sock.kernel_lost} while running the cell; its state is gone")
-            if not scope.cancelled_caught:
+            if not timed_out:
                 raise ConnectionLost(f"the connection to kernel {sock.kernel_id} ended before "
                                      f"the cell finished ({sock.close_reason}); it may still "
                                      "be running there")

@@ -23,11 +23,11 @@ from pydantic import Field
 from typing_extensions import TypedDict  # pydantic needs it for nested TypedDicts on 3.11
 
 from ... import AsyncTether, JobInfo
-from ...controller.resources import compact_usage
-from ...controller.target import redact
-from ..helpers import tool_errors
+from ...credentials import redact
+from ...formatting import compact_usage
 from ..local_roots import AllowedRoots, roots_from_uris
 from ..pool import TetherPool
+from ..tool_errors import tool_errors
 from .shape import compact_schema, iso_utc, jsonable, shape, to_json_text
 
 ToolFn = Callable[..., Awaitable[Any]]

@@ -12,7 +12,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
 from ...controller import submit as submit_mod
-from ..helpers import activity, bounded, cap_head, cap_value
+from ..limits import bounded, cap_head, cap_value
+from ..progress import activity
 from .common import (
     COMPAT,
     ClientRoots,

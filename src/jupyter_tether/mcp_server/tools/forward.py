@@ -8,10 +8,9 @@ works for any program on this machine, the agent's browser tools included.
 import weakref
 from typing import Any
 
-from ... import AsyncTether
-from ...controller.forward import PortForward
+from ... import AsyncTether, PortForward
 from ...errors import ConfigError
-from ..helpers import bounded
+from ..limits import bounded
 from .common import ServerUrl, ToolContext, ToolTable, hints
 
 TOOLS = ToolTable()

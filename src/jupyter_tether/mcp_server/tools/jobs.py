@@ -9,7 +9,8 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from ... import AsyncJob, JobInfo
-from ..helpers import activity, bounded, cap_tail, utf8_prefix
+from ..limits import bounded, cap_tail, utf8_prefix
+from ..progress import activity
 from .common import (
     EnvOverrides,
     FollowResult,
@@ -28,7 +29,6 @@ from .common import (
 
 MAX_WAIT_S = 300.0
 MAX_FOLLOW_WAIT_S = 30.0
-FOLLOW_POLL_S = 0.2
 
 
 async def _follow_once(job: AsyncJob, offset: int, wait_s: float,
@@ -41,24 +41,11 @@ async def _follow_once(job: AsyncJob, offset: int, wait_s: float,
     Ends on a UTF-8 character boundary and, when the chunk is full, after the last complete
     line, so concatenating the texts of successive calls gives the log exactly once.
     """
-    deadline = anyio.current_time() + wait_s
-    data, start = b"", offset
-    info = await job.status()
-    while True:
-        # The state is asked before the read: once ended, that read sees all it wrote.
-        ended = info.done
-        chunk, after = await job.read(start + len(data), max_chars - len(data))
-        if chunk:
-            if not data:
-                start = after - len(chunk)
-            data += chunk
-        if ended or len(data) >= max_chars:
-            break
-        left = deadline - anyio.current_time()
-        if left <= 0:
-            break
-        await anyio.sleep(min(FOLLOW_POLL_S, left))
-        info = await job.status()
+    # One round trip: the supervisor gathers (holding no thread) and says the job's state
+    # as of just before its read, so once ended that read has all it wrote.
+    data, after = await job.read(offset, max_chars, wait=wait_s)
+    start = after - len(data) if data else offset
+    info = job.info if job.info is not None else await job.status()
     size = max(info.bytes_written, start + len(data))
     at_end = info.done and start + len(data) >= size
     used = utf8_prefix(data, final=at_end)
@@ -174,8 +161,8 @@ async def jupyter_job_tail(
     async with bounded(timeout_s, "job tail"):
         tether = await tc.job_tether(job_id, server_url)
         job = tether.jobs.get(job_id)
-        text = await job.tail(lines)
-        info = await job.status()
+        text = await job.tail(lines)  # the job's state comes with it
+        info = job.info if job.info is not None else await job.status()
     text, truncated = cap_tail(text, max_chars, f"remote log {info.log_path}")
     return {"job_id": job_id, "text": text, "truncated": truncated, "state": info.state,
             "exit_code": info.exit_code, "log_path": info.log_path,

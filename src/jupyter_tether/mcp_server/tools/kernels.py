@@ -7,7 +7,8 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context
 from pydantic import Field
 
-from ..helpers import activity, bounded, cap_value
+from ..limits import bounded, cap_value
+from ..progress import activity
 from .common import KernelCompat, PingResult, ServerUrl, ToolContext, ToolTable, hints, timeout_arg
 
 TOOLS = ToolTable()

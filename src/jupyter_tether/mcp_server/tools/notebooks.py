@@ -10,7 +10,8 @@ from pydantic import Field
 
 from ...agent_payload.wire import ErrorCode
 from ...errors import InvalidArgument
-from ..helpers import activity, bounded
+from ..limits import bounded
+from ..progress import activity
 from .common import ServerUrl, ToolContext, ToolTable, hints, job_dict, timeout_arg
 
 TOOLS = ToolTable()

@@ -3,8 +3,8 @@
 
 from typing import Annotated, Any
 
-from ...controller.resources import readable_resources
-from ..helpers import bounded
+from ...formatting import readable_resources
+from ..limits import bounded
 from .common import ServerUrl, ToolContext, ToolTable, hints, timeout_arg
 
 TOOLS = ToolTable()

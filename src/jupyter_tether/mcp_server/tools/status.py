@@ -5,9 +5,9 @@ import os
 from typing import Annotated, Any
 
 from ... import __version__
-from ...controller.resources import compact_resources
 from ...errors import TetherError
-from ..helpers import bounded
+from ...formatting import compact_resources
+from ..limits import bounded
 from .common import ServerUrl, ToolContext, ToolTable, hints, job_dict, timeout_arg
 
 TOOLS = ToolTable()

@@ -7,7 +7,8 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from ... import validate_job_spec
-from ..helpers import activity, bounded, cap_value, mib
+from ..limits import bounded, cap_value
+from ..progress import activity, mib
 from .common import ClientRoots, JobId, ServerUrl, ToolContext, ToolTable, hints, timeout_arg
 
 TOOLS = ToolTable()
