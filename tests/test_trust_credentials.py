@@ -320,7 +320,8 @@ def test_cli_and_what_it_starts_keep_tokens_out_of_argv(tmp_path: Path) -> None:
     code = ("import pathlib, time\npathlib.Path('started').touch()\n"
             "while not pathlib.Path('go').exists(): time.sleep(0.05)\nprint('done')")
     process = subprocess.Popen(
-        [str(SCRIPT), "--root", str(work), "exec", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=work,
+        [str(SCRIPT), "--root", str(work), "exec", code], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=work,
         env=cli_env(JUPYTER_TETHER_CONFIG=str(tmp_path / "none.toml")))
     try:
         deadline = time.monotonic() + 90

@@ -67,16 +67,23 @@ def unavailable(message: str) -> OpError:
     return OpError(ErrorCode.NOT_FOUND, message, {"local_exec": "unavailable"})
 
 
+def own_connection_file() -> Optional[str]:
+    """The supervisor kernel's own connection file (None outside a kernel)."""
+    try:
+        from ipykernel.connect import get_connection_file
+
+        return os.path.abspath(get_connection_file())
+    except Exception:  # not in a kernel (tests), or an ipykernel without it
+        return None
+
+
 def connection_dirs() -> List[str]:
     """Where the server writes kernels' connection files: beside the supervisor kernel's own
     (what the server gave it), then the Jupyter runtime dir."""
     found: List[str] = []
-    try:
-        from ipykernel.connect import get_connection_file
-
-        found.append(os.path.dirname(os.path.abspath(get_connection_file())))
-    except Exception:  # not in a kernel (tests), or an ipykernel without it
-        pass
+    own = own_connection_file()
+    if own is not None:
+        found.append(os.path.dirname(own))
     try:
         from jupyter_core.paths import jupyter_runtime_dir
 
@@ -224,6 +231,8 @@ class LocalKernel:
                 return "ipc://%s-%s" % (ip, port)
             return "tcp://%s:%s" % ("127.0.0.1" if ip in ("0.0.0.0", "") else ip, port)
 
+        urls = {name: url(name) for name in ("shell_port", "control_port", "iopub_port",
+                                             "hb_port")}  # a KeyError before any socket
         self.ctx = zmq.Context()
         self.shell = self.ctx.socket(zmq.DEALER)
         self.shell.setsockopt(zmq.IDENTITY, self.session.bsession)
@@ -236,10 +245,10 @@ class LocalKernel:
         self.hb.setsockopt(zmq.REQ_CORRELATE, 1)
         for sock in (self.shell, self.control, self.iopub, self.hb):
             sock.setsockopt(zmq.LINGER, 0)
-        self.shell.connect(url("shell_port"))
-        self.control.connect(url("control_port"))
-        self.iopub.connect(url("iopub_port"))
-        self.hb.connect(url("hb_port"))
+        self.shell.connect(urls["shell_port"])
+        self.control.connect(urls["control_port"])
+        self.iopub.connect(urls["iopub_port"])
+        self.hb.connect(urls["hb_port"])
         self._wake_r, self._wake_w = os.pipe()
         self._lock = threading.Lock()
         self._queue: Deque[_Exec] = collections.deque()
@@ -253,7 +262,7 @@ class LocalKernel:
         self._nudges: List[str] = []
         self._hb_sent_at = 0.0
         self._hb_seen_at = 0.0
-        self._procs: Optional[List[Tuple[int, str]]] = None  # found on first watch
+        self._procs: List[Tuple[int, str]] = []  # the kernel's processes, found when ready
         self._thread = threading.Thread(target=self._loop, name="tether-exec-%s" % kernel_id[:8],
                                         daemon=True)
         self._thread.start()
@@ -518,7 +527,12 @@ class KernelExec:
         self._kernels: Dict[str, LocalKernel] = {}
 
     def _kernel(self, kernel_id: str) -> LocalKernel:
+        if os.name == "nt":  # the wake pipe cannot be polled with ZMQ sockets there
+            raise unavailable("the supervisor drives work kernels itself on POSIX hosts only")
         path = find_connection_file(kernel_id)
+        if path is not None and path == own_connection_file():
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "kernel %s runs the supervisor: user "
+                          "code runs in a work kernel" % kernel_id)
         try:
             stamp = _stamp(path) if path is not None else None
         except OSError:

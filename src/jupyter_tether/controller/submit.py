@@ -38,6 +38,7 @@ from ..errors import ConfigError, JobError, NotFound, TetherError, TransferError
 from .caller import Caller
 from .files import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_SYNC_MAX_BYTES,
     DEFAULT_WINDOW,
     REFERENCE_EXCLUDE_GLOBS_CSV,
     AsyncFiles,
@@ -61,7 +62,6 @@ RECORD_VERSION = 1
 #: ``files``; ``split_globs`` reads this exact string as "the default excludes", so a sync
 #: with it leaves out what ``files.DEFAULT_SYNC_EXCLUDES`` (the CLI's default) does.
 DEFAULT_SYNC_EXCLUDES = REFERENCE_EXCLUDE_GLOBS_CSV
-DEFAULT_SYNC_MAX_BYTES = 200 * 1024 * 1024
 
 _TOP_KEYS = {"sync", "bootstrap", "run", "artifacts", "server_url", "kernel_id", "name",
              "idempotency_key"}

@@ -31,7 +31,7 @@ from ...agent_payload.paths import PART_SUFFIX, SIDECAR_SUFFIX, is_inside, side_
 from ...agent_payload.wire import Op
 from ...errors import ConnectionLost, RemoteError, TetherTimeout, TransferError
 from ..caller import Caller
-from .fast_get import NotSimple, RangeGet, ReceiveError, fetch_range
+from .fast_get import FilesGet, NotSimple, ReceiveError, fetch_ranges
 from .part import DownloadPart
 from .progress import Progress, ProgressCallback
 from .ranges import chunks
@@ -117,7 +117,7 @@ class Downloader:
                 url_path = self._files_url_path(target) if via == "auto" else None
                 if url_path is not None:
                     try:
-                        fetched += await self._fetch_http(url_path, part, tracker, chunk_size)
+                        fetched += await self._fetch_http(url_path, part, tracker)
                         used = "http"
                     except _NoHttp as exc:
                         log.info("%s: %s; fetching the rest over the comm", where, exc)
@@ -199,26 +199,23 @@ class Downloader:
             return None  # a stock server refuses hidden paths
         return "files/" + urllib.parse.quote(rel)
 
-    async def _fetch_http(self, url_path: str, part: DownloadPart, tracker: Progress,
-                          buffer_bytes: int) -> int:
+    async def _fetch_http(self, url_path: str, part: DownloadPart, tracker: Progress) -> int:
         """Fill what ``part`` misses with ranged GETs; raise _NoHttp if the server will not."""
         url, headers = self._caller.files_request(url_path)
-        fetched = 0
         try:
-            for start, end in part.missing():
-                get = RangeGet(url, headers, start, end, part.size)
-                fetched += await self._fetch_direct(url_path, get, part, tracker, buffer_bytes)
-            return fetched
+            return await self._fetch_direct(url_path, FilesGet(url, headers, part.size),
+                                            part, tracker)
         except NotSimple as exc:
-            log.debug("GET %s: %s; streaming the rest with httpx2", url_path, exc)
-        return fetched + await self._fetch_httpx(url_path, part, tracker)
+            log.debug("GET %s: %s; streaming it with httpx2", url_path, exc)
+        return await self._fetch_httpx(url_path, part, tracker)
 
-    async def _fetch_direct(self, url_path: str, get: RangeGet, part: DownloadPart,
-                            tracker: Progress, buffer_bytes: int) -> int:
-        """One range through ``fast_get`` on worker threads; returns the bytes written.
+    async def _fetch_direct(self, url_path: str, get: FilesGet, part: DownloadPart,
+                            tracker: Progress) -> int:
+        """What ``part`` misses through ``fast_get`` on a worker thread; returns the bytes
+        written. NotSimple comes before anything is written.
 
-        Each buffer written is reported here (the thread waits for it), so progress, a
-        cancellation from a progress callback and a dropped link all act within a buffer.
+        Progress is reported here every few MiB (the thread waits for it to be taken), so a
+        cancellation from a progress callback or a dropped link acts within a few MiB.
         """
         send, receive = anyio.create_memory_object_stream[int](0)
         stop = threading.Event()
@@ -235,7 +232,7 @@ class Downloader:
         async def work() -> None:
             async with send:
                 try:
-                    await anyio.to_thread.run_sync(fetch_range, get, part, buffer_bytes,
+                    await anyio.to_thread.run_sync(fetch_ranges, get, part, part.missing(),
                                                    report)
                 except Exception as exc:
                     failure.append(exc)

@@ -11,7 +11,8 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
-from ...controller import submit as submit_mod
+from ... import DEFAULT_SYNC_MAX_BYTES
+from ...controller.submit import DEFAULT_SYNC_EXCLUDES, split_globs
 from ..limits import bounded, cap_head, cap_value
 from ..progress import activity
 from .common import (
@@ -208,7 +209,7 @@ async def jupyter_sync_dir(
     remote_dir: Annotated[str, Field(description="Remote destination directory.",
                                      min_length=1)],
     exclude_globs_csv: Annotated[str, Field(
-        description="Comma-separated globs to leave out.")] = submit_mod.DEFAULT_SYNC_EXCLUDES,
+        description="Comma-separated globs to leave out.")] = DEFAULT_SYNC_EXCLUDES,
     clean_remote: Annotated[bool, Field(
         description="Delete remote files not in local_dir (refused at the server root, "
                     "home, / or above unless allow_root_delete).")] = True,
@@ -219,7 +220,7 @@ async def jupyter_sync_dir(
         description="Let clean_remote delete there; only if the user asked.")] = False,
     keep_archive: Annotated[bool, Field(description=COMPAT)] = False,
     max_bytes: Annotated[int, Field(description="Refuse if the files to send exceed this.",
-                                    ge=0)] = 200 * 1024 * 1024,
+                                    ge=0)] = DEFAULT_SYNC_MAX_BYTES,
     kernel_id: KernelCompat = None,
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 600.0,
@@ -234,7 +235,7 @@ async def jupyter_sync_dir(
             activity(ctx, f"sync {os.path.basename(local.rstrip('/'))}") as act:
         tether = await tc.tether(server_url)
         result = await tether.files.sync(
-            local, remote_dir, exclude=submit_mod.split_globs(exclude_globs_csv),
+            local, remote_dir, exclude=split_globs(exclude_globs_csv),
             delete=clean_remote, max_bytes=max_bytes, progress=act.transfer,
             dry_run=dry_run, allow_root_delete=allow_root_delete)
     return dict(cap_value({"local_dir": local, "remote_dir": remote_dir, **result}))
