@@ -172,7 +172,7 @@ class Starter:
     def __init__(self, jobs_dir: str, idle_s: float = STANDBY_IDLE_S):
         self.jobs_dir = jobs_dir
         self.idle_s = idle_s
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._standby: Optional[subprocess.Popen] = None
         self._filling = False
         self._closed = False
@@ -198,6 +198,8 @@ class Starter:
 
     def _take(self) -> Optional[subprocess.Popen]:
         with self._lock:
+            # One being started is still sooner than starting another (a few ms, not ~15).
+            self._lock.wait_for(lambda: not self._filling, timeout=1.0)
             popen, self._standby = self._standby, None
         if popen is not None and popen.poll() is not None:
             _discard(popen)  # it waited too long and left
@@ -225,6 +227,7 @@ class Starter:
             self._filling = False
             if popen is not None and not self._closed and self._standby is None:
                 self._standby, popen = popen, None
+            self._lock.notify_all()
         if popen is not None:
             _discard(popen)
 

@@ -1,14 +1,20 @@
 """Resumable uploads: chunks in any order into a part file, renamed into place once verified.
 
-Memory stays bounded by one chunk: each chunk is written with a positional write into
-``<target>.tether-part`` (pre-sized, possibly sparse) beside the target, its range recorded
-in the sidecar ``<target>.tether-part.json`` (see transfer_state), and the part is renamed
-onto the target only once its sha256 matches. A new supervisor (after a kernel restart)
-resumes a part from its sidecar; ``upload_begin`` says which ranges are still missing.
+Memory stays bounded by the chunks in flight: each chunk is written with a positional
+write into ``<target>.tether-part`` (pre-sized, possibly sparse) beside the target, its range
+recorded in the sidecar ``<target>.tether-part.json`` (see transfer_state), and the part is
+renamed onto the target only once its sha256 matches. A new supervisor (after a kernel
+restart) resumes a part from its sidecar; ``upload_begin`` says which ranges are still
+missing.
+
+Chunks are written by one thread of their own, in arrival order (so they hash as they
+come): the kernel's thread only queues them, and answers a ping arriving behind a few MiB
+of chunks at once.
 """
 
 import json
 import os
+import queue
 import re
 import shutil
 import stat
@@ -16,20 +22,25 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import paths, wire
 from .args import check_chunk_length, optional_mode, optional_mtime_ns
 from .fsutil import O_BINARY, ensure_parent, refuse_directory, write_at
 from .hashing import HashCache, hash_fd
 from .paths import PART_SUFFIX, SIDECAR_SUFFIX, side_path
-from .supervisor import Request, Supervisor
+from .supervisor import Deferred, Request, Supervisor
 from .transfer_state import TransferState, parse_sidecar
 from .wire import ErrorCode, OpError, arg
 
 # Open upload part files kept between chunks; the least recently used are closed and
 # reopened lazily by their next chunk, so abandoned uploads cannot use up descriptors.
 MAX_OPEN_UPLOADS = 32
+# A sidecar is rewritten at most this often while chunks arrive (and when the supervisor
+# closes): a stale one only makes a resumed upload send a few chunks again.
+SIDECAR_SAVE_INTERVAL_S = 0.5
+# How long a commit waits for the chunks queued before it to be written.
+COMMIT_WAIT_S = 120.0
 
 _TRANSFER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -50,6 +61,10 @@ class _Upload:
         self.mode: Optional[int] = None
         self.mtime_ns: Optional[int] = None
         self.lock = threading.Lock()
+        # Chunks accepted but not yet written; a commit waits for none to be left.
+        self.pending = 0
+        self.written = threading.Condition(self.lock)
+        self.saved_at = 0.0
         self.fd: Optional[int] = None
         self.committing = False
         self.done = False
@@ -76,6 +91,7 @@ class _Upload:
 
     def save_sidecar(self) -> None:
         # Written after the data it describes: a sidecar never claims bytes not on disk.
+        self.saved_at = time.monotonic()
         data = self.state.sidecar({"transfer_id": self.transfer_id, "target": self.target,
                                    "chunk_size": self.chunk_size, "updated": time.time()})
         with open(self.sidecar, "w", encoding="utf-8") as handle:
@@ -111,6 +127,39 @@ def _load_sidecar(target: str) -> Optional[Dict[str, Any]]:
     return parse_sidecar(data, part_size)
 
 
+class _ChunkWriter:
+    """One thread running queued work in order (started with the first chunk)."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, work: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tether-upload",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.put(work)
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None:
+                return
+            work()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then stop."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
 class Uploads:
     """The ``upload_*`` ops and the uploads in progress, least recently used first."""
 
@@ -119,17 +168,25 @@ class Uploads:
         self.hashes = hashes
         self._lock = threading.Lock()
         self._uploads: "OrderedDict[str, _Upload]" = OrderedDict()  # least recent first
+        self._writer = _ChunkWriter()
 
     def resolve(self, path: Any) -> str:
         return paths.resolve(self.supervisor.root_dir, path)
 
     def close(self) -> None:
+        self._writer.close()  # the chunks already accepted are written first
         with self._lock:
             uploads = list(self._uploads.values())
             self._uploads.clear()
         for upload in uploads:
             with upload.lock:
-                upload.close()  # the part and sidecar stay: a new supervisor resumes them
+                # The part and sidecar stay: a new supervisor resumes them.
+                if not upload.done:
+                    try:
+                        upload.save_sidecar()
+                    except OSError:
+                        pass
+                upload.close()
 
     def _upload(self, transfer_id: Any) -> _Upload:
         if not isinstance(transfer_id, str):
@@ -249,7 +306,7 @@ class Uploads:
             raise paths.os_error(exc, upload.part) from None
         return upload
 
-    def upload_chunk(self, req: Request) -> Dict[str, Any]:
+    def upload_chunk(self, req: Request) -> Deferred:
         offset = arg(req.args, "offset", int)
         if not req.buffers:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "upload_chunk needs the bytes in buffers[1]")
@@ -265,16 +322,35 @@ class Uploads:
             if upload.committing or upload.done:
                 raise OpError(ErrorCode.CONFLICT, "upload %s is being committed or is over"
                               % upload.transfer_id, {"transfer_id": upload.transfer_id})
-            try:
-                write_at(upload.open(), offset, data)
-                upload.state.add(offset, data)
-                upload.save_sidecar()
-            except OSError as exc:
-                raise paths.os_error(exc, upload.part) from None
-            result = {"received_bytes": upload.state.received_bytes,
-                      "complete": upload.state.complete}
+            upload.pending += 1
+        reply = self.supervisor.defer(req)
+        self._writer.submit(lambda: self._write_chunk(upload, offset, data, reply))
+        return reply
+
+    def _write_chunk(self, upload: _Upload, offset: int, data: bytes, reply: Deferred) -> None:
+        """Write one accepted chunk (the writer thread) and settle its reply."""
+        try:
+            with upload.lock:
+                try:
+                    if upload.done:
+                        raise OpError(ErrorCode.CONFLICT, "upload %s is over"
+                                      % upload.transfer_id, {"transfer_id": upload.transfer_id})
+                    write_at(upload.open(), offset, data)
+                    upload.state.add(offset, data)
+                    if time.monotonic() - upload.saved_at >= SIDECAR_SAVE_INTERVAL_S:
+                        upload.save_sidecar()
+                except OSError as exc:
+                    raise paths.os_error(exc, upload.part) from None
+                finally:
+                    upload.pending -= 1
+                    upload.written.notify_all()
+                result = {"received_bytes": upload.state.received_bytes,
+                          "complete": upload.state.complete}
+        except Exception as exc:
+            reply.reject(exc)
+            return
         self._trim_open_uploads(upload)
-        return result
+        reply.resolve(result)
 
     def upload_commit(self, req: Request) -> Dict[str, Any]:
         upload = self._upload(req.args.get("transfer_id"))
@@ -282,6 +358,10 @@ class Uploads:
             if upload.committing:
                 raise OpError(ErrorCode.BUSY, "upload %s is already being committed"
                               % upload.transfer_id)
+            # Chunks accepted before this commit may still be queued for writing.
+            deadline = time.monotonic() + COMMIT_WAIT_S
+            while upload.pending and time.monotonic() < deadline:
+                upload.written.wait(deadline - time.monotonic())
             missing = upload.state.missing()
             if missing:
                 received = upload.state.received_bytes

@@ -179,15 +179,21 @@ class Downloader:
                         else:
                             part.discard()
                     if transfer_id is not None:
-                        with anyio.move_on_after(5), contextlib.suppress(
-                                RemoteError, ConnectionLost, TetherTimeout):
-                            await self._caller.call(Op.DOWNLOAD_END,
-                                                    {"transfer_id": transfer_id}, timeout=5)
+                        # Only frees the remote's descriptor: nobody needs to wait for it.
+                        try:
+                            self._caller.start_soon(self._end, transfer_id)
+                        except (ConnectionLost, RuntimeError):
+                            await self._end(transfer_id)
         assert part is not None
         return TransferResult(path=part.remote_path, local_path=str(local), bytes=part.size,
                               seconds=time.perf_counter() - started, sha256=part.sha256,
                               resumed_bytes=resumed or 0, sent_bytes=fetched,
                               direction="download", via=used)
+
+    async def _end(self, transfer_id: str) -> None:
+        with anyio.move_on_after(5), contextlib.suppress(RemoteError, ConnectionLost,
+                                                         TetherTimeout):
+            await self._caller.call(Op.DOWNLOAD_END, {"transfer_id": transfer_id}, timeout=5)
 
     def _files_url_path(self, resolved: str) -> str | None:
         """``files/<rel>`` for a path the server's /files handler will serve, else None."""

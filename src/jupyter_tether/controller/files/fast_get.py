@@ -1,40 +1,50 @@
-"""Ranged ``GET /files`` straight into a download's part file, on a worker thread.
+"""Ranged ``GET /files`` straight into a download's part file, off the event loop.
 
 httpx2 parses a response body in Python, 64 KiB at a time: about 2 CPU seconds per GiB on
 loopback, more than the server spends sending it, and all of it on the event loop that
-small calls need. Here a worker thread reads the body with ``readinto`` into one buffer,
-hashes it and writes it with ``pwrite``, all with the GIL released, so a download costs
-about what a plain GET to disk costs (plus the sha256) and the event loop stays free.
+small calls need. Here a worker thread moves the body from the socket to the part file
+with ``os.splice`` (Linux: the bytes never enter Python) or ``recv_into`` and ``pwrite``
+elsewhere, and a second thread reads back what landed and hashes it: both release the GIL,
+so a verified download costs about what a plain GET to disk costs, and the event loop stays
+free for small calls.
 
 Only the simple case is taken: plain ``http`` to a host no proxy variable applies to,
-answered 206 (or 200 for a whole file) with exactly the bytes asked for and no content
-encoding. Anything else raises ``NotSimple`` before a byte is written, and the caller uses
-httpx2 instead (TLS, proxies, redirects).
+answered 206 (or 200 for a whole file) with exactly the bytes asked for and no content or
+transfer encoding. Anything else raises ``NotSimple`` before a byte is written, and the
+caller uses httpx2 instead (TLS, proxies, redirects).
 """
 
 from __future__ import annotations
 
-import http.client
+import contextlib
 import os
+import queue
 import socket
+import struct
+import sys
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
 from .part import DownloadPart
 
-#: one read, hash and write: small enough to stay in a core's cache between the three
-#: (256-512 KiB measured best; 4 MiB cost ~2x the CPU)
-BUFFER_BYTES = 512 * 1024
+#: one request: the server's file handler writes all of it without giving its event loop
+#: back while the socket takes the bytes (a fast reader), so pings wait behind one request
+PIECE_BYTES = 16 * 1024 * 1024
+#: connections: the next request is already at the server when one answer ends (no gap)
+CONNECTIONS = 2
+#: one splice, or one recv_into and pwrite
+MOVE_BYTES = 1024 * 1024
+#: read back and hashed at a time: stays in the CPU's cache (4 MiB cost ~2x the CPU)
+HASH_BYTES = 256 * 1024
 #: progress goes to the event loop this often (the thread waits for it to be taken)
 REPORT_BYTES = 4 * 1024 * 1024
-#: one request: the server's handler writes the whole of it without giving its event loop
-#: back while the socket takes the bytes (a fast reader), so pings wait behind one request
-PIECE_BYTES = int(os.environ.get("TETHER_PIECE_MIB", "16")) * 1024 * 1024
-#: connections: the next request is already at the server when one ends (no gap)
-CONNECTIONS = int(os.environ.get("TETHER_CONNS", "2"))
-TIMEOUT_S = 60.0
+TIMEOUT_S = 60
+MAX_HEAD_BYTES = 64 * 1024
+_F_SETPIPE_SZ = 1031
+USE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 
 
 class NotSimple(Exception):
@@ -45,8 +55,9 @@ class ReceiveError(Exception):
     """The connection failed or ended early; what was written and recorded is kept."""
 
 
-def direct_http(url: str) -> tuple[str, int, str] | None:
-    """``(host, port, path)`` of a plain-http URL no proxy variable applies to, else None."""
+def direct_http(url: str) -> tuple[str, int, str, str] | None:
+    """``(host, port, Host header, path)`` of a plain-http URL no proxy variable applies
+    to, else None."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         return None
@@ -55,83 +66,144 @@ def direct_http(url: str) -> tuple[str, int, str] | None:
             not urllib.request.proxy_bypass(parts.hostname):
         return None
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return parts.hostname, parts.port or 80, path
+    return parts.hostname, parts.port or 80, parts.netloc.rpartition("@")[2], path
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """Status and headers (lower-case names, joined with ", ") of a response head."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code = rest.partition(" ")[0]
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise NotSimple(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or line[0] in " \t":
+            raise NotSimple(f"a header this client does not read: {line[:80]!r}")
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    return int(code), headers
+
+
+class _Conn:
+    """One kept-alive HTTP/1.1 connection, read without buffering: the body stays in the
+    socket, for ``os.splice`` to move."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.sock: socket.socket | None = None
+        self.reusable = False
+
+    def send(self, request: bytes) -> None:
+        if self.sock is None or not self.reusable:
+            self.close()
+            sock = socket.create_connection((self.host, self.port), timeout=TIMEOUT_S)
+            # Blocking (splice needs it), with the timeout left to the kernel.
+            sock.settimeout(None)
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                struct.pack("ll", TIMEOUT_S, 0))
+            self.sock = sock
+        self.reusable = False
+        self.sock.sendall(request)
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        """Read exactly the response head, leaving the body in the socket."""
+        assert self.sock is not None
+        while True:
+            peek = self.sock.recv(MAX_HEAD_BYTES, socket.MSG_PEEK)
+            if not peek:
+                raise ReceiveError("the server closed the connection")
+            end = peek.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(peek) >= MAX_HEAD_BYTES:
+                raise NotSimple("a response head over 64 KiB")
+            time.sleep(0.001)  # a head in pieces: a peek returns at once, so wait a little
+        wanted = end + 4
+        head = b""
+        while len(head) < wanted:
+            got = self.sock.recv(wanted - len(head))
+            if not got:
+                raise ReceiveError("the server closed the connection")
+            head += got
+        status, headers = parse_head(head[:end])
+        self.reusable = "close" not in headers.get("connection", "").lower()
+        return status, headers
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
 
 
 class FilesGet:
-    """Ranged GETs of one ``size``-byte file over a few kept-alive connections.
+    """Ranged GETs of one ``size``-byte file over ``CONNECTIONS`` kept-alive connections.
 
-    ``send``, ``receive`` and ``readinto`` run on one worker thread; ``abort`` (any
-    thread) ends them.
+    All but ``abort`` run on one worker thread; ``abort`` (any thread) ends them.
     """
 
     def __init__(self, url: str, headers: dict[str, str], size: int) -> None:
         direct = direct_http(url)
         if direct is None:
             raise NotSimple("not plain http, or a proxy applies")
-        host, port, self._path = direct
-        self._conns = [http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
-                       for _ in range(CONNECTIONS)]
-        self._headers = {**headers, "Accept-Encoding": "identity"}
+        host, port, host_header, path = direct
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host_header}", "Accept-Encoding: identity"]
+        for name, value in headers.items():
+            if any(c in name + value for c in "\r\n\0"):
+                raise NotSimple(f"header {name!r} holds a line break")
+            lines.append(f"{name}: {value}")
+        self._request = "\r\n".join(lines).encode("latin-1")
+        self._conns = [_Conn(host, port) for _ in range(CONNECTIONS)]
         self.size = size
-        self._response: http.client.HTTPResponse | None = None
         self._aborted = threading.Event()
 
     def send(self, slot: int, start: int, end: int) -> None:
         """Send the request for ``[start, end)`` on connection ``slot``."""
-        headers = dict(self._headers)
-        if not (start == 0 and end == self.size):
-            headers["Range"] = f"bytes={start}-{end - 1}"
-        if self._aborted.is_set():
-            raise ReceiveError("aborted")
+        wanted = b"" if start == 0 and end == self.size else \
+            f"\r\nRange: bytes={start}-{end - 1}".encode()
+        self.check_aborted()
         try:
-            self._conns[slot].request("GET", self._path, headers=headers)
-        except (OSError, http.client.HTTPException) as exc:
-            raise ReceiveError(f"GET failed: {exc or type(exc).__name__}") from None
+            self._conns[slot].send(self._request + wanted + b"\r\n\r\n")
+        except OSError as exc:
+            raise ReceiveError(f"GET failed: {exc}") from None
 
-    def receive(self, slot: int, start: int, end: int) -> None:
-        """Take the answer to ``send(slot, start, end)``; raises NotSimple if it is not plain."""
+    def receive(self, slot: int, start: int, end: int) -> socket.socket:
+        """Take the head of the answer to ``send(slot, start, end)``; returns the socket
+        its body is read from. Raises NotSimple if it is not a plain answer."""
+        conn = self._conns[slot]
         try:
-            response = self._conns[slot].getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            raise ReceiveError(f"GET failed: {exc or type(exc).__name__}") from None
-        length = response.getheader("Content-Length")
-        encoding = (response.getheader("Content-Encoding") or "identity").lower()
-        if response.status == 206:
-            ok = (response.getheader("Content-Range") or "").strip() == \
-                f"bytes {start}-{end - 1}/{self.size}"
+            status, headers = conn.head()
+        except OSError as exc:
+            raise ReceiveError(f"GET failed: {exc}") from None
+        length = headers.get("content-length")
+        encoding = headers.get("content-encoding", "identity").lower()
+        if status == 206:
+            ok = headers.get("content-range", "") == f"bytes {start}-{end - 1}/{self.size}"
         else:
-            ok = response.status == 200 and start == 0 and end == self.size
-        if not ok or encoding != "identity" or length != str(end - start):
-            raise NotSimple(f"HTTP {response.status} (Content-Length {length}, "
+            ok = status == 200 and start == 0 and end == self.size
+        if not ok or encoding != "identity" or "transfer-encoding" in headers or \
+                length != str(end - start):
+            raise NotSimple(f"HTTP {status} (Content-Length {length}, "
                             f"Content-Encoding {encoding})")
-        self._response = response
+        assert conn.sock is not None
+        return conn.sock
 
-    def readinto(self, view: memoryview) -> int:
-        """Fill ``view`` from the current answer (short only at its end)."""
-        assert self._response is not None
-        filled = 0
-        try:
-            while filled < len(view):
-                got = self._response.readinto(view[filled:])
-                if not got:
-                    break
-                filled += got
-        except (OSError, http.client.HTTPException) as exc:
-            raise ReceiveError(f"GET broke off: {exc or type(exc).__name__}") from None
+    def check_aborted(self) -> None:
         if self._aborted.is_set():
             raise ReceiveError("aborted")
-        return filled
 
     def abort(self) -> None:
         self._aborted.set()
         for conn in self._conns:
             sock = conn.sock
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         for conn in self._conns:
@@ -144,36 +216,129 @@ def pieces(ranges: list[list[int]]) -> list[tuple[int, int]]:
             for start, end in ranges for offset in range(start, end, PIECE_BYTES)]
 
 
+class _Mover:
+    """Moves a body from the socket into the part file: spliced, or through a buffer."""
+
+    def __init__(self, part: DownloadPart) -> None:
+        self.part = part
+        assert part.file is not None
+        self.fd = part.file.fd
+        self.pipe: tuple[int, int] | None = None
+        self.buffer: memoryview | None = None
+        if USE_SPLICE:
+            self.pipe = os.pipe()
+            with contextlib.suppress(OSError):
+                import fcntl  # POSIX only
+
+                fcntl.fcntl(self.pipe[1], _F_SETPIPE_SZ, MOVE_BYTES)
+        else:
+            self.buffer = memoryview(bytearray(MOVE_BYTES))
+
+    def move(self, sock: socket.socket, offset: int, length: int) -> int:
+        """Up to ``length`` bytes at ``offset``; returns how many (0: the socket ended).
+
+        Raises ReceiveError for the socket, OSError for the file."""
+        try:
+            if self.pipe is not None:
+                got = os.splice(sock.fileno(), self.pipe[1], length)
+            else:
+                assert self.buffer is not None
+                got = sock.recv_into(self.buffer[:length])
+        except (BlockingIOError, TimeoutError):
+            raise ReceiveError(f"GET stalled for {TIMEOUT_S} s") from None
+        except OSError as exc:
+            raise ReceiveError(f"GET broke off: {exc}") from None
+        if self.pipe is not None:
+            done = 0
+            while done < got:
+                done += os.splice(self.pipe[0], self.fd, got - done, offset_dst=offset + done)
+        else:
+            assert self.buffer is not None
+            self.part.write_raw(offset, self.buffer[:got])
+        return got
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+
+
+class _Recorder:
+    """A thread that reads back what landed in the part file, in order, and records it
+    (the running sha256 and the sidecar): the hash runs beside the next bytes' move."""
+
+    def __init__(self, part: DownloadPart) -> None:
+        self.part = part
+        self.failure: BaseException | None = None
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="tether-download-hash",
+                                        daemon=True)
+        self._thread.start()
+
+    def add(self, offset: int, length: int) -> None:
+        self._queue.put((offset, length))
+
+    def _run(self) -> None:
+        view = memoryview(bytearray(HASH_BYTES))
+        file = self.part.file
+        assert file is not None
+        while (item := self._queue.get()) is not None:
+            if self.failure is not None:
+                continue
+            offset, length = item
+            try:
+                while length:
+                    piece = view[:min(HASH_BYTES, length)]
+                    if hasattr(os, "preadv"):
+                        got = os.preadv(file.fd, [piece], offset)
+                    else:  # Windows: a fresh bytes object each time
+                        data = file.read_at(offset, len(piece))
+                        got = len(data)
+                        piece[:got] = data
+                    if got != len(piece):
+                        raise OSError(f"{self.part.part} is shorter than what was written")
+                    (self.part.record(offset, piece) if not os.environ.get('NOHASH') else None)
+                    offset += len(piece)
+                    length -= len(piece)
+            except BaseException as exc:  # handed to the moving thread
+                self.failure = exc
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 def fetch_ranges(get: FilesGet, part: DownloadPart, ranges: list[list[int]],
                  report: Callable[[int], bool]) -> None:
     """Stream ``ranges`` of the file into ``part`` (a worker thread).
 
     Requests go ``CONNECTIONS`` at a time, one per connection, so the server has the next
-    one as soon as it finishes one. Each buffer is read, hashed and written while it is
-    still in the CPU's cache (a pipeline of big buffers across two threads measured
-    slower: every byte crossed cores and caches). ``report(n)`` every ``REPORT_BYTES`` or
-    so says whether to go on. Raises NotSimple (from the first answer only, nothing
-    written), ReceiveError for the connection, OSError for the local file.
+    one as soon as it finishes one. ``report(n)`` every ``REPORT_BYTES`` or so says
+    whether to go on. Raises NotSimple (only before anything is written), ReceiveError
+    for the connection, OSError for the local file.
     """
-    view = memoryview(bytearray(BUFFER_BYTES))
     todo = pieces(ranges)
+    mover = _Mover(part)
+    recorder = _Recorder(part)
     unreported = 0
     try:
         for index in range(min(CONNECTIONS, len(todo))):
             get.send(index, *todo[index])
         for index, (start, end) in enumerate(todo):
             slot = index % CONNECTIONS
-            get.receive(slot, start, end)
+            sock = get.receive(slot, start, end)
             offset = start
             while offset < end:
-                piece = view[:min(BUFFER_BYTES, end - offset)]
-                got = get.readinto(piece)
-                if got < len(piece):
-                    raise ReceiveError(f"GET ended at {offset + got} of {end} bytes")
-                part.write_raw(offset, piece)
-                part.record(offset, piece)
+                got = mover.move(sock, offset, min(MOVE_BYTES, end - offset))
+                get.check_aborted()
+                if not got:
+                    raise ReceiveError(f"GET ended at {offset} of {end} bytes")
+                recorder.add(offset, got)
                 offset += got
                 unreported += got
+                if recorder.failure is not None:
+                    raise recorder.failure
                 if unreported >= REPORT_BYTES or offset == end:
                     count, unreported = unreported, 0
                     if not report(count):
@@ -181,4 +346,9 @@ def fetch_ranges(get: FilesGet, part: DownloadPart, ranges: list[list[int]],
             if index + CONNECTIONS < len(todo):
                 get.send(slot, *todo[index + CONNECTIONS])
     finally:
+        recorder.finish()
+        mover.close()
         get.close()
+    if recorder.failure is not None:
+        raise recorder.failure
+
