@@ -1,12 +1,10 @@
 """Run code in a work kernel on this host over its own ZMQ ports: one reply per cell.
 
-Over the server's websocket a cell comes back as four or five messages (busy, the input,
-the outputs, the reply, idle), and behind a proxy each small message after the first of a
-burst can wait ~40 ms for a delayed ACK. The supervisor runs on the kernels' host, so it
-reads the work kernel's connection file (``kernel-<id>.json``, which the server writes
-beside the supervisor kernel's own) and talks to the kernel's shell, iopub and heartbeat
-ports itself with jupyter_client's ``Session`` (every Jupyter host has it). The cell's
-outputs gather here and go back in the reply: one comm message. A cell that runs longer
+Over the server's websocket a cell comes back as four or five messages, and behind a proxy
+each small message after the first of a burst can wait ~40 ms for a delayed ACK. So the
+supervisor reads the work kernel's connection file (``kernel-<id>.json``, beside its own)
+and talks to the kernel's ports itself with jupyter_client's ``Session``; the outputs go
+back in the reply: one comm message. A cell that runs longer
 than ``STREAM_AFTER_S`` streams what it prints as ``exec_output`` events (one per tick
 at most), so a console still sees it live; the reply says how many there were.
 
