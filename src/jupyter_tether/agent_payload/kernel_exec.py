@@ -8,10 +8,9 @@ back in the reply: one comm message. A cell that runs longer
 than ``STREAM_AFTER_S`` streams what it prints as ``exec_output`` events (one per tick
 at most), so a console still sees it live; the reply says how many there were.
 
-Bounded: per batch, each stream keeps its last ``max_output_chars * 2`` chars (the count
-of the rest goes along), and at most ``MAX_BATCH_OUTPUTS`` outputs / ``MAX_BATCH_BYTES``;
-more are counted as omitted (the cell's own ``execute_result`` is always kept). The
-controller applies its exec limits on top.
+Bounded per batch: each stream's last ``max_output_chars * 2`` chars, at most
+``MAX_BATCH_OUTPUTS`` outputs / ``MAX_BATCH_BYTES`` (the rest counted as omitted; the cell's
+``execute_result`` always kept); the controller applies its exec limits on top.
 
 Where this cannot work (no connection file: a gateway's remote kernels; no pyzmq or
 jupyter_client; ports we cannot reach) ``kernel_exec`` answers ``not_found`` with
