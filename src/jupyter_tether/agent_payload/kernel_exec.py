@@ -16,8 +16,7 @@ Where this cannot work (no connection file: a gateway's remote kernels; no pyzmq
 jupyter_client; ports we cannot reach) ``kernel_exec`` answers ``not_found`` with
 ``details.local_exec = "unavailable"`` before anything ran, and the controller keeps its
 websocket path. A kernel that dies or restarts under a running cell answers
-``details.local_exec = "kernel_lost"``. Interrupting on a timeout stays with the controller
-(the server's interrupt endpoint); the reply then brings the KeyboardInterrupt.
+``details.local_exec = "kernel_lost"``. Timeouts interrupt through the server, as before.
 """
 
 import collections
