@@ -65,6 +65,8 @@ def cpu_seconds(pid: int) -> float:
 
 async def measured(pids: dict[str, int], nbytes: int,
                    action: Callable[[], Awaitable[object]]) -> Run:
+    # No writeback of the last run's file going on meanwhile: each run starts equal.
+    await anyio.to_thread.run_sync(os.sync)
     # CPU seconds per process say where the time goes, even on a loaded machine.
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     with ExitStack() as stack:

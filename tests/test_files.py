@@ -18,7 +18,9 @@ from jupyter_tether.agent_payload.paths import PART_SUFFIX, SIDECAR_SUFFIX, TEMP
 from jupyter_tether.controller.files import (
     AsyncFiles,
     TransferResult,
+    fast_get,
 )
+from jupyter_tether.errors import TransferError
 
 MiB = 1024 * 1024
 T = TypeVar("T")
@@ -102,6 +104,33 @@ def test_download_uses_ranged_files_get_where_served_and_the_comm_elsewhere(
         result = run(tether, files(tether).download, remote, back, via=via)
         assert (result.via, result.sha256) == (expected, digests[source]), remote
         assert sha_of(back) == digests[source]
+    assert debris(tmp_path) == []
+
+
+def test_download_over_files_is_checked_by_piece_and_a_bad_piece_is_refused(
+        tether: Tether, tmp_path: Path, server_root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    size = 2 * fast_get.PIECE_BYTES + 5 * MiB + 3
+    digest = random_file(server_root / "dl" / "pieces.bin", size)
+    good = run(tether, files(tether).download, "dl/pieces.bin", tmp_path / "good.bin")
+    assert (good.via, good.verified, good.sha256) == ("http", "crc32", digest)
+    assert sha_of(tmp_path / "good.bin") == digest
+
+    bad_at = fast_get.PIECE_BYTES + 12345
+    move = fast_get._Mover.move
+
+    def spoiling(mover: Any, sock: Any, offset: int, length: int) -> int:
+        got: int = move(mover, sock, offset, length)
+        if offset <= bad_at < offset + got:  # one byte arrives wrong
+            byte = os.pread(mover.fd, 1, bad_at)
+            os.pwrite(mover.fd, bytes([byte[0] ^ 0xFF]), bad_at)
+        return got
+
+    monkeypatch.setattr(fast_get._Mover, "move", spoiling)
+    with pytest.raises(TransferError, match=r"1 piece\(s\) differ .* at byte "
+                                            f"{fast_get.PIECE_BYTES}"):
+        run(tether, files(tether).download, "dl/pieces.bin", tmp_path / "bad.bin")
+    assert not (tmp_path / "bad.bin").exists()
     assert debris(tmp_path) == []
 
 

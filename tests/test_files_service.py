@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -433,3 +434,95 @@ def test_sync_then_download_dir_round_trip_keeps_mtimes(services: Services, tmp_
         twin = back / path.relative_to(local)
         assert twin.read_bytes() == path.read_bytes()
         assert twin.stat().st_mtime_ns == path.stat().st_mtime_ns
+
+
+# --- the fast GET path's pure parts -------------------------------------------------------------
+
+
+def test_piece_checks_follow_in_order_bytes_and_name_the_pieces_that_differ() -> None:
+    import zlib
+
+    from jupyter_tether.controller.files.part import PieceChecks
+
+    data = os.urandom(10 * 1000 + 3)
+    checks = PieceChecks(len(data), 1000)
+    for offset in range(0, len(data), 700):  # buffers that straddle pieces
+        assert not checks.complete()
+        checks.add(offset, data[offset:offset + 700])
+    assert checks.complete()
+    remote = [zlib.crc32(data[o:o + 1000]) for o in range(0, len(data), 1000)]
+    assert checks.mismatches(remote) == []
+    remote[3] ^= 1
+    assert checks.mismatches(remote) == [3]
+    assert checks.mismatches(remote[:-1]) == list(range(11))  # another number of pieces
+    gap = PieceChecks(len(data), 1000)
+    gap.add(0, data[:500])
+    gap.add(600, data[600:700])  # a gap: unusable, the caller hashes the file instead
+    assert gap.broken and not gap.complete()
+
+
+def test_response_heads_are_read_strictly_and_proxies_leave_the_fast_path_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from jupyter_tether.controller.files.fast_get import NotSimple, direct_http, parse_head
+
+    status, headers = parse_head(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 5\r\n"
+                                 b"Set-Cookie: a=1\r\nset-cookie: b=2")
+    assert status == 206
+    assert headers == {"content-length": "5", "set-cookie": "a=1, b=2"}
+    for bad in (b"ICY 200 OK", b"HTTP/1.1 abc", b"HTTP/1.1 200 OK\r\n folded: header"):
+        with pytest.raises(NotSimple):
+            parse_head(bad)
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert direct_http("http://u:p@127.0.0.1:8888/base/files/a%20b.bin?x=1") == (
+        "127.0.0.1", 8888, "127.0.0.1:8888", "/base/files/a%20b.bin?x=1")
+    assert direct_http("https://example.org/files/a") is None  # TLS: httpx2's
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    assert direct_http("http://10.1.2.3/files/a") is None  # through the proxy: httpx2's
+    monkeypatch.setenv("no_proxy", "10.1.2.3")
+    assert direct_http("http://10.1.2.3/files/a") is not None
+
+
+@pytest.mark.parametrize("refused", ["file", "socket"])
+def test_bytes_go_through_a_buffer_where_splice_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str) -> None:
+    import errno
+    import socket
+
+    from jupyter_tether.controller.files import fast_get
+    from jupyter_tether.controller.files.part import DownloadPart
+
+    if not fast_get.USE_SPLICE:
+        pytest.skip("no os.splice here: the buffer is the only way")
+    splice = os.splice
+
+    def picky(src: int, dst: int, count: int, **kwargs: Any) -> int:
+        if ("offset_dst" in kwargs) == (refused == "file"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return splice(src, dst, count, **kwargs)
+
+    monkeypatch.setattr(fast_get.os, "splice", picky)
+    data = os.urandom(3 * MiB + 5)
+    part = DownloadPart(tmp_path / "t.bin", "/remote/t.bin", len(data), "")
+    part.open()
+    mover = fast_get._Mover(part)
+    sender, receiver = socket.socketpair()
+
+    def send() -> None:
+        sender.sendall(data)
+        sender.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    done = 0
+    try:
+        while got := mover.move(receiver, done, MiB):
+            done += got
+    finally:
+        thread.join(10)
+        mover.close()
+        sender.close()
+        receiver.close()
+        part.close()
+    assert done == len(data)
+    assert part.part.read_bytes() == data

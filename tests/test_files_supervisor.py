@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,92 @@ def test_empty_file_uploads(remote: InProcess):
     assert (remote.root / "empty.txt").read_bytes() == b""
 
 
+def test_chunks_are_written_off_the_kernel_thread_and_a_commit_waits_for_them(
+        remote: InProcess, monkeypatch: pytest.MonkeyPatch):
+    """The kernel's thread only queues a chunk, so a ping behind a few MiB of them is
+    answered at once; a commit sent right behind them waits until they are written."""
+    data = os.urandom(3 * MiB + 11)
+    begun = begin_upload(remote, "queued.bin", data, MiB)
+    gate = threading.Event()
+    write_at = uploads.write_at
+
+    def held_write(fd: int, offset: int, chunk: bytes) -> None:
+        gate.wait(5)  # a slow disk
+        write_at(fd, offset, chunk)
+
+    monkeypatch.setattr(uploads, "write_at", held_write)
+    sent = [remote.submit("upload_chunk", {"transfer_id": begun["transfer_id"],
+                                           "offset": offset}, [piece])
+            for offset, piece in chunks(data, MiB)]
+    commit = remote.submit("upload_commit", {"transfer_id": begun["transfer_id"]})
+    assert remote.ok("ping", timeout=2)["pong"] is True
+    assert not any(remote.has_reply(request) for request in [*sent, commit])
+    gate.set()
+    for request in sent:
+        assert remote.wait(request)[0]["ok"]
+    envelope, _ = remote.wait(commit)
+    assert envelope["ok"] and envelope["result"]["sha256"] == sha(data), envelope
+    assert (remote.root / "queued.bin").read_bytes() == data
+
+
 # --- download -------------------------------------------------------------------------------
+
+
+def test_a_deferred_hash_and_piece_checks_come_with_download_hash_then_from_cache(
+        remote: InProcess):
+    size = downloads.DEFER_HASH_MIN_BYTES + 3 * MiB + 7
+    data = os.urandom(size)
+    (remote.root / "big.bin").write_bytes(data)
+    piece = 2 * MiB
+    crcs = [zlib.crc32(data[offset:offset + piece]) for offset in range(0, size, piece)]
+    args = {"path": "big.bin", "defer_hash": True, "checks": piece}
+    begun = remote.ok("download_begin", args)
+    # Answered before the hash: the remote hashes while the bytes travel.
+    assert (begun["size"], begun["sha256"], begun["crc32"], begun["hash_pending"]) == (
+        size, None, None, True)
+    hashed = remote.ok("download_hash", {"transfer_id": begun["transfer_id"]})
+    assert hashed == {"sha256": sha(data), "crc32": crcs}
+    again = remote.ok("download_begin", args)
+    assert (again["sha256"], again["crc32"], again["hash_pending"]) == (sha(data), crcs, False)
+    assert remote.ok("download_hash", {"transfer_id": again["transfer_id"]}) == hashed
+    # A small file is hashed at once, checks and all; no checks asked, none given.
+    (remote.root / "small.bin").write_bytes(data[:MiB])
+    small = remote.ok("download_begin", {"path": "small.bin", "defer_hash": True,
+                                         "checks": piece})
+    assert (small["sha256"], small["crc32"], small["hash_pending"]) == (
+        sha(data[:MiB]), [zlib.crc32(data[:MiB])], False)
+    assert "crc32" not in remote.ok("download_begin", {"path": "small.bin"})
+    # Checks that would cost a read of their own (the sha256 is known) are not offered.
+    (remote.root / "known.bin").write_bytes(data[:MiB])
+    remote.ok("download_begin", {"path": "known.bin"})
+    assert "crc32" not in remote.ok("download_begin", {"path": "known.bin", "checks": piece})
+    remote.fails("invalid_argument", "download_begin", {"path": "small.bin", "checks": 100})
+
+
+def test_a_file_changed_while_hashed_in_the_background_is_a_conflict(
+        remote: InProcess, monkeypatch: pytest.MonkeyPatch):
+    gate = threading.Event()
+    digest_pass = downloads.digest_pass
+
+    def held(*args: Any) -> Any:
+        gate.wait(5)
+        return digest_pass(*args)
+
+    monkeypatch.setattr(downloads, "digest_pass", held)
+    path = remote.root / "moving.bin"
+    path.write_bytes(os.urandom(downloads.DEFER_HASH_MIN_BYTES))
+    begun = remote.ok("download_begin", {"path": "moving.bin", "defer_hash": True})
+    asked = remote.submit("download_hash", {"transfer_id": begun["transfer_id"]})
+    with open(path, "r+b") as handle:
+        handle.write(b"changed")
+    os.utime(path, ns=(begun["mtime_ns"] + 10**9, begun["mtime_ns"] + 10**9))
+    gate.set()
+    envelope, _ = remote.wait(asked)
+    assert not envelope["ok"] and envelope["error"]["code"] == "conflict", envelope
+    # Nothing of the changed file's was cached: a new begin hashes it again.
+    assert remote.ok("download_begin", {"path": "moving.bin"})["sha256"] == sha(
+        path.read_bytes())
+
 
 
 def test_download_chunks_in_flight_reassemble_to_equal_hash(remote: InProcess):

@@ -169,3 +169,24 @@ def test_op_constants_name_every_registered_op_and_nothing_else(tmp_path: Path):
         supervisor.close()
     assert registered == wire.Op.names()
     assert len(set(wire.Op.names())) == len(wire.Op.names())
+
+
+def test_one_read_gives_the_sha256_and_the_crc32_of_each_piece(tmp_path: Path):
+    import os
+    import zlib
+
+    from jupyter_tether.agent_payload.hashing import HASH_BLOCK_BYTES, digest_pass
+
+    data = os.urandom(2 * HASH_BLOCK_BYTES + 12345)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    piece = 300 * 1000  # not a divisor of the read block: pieces straddle reads
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sha, crcs, end = digest_pass(fd, piece, True, lambda: False)
+        assert (sha, end) == (hashlib.sha256(data).hexdigest(), len(data))
+        assert crcs == [zlib.crc32(data[o:o + piece]) for o in range(0, len(data), piece)]
+        assert digest_pass(fd, 0, False, lambda: False) == (None, None, len(data))
+        assert digest_pass(fd, piece, True, lambda: True)[2] == 0  # stopped at once
+    finally:
+        os.close(fd)

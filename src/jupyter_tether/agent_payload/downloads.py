@@ -6,10 +6,13 @@ oldest are closed beyond a cap and reopened lazily, refusing a file changed mean
 
 A client that asks ``defer_hash`` gets the reply at once for a big file the hash cache does
 not know: the file is hashed on a thread of its own while the bytes travel, and
-``download_hash`` answers with the sha256 when it is ready.
+``download_hash`` answers with the sha256 when it is ready. A client that asks ``checks``
+(a piece size) gets the CRC32 of each piece too where that costs no read of its own (they
+are cached, or the file is being hashed anyway: one read gives both), so it can check the
+bytes it gets over ``GET /files`` piece by piece for a fraction of what hashing them costs;
+otherwise the reply has no ``crc32`` and the client hashes what it gets.
 """
 
-import hashlib
 import os
 import stat
 import threading
@@ -20,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import paths, wire
 from .args import check_chunk_length
 from .fsutil import open_regular, read_at, refuse_directory
-from .hashing import HASH_BLOCK_BYTES, HashCache, hash_fd
+from .hashing import HashCache, cache_key, digest_pass
 from .supervisor import Request, Result, Supervisor
 from .wire import ErrorCode, OpError, arg
 
@@ -30,64 +33,65 @@ MAX_KNOWN_DOWNLOADS = 1024
 # Smaller files are hashed before download_begin answers even when asked to defer: it takes
 # milliseconds, and spares the client a download_hash round trip.
 DEFER_HASH_MIN_BYTES = 8 * 1024 * 1024
+# Piece CRC32s kept for this many files (by path, piece size and stat).
+MAX_CACHED_CHECKS = 256
+MIN_PIECE_BYTES = 64 * 1024
 
 Identity = Tuple[int, int, int]
 
 
-class _Hashing:
-    """The sha256 of a download's file, computed on a thread of its own.
+Outcome = Tuple[Optional[str], Optional[List[int]], Optional[OpError]]
 
-    It reads its own descriptor (a dup of the download's), and fails with CONFLICT if the
-    file's identity changed by the time it is done; a hash of an unchanged file goes into
-    the hash cache. ``then`` callbacks get ``(sha256, error)`` once, on whichever thread.
+
+class _Hashing:
+    """A download's sha256 and piece CRC32s, computed on a thread of its own.
+
+    It reads its own descriptor (a dup of the download's) and fails with CONFLICT if the
+    file's identity changed by the time it is done; ``store`` keeps the results of an
+    unchanged file (the hash caches). ``then`` callbacks get ``(sha256, crc32s, error)``
+    once, on whichever thread.
     """
 
-    def __init__(self, path: str, fd: int, st: os.stat_result, hashes: HashCache):
+    def __init__(self, path: str, fd: int, st: os.stat_result, want_sha256: bool,
+                 piece_bytes: int, store: Callable[[Optional[str], Optional[List[int]]], None]):
         self.path = path
         self._lock = threading.Lock()
-        self._callbacks: List[Callable[[Optional[str], Optional[OpError]], None]] = []
-        self._outcome: Optional[Tuple[Optional[str], Optional[OpError]]] = None
+        self._callbacks: List[Callable[..., None]] = []
+        self._outcome: Optional[Outcome] = None
         self._stopped = False
         self._identity: Identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-        self._st = st
-        self._hashes = hashes
+        self._want_sha256, self._piece_bytes, self._store = want_sha256, piece_bytes, store
         threading.Thread(target=self._run, args=(fd,), name="tether-download-hash",
                          daemon=True).start()
 
     def _run(self, fd: int) -> None:
         digest: Optional[str] = None
+        crcs: Optional[List[int]] = None
         error: Optional[OpError] = None
         try:
-            hasher = hashlib.sha256()
-            offset = 0
-            while not self._stopped:
-                block = read_at(fd, offset, HASH_BLOCK_BYTES)
-                if not block:
-                    break
-                hasher.update(block)
-                offset += len(block)
+            digest, crcs, end = digest_pass(fd, self._piece_bytes, self._want_sha256,
+                                            lambda: self._stopped)
             st = os.fstat(fd)
             if self._stopped:
                 error = OpError(ErrorCode.CONFLICT, "%s: the download ended before its hash "
                                 "was done" % self.path, {"path": self.path})
-            elif (st.st_ino, st.st_size, st.st_mtime_ns) != self._identity or \
-                    offset != st.st_size:
+            elif (st.st_ino, st.st_size, st.st_mtime_ns) != self._identity or end != st.st_size:
                 error = OpError(ErrorCode.CONFLICT, "%s: changed while it was being hashed; "
                                 "download it again" % self.path, {"path": self.path})
             else:
-                digest = hasher.hexdigest()
-                self._hashes.put(self.path, self._st, digest)
+                self._store(digest, crcs)
         except OSError as exc:
             error = paths.os_error(exc, self.path)
         finally:
             os.close(fd)
         with self._lock:
-            self._outcome = (digest, error)
+            self._outcome = (digest, crcs, error)
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
-            callback(digest, error)
+            callback(digest, crcs, error)
 
-    def then(self, callback: Callable[[Optional[str], Optional[OpError]], None]) -> None:
+    def then(self, callback: Callable[[Optional[str], Optional[List[int]], Optional[OpError]],
+                                      None]) -> None:
         with self._lock:
             outcome = self._outcome
             if outcome is None:
@@ -110,6 +114,7 @@ class _Download:
         self.fd: Optional[int] = fd
         self.lock = threading.Lock()
         self.sha256: Optional[str] = None
+        self.crc32s: Optional[List[int]] = None
         self.hashing: Optional[_Hashing] = None
 
     def ensure_open(self) -> int:
@@ -150,6 +155,27 @@ class Downloads:
         self.hashes = hashes
         self._lock = threading.Lock()
         self._downloads: "OrderedDict[str, _Download]" = OrderedDict()
+        self._checks: "OrderedDict[Tuple[str, int], Tuple[Any, List[int]]]" = OrderedDict()
+
+    def _cached_checks(self, path: str, st: os.stat_result, piece_bytes: int
+                       ) -> Optional[List[int]]:
+        with self._lock:
+            entry = self._checks.get((path, piece_bytes))
+            if entry is None or entry[0] != cache_key(st):
+                return None
+            self._checks.move_to_end((path, piece_bytes))
+            return entry[1]
+
+    def _store(self, path: str, st: os.stat_result, piece_bytes: int, digest: Optional[str],
+               crcs: Optional[List[int]]) -> None:
+        if digest is not None:
+            self.hashes.put(path, st, digest)
+        if crcs is not None:
+            with self._lock:
+                self._checks[(path, piece_bytes)] = (cache_key(st), crcs)
+                self._checks.move_to_end((path, piece_bytes))
+                while len(self._checks) > MAX_CACHED_CHECKS:
+                    self._checks.popitem(last=False)
 
     def resolve(self, path: Any) -> str:
         return paths.resolve(self.supervisor.root_dir, path)
@@ -165,23 +191,34 @@ class Downloads:
         path = self.resolve(arg(req.args, "path", str))
         want_hash = arg(req.args, "hash", bool, True)
         defer_hash = arg(req.args, "defer_hash", bool, False)
+        piece_bytes = arg(req.args, "checks", int, 0)
+        if piece_bytes and piece_bytes < MIN_PIECE_BYTES:
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "checks (a piece size) must be 0 or at "
+                          "least %d bytes" % MIN_PIECE_BYTES)
         refuse_directory(path)
         fd, st = open_regular(path)
         hashing: Optional[_Hashing] = None
+        digest = self.hashes.get(path, st) if want_hash else None
+        crcs = self._cached_checks(path, st, piece_bytes) if piece_bytes else None
+        need_sha256 = want_hash and digest is None
+        # Piece checks only where they cost no read of their own.
+        offer_checks = bool(piece_bytes) and (crcs is not None or need_sha256)
+        need_pieces = piece_bytes if offer_checks and crcs is None else 0
         try:
-            digest = None
-            if want_hash:
-                digest = self.hashes.get(path, st)
-                if digest is None and defer_hash and st.st_size >= DEFER_HASH_MIN_BYTES:
-                    hashing = _Hashing(path, os.dup(fd), st, self.hashes)
-                elif digest is None:
-                    digest = hash_fd(fd)[0].hexdigest()
-                    self.hashes.put(path, st, digest)
+            if (need_sha256 or need_pieces) and defer_hash and \
+                    st.st_size >= DEFER_HASH_MIN_BYTES:
+                hashing = _Hashing(path, os.dup(fd), st, need_sha256, need_pieces,
+                                   lambda sha, pieces: self._store(path, st, piece_bytes, sha,
+                                                                   pieces))
+            elif need_sha256 or need_pieces:
+                sha, pieces, _ = digest_pass(fd, need_pieces, need_sha256, lambda: False)
+                self._store(path, st, piece_bytes, sha, pieces)
+                digest, crcs = sha or digest, pieces if pieces is not None else crcs
         except OSError as exc:
             os.close(fd)
             raise paths.os_error(exc, path) from None
         download = _Download(uuid.uuid4().hex, path, st, fd)
-        download.sha256, download.hashing = digest, hashing
+        download.sha256, download.crc32s, download.hashing = digest, crcs, hashing
         evicted: List[_Download] = []
         forgotten: List[_Download] = []
         with self._lock:
@@ -194,9 +231,12 @@ class Downloads:
             old.close()  # an evicted one still in the table is reopened by its next chunk
         for old in forgotten:
             old.forget()
-        return {"transfer_id": download.transfer_id, "path": path, "size": st.st_size,
-                "sha256": digest, "hash_pending": hashing is not None, "mtime": st.st_mtime,
-                "mtime_ns": st.st_mtime_ns, "mode": stat.S_IMODE(st.st_mode)}
+        result = {"transfer_id": download.transfer_id, "path": path, "size": st.st_size,
+                  "sha256": digest, "hash_pending": hashing is not None, "mtime": st.st_mtime,
+                  "mtime_ns": st.st_mtime_ns, "mode": stat.S_IMODE(st.st_mode)}
+        if offer_checks:
+            result["crc32"] = crcs
+        return result
 
     def download_hash(self, req: Request) -> Any:
         """The sha256 of a begun download: now, or once its background hash is done."""
@@ -207,14 +247,17 @@ class Downloads:
             raise OpError(ErrorCode.NOT_FOUND, "unknown download %r: call download_begin"
                           % transfer_id, {"transfer_id": transfer_id})
         if download.hashing is None:
-            return {"sha256": download.sha256}
+            return {"sha256": download.sha256, "crc32": download.crc32s}
         reply = self.supervisor.defer(req)
+        known_sha, known_crcs = download.sha256, download.crc32s
 
-        def settle(digest: Optional[str], error: Optional[OpError]) -> None:
+        def settle(digest: Optional[str], crcs: Optional[List[int]],
+                   error: Optional[OpError]) -> None:
             if error is not None:
                 reply.reject(error)
             else:
-                reply.resolve({"sha256": digest})
+                reply.resolve({"sha256": digest or known_sha,
+                               "crc32": crcs if crcs is not None else known_crcs})
 
         download.hashing.then(settle)
         return reply

@@ -7,7 +7,8 @@ import hashlib
 import json
 import os
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+import zlib
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .fsutil import O_BINARY, atomic_write, read_at
 
@@ -24,6 +25,35 @@ def hash_fd(fd: int, start: int = 0, hasher: Any = None) -> Tuple[Any, int]:
             return hasher, offset
         hasher.update(block)
         offset += len(block)
+
+
+def digest_pass(fd: int, piece_bytes: int, want_sha256: bool,
+                stopped: Callable[[], bool]) -> Tuple[Optional[str], Optional[List[int]], int]:
+    """One read of the file from its start: its sha256 (if ``want_sha256``), the CRC32 of
+    each ``piece_bytes`` piece (if ``piece_bytes``; the last may be shorter), and the
+    offset the read ended at (early if ``stopped()``)."""
+    hasher = hashlib.sha256() if want_sha256 else None
+    crcs: Optional[List[int]] = [] if piece_bytes else None
+    crc = filled = offset = 0
+    while not stopped():
+        block = read_at(fd, offset, HASH_BLOCK_BYTES)
+        if not block:
+            break
+        if hasher is not None:
+            hasher.update(block)
+        if crcs is not None:
+            view, pos = memoryview(block), 0
+            while pos < len(view):
+                take = min(len(view) - pos, piece_bytes - filled)
+                crc = zlib.crc32(view[pos:pos + take], crc)
+                pos, filled = pos + take, filled + take
+                if filled == piece_bytes:
+                    crcs.append(crc)
+                    crc = filled = 0
+        offset += len(block)
+    if crcs is not None and filled:
+        crcs.append(crc)
+    return (hasher.hexdigest() if hasher is not None else None), crcs, offset
 
 
 def sha256_file(path: str) -> str:

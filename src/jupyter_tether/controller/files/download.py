@@ -7,7 +7,9 @@ comm chunks requested with a credit window of ``window`` requests in flight. Eit
 are written into a ``DownloadPart`` beside the target and the sha256 is verified before the
 rename. A fresh download of a big file the remote has not hashed yet does not wait for that
 hash: the remote computes it while the bytes travel and ``download_hash`` fetches it at the
-end. A download that fails for a resumable reason (the
+end. A fresh download over ``GET /files`` is checked piece by piece (CRC32, against what the
+remote computed with its sha256) rather than hashed here: hashing cost as much CPU as the
+whole GET, and a loaded machine then took twice as long. A download that fails for a resumable reason (the
 link dropped, it timed out or was cancelled) leaves that partial behind on purpose: the next
 download of the same remote content fetches only what is missing. Any other failure leaves
 nothing.
@@ -22,6 +24,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2
@@ -31,7 +34,7 @@ from ...agent_payload.paths import PART_SUFFIX, SIDECAR_SUFFIX, is_inside, side_
 from ...agent_payload.wire import Op
 from ...errors import ConnectionLost, RemoteError, TetherTimeout, TransferError
 from ..caller import Caller
-from .fast_get import FilesGet, NotSimple, ReceiveError, fetch_ranges
+from .fast_get import PIECE_BYTES, FilesGet, NotSimple, ReceiveError, fetch_ranges
 from .part import DownloadPart
 from .progress import Progress, ProgressCallback
 from .ranges import chunks
@@ -91,12 +94,14 @@ class Downloader:
             transfer_id: str | None = None
             keep_partial = False
             try:
-                # With no partial to match, the remote may hash while the bytes travel.
-                sidecar = local.with_name(side_name(local.name, SIDECAR_SUFFIX))
-                begun = (await self._caller.call(
-                    Op.DOWNLOAD_BEGIN, {"path": remote_path, "hash": True,
-                                        "defer_hash": not sidecar.exists()},
-                    timeout=MANIFEST_TIMEOUT_S)).result
+                # With no partial to match, the remote may hash while the bytes travel, and
+                # bytes over /files are checked by piece.
+                fresh = not local.with_name(side_name(local.name, SIDECAR_SUFFIX)).exists()
+                args: dict[str, Any] = {"path": remote_path, "hash": True, "defer_hash": fresh}
+                if fresh and via == "auto" and self._likely_http(remote_path):
+                    args["checks"] = PIECE_BYTES
+                begun = (await self._caller.call(Op.DOWNLOAD_BEGIN, args,
+                                                 timeout=MANIFEST_TIMEOUT_S)).result
                 transfer_id = str(begun["transfer_id"])
                 target = str(begun["path"])
                 where = f"download {target} -> {local}"
@@ -111,6 +116,8 @@ class Downloader:
                                         f"{exc.strerror or exc}") from None
                 if resumed is None:
                     resumed = already
+                if "crc32" in begun and not already:
+                    part.check_pieces(PIECE_BYTES)
                 tracker = Progress(progress, size, part.received_bytes)
                 tracker.set(part.received_bytes)
                 keep_partial = True
@@ -127,12 +134,8 @@ class Downloader:
                     fetched += await self._fetch_chunks(transfer_id, part, chunk_size, window,
                                                         tracker)
                 keep_partial = False
-                actual = await anyio.to_thread.run_sync(part.digest)
-                if not digest:
-                    digest = str((await self._caller.call(
-                        Op.DOWNLOAD_HASH, {"transfer_id": transfer_id},
-                        timeout=MANIFEST_TIMEOUT_S)).result["sha256"])
-                    part.sha256 = digest
+                actual, digest = await self._verify(part, begun, transfer_id, where)
+                part.sha256 = digest
                 if actual != digest and part.unverified and attempt < MAX_ATTEMPTS:
                     log.info("%s: the partial matched by mtime only was not this content; "
                              "starting over", where)
@@ -188,7 +191,41 @@ class Downloader:
         return TransferResult(path=part.remote_path, local_path=str(local), bytes=part.size,
                               seconds=time.perf_counter() - started, sha256=part.sha256,
                               resumed_bytes=resumed or 0, sent_bytes=fetched,
-                              direction="download", via=used)
+                              direction="download", via=used,
+                              verified="crc32" if part.checks is not None else "sha256")
+
+    async def _verify(self, part: DownloadPart, begun: dict[str, Any], transfer_id: str,
+                      where: str) -> tuple[str, str]:
+        """``(what arrived, what the remote has)`` as sha256s; raises TransferError if the
+        pieces' CRC32s differ from the remote's."""
+        digest = str(begun.get("sha256") or "")
+        remote = begun.get("crc32")
+        checks = part.checks
+        checking = checks is not None and checks.complete()
+        if not digest or (checking and remote is None):
+            hashed = (await self._caller.call(Op.DOWNLOAD_HASH, {"transfer_id": transfer_id},
+                                              timeout=MANIFEST_TIMEOUT_S)).result
+            digest = str(hashed["sha256"])
+            remote = hashed.get("crc32", remote)
+        if checks is not None and checking and isinstance(remote, list):
+            bad = checks.mismatches([int(crc) for crc in remote])
+            if bad:
+                raise TransferError(
+                    f"{where}: {len(bad)} piece(s) differ from the remote file (the first at "
+                    f"byte {bad[0] * checks.piece_bytes}): it changed while it was being "
+                    "downloaded; download it again")
+            return digest, digest
+        part.checks = None  # not checked by piece after all: hash what is on disk
+        return await anyio.to_thread.run_sync(part.digest), digest
+
+    def _likely_http(self, remote_path: str) -> bool:
+        """Whether ``remote_path`` will probably come over ``GET /files`` (a guess before
+        the remote resolves it: it only decides whether to ask for piece checks)."""
+        if not self._caller.files_root:
+            return False
+        if remote_path.startswith("/"):
+            return self._files_url_path(remote_path) is not None
+        return not any(name.startswith(".") for name in remote_path.split("/"))
 
     async def _end(self, transfer_id: str) -> None:
         with anyio.move_on_after(5), contextlib.suppress(RemoteError, ConnectionLost,

@@ -4,9 +4,9 @@ httpx2 parses a response body in Python, 64 KiB at a time: about 2 CPU seconds p
 loopback, more than the server spends sending it, and all of it on the event loop that
 small calls need. Here a worker thread moves the body from the socket to the part file
 with ``os.splice`` (Linux: the bytes never enter Python) or ``recv_into`` and ``pwrite``
-elsewhere, and a second thread reads back what landed and hashes it: both release the GIL,
-so a verified download costs about what a plain GET to disk costs, and the event loop stays
-free for small calls.
+elsewhere, and a second thread reads back what landed and checks it (each piece's CRC32,
+or a running sha256): both release the GIL, so a checked download costs about what a plain
+GET to disk costs, and the event loop stays free for small calls.
 
 Only the simple case is taken: plain ``http`` to a host no proxy variable applies to,
 answered 206 (or 200 for a whole file) with exactly the bytes asked for and no content or
@@ -17,6 +17,7 @@ caller uses httpx2 instead (TLS, proxies, redirects).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import socket
@@ -45,6 +46,8 @@ TIMEOUT_S = 60
 MAX_HEAD_BYTES = 64 * 1024
 _F_SETPIPE_SZ = 1031
 USE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
+# splice refused by this socket or file system: copy through a buffer instead
+_NO_SPLICE = {errno.EINVAL, errno.ENOSYS, getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
 
 
 class NotSimple(Exception):
@@ -131,7 +134,9 @@ class _Conn:
                 raise ReceiveError("the server closed the connection")
             head += got
         status, headers = parse_head(head[:end])
-        self.reusable = "close" not in headers.get("connection", "").lower()
+        connection = headers.get("connection", "").lower()
+        self.reusable = "close" not in connection and (
+            head.startswith(b"HTTP/1.1") or "keep-alive" in connection)
         return status, headers
 
     def close(self) -> None:
@@ -224,6 +229,7 @@ class _Mover:
         assert part.file is not None
         self.fd = part.file.fd
         self.pipe: tuple[int, int] | None = None
+        self._drain: int | None = None
         self.buffer: memoryview | None = None
         if USE_SPLICE:
             self.pipe = os.pipe()
@@ -240,7 +246,13 @@ class _Mover:
         Raises ReceiveError for the socket, OSError for the file."""
         try:
             if self.pipe is not None:
-                got = os.splice(sock.fileno(), self.pipe[1], length)
+                try:
+                    got = os.splice(sock.fileno(), self.pipe[1], length)
+                except OSError as exc:
+                    if exc.errno not in _NO_SPLICE:
+                        raise
+                    self._unsplice()
+                    return self.move(sock, offset, length)
             else:
                 assert self.buffer is not None
                 got = sock.recv_into(self.buffer[:length])
@@ -248,25 +260,49 @@ class _Mover:
             raise ReceiveError(f"GET stalled for {TIMEOUT_S} s") from None
         except OSError as exc:
             raise ReceiveError(f"GET broke off: {exc}") from None
-        if self.pipe is not None:
-            done = 0
-            while done < got:
-                done += os.splice(self.pipe[0], self.fd, got - done, offset_dst=offset + done)
-        else:
+        if self.pipe is None:
             assert self.buffer is not None
             self.part.write_raw(offset, self.buffer[:got])
+            return got
+        done = 0
+        try:
+            while done < got:
+                done += os.splice(self.pipe[0], self.fd, got - done, offset_dst=offset + done)
+        except OSError as exc:
+            if exc.errno not in _NO_SPLICE:
+                raise
+            # A file system that takes no splice: what is in the pipe goes through a buffer.
+            self._unsplice()
+            assert self.buffer is not None and self._drain is not None
+            while done < got:
+                view = self.buffer[:min(len(self.buffer), got - done)]
+                view = view[:os.readv(self._drain, [view])]
+                self.part.write_raw(offset + done, view)
+                done += len(view)
+            os.close(self._drain)
+            self._drain = None
         return got
+
+    def _unsplice(self) -> None:
+        """From now on through a buffer; the pipe's read end stays open to be drained."""
+        assert self.pipe is not None
+        os.close(self.pipe[1])
+        self._drain, self.pipe = self.pipe[0], None
+        self.buffer = memoryview(bytearray(MOVE_BYTES))
 
     def close(self) -> None:
         if self.pipe is not None:
             for fd in self.pipe:
                 os.close(fd)
             self.pipe = None
+        if self._drain is not None:
+            os.close(self._drain)
+            self._drain = None
 
 
 class _Recorder:
     """A thread that reads back what landed in the part file, in order, and records it
-    (the running sha256 and the sidecar): the hash runs beside the next bytes' move."""
+    (piece CRC32s or the running sha256, and the sidecar) beside the next bytes' move."""
 
     def __init__(self, part: DownloadPart) -> None:
         self.part = part
@@ -298,7 +334,7 @@ class _Recorder:
                         piece[:got] = data
                     if got != len(piece):
                         raise OSError(f"{self.part.part} is shorter than what was written")
-                    (self.part.record(offset, piece) if not os.environ.get('NOHASH') else None)
+                    self.part.record(offset, piece)
                     offset += len(piece)
                     length -= len(piece)
             except BaseException as exc:  # handed to the moving thread
@@ -315,8 +351,8 @@ def fetch_ranges(get: FilesGet, part: DownloadPart, ranges: list[list[int]],
 
     Requests go ``CONNECTIONS`` at a time, one per connection, so the server has the next
     one as soon as it finishes one. ``report(n)`` every ``REPORT_BYTES`` or so says
-    whether to go on. Raises NotSimple (only before anything is written), ReceiveError
-    for the connection, OSError for the local file.
+    whether to go on. Raises NotSimple for an answer this client does not read (what came
+    before it is kept), ReceiveError for the connection, OSError for the local file.
     """
     todo = pieces(ranges)
     mover = _Mover(part)

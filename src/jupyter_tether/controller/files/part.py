@@ -8,6 +8,10 @@ before ``finish`` renames the part over the target.
 A download that starts before the remote has its sha256 (it hashes while the bytes travel)
 has ``sha256`` "" until the end: its sidecar names the remote mtime instead, and a partial
 resumed on that weaker match is ``unverified`` (a mismatch at the end means start over).
+
+A fresh download over ``GET /files`` is checked with ``PieceChecks`` instead of a local
+sha256: the CRC32 of each piece against the remote's, computed in the read that gave (or
+gives, cached by inode, size and times) the file's sha256.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import cast
 
@@ -32,6 +37,46 @@ _SIDECAR_SAVE_INTERVAL_S = 0.5
 def _any_buffer(data: bytes | memoryview) -> bytes:
     # pwrite and sha256 take any buffer: views of a reused buffer spare a copy.
     return cast(bytes, data)
+
+
+class PieceChecks:
+    """The CRC32 of each ``piece_bytes`` piece of what arrived (bytes in order within a
+    piece; anything else makes it ``broken``), to compare with the remote's."""
+
+    def __init__(self, size: int, piece_bytes: int) -> None:
+        self.size = size
+        self.piece_bytes = piece_bytes
+        count = -(-size // piece_bytes)
+        self._crcs = [0] * count
+        self._filled = [0] * count
+        self.broken = False
+
+    def add(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while len(view) and not self.broken:
+            piece, within = divmod(offset, self.piece_bytes)
+            if within != self._filled[piece]:
+                self.broken = True  # a gap or a rewrite: the caller hashes the file instead
+                return
+            take = min(len(view), self.piece_bytes - within)
+            self._crcs[piece] = zlib.crc32(view[:take], self._crcs[piece])
+            self._filled[piece] += take
+            offset += take
+            view = view[take:]
+
+    def complete(self) -> bool:
+        last = self.size - (len(self._crcs) - 1) * self.piece_bytes
+        return not self.broken and all(
+            filled == (self.piece_bytes if index < len(self._filled) - 1 else last)
+            for index, filled in enumerate(self._filled))
+
+    def mismatches(self, remote: list[int]) -> list[int]:
+        """Indexes of the pieces whose CRC32 differs from ``remote``'s (all of them if it
+        has another number of pieces)."""
+        if len(remote) != len(self._crcs):
+            return list(range(len(self._crcs)))
+        return [index for index, (mine, theirs) in enumerate(zip(self._crcs, remote, strict=True))
+                if mine != theirs]
 
 
 class DownloadPart:
@@ -52,6 +97,8 @@ class DownloadPart:
         self.mtime_ns = mtime_ns
         #: resumed from a partial matched by size and mtime only (its sha256 was not known)
         self.unverified = False
+        #: set (by the downloader, before any byte) to check pieces instead of a sha256
+        self.checks: PieceChecks | None = None
         # Chunks are written in order, so a fresh download hashes as it goes; resumed bytes
         # from an earlier attempt are hashed from disk at the end instead.
         self.state = TransferState(size, sha256)
@@ -123,6 +170,8 @@ class DownloadPart:
         One thread at a time, in offset order for the running hash to follow.
         """
         self.state.add(offset, _any_buffer(data))
+        if self.checks is not None:
+            self.checks.add(offset, data)
         now = time.monotonic()
         if now - self._saved_at >= _SIDECAR_SAVE_INTERVAL_S:
             self.save()
@@ -134,6 +183,11 @@ class DownloadPart:
                                    "remote_mtime_ns": self.mtime_ns})
         with contextlib.suppress(OSError):
             self.sidecar.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
+
+    def check_pieces(self, piece_bytes: int) -> None:
+        """Check CRC32s of pieces instead of keeping a running sha256 (a fresh part only)."""
+        self.checks = PieceChecks(self.size, piece_bytes)
+        self.state.hasher = None  # a sha256 still needed is read back from the file
 
     def digest(self) -> str:
         """The sha256 of the part: the running hash, fed what it has not seen from disk."""

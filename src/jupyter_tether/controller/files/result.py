@@ -24,6 +24,9 @@ class TransferResult:
     direction: str = "upload"
     #: how the bytes travelled: "comm" chunks, or "http" (ranged GET /files) for downloads
     via: str = "comm"
+    #: how the bytes that arrived were checked: "sha256" (hashed here), or "crc32" (each
+    #: piece's CRC32 against the remote's, read with the sha256 the remote reports)
+    verified: str = "sha256"
 
     @property
     def mb_per_s(self) -> float:

@@ -168,7 +168,8 @@ async def jupyter_download_to_local(
     client_roots: ClientRoots = None,
 ) -> dict[str, Any]:
     """Download a remote file to a local path (inside the allowed local roots) in chunks,
-    SHA-256 verified, written atomically; sends progress. Returns bytes, seconds, sha256."""
+    checked against the remote, written atomically; sends progress. Returns bytes, seconds,
+    sha256."""
     local = tc.confine(local_path, client_roots)
     async with bounded(timeout_s, f"download of {remote_path}"), \
             activity(ctx, f"download {os.path.basename(remote_path)}") as act:
