@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nbformat
-
 from ...agent_payload.wire import ErrorCode
 from ...errors import InvalidArgument, LimitExceeded
 from ..execute import cap_head, cap_text, cap_traceback, strip_ansi
@@ -150,6 +148,10 @@ def ensure_ids(nb: dict[str, Any]) -> bool:
 
 def validate(nb: dict[str, Any], path: str) -> None:
     """Raise InvalidArgument unless ``nbformat.validate`` (jupyter_server's check) accepts it."""
+    # Imported here: nbformat pulls in jsonschema's format checkers, whose rfc3987 grammar
+    # takes ~1.4 s to build, a cost every CLI run and MCP start would pay otherwise.
+    import nbformat
+
     try:
         nbformat.validate(nb)
     except nbformat.ValidationError as exc:
@@ -160,6 +162,8 @@ def validate(nb: dict[str, Any], path: str) -> None:
 
 def dumps(nb: dict[str, Any], path: str) -> bytes:
     """The notebook as jupyter_server writes it (sorted keys, indent 1), after validation."""
+    import nbformat
+
     validate(nb, path)
     return (nbformat.writes(nbformat.from_dict(nb), version=4) + "\n").encode("utf-8")
 
