@@ -113,10 +113,12 @@ def test_interrupting_a_follow_leaves_the_tether_usable(
         kernel: tuple[KernelManager, BlockingKernelClient],
         connected: BlockingKernelClient) -> None:
     km, kc = kernel
+    # stop_on_error=False: otherwise the kernel may abort the next cell, sent right after
+    # this one's KeyboardInterrupt reply, while it still drops what queued behind the error.
     kc.execute(textwrap.dedent("""
         slow = t.jobs.start("echo waiting; sleep 60")
         slow.watch()
-    """))
+    """), stop_on_error=False)
     deadline = time.monotonic() + 30
     seen = ""
     while "waiting" not in seen and time.monotonic() < deadline:
