@@ -37,6 +37,7 @@ from jupyter_tether.controller.forward import BlockingPortForward
 from .conftest import fast_options
 from .inprocess import InProcess, remote_fixture, until
 from .netfault import FaultProxy, proxied_server
+from .server_extensions import extension_site, server_with_extension
 
 __all__ = ["proxied_server", "remote_fixture"]  # fixtures: imported for pytest
 
@@ -570,40 +571,15 @@ SERVER_PROXY_ENV = "JUPYTER_TETHER_SERVER_PROXY_EXT"
 SERVER_PROXY_PACKAGES = ["jupyter-server-proxy==4.6.0", "simpervisor==1.0.0"]
 
 
-def _server_proxy_site() -> Path:
-    """jupyter-server-proxy in a folder of its own (installed once; its aiohttp is already in
-    this environment): only the server started with it has ``<base>/proxy/<port>/``."""
-    import subprocess
-
-    site = Path(os.environ.get(SERVER_PROXY_ENV) or
-                Path(os.environ.get("TMPDIR", "/tmp")) / "jupyter-tether-server-proxy-4.6.0")
-    if not (site / "jupyter_server_proxy").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--target", str(site), *SERVER_PROXY_PACKAGES], check=True, timeout=600)
-    return site
-
-
 @pytest.fixture(scope="module")
 def proxy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from jupyter_tether.controller.embedded import LocalJupyterServer
-
-    site = _server_proxy_site()
-    root = tmp_path_factory.mktemp("server-proxy-root")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), old) if p)
-    try:
-        server = LocalJupyterServer(root, log_path=root.parent / "server-proxy.log", extra_args=[
-            '--ServerApp.jpserver_extensions={"jupyter_server_proxy": True}'])
-        server.start()
-    finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
-    try:
+    # Its aiohttp is already in this environment: the two packages are all it adds.
+    site = extension_site(SERVER_PROXY_ENV, "jupyter-tether-server-proxy-4.6.0",
+                          SERVER_PROXY_PACKAGES, "jupyter_server_proxy")
+    with server_with_extension(site, "jupyter_server_proxy",
+                               tmp_path_factory.mktemp("server-proxy-root"),
+                               "server-proxy.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_server_proxy_url_is_offered_where_the_server_has_it(

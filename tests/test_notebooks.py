@@ -26,6 +26,7 @@ from jupyter_tether.controller.notebooks.remote_runner import inject_parameters
 from jupyter_tether.errors import Conflict
 
 from .conftest import fast_options
+from .server_extensions import extension_site, server_with_extension
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5E"
@@ -446,36 +447,13 @@ RTC_PACKAGES = ["jupyter-server-ydoc==3.0.4", "jupyter-ydoc==4.2.1", "pycrdt==0.
 RTC_EXT_ENV = "JUPYTER_TETHER_RTC_EXT"
 
 
-def _rtc_site() -> Path:
-    """jupyter-server-ydoc and what it adds to this environment's jupyter_server, in a folder
-    of its own (installed once): only the server started with it runs collaboration."""
-    site = Path(os.environ.get(RTC_EXT_ENV) or
-                Path(os.environ.get("TMPDIR", "/tmp")) / "jupyter-tether-rtc-ext-3.0.4")
-    if not (site / "jupyter_server_ydoc").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--target", str(site), *RTC_PACKAGES], check=True, timeout=600)
-    return site
-
-
 @pytest.fixture(scope="module")
 def rtc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalJupyterServer]:
-    site = _rtc_site()
-    root = tmp_path_factory.mktemp("rtc-root")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), old) if p)
-    try:
-        server = LocalJupyterServer(root, log_path=root.parent / "rtc-server.log", extra_args=[
-            '--ServerApp.jpserver_extensions={"jupyter_server_ydoc": True}'])
-        server.start()
-    finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
-    try:
+    site = extension_site(RTC_EXT_ENV, "jupyter-tether-rtc-ext-3.0.4", RTC_PACKAGES,
+                          "jupyter_server_ydoc")
+    with server_with_extension(site, "jupyter_server_ydoc", tmp_path_factory.mktemp("rtc-root"),
+                               "rtc-server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_collaboration_is_detected_and_file_writes_refused(rtc_server: LocalJupyterServer,
