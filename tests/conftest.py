@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +56,26 @@ def tether(jupyter_server: LocalJupyterServer,
     with Tether(jupyter_server.url, jupyter_server.token, options=fast_options(),
                 output_dir=out) as t:
         yield t
+
+
+@contextlib.contextmanager
+def iopub_seen(t: Tether) -> Iterator[list[str]]:
+    """The msg_types of the iopub messages the tether's kernel socket routes meanwhile."""
+    sock = t.aio.link._sock
+    assert sock is not None
+    seen: list[str] = []
+    original = sock._route
+
+    def spy(msg: Any) -> None:
+        if msg.channel == "iopub":
+            seen.append(msg.msg_type)
+        original(msg)
+
+    sock._route = spy  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        sock._route = original  # type: ignore[method-assign]
 
 
 @pytest.fixture

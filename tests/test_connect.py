@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,7 +22,7 @@ from jupyter_tether.agent_payload import bundle, wire
 from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.kernels import SUPERVISOR_SESSION
 
-from .conftest import fast_options
+from .conftest import fast_options, iopub_seen
 
 
 def test_connect_injects_supervisor_and_says_hello(tether: Tether, server_root: Path) -> None:
@@ -225,23 +224,11 @@ def test_each_rpc_reply_is_a_single_iopub_message(tether: Tether) -> None:
     # server leaves Nagle on), so the supervisor's parked subshell must answer without the
     # busy/idle status pair around each reply.
     link = tether.aio.link
-    sock = link._sock
     hello = tether.portal.call(lambda: link.call("hello", {"protocol": wire.PROTOCOL_VERSION}))
-    assert sock is not None and link.subshell_id == hello.result["parked_subshell_id"]
-    seen: list[str] = []
-    original = sock._route
-
-    def spy(msg: Any) -> None:
-        if msg.channel == "iopub":
-            seen.append(msg.msg_type)
-        original(msg)
-
-    sock._route = spy  # type: ignore[method-assign]
-    try:
+    assert link.subshell_id == hello.result["parked_subshell_id"]
+    with iopub_seen(tether) as seen:
         for _ in range(20):
             tether.ping()
-    finally:
-        sock._route = original  # type: ignore[method-assign]
     assert seen.count("comm_msg") == 20
     assert "status" not in seen
 

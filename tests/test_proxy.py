@@ -21,7 +21,7 @@ import websockets.sync.client
 
 from jupyter_tether import AuthError, LinkOptions, Tether
 
-from .conftest import fast_options
+from .conftest import fast_options, iopub_seen
 from .proxy_server import KaggleSite, kaggle_site, resolve_server_env, server_envs
 from .remote_checks import (
     check_connect,
@@ -90,24 +90,10 @@ def test_each_supervisor_reply_is_one_websocket_message(t: Tether) -> None:
     for _ in range(3):
         t.ping()
     time.sleep(0.5)  # what connecting stirred up (the comm_open's status pair, events) is over
-    link = t.aio.link
-    sock = link._sock
-    assert sock is not None
-    seen: list[str] = []
-    original = sock._route
-
-    def spy(msg: Any) -> None:
-        if msg.channel == "iopub":
-            seen.append(msg.msg_type)
-        original(msg)
-
-    sock._route = spy  # type: ignore[method-assign]
-    try:
+    with iopub_seen(t) as seen:
         for _ in range(20):
             t.ping()
             t.jobs.list()
-    finally:
-        sock._route = original  # type: ignore[method-assign]
     assert seen.count("comm_msg") >= 40  # the replies, and maybe an event
     assert "status" not in seen, seen[:12]
 
