@@ -36,8 +36,9 @@ PIECE_BYTES = 16 * 1024 * 1024
 #: one request: the server's file handler writes all of it without giving its event loop
 #: back while the socket takes the bytes (a fast reader), so pings wait behind one request.
 #: 4 MiB against 16: ping max during a 256 MiB / 1 GiB download 35 / 209 ms against
-#: 112 / 461 ms, throughput within the noise (bench/bench_mcp.py, 3 rounds).
-REQUEST_BYTES = 4 * 1024 * 1024
+#: 112 / 461 ms (bench/bench_mcp.py), but a 64 MiB download ~20% slower (per-request cost
+#: in the server); 8 MiB was as fast as 16 there.
+REQUEST_BYTES = 8 * 1024 * 1024
 #: connections: the next request is already at the server when one answer ends (no gap)
 CONNECTIONS = 2
 #: one splice, or one recv_into and pwrite
