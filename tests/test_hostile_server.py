@@ -25,6 +25,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from jupyter_tether import AsyncTether, LimitExceeded, Tether
 from jupyter_tether.agent_payload import wire
 from jupyter_tether.controller import kernel_ws
+from jupyter_tether.controller import rest as rest_module
 from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.execute import EXEC_LIMITS, execute
 from jupyter_tether.controller.kernel_requests import kernel_info
@@ -342,3 +343,60 @@ async def test_a_reply_above_the_link_limit_fails_the_call_and_the_link_recovers
             reply = await t.link.call("fs_read", {"path": "hostile-big.bin",
                                                   "max_bytes": MiB})
         assert reply.buffers[0] == b"\x01" * MiB
+
+
+@contextlib.asynccontextmanager
+async def flaky_proxy(failures: int, status: int = 502) -> AsyncIterator[tuple[str, list[str]]]:
+    """An HTTP peer that answers the first ``failures`` requests with ``status`` (a proxy
+    whose upstream is briefly away), then ``{"version": "2.12.5"}``; and the request lines."""
+    seen: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head.split(b"\r\n", 1)[0].decode())
+            body = b'{"version": "2.12.5"}'
+            line = f"{status} Bad Gateway" if len(seen) <= failures else "200 OK"
+            writer.write(f"HTTP/1.1 {line}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                         + body)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", seen
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_the_version_lookup_is_tried_again_when_the_proxy_says_its_upstream_is_away(
+        status: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rest_module, "RETRY_PAUSES_S", (0.01, 0.01))
+    async with flaky_proxy(failures=2, status=status) as (url, seen):
+        rest = JupyterRest(Target(base_url=url, token="t"))
+        try:
+            assert (await rest.version())["version"] == "2.12.5"
+        finally:
+            await rest.aclose()
+    assert seen == ["GET /api HTTP/1.1"] * 3
+
+
+async def test_the_version_lookup_gives_up_after_its_retries_and_nothing_else_retries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from jupyter_tether.errors import ServerError
+
+    monkeypatch.setattr(rest_module, "RETRY_PAUSES_S", (0.01, 0.01))
+    async with flaky_proxy(failures=10) as (url, seen):
+        rest = JupyterRest(Target(base_url=url, token="t"))
+        try:
+            with pytest.raises(ServerError, match="HTTP 502"):
+                await rest.version()
+            assert len(seen) == 3
+            with pytest.raises(ServerError, match="HTTP 502"):
+                await rest.start_kernel()  # a POST may have been done upstream: once only
+            with pytest.raises(ServerError, match="HTTP 502"):
+                await rest.list_kernels()  # the link's reconnect loop retries on its own
+            assert [line.split()[:2] for line in seen[3:]] == [["POST", "/api/kernels"],
+                                                              ["GET", "/api/kernels"]]
+        finally:
+            await rest.aclose()

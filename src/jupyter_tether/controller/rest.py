@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import anyio
 import httpx2
 
 from ..credentials import redact
@@ -21,6 +23,12 @@ from .target import Target
 #: the most bytes read from one REST answer (after decompression): kernel and session
 #: listings are kilobytes; a server sending more is broken or hostile
 MAX_REST_BODY_BYTES = 32 * 1024 * 1024
+#: a proxy's "the upstream did not answer (in time)": a GET asked to (``retry=True``) is
+#: tried again after each of these pauses. Only side lookups ask: the link's reconnect
+#: loop retries on its own schedule, and a write may have been done upstream.
+RETRY_STATUSES = frozenset({502, 503, 504})
+RETRY_PAUSES_S = (0.5, 1.5)
+log = logging.getLogger(__name__)
 # Headers that describe the body as it came off the wire, not the bytes we kept of it.
 _WIRE_HEADERS = {"content-encoding", "content-length", "transfer-encoding"}
 
@@ -88,25 +96,32 @@ class JupyterRest:
 
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: dict[str, Any] | None = None,
-                      ok: tuple[int, ...] = (200, 201, 204)) -> httpx2.Response:
+                      ok: tuple[int, ...] = (200, 201, 204),
+                      retry: bool = False) -> httpx2.Response:
         headers = {}
         if method != "GET":
             await self._ensure_xsrf()
             if self._xsrf:
                 headers["X-XSRFToken"] = self._xsrf
         url = self.target.http_url(path)
-        try:
-            request = self._client.build_request(method, url, json=json, params=params,
-                                                 headers=headers)
-            response = await self._read_bounded(
-                await self._client.send(request, stream=True), f"{method} {redact(url)}")
-        except httpx2.TimeoutException as exc:
-            raise ConnectionLost(f"{method} {redact(url)} timed out: {exc}") from None
-        except httpx2.HTTPError as exc:
-            raise ConnectionLost(
-                f"cannot reach the Jupyter server at {self.target.display_url}: "
-                f"{redact(str(exc)) or type(exc).__name__}"
-            ) from None
+        pauses = list(RETRY_PAUSES_S) if retry and method == "GET" else []
+        while True:
+            try:
+                request = self._client.build_request(method, url, json=json, params=params,
+                                                     headers=headers)
+                response = await self._read_bounded(
+                    await self._client.send(request, stream=True), f"{method} {redact(url)}")
+            except httpx2.TimeoutException as exc:
+                raise ConnectionLost(f"{method} {redact(url)} timed out: {exc}") from None
+            except httpx2.HTTPError as exc:
+                raise ConnectionLost(
+                    f"cannot reach the Jupyter server at {self.target.display_url}: "
+                    f"{redact(str(exc)) or type(exc).__name__}"
+                ) from None
+            if response.status_code not in RETRY_STATUSES or not pauses:
+                break
+            log.info("%s %s -> HTTP %d; trying again", method, redact(url), response.status_code)
+            await anyio.sleep(pauses.pop(0))
         if response.status_code in ok:
             return response
         if response.status_code in (401, 403):
@@ -135,7 +150,9 @@ class JupyterRest:
     # --- server ---------------------------------------------------------------------------
 
     async def version(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.get_json("api")
+        """``/api``: asked beside a ping, so a proxy's passing 502/504 is tried again rather
+        than failing a ping whose round trip worked."""
+        result: dict[str, Any] = (await self.request("GET", "api", retry=True)).json()
         return result
 
     async def status(self) -> dict[str, Any]:
