@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,6 +77,9 @@ def test_next_call_just_works_after_fault_during_idle_period(
     proxy, t = proxied_tether
     pid = t.info()["pid"]
     assert t.ping()["ok"]
+    # A notebook that seeds `random` gets the same sequence whether or not the link kept
+    # alive, dropped and backed off meanwhile.
+    seeded = random.getstate()
     break_link(proxy, fault)
     wait_for_drop(t)
     time.sleep(1.0)  # stay down a while: reconnect attempts fail and back off meanwhile
@@ -87,6 +91,7 @@ def test_next_call_just_works_after_fault_during_idle_period(
     assert status["connected"] and status["reconnects"] >= 1
     assert status["last_drop"] and status["last_drop_at"]
     assert status["install"] == "reused" and t.info()["pid"] == pid, "same supervisor"
+    assert random.getstate() == seeded
 
 
 def test_clean_close_with_server_still_up_reconnects_at_once(

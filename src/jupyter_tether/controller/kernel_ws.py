@@ -293,7 +293,9 @@ class KernelSocket:
             await anyio.sleep(self._ping_interval)
             sent_at = time.monotonic()
             try:
-                pong = await connection.ping()
+                # Our own payload: without one, websockets draws it from the global `random`,
+                # moving the sequence of a notebook that seeded it for reproducible results.
+                pong = await connection.ping(secrets.token_bytes(4))
             except websockets.ConnectionClosed:
                 return
             try:

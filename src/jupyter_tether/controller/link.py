@@ -38,6 +38,9 @@ from .rpc import Event, EventSequencer, PendingCall, PendingCalls, Reply
 from .state import TargetState
 from .target import Target
 
+#: reconnect jitter from a generator of our own: a notebook that seeds `random` for
+#: reproducible results must not see its sequence move when the link reconnects
+_JITTER = random.Random()
 log = logging.getLogger(__name__)
 
 #: bulk messages (tunnel bytes) wait until the websocket holds less than this unsent, so a
@@ -536,7 +539,7 @@ class SupervisorLink:
             # timeout (a blackholed path) is followed by the next at once. A call that
             # starts waiting meanwhile cuts the wait short, so the first call after the
             # path heals reconnects at once instead of after up to 1.5 * backoff_max.
-            pause = delay * (0.5 + random.random()) - (anyio.current_time() - attempt_started)
+            pause = delay * (0.5 + _JITTER.random()) - (anyio.current_time() - attempt_started)
             if pause > 0:
                 with anyio.move_on_after(pause):
                     await self._retry_now.wait()
