@@ -20,6 +20,7 @@ from jupyter_tether.controller.files import (
     TransferResult,
     fast_get,
 )
+from jupyter_tether.controller.files import download as download_module
 from jupyter_tether.errors import TransferError
 
 MiB = 1024 * 1024
@@ -136,7 +137,10 @@ def test_download_over_files_is_checked_by_piece_and_a_bad_piece_is_refused(
 
 @pytest.mark.parametrize(("via", "expected"), [("auto", "http")])  # comm: test_files_service
 def test_interrupted_download_keeps_a_partial_and_resumes(
-        tether: Tether, tmp_path: Path, server_root: Path, via: str, expected: str) -> None:
+        tether: Tether, tmp_path: Path, server_root: Path, via: str, expected: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Progress every millisecond: the cancel lands mid-transfer, not after the last byte.
+    monkeypatch.setattr(download_module, "REPORT_EVERY_S", 0.001)
     size = 24 * MiB
     digest = random_file(server_root / "dl" / f"d-{via}.bin", size)
     local = tmp_path / "d.bin"
@@ -154,7 +158,7 @@ def test_interrupted_download_keeps_a_partial_and_resumes(
     result = run(tether, files(tether).download, f"dl/d-{via}.bin", local, chunk_size=MiB,
                  via=via)
     assert result.via == expected
-    assert result.resumed_bytes >= 8 * MiB
+    assert result.resumed_bytes >= 8 * MiB and result.sent_bytes > 0
     assert result.resumed_bytes + result.sent_bytes == size
     assert sha_of(local) == digest
     assert debris(tmp_path) == []

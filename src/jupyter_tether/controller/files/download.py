@@ -45,6 +45,10 @@ from .tuning import CHUNK_TIMEOUT_S, MANIFEST_TIMEOUT_S, MAX_ATTEMPTS
 log = logging.getLogger(__name__)
 
 
+#: how often bytes fetched over ``GET /files`` go into the progress tracker
+REPORT_EVERY_S = 0.1
+
+
 class _NoHttp(Exception):
     """The server will not serve this file over ``/files``: use the comm instead."""
 
@@ -257,28 +261,39 @@ class Downloader:
         """What ``part`` misses through ``fast_get`` on a worker thread; returns the bytes
         written. NotSimple comes before anything is written.
 
-        Progress is reported here every few MiB (the thread waits for it to be taken), so a
-        cancellation from a progress callback or a dropped link acts within a few MiB.
+        The thread never waits for the event loop: it adds what it wrote to a counter that
+        is moved into ``tracker`` every ``REPORT_EVERY_S``, and it stops within a move of
+        ``stop`` being set (a progress callback that cancels, or a dropped link).
         """
-        send, receive = anyio.create_memory_object_stream[int](0)
         stop = threading.Event()
+        done = anyio.Event()
         failure: list[BaseException] = []
         dropped = False
         fetched = 0
+        lock = threading.Lock()
+        pending = 0
 
         def report(count: int) -> bool:  # worker thread
-            if not stop.is_set():
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    anyio.from_thread.run(send.send, count)
+            nonlocal pending
+            with lock:
+                pending += count
             return not stop.is_set()
 
+        def take() -> None:
+            nonlocal fetched, pending
+            with lock:
+                count, pending = pending, 0
+            if count:
+                fetched += count
+                tracker.add(count)
+
         async def work() -> None:
-            async with send:
-                try:
-                    await anyio.to_thread.run_sync(fetch_ranges, get, part, part.missing(),
-                                                   report)
-                except Exception as exc:
-                    failure.append(exc)
+            try:
+                await anyio.to_thread.run_sync(fetch_ranges, get, part, part.missing(), report)
+            except Exception as exc:
+                failure.append(exc)
+            finally:
+                done.set()
 
         async def watch_link() -> None:
             # As for httpx2: the comm link's keepalive notices a dead path within seconds.
@@ -293,10 +308,10 @@ class Downloader:
             group.start_soon(work)
             group.start_soon(watch_link)
             try:
-                async with receive:
-                    async for count in receive:
-                        fetched += count
-                        tracker.add(count)
+                while not done.is_set():
+                    with anyio.move_on_after(REPORT_EVERY_S):
+                        await done.wait()
+                    take()
             finally:
                 stop.set()
                 get.abort()  # unblocks the thread if we are cancelled; harmless once done

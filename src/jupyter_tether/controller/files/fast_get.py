@@ -45,7 +45,7 @@ CONNECTIONS = 2
 MOVE_BYTES = 1024 * 1024
 #: read back and hashed at a time: stays in the CPU's cache (4 MiB cost ~2x the CPU)
 HASH_BYTES = 256 * 1024
-#: progress goes to the event loop this often (the thread waits for it to be taken)
+#: the worker adds to the progress count, and checks whether to stop, this often
 REPORT_BYTES = 4 * 1024 * 1024
 TIMEOUT_S = 60
 MAX_HEAD_BYTES = 64 * 1024
