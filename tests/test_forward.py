@@ -130,6 +130,21 @@ def test_stream_carries_bytes_both_ways_and_half_close(remote: InProcess) -> Non
     server.close()
 
 
+@pytest.mark.parametrize("connected_at_once", [True, False])
+def test_bytes_that_ride_with_a_quiet_open_reach_the_remote_and_come_back(
+        remote: InProcess, monkeypatch: pytest.MonkeyPatch, connected_at_once: bool) -> None:
+    # A loopback connect is usually done when the open is handled (its bytes go at once);
+    # otherwise the I/O thread finishes the connect and sends them.
+    if not connected_at_once:
+        monkeypatch.setattr(streams, "connect_done", lambda sock: False)
+    server = EchoServer()
+    remote.submit(Op.STREAM_OPEN, open_args(server.port, sid=7, quiet=True), [b"GET / ", b"x"])
+    until(lambda: b"".join(b for k, _, b in stream_items(remote, 7) if k == st.DATA)
+          == b"GET / x")
+    assert not [v for k, v, _ in stream_items(remote, 7) if k == st.RESET]
+    server.close()
+
+
 def test_stream_refuses_other_hosts_unless_asked_and_bad_ports(remote: InProcess) -> None:
     server = EchoServer(host="127.0.0.2")  # loopback, but not the remote's "own" address
     error = remote.fails(ErrorCode.PERMISSION_DENIED, Op.STREAM_OPEN,

@@ -8,6 +8,7 @@ closing with or without a reset. Standard library only.
 
 import collections
 import errno
+import select
 import socket
 import struct
 import time
@@ -89,6 +90,15 @@ def start_connect(host: str, port: int, family: int) -> Tuple[socket.socket, Opt
     if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
         return sock, None
     return sock, code
+
+
+def connect_done(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect has ended (writable), without waiting."""
+    try:
+        _, writable, _ = select.select([], [sock], [], 0)
+    except (OSError, ValueError):
+        return False
+    return bool(writable)
 
 
 def connect_by_name(host: str, port: int) -> socket.socket:
