@@ -94,6 +94,16 @@ FAST_MODULES = frozenset({
 })
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    # `-m fast` does not even import the integration modules (their imports, the MCP client
+    # and server among them, were a sixth of the fast layer's time).
+    if (config.getoption("markexpr") == "fast" and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_")
+            and collection_path.stem not in FAST_MODULES):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem
