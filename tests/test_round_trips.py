@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from jupyter_tether.controller.jobs import AsyncJob
+from jupyter_tether.controller.rpc import Event
 from jupyter_tether.mcp_server.tools.jobs import _follow_once
 
 from .inprocess import InProcess, Services, services_fixture  # noqa: F401 (``services``)
@@ -234,3 +235,22 @@ def test_starts_after_the_first_take_a_warm_wrapper_with_their_own_cwd_env_and_l
     while standby_pids(jobs_dir):
         assert time.monotonic() < deadline, "the waiting wrapper outlived its supervisor"
         time.sleep(0.02)
+
+
+def test_an_exit_announced_during_the_follow_call_costs_no_extra_read(
+        services: Services) -> None:
+    # The supervisor announces a job's end to everyone on its own schedule: under load that
+    # may come while a follow's first call is in flight, just before its reply.
+    job = ended_job(services, "printf 'a\\nb\\n'; exit 3")
+    ops: list[str] = []
+
+    def record(op: str, reply: Any) -> Any:
+        ops.append(op)
+        if op == "job_follow":
+            services.remote._dispatch(Event(0, "job_exit", {
+                "job_id": job.job_id, "state": "exited", "exit_code": 3, "size": 4}))
+        return reply
+
+    services.remote.mangle = record
+    assert follow_all(services, job) == b"a\nb\n"
+    assert ops == ["job_follow"], "the reply carried the log and its end: nothing to read"

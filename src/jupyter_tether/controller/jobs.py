@@ -166,13 +166,22 @@ class AsyncJob:
         def ours(item: dict[str, Any]) -> bool:
             return item.get("job_id") == job_id and item.get("subscriber", subscriber) == subscriber
 
+        # An exit announced to everyone while our first subscribe is in flight waits for its
+        # reply, which says more (the log from our offset, and the end with it when it fits):
+        # taken first, the announcement would cost a read of what the reply carries anyway.
+        held: list[Event] = []
+        holding = True
+
         def on_event(event: Event) -> None:
             if event.name == "log":
                 if any(ours(c) for c in event.body.get("chunks", [])):
                     send.send_nowait(event)
             elif event.name == "job_exit" and event.body.get("job_id") == job_id and \
                     event.body.get("subscriber") in (None, subscriber):
-                send.send_nowait(event)
+                if holding and event.body.get("subscriber") is None:
+                    held.append(event)
+                else:
+                    send.send_nowait(event)
 
         next_offset = offset
         acked = offset
@@ -207,6 +216,9 @@ class AsyncJob:
         exit_size: int | None = None
         try:
             await subscribe()
+            holding = False
+            for announced in held:
+                send.send_nowait(announced)
             while True:
                 event: Event | None = None
                 with anyio.move_on_after(FOLLOW_IDLE_CHECK_S):
