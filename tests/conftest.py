@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from anyio.from_thread import BlockingPortal
 
 from jupyter_tether import LinkOptions, Tether
 from jupyter_tether.controller.embedded import LocalJupyterServer
+from jupyter_tether.controller.jobs import AsyncJob
 
 #: the python that runs the session's jupyter_server (default: this one)
 SERVER_PYTHON_ENV = "JUPYTER_TETHER_TEST_SERVER_PYTHON"
@@ -56,6 +58,15 @@ def tether(jupyter_server: LocalJupyterServer,
     with Tether(jupyter_server.url, jupyter_server.token, options=fast_options(),
                 output_dir=out) as t:
         yield t
+
+
+def follow_all(portal: BlockingPortal, job: AsyncJob, offset: int = 0) -> bytes:
+    """The whole log of ``job`` from ``offset``, through ``follow``, on ``portal``'s loop."""
+
+    async def collect() -> bytes:
+        return b"".join([chunk async for chunk in job.follow(offset)])
+
+    return portal.call(collect)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from jupyter_tether.controller.jobs import AsyncJob
 from jupyter_tether.controller.kernel_requests import kernel_info
 from jupyter_tether.controller.kernel_ws import KernelSocket
 
+from .conftest import follow_all
+
 #: a job whose output must arrive exactly: numbered lines on stdout and stderr, then exit 3
 JOB_LINES = 20_000
 JOB_COMMAND = (f"python3 -c \"import sys\nfor i in range({JOB_LINES}):\n    print('line', i)\n"
@@ -59,11 +61,7 @@ def start_job(t: Tether, command: str, **kwargs: Any) -> AsyncJob:
 def check_job_follow(t: Tether) -> None:
     """A job's follow gives every byte once, in order, and its exit code is reported."""
     job = start_job(t, JOB_COMMAND)
-
-    async def collect() -> bytes:
-        return b"".join([chunk async for chunk in job.follow()])
-
-    assert t.portal.call(collect) == expected_job_output()
+    assert follow_all(t.portal, job) == expected_job_output()
     info = t.portal.call(lambda: job.wait(60))
     assert (info.state, info.exit_code) == ("exited", 3)
 
@@ -117,11 +115,7 @@ def check_reconnect(t: Tether) -> None:
     assert t.info()["pid"] == pid, "a reconnect re-attaches to the same supervisor"
     # A job started after the reconnect is followed over the new connection.
     job = start_job(t, "echo after reconnect")
-
-    async def collect() -> bytes:
-        return b"".join([chunk async for chunk in job.follow()])
-
-    assert t.portal.call(collect) == b"after reconnect\n"
+    assert follow_all(t.portal, job) == b"after reconnect\n"
 
 
 def files_available(t: Tether) -> bool:

@@ -7,6 +7,8 @@ import time
 from jupyter_tether import Tether
 from jupyter_tether.controller.jobs import AsyncJob, JobInfo
 
+from .conftest import follow_all
+
 
 def start(t: Tether, command: str, **kwargs: object) -> AsyncJob:
     return t.portal.call(lambda: t.aio.jobs.start(command, **kwargs))  # type: ignore[arg-type]
@@ -15,12 +17,6 @@ def start(t: Tether, command: str, **kwargs: object) -> AsyncJob:
 def wait(t: Tether, job: AsyncJob, timeout: float = 60) -> JobInfo:
     return t.portal.call(lambda: job.wait(timeout))
 
-
-def follow_all(t: Tether, job: AsyncJob, offset: int = 0) -> bytes:
-    async def collect() -> bytes:
-        return b"".join([chunk async for chunk in job.follow(offset)])
-
-    return t.portal.call(collect)
 
 
 def test_failing_job_reports_its_exit_code(tether: Tether) -> None:
@@ -32,7 +28,7 @@ def test_failing_job_reports_its_exit_code(tether: Tether) -> None:
 
 def test_follow_of_100k_lines_gives_every_line_once_in_order(tether: Tether) -> None:
     job = start(tether, "python3 -c \"import sys\nfor i in range(100000): print('line', i)\"")
-    data = follow_all(tether, job)
+    data = follow_all(tether.portal, job)
     assert data.decode().splitlines() == [f"line {i}" for i in range(100000)]
     assert wait(tether, job).exit_code == 0
 

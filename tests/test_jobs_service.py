@@ -13,6 +13,7 @@ import pytest
 from jupyter_tether import InvalidArgument, JobError, NotFound
 from jupyter_tether.controller.jobs import AsyncJob, JobInfo
 
+from .conftest import follow_all
 from .inprocess import Services, services_fixture  # noqa: F401 (the ``services`` fixture)
 
 
@@ -23,12 +24,6 @@ def start(services: Services, command: str, **kwargs: object) -> AsyncJob:
 def wait(services: Services, job: AsyncJob, timeout: float = 60) -> JobInfo:
     return services.run(job.wait, timeout)
 
-
-def follow_all(services: Services, job: AsyncJob, offset: int = 0) -> bytes:
-    async def collect() -> bytes:
-        return b"".join([chunk async for chunk in job.follow(offset)])
-
-    return services.portal.call(collect)
 
 
 def test_job_log_defaults_under_logs_in_the_remote_root(services: Services) -> None:
@@ -42,8 +37,8 @@ def test_job_log_defaults_under_logs_in_the_remote_root(services: Services) -> N
 def test_follow_from_an_offset_resumes_exactly(services: Services) -> None:
     job = start(services, "for i in 1 2 3 4 5; do echo n$i; done")
     wait(services, job)
-    whole = follow_all(services, job)
-    assert follow_all(services, job, offset=6) == whole[6:]
+    whole = follow_all(services.portal, job)
+    assert follow_all(services.portal, job, offset=6) == whole[6:]
 
 
 def test_retried_start_with_same_key_returns_the_same_job(services: Services) -> None:

@@ -21,6 +21,7 @@ from jupyter_tether.controller.jobs import AsyncJob
 from jupyter_tether.controller.rpc import Event
 from jupyter_tether.mcp_server.tools.jobs import _follow_once
 
+from .conftest import follow_all
 from .inprocess import InProcess, Services, services_fixture  # noqa: F401 (``services``)
 
 PY = shlex.quote(sys.executable)
@@ -43,12 +44,6 @@ def ended_job(services: Services, command: str) -> AsyncJob:
     return services.jobs.get(job.job_id)  # a fresh handle: nothing known yet
 
 
-def follow_all(services: Services, job: AsyncJob, offset: int = 0) -> bytes:
-    async def collect() -> bytes:
-        return b"".join([chunk async for chunk in job.follow(offset)])
-
-    return services.portal.call(collect)
-
 
 # --- the controller's calls -----------------------------------------------------------------
 
@@ -56,17 +51,17 @@ def follow_all(services: Services, job: AsyncJob, offset: int = 0) -> bytes:
 def test_follow_of_an_ended_job_is_one_call_with_its_end(services: Services) -> None:
     job = ended_job(services, "printf 'a\\nb\\n'; exit 3")
     ops = counting(services)
-    assert follow_all(services, job) == b"a\nb\n"
+    assert follow_all(services.portal, job) == b"a\nb\n"
     assert ops == ["job_follow"], "no events to wait for, no gap reads, no unfollow"
     assert job.info is not None and (job.info.state, job.info.exit_code) == ("exited", 3)
-    assert follow_all(services, job, offset=2) == b"b\n"
+    assert follow_all(services.portal, job, offset=2) == b"b\n"
 
 
 def test_follow_of_a_running_job_needs_no_unfollow_when_it_ends(services: Services) -> None:
     job: AsyncJob = services.run(
         services.jobs.start, "for i in 1 2 3; do echo n$i; sleep 0.2; done")
     ops = counting(services)
-    assert follow_all(services, job) == b"n1\nn2\nn3\n"
+    assert follow_all(services.portal, job) == b"n1\nn2\nn3\n"
     assert "job_unfollow" not in ops, ops  # the supervisor ended the subscription itself
 
 
@@ -252,5 +247,5 @@ def test_an_exit_announced_during_the_follow_call_costs_no_extra_read(
         return reply
 
     services.remote.mangle = record
-    assert follow_all(services, job) == b"a\nb\n"
+    assert follow_all(services.portal, job) == b"a\nb\n"
     assert ops == ["job_follow"], "the reply carried the log and its end: nothing to read"
