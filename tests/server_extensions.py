@@ -20,8 +20,14 @@ from jupyter_tether.controller.embedded import LocalJupyterServer
 
 
 def extension_site(env_var: str, folder: str, packages: list[str], module: str) -> Path:
-    """The folder holding ``module`` (``$env_var``, else ``$TMPDIR/folder``, installed once)."""
-    site = Path(os.environ.get(env_var) or Path(os.environ.get("TMPDIR", "/tmp")) / folder)
+    """The folder holding ``module``: ``$env_var`` as prepared (``.ci/run``), else
+    ``$TMPDIR/folder``, pip-installed there once."""
+    prepared = os.environ.get(env_var)
+    if prepared:
+        if not (Path(prepared) / module).is_dir():
+            raise RuntimeError(f"${env_var}={prepared} holds no {module}: see .ci/run")
+        return Path(prepared)
+    site = Path(os.environ.get("TMPDIR", "/tmp")) / folder
     site.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{site}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

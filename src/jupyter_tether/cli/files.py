@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import DEFAULT_SYNC_MAX_BYTES, Files, NotFound
-from ..formatting import human_bytes
+from ..formatting import human_bytes, short_bytes
 from .context import EXIT_ERROR, EXIT_OK, Ctx, UsageError, add_command, error
 from .output import plural, rate, transfer_progress
 
@@ -109,7 +109,8 @@ def add_put(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def _add_max_bytes(p: argparse.ArgumentParser, what: str) -> None:
     """``--max-bytes`` (put's folders and sync): ``what`` the limit does."""
     p.add_argument("--max-bytes", type=_parse_size, default=DEFAULT_SYNC_MAX_BYTES,
-                   metavar="SIZE", help=f"{what} (default: 200M; 0 = no limit)")
+                   metavar="SIZE",
+                   help=f"{what} (default: {short_bytes(DEFAULT_SYNC_MAX_BYTES)}; 0 = no limit)")
 
 
 def cmd_put(ctx: Ctx) -> int:

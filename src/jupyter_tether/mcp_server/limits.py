@@ -40,7 +40,6 @@ async def bounded(seconds: float, what: str) -> AsyncIterator[None]:
         raise BoundExceeded(what, seconds)
 
 
-
 def cap_head(text: str, limit: int, where: str) -> tuple[str, bool]:
     """Keep the first ``limit`` chars, ending with a marker that says where the rest is."""
     if limit <= 0 or len(text) <= limit:

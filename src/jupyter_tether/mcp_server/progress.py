@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 import anyio
 from mcp.server.mcpserver import Context
 
-logger = logging.getLogger("jupyter_tether.mcp")
+from ..formatting import MIB
 
-MIB = 1024 * 1024
+logger = logging.getLogger("jupyter_tether.mcp")
 
 
 def mib(n: float) -> str:

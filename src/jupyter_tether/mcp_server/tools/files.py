@@ -220,8 +220,8 @@ async def jupyter_sync_dir(
     allow_root_delete: Annotated[bool, Field(
         description="Let clean_remote delete there; only if the user asked.")] = False,
     keep_archive: Annotated[bool, Field(description=COMPAT)] = False,
-    max_bytes: Annotated[int, Field(description="Refuse if the files to send exceed this.",
-                                    ge=0)] = DEFAULT_SYNC_MAX_BYTES,
+    max_bytes: Annotated[int, Field(description="Refuse if the files to send exceed this "
+                                                "(0: no limit).", ge=0)] = DEFAULT_SYNC_MAX_BYTES,
     kernel_id: KernelCompat = None,
     server_url: ServerUrl = None,
     timeout_s: Annotated[float, timeout_arg()] = 600.0,
