@@ -279,6 +279,37 @@ def test_a_deferred_hash_and_piece_checks_come_with_download_hash_then_from_cach
     remote.fails("invalid_argument", "download_begin", {"path": "small.bin", "checks": 100})
 
 
+def test_background_hashes_and_piece_lists_are_bounded(remote: InProcess,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    data = os.urandom(downloads.DEFER_HASH_MIN_BYTES + MiB)
+    for name in ("one.bin", "two.bin"):
+        (remote.root / name).write_bytes(data)
+    gate = threading.Event()
+    digest_pass = downloads.digest_pass
+
+    def held(fd: int, piece: int, want: bool, stopped: Any) -> Any:
+        if threading.current_thread().name == "tether-download-hash":
+            gate.wait(10)  # a background hash holds until the test lets it go
+        return digest_pass(fd, piece, want, stopped)
+
+    monkeypatch.setattr(downloads, "digest_pass", held)
+    monkeypatch.setattr(downloads, "MAX_BACKGROUND_HASHES", 1)
+    first = remote.ok("download_begin", {"path": "one.bin", "defer_hash": True})
+    assert first["hash_pending"] is True
+    # The one background slot is taken: the next begin hashes before it answers.
+    second = remote.ok("download_begin", {"path": "two.bin", "defer_hash": True})
+    assert (second["hash_pending"], second["sha256"]) == (False, sha(data))
+    gate.set()
+    assert remote.ok("download_hash", {"transfer_id": first["transfer_id"]})["sha256"] == sha(data)
+    # A file of more pieces than the bound gets no piece list: the client hashes instead.
+    monkeypatch.setattr(downloads, "MAX_CHECK_PIECES", 2)
+    (remote.root / "three.bin").write_bytes(data[:3 * 64 * 1024])
+    assert "crc32" not in remote.ok("download_begin", {"path": "three.bin", "checks": 64 * 1024})
+    (remote.root / "two-pieces.bin").write_bytes(data[:2 * 64 * 1024])
+    assert len(remote.ok("download_begin", {"path": "two-pieces.bin",
+                                            "checks": 64 * 1024})["crc32"]) == 2
+
+
 def test_a_file_changed_while_hashed_in_the_background_is_a_conflict(
         remote: InProcess, monkeypatch: pytest.MonkeyPatch):
     gate = threading.Event()

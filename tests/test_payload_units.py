@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,28 @@ def test_one_read_gives_the_sha256_and_the_crc32_of_each_piece(tmp_path: Path):
         assert digest_pass(fd, piece, True, lambda: True)[2] == 0  # stopped at once
     finally:
         os.close(fd)
+
+
+def test_the_upload_writer_outlives_a_failing_chunk_and_bounds_what_waits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from jupyter_tether.agent_payload import uploads
+
+    monkeypatch.setattr(uploads, "MAX_QUEUED_BYTES", 10)
+    writer = uploads._ChunkWriter()
+    gate = threading.Event()
+    done: list[int] = []
+
+    def failing() -> None:
+        gate.wait(10)
+        raise OSError("disk full")
+
+    writer.submit(failing, 8)
+    second = threading.Thread(target=lambda: writer.submit(lambda: done.append(1), 8))
+    second.start()
+    time.sleep(0.3)
+    assert second.is_alive(), "16 bytes queued would pass the 10-byte bound: the caller waits"
+    gate.set()
+    second.join(10)
+    assert not second.is_alive()
+    writer.close()
+    assert done == [1] and writer.failures == 1

@@ -36,6 +36,12 @@ DEFER_HASH_MIN_BYTES = 8 * 1024 * 1024
 # Piece CRC32s kept for this many files (by path, piece size and stat).
 MAX_CACHED_CHECKS = 256
 MIN_PIECE_BYTES = 64 * 1024
+# Beyond this many pieces no CRC32s are offered (the client hashes what it gets): the list
+# travels in one reply and is cached.
+MAX_CHECK_PIECES = 65536
+# Background hashes (a thread and a descriptor each) at once; later begins hash inline, on
+# the op's worker thread.
+MAX_BACKGROUND_HASHES = 4
 
 Identity = Tuple[int, int, int]
 
@@ -59,6 +65,7 @@ class _Hashing:
         self._callbacks: List[Callable[..., None]] = []
         self._outcome: Optional[Outcome] = None
         self._stopped = False
+        self.running = True
         self._identity: Identity = (st.st_ino, st.st_size, st.st_mtime_ns)
         self._want_sha256, self._piece_bytes, self._store = want_sha256, piece_bytes, store
         threading.Thread(target=self._run, args=(fd,), name="tether-download-hash",
@@ -82,10 +89,14 @@ class _Hashing:
                 self._store(digest, crcs)
         except OSError as exc:
             error = paths.os_error(exc, self.path)
+        except Exception as exc:  # whatever it is, download_hash must get an answer
+            error = OpError(ErrorCode.INTERNAL, "%s: hashing failed: %s: %s"
+                            % (self.path, type(exc).__name__, exc), {"path": self.path})
         finally:
             os.close(fd)
         with self._lock:
             self._outcome = (digest, crcs, error)
+            self.running = False
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback(digest, crcs, error)
@@ -202,11 +213,15 @@ class Downloads:
         crcs = self._cached_checks(path, st, piece_bytes) if piece_bytes else None
         need_sha256 = want_hash and digest is None
         # Piece checks only where they cost no read of their own.
-        offer_checks = bool(piece_bytes) and (crcs is not None or need_sha256)
+        offer_checks = bool(piece_bytes) and (crcs is not None or need_sha256) and \
+            -(-st.st_size // piece_bytes) <= MAX_CHECK_PIECES
         need_pieces = piece_bytes if offer_checks and crcs is None else 0
+        with self._lock:
+            hashing_now = sum(1 for d in self._downloads.values()
+                              if d.hashing is not None and d.hashing.running)
         try:
             if (need_sha256 or need_pieces) and defer_hash and \
-                    st.st_size >= DEFER_HASH_MIN_BYTES:
+                    st.st_size >= DEFER_HASH_MIN_BYTES and hashing_now < MAX_BACKGROUND_HASHES:
                 hashing = _Hashing(path, os.dup(fd), st, need_sha256, need_pieces,
                                    lambda sha, pieces: self._store(path, st, piece_bytes, sha,
                                                                    pieces))

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import paths, wire
 from .args import check_chunk_length, optional_mode, optional_mtime_ns
@@ -41,6 +41,8 @@ MAX_OPEN_UPLOADS = 32
 SIDECAR_SAVE_INTERVAL_S = 0.5
 # How long a commit waits for the chunks queued before it to be written.
 COMMIT_WAIT_S = 120.0
+#: chunk bytes accepted and not yet written, all uploads together
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
 _TRANSFER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -128,27 +130,47 @@ def _load_sidecar(target: str) -> Optional[Dict[str, Any]]:
 
 
 class _ChunkWriter:
-    """One thread running queued work in order (started with the first chunk)."""
+    """One thread running queued work in order (started with the first chunk).
+
+    At most ``MAX_QUEUED_BYTES`` wait: past that ``submit`` blocks its caller (the kernel's
+    comm thread) until the disk catches up, as writing inline did, so a client that sends
+    faster than the disk writes, or ignores its window, cannot grow our memory.
+    """
 
     def __init__(self) -> None:
-        self._queue: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue[Optional[Tuple[Callable[[], None], int]]]" = \
+            queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._queued_bytes = 0
         self._thread: Optional[threading.Thread] = None
+        self.failures = 0
 
-    def submit(self, work: Callable[[], None]) -> None:
+    def submit(self, work: Callable[[], None], nbytes: int = 0) -> None:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tether-upload",
                                                 daemon=True)
                 self._thread.start()
-            self._queue.put(work)
+            while self._queued_bytes and self._queued_bytes + nbytes > MAX_QUEUED_BYTES:
+                self._drained.wait(1.0)
+            self._queued_bytes += nbytes
+            self._queue.put((work, nbytes))
 
     def _run(self) -> None:
         while True:
-            work = self._queue.get()
-            if work is None:
+            item = self._queue.get()
+            if item is None:
                 return
-            work()
+            work, nbytes = item
+            try:
+                work()
+            except Exception:  # the one writer must outlive any chunk
+                self.failures += 1
+            finally:
+                with self._lock:
+                    self._queued_bytes -= nbytes
+                    self._drained.notify_all()
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop."""
@@ -324,7 +346,7 @@ class Uploads:
                               % upload.transfer_id, {"transfer_id": upload.transfer_id})
             upload.pending += 1
         reply = self.supervisor.defer(req)
-        self._writer.submit(lambda: self._write_chunk(upload, offset, data, reply))
+        self._writer.submit(lambda: self._write_chunk(upload, offset, data, reply), len(data))
         return reply
 
     def _write_chunk(self, upload: _Upload, offset: int, data: bytes, reply: Deferred) -> None:
@@ -362,6 +384,9 @@ class Uploads:
             deadline = time.monotonic() + COMMIT_WAIT_S
             while upload.pending and time.monotonic() < deadline:
                 upload.written.wait(deadline - time.monotonic())
+            if upload.pending:  # committing now would race the writes still queued
+                raise OpError(ErrorCode.BUSY, "upload %s: %d chunk(s) still being written; "
+                              "commit again" % (upload.transfer_id, upload.pending))
             missing = upload.state.missing()
             if missing:
                 received = upload.state.received_bytes
