@@ -469,7 +469,8 @@ def test_response_heads_are_read_strictly_and_proxies_leave_the_fast_path_alone(
                                  b"Set-Cookie: a=1\r\nset-cookie: b=2")
     assert status == 206
     assert headers == {"content-length": "5", "set-cookie": "a=1, b=2"}
-    for bad in (b"ICY 200 OK", b"HTTP/1.1 abc", b"HTTP/1.1 200 OK\r\n folded: header"):
+    for bad in (b"ICY 200 OK", b"HTTP/1.1 abc", b"HTTP/1.1 200 OK\r\n folded: header",
+                "HTTP/1.1 2\u00b206 Partial".encode("latin-1"), b"HTTP/1.1 2060 X"):
         with pytest.raises(NotSimple):
             parse_head(bad)
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
@@ -481,6 +482,49 @@ def test_response_heads_are_read_strictly_and_proxies_leave_the_fast_path_alone(
     assert direct_http("http://10.1.2.3/files/a") is None  # through the proxy: httpx2's
     monkeypatch.setenv("no_proxy", "10.1.2.3")
     assert direct_http("http://10.1.2.3/files/a") is not None
+
+
+def test_a_response_head_that_stops_halfway_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from jupyter_tether.controller.files import fast_get
+
+    monkeypatch.setattr(fast_get, "TIMEOUT_S", 1)
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def answer_half() -> None:
+        peer, _ = server.accept()
+        accepted.append(peer)
+        peer.recv(4096)
+        peer.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Le")  # and nothing more
+
+    threading.Thread(target=answer_half, daemon=True).start()
+    conn = fast_get._Conn("127.0.0.1", server.getsockname()[1])
+    try:
+        conn.send(b"GET /files/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        with pytest.raises(fast_get.ReceiveError, match="did not come whole"):
+            conn.head()
+        assert time.monotonic() - started < 30
+    finally:
+        conn.close()
+        for peer in accepted:
+            peer.close()
+        server.close()
+
+
+def test_each_request_gets_only_the_cookies_of_its_own_url() -> None:
+    from jupyter_tether.controller.rest import JupyterRest
+    from jupyter_tether.controller.target import Target
+
+    rest = JupyterRest(Target(base_url="http://hub.local/user/ann/", token="t"))
+    jar = rest._client.cookies
+    jar.set("_xsrf", "hub", domain="hub.local", path="/hub/")  # a hub sets it on two paths
+    jar.set("_xsrf", "mine", domain="hub.local", path="/user/ann/")
+    jar.set("session", "elsewhere", domain="other.example", path="/")
+    assert rest.cookie_header("files/a.bin") == "_xsrf=mine"
+    assert rest.cookies == {"_xsrf": "mine"}
 
 
 @pytest.mark.parametrize("refused", ["file", "socket"])

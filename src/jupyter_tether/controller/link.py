@@ -142,9 +142,9 @@ class SupervisorLink:
 
     def files_request(self, url_path: str) -> tuple[str, dict[str, str]]:
         headers = {**self.target.auth_headers(), "User-Agent": "jupyter-tether"}
-        cookies = self.rest.cookies
-        if cookies:
-            headers["Cookie"] = "; ".join(f"{name}={value}" for name, value in cookies.items())
+        cookie = self.rest.cookie_header(url_path)
+        if cookie:
+            headers["Cookie"] = cookie
         return self.target.http_url(url_path), headers
 
     @property

@@ -54,7 +54,18 @@ class JupyterRest:
 
     @property
     def cookies(self) -> dict[str, str]:
-        return dict(self._client.cookies.items())
+        """The cookies the server's API URLs get, by name (for the kernel websocket)."""
+        header = self.cookie_header("api/kernels")
+        return dict(part.split("=", 1) for part in header.split("; ") if "=" in part) \
+            if header else {}
+
+    def cookie_header(self, path: str) -> str | None:
+        """The ``Cookie`` header a request for ``path`` gets: only the cookies whose domain,
+        path and secure flag match it (a hub sets ``_xsrf`` on two paths; other hosts'
+        cookies from redirects stay with their hosts)."""
+        request = httpx2.Request("GET", self.target.http_url(path))
+        self._client.cookies.set_cookie_header(request)
+        return request.headers.get("cookie")
 
     async def aclose(self) -> None:
         await self._client.aclose()

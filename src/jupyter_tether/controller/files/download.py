@@ -212,7 +212,8 @@ class Downloader:
             digest = str(hashed["sha256"])
             remote = hashed.get("crc32", remote)
         if checks is not None and checking and isinstance(remote, list):
-            bad = checks.mismatches([int(crc) for crc in remote])
+            # A value that is not a number (a broken remote) matches no piece.
+            bad = checks.mismatches([crc if isinstance(crc, int) else -1 for crc in remote])
             if bad:
                 raise TransferError(
                     f"{where}: {len(bad)} piece(s) differ from the remote file (the first at "

@@ -82,7 +82,8 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code = rest.partition(" ")[0]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
+    if not version.startswith("HTTP/1.") or not (len(code) == 3 and code.isascii()
+                                                 and code.isdigit()):
         raise NotSimple(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -121,7 +122,12 @@ class _Conn:
     def head(self) -> tuple[int, dict[str, str]]:
         """Read exactly the response head, leaving the body in the socket."""
         assert self.sock is not None
+        # A peek returns at once while any byte waits, so the socket's own timeout never
+        # fires on a head that stops halfway: this deadline does.
+        deadline = time.monotonic() + TIMEOUT_S
         while True:
+            if time.monotonic() > deadline:
+                raise ReceiveError(f"the response head did not come whole within {TIMEOUT_S} s")
             peek = self.sock.recv(MAX_HEAD_BYTES, socket.MSG_PEEK)
             if not peek:
                 raise ReceiveError("the server closed the connection")
