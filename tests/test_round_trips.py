@@ -52,7 +52,8 @@ def test_follow_of_an_ended_job_is_one_call_with_its_end(services: Services) -> 
     job = ended_job(services, "printf 'a\\nb\\n'; exit 3")
     ops = counting(services)
     assert follow_all(services.portal, job) == b"a\nb\n"
-    assert ops == ["job_follow"], "no events to wait for, no gap reads, no unfollow"
+    services.run(job.status)  # one more round trip: a background unfollow would show by now
+    assert ops == ["job_follow", "job_status"], "no events to wait for, no gap reads, no unfollow"
     assert job.info is not None and (job.info.state, job.info.exit_code) == ("exited", 3)
     assert follow_all(services.portal, job, offset=2) == b"b\n"
 
@@ -62,7 +63,11 @@ def test_follow_of_a_running_job_needs_no_unfollow_when_it_ends(services: Servic
         services.jobs.start, "for i in 1 2 3; do echo n$i; sleep 0.2; done")
     ops = counting(services)
     assert follow_all(services.portal, job) == b"n1\nn2\nn3\n"
+    # An unfollow would go in the background: one more round trip gives it time to show.
+    services.run(job.status)
     assert "job_unfollow" not in ops, ops  # the supervisor ended the subscription itself
+    assert services.remote.ok("job_follow_ack", {"job_id": job.job_id, "offset": 9})[
+        "followed"] is False
 
 
 def test_a_follow_left_early_lets_its_subscription_go(services: Services) -> None:

@@ -45,7 +45,6 @@ class _Feed:
     def __init__(self, collector: _Collector) -> None:
         self.collector = collector
         self.next_index = 0
-        self.lost = 0
         self.arrived = anyio.Event()
 
     def batch(self, body: dict[str, Any], msg_id: str) -> None:
@@ -73,8 +72,7 @@ class _Feed:
         index = body.get("index")
         if not isinstance(index, int) or index < self.next_index:
             return  # a replayed duplicate
-        if index > self.next_index:
-            self.lost += index - self.next_index  # beyond the replay ring: gone
+        if index > self.next_index:  # beyond the replay ring: gone
             self.collector.cut = True
         self.next_index = index + 1
         self.batch(body, msg_id)
@@ -147,7 +145,6 @@ async def execute_relayed(
                     while feed.next_index < want:
                         await feed.arrived.wait()
                 if feed.next_index < want:
-                    feed.lost += want - feed.next_index
                     collector.cut = True
             feed.batch(result, exec_id)
             reply = result.get("reply") if isinstance(result.get("reply"), dict) else {}

@@ -217,8 +217,9 @@ class AsyncTether:
         """
         link = self.link
         version = self._server_version
-        fetched: list[Any] = []
+        fetched: list[BaseException] = []
         done = anyio.Event()
+        deadline = anyio.current_time() + timeout
         if version is None or version[0] != link.generation:
             # Beside the ping, not after it: the first one costs one round trip too.
             self.task_group.start_soon(self._fetch_server_version, fetched, done)
@@ -227,18 +228,19 @@ class AsyncTether:
         started = time.perf_counter()
         await link.call(Op.PING, timeout=timeout)
         rtt = time.perf_counter() - started
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(deadline - anyio.current_time()):  # what is left of it
             await done.wait()
         if not done.is_set():
             raise TetherTimeout(f"the server's /api did not answer within {timeout}s")
-        if fetched and isinstance(fetched[0], BaseException):
+        if fetched:
             raise fetched[0]
         version = self._server_version
         return {"ok": True, "rtt_ms": round(rtt * 1000, 3),
                 "server_version": (version[1] if version else {}).get("version"),
                 "url": self.target.display_url, "supervisor_pid": link.facts.get("pid")}
 
-    async def _fetch_server_version(self, fetched: list[Any], done: anyio.Event) -> None:
+    async def _fetch_server_version(self, fetched: list[BaseException],
+                                    done: anyio.Event) -> None:
         """``/api`` into the cache; what it raised into ``fetched``, for ``ping`` to raise."""
         generation = self.link.generation
         try:
