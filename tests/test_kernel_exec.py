@@ -131,7 +131,8 @@ def test_a_kernel_without_a_connection_file_here_is_unavailable(h: InProcess,
                                                                 runtime: Path) -> None:
     error = h.err("kernel_exec", {"kernel_id": str(uuid.uuid4()), "code": "1"})
     assert error["code"] == "not_found"
-    assert error["details"] == {"local_exec": "unavailable"}
+    # Lasting: the controller stops asking for this kernel (a slow start would not be).
+    assert error["details"] == {"local_exec": "unavailable", "lasting": True}
     assert "no connection file" in error["message"]
     assert h.err("kernel_exec", {"kernel_id": "../etc", "code": "1"})["code"] == \
         "invalid_argument"
@@ -201,8 +202,9 @@ def test_relayed_exec_says_unavailable_and_kernel_lost(
         portal: BlockingPortal, h: InProcess, kernel: Kernel) -> None:
     os.rename(kernel.manager.connection_file, kernel.manager.connection_file + ".away")
     try:
-        with pytest.raises(RelayUnavailable):
+        with pytest.raises(RelayUnavailable) as unavailable:
             relayed(portal, h, kernel, "1", timeout=30)
+        assert unavailable.value.lasting is True
     finally:
         os.rename(kernel.manager.connection_file + ".away", kernel.manager.connection_file)
     with pytest.raises(KernelError, match="died or restarted"):

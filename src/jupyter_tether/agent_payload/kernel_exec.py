@@ -3,10 +3,9 @@
 Over the server's websocket a cell comes back as four or five messages, and behind a proxy
 each small message after the first of a burst can wait ~40 ms for a delayed ACK. So the
 supervisor reads the work kernel's connection file (``kernel-<id>.json``, beside its own)
-and talks to the kernel's ports itself with jupyter_client's ``Session``; the outputs go
-back in the reply: one comm message. A cell that runs longer
-than ``STREAM_AFTER_S`` streams what it prints as ``exec_output`` events (one per tick
-at most), so a console still sees it live; the reply says how many there were.
+and talks to its ports with jupyter_client's ``Session``: the outputs come back in the
+reply, one comm message. A cell running past ``STREAM_AFTER_S`` streams what it prints as
+``exec_output`` events (a console sees it live); the reply says how many there were.
 
 Bounded per batch: each stream's last ``max_output_chars * 2`` chars, at most
 ``MAX_BATCH_OUTPUTS`` outputs / ``MAX_BATCH_BYTES`` (the rest counted as omitted; the cell's
@@ -14,9 +13,9 @@ Bounded per batch: each stream's last ``max_output_chars * 2`` chars, at most
 
 Where this cannot work (no connection file: a gateway's remote kernels; no pyzmq or
 jupyter_client; ports we cannot reach) ``kernel_exec`` answers ``not_found`` with
-``details.local_exec = "unavailable"`` before anything ran, and the controller keeps its
-websocket path. A kernel that dies or restarts under a running cell answers
-``details.local_exec = "kernel_lost"``. Timeouts interrupt through the server, as before.
+``details.local_exec = "unavailable"`` (and ``lasting`` where it never will work) before
+anything ran: the controller uses the websocket. A kernel that dies or restarts under a
+running cell answers ``"kernel_lost"``. Timeouts interrupt through the server.
 """
 
 import collections
@@ -36,8 +35,7 @@ MIB = 1024 * 1024
 
 STREAM_AFTER_S = 0.1  # a cell done sooner is one reply; a longer one streams its outputs
 # An output waits this long for more (or for the reply, which then carries it): events at
-# most once per tick, and none just before the reply, where two small messages in a row
-# would wait on a proxy's delayed ACK.
+# most once per tick, none just before the reply (two small messages: a delayed ACK).
 FLUSH_TICK_S = 0.05
 MAX_BATCH_OUTPUTS = 200
 MAX_BATCH_BYTES = 16 * MIB
@@ -47,10 +45,9 @@ IDLE_GRACE_S = 2.0  # outputs may trail the execute_reply until the idle status
 NUDGE_INTERVAL_S = 0.02  # doubling up to NUDGE_MAX_INTERVAL_S
 NUDGE_MAX_INTERVAL_S = 0.5
 NUDGE_TIMEOUT_S = 5.0  # a kernel whose shell and iopub do not both answer by then: unusable
-# A cell running this long has its kernel watched: the kernel's process where /proc shows
-# it (its command line names the connection file), else its heartbeat. The process is the
-# sure sign: after a crash the server restarts the kernel on the same ports, and a new
-# kernel's heartbeat would answer for the dead one.
+# A cell running this long has its kernel watched: its process where /proc shows it (the
+# command line names the connection file), else its heartbeat. The process is the sure
+# sign: a kernel restarted on the same ports would answer the heartbeat for the dead one.
 WATCH_AFTER_S = 0.5
 WATCH_INTERVAL_S = 0.5
 HB_DEAD_S = 10.0  # no heartbeat for this long: the kernel died (no /proc here)
@@ -59,8 +56,10 @@ MAX_CODE_CHARS = 64 * MIB
 OUTPUT_TYPES = ("stream", "display_data", "execute_result", "error")
 
 
-def unavailable(message: str) -> OpError:
-    return OpError(ErrorCode.NOT_FOUND, message, {"local_exec": "unavailable"})
+def unavailable(message: str, lasting: bool = False) -> OpError:
+    """Nothing ran; ``lasting``: never reachable from here (the client stops asking)."""
+    extra = {"lasting": True} if lasting else {}
+    return OpError(ErrorCode.NOT_FOUND, message, {"local_exec": "unavailable", **extra})
 
 
 def own_connection_file() -> Optional[str]:
@@ -524,7 +523,8 @@ class KernelExec:
 
     def _kernel(self, kernel_id: str) -> LocalKernel:
         if os.name == "nt":  # the wake pipe cannot be polled with ZMQ sockets there
-            raise unavailable("the supervisor drives work kernels itself on POSIX hosts only")
+            raise unavailable("the supervisor drives work kernels itself on POSIX hosts only",
+                              lasting=True)
         path = find_connection_file(kernel_id)
         if path is not None and path == own_connection_file():
             raise OpError(ErrorCode.INVALID_ARGUMENT, "kernel %s runs the supervisor: user "
@@ -535,7 +535,7 @@ class KernelExec:
             stamp = None
         if path is None or stamp is None:
             raise unavailable("no connection file for kernel %s on this host (a remote or "
-                              "gateway kernel, or one that is gone)" % kernel_id)
+                              "gateway kernel, or one that is gone)" % kernel_id, lasting=True)
         with self._lock:
             kernel = self._kernels.get(kernel_id)
             if kernel is not None and (kernel.closed or kernel.stamp != stamp):
@@ -546,7 +546,7 @@ class KernelExec:
                     kernel = LocalKernel(self.sup, kernel_id, path)
                 except ImportError as exc:
                     raise unavailable("pyzmq or jupyter_client is missing here: %s"
-                                      % exc) from None
+                                      % exc, lasting=True) from None
                 except (OSError, ValueError, KeyError) as exc:
                     raise unavailable("cannot use kernel %s's connection file %s: %s"
                                       % (kernel_id, path, exc)) from None

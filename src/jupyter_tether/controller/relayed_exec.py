@@ -35,7 +35,11 @@ EVENTS_GRACE_S = 5.0
 
 class RelayUnavailable(TetherError):
     """The supervisor cannot run code in that kernel itself (nothing was run): use the
-    websocket."""
+    websocket. ``lasting``: it never will (not on its host); else it may next time."""
+
+    def __init__(self, message: str, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
 class _Feed:
@@ -152,7 +156,8 @@ async def execute_relayed(
             error = outcome[0]
             assert isinstance(error, BaseException)
             if isinstance(error, NotFound) and error.details.get("local_exec") == "unavailable":
-                raise RelayUnavailable(str(error)) from error
+                raise RelayUnavailable(str(error), error.details.get("lasting") is True) \
+                    from error
             if isinstance(error, NotFound) and error.details.get("local_exec") == "kernel_lost":
                 raise KernelError(error.message) from None
             if isinstance(error, ConnectionLost):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -405,12 +407,17 @@ class AsyncTether:
             if self.relay_exec and target_kernel not in self._no_relay and \
                     Op.KERNEL_EXEC in self.link.facts.get("ops", ()):
                 try:
-                    return await self._exec_relayed(target_kernel, code, timeout,
-                                                    max_output_chars, image_dir, on_output)
-                except RelayUnavailable:
+                    # Through the supervisor: one message per small cell behind a proxy.
+                    return await self._run_cell(functools.partial(
+                        execute_relayed, self.link, target_kernel, code, timeout=timeout,
+                        max_output_chars=max_output_chars, image_dir=image_dir,
+                        on_output=on_output, interrupt=self._interrupter(target_kernel)))
+                except RelayUnavailable as exc:
                     # Not on the supervisor's host (a gateway), or gone: the websocket
                     # path says which, and starts a fresh default work kernel if need be.
-                    self._no_relay.add(target_kernel)
+                    # A passing cause (a slow start, a restart) is tried again next time.
+                    if exc.lasting:
+                        self._no_relay.add(target_kernel)
             if kernel_id is not None and await self.rest.get_kernel(kernel_id) is None:
                 raise KernelError(f"no kernel {kernel_id} on {self.target.display_url}; "
                                   "list them with list_kernels()")
@@ -423,38 +430,26 @@ class AsyncTether:
                 self._default_work_kernel = None
                 target_kernel = await self.work_kernel_id()
                 sock = await self._work_socket(target_kernel)
+            return await self._run_cell(functools.partial(
+                execute, sock, code, timeout=timeout, max_output_chars=max_output_chars,
+                image_dir=image_dir, on_output=on_output,
+                interrupt=self._interrupter(target_kernel)))
 
-            async def interrupt() -> None:
-                with contextlib.suppress(TetherError):  # a kernel gone meanwhile says so itself
-                    await self.rest.interrupt_kernel(target_kernel)
-
-            for _ in range(3):
-                result = await execute(sock, code, timeout=timeout,
-                                       max_output_chars=max_output_chars, image_dir=image_dir,
-                                       on_output=on_output, interrupt=interrupt)
-                # "aborted" means the kernel skipped the code without running it (it was
-                # still flushing its queue after an interrupted cell): safe to send again.
-                if result.status != "aborted":
-                    break
-                await anyio.sleep(0.2)
-            return result
-
-    async def _exec_relayed(self, kernel_id: str, code: str, timeout: float | None,
-                            max_output_chars: int, image_dir: Path,
-                            on_output: OutputCallback | None) -> ExecResult:
-        """``exec`` through the supervisor (one message per small cell behind a proxy);
-        raises RelayUnavailable, before anything ran, where it cannot reach the kernel."""
-
+    def _interrupter(self, kernel_id: str) -> Callable[[], Awaitable[None]]:
         async def interrupt() -> None:
             with contextlib.suppress(TetherError):  # a kernel gone meanwhile says so itself
                 await self.rest.interrupt_kernel(kernel_id)
 
+        return interrupt
+
+    @staticmethod
+    async def _run_cell(attempt: Callable[[], Awaitable[ExecResult]]) -> ExecResult:
+        """``attempt()``, sent again (twice at most) while it comes back "aborted": the
+        kernel skipped the code without running it (it was still flushing its queue after
+        an interrupted cell), so sending it again is safe."""
         for _ in range(3):
-            result = await execute_relayed(self.link, kernel_id, code, timeout=timeout,
-                                           max_output_chars=max_output_chars,
-                                           image_dir=image_dir, on_output=on_output,
-                                           interrupt=interrupt)
-            if result.status != "aborted":  # skipped, not run (see exec): safe to resend
+            result = await attempt()
+            if result.status != "aborted":
                 break
             await anyio.sleep(0.2)
         return result
