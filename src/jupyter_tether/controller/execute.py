@@ -462,17 +462,23 @@ async def execute(
     result = collector.result(status)
     result.duration_s = time.monotonic() - started
     if reply is not None:
-        count = reply.get("execution_count")
-        result.execution_count = count if isinstance(count, int) else None
-        expressions = reply.get("user_expressions")
-        result.user_expressions = expressions if isinstance(expressions, dict) else {}
-        if status == "ok" and reply.get("status") == "error":
-            result.status = "error"
-            if result.error is None:
-                result.error, cut = _error_dict(reply.get("ename"), reply.get("evalue"),
-                                                reply.get("traceback"), max_output_chars,
-                                                limits)
-                result.truncated = result.truncated or cut
-        elif status == "ok" and reply.get("status") == "aborted":
-            result.status = "aborted"
+        apply_reply(result, reply, status, max_output_chars, limits)
     return result
+
+
+def apply_reply(result: ExecResult, reply: dict[str, Any], status: str,
+                max_output_chars: int, limits: ExecLimits) -> None:
+    """The execute_reply's part of ``result`` (either exec path): its count and user
+    expressions, and an error or "aborted" unless the cell timed out (that stays)."""
+    count = reply.get("execution_count")
+    result.execution_count = count if isinstance(count, int) else None
+    expressions = reply.get("user_expressions")
+    result.user_expressions = expressions if isinstance(expressions, dict) else {}
+    if status == "ok" and reply.get("status") == "error":
+        result.status = "error"
+        if result.error is None:
+            result.error, cut = _error_dict(reply.get("ename"), reply.get("evalue"),
+                                            reply.get("traceback"), max_output_chars, limits)
+            result.truncated = result.truncated or cut
+    elif status == "ok" and reply.get("status") == "aborted":
+        result.status = "aborted"

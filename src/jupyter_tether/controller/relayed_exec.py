@@ -24,7 +24,14 @@ import anyio
 from ..agent_payload.wire import Op
 from ..errors import ConnectionLost, KernelError, NotFound, TetherError
 from .caller import Caller
-from .execute import EXEC_LIMITS, ExecLimits, ExecResult, OutputCallback, _Collector, _error_dict
+from .execute import (
+    EXEC_LIMITS,
+    ExecLimits,
+    ExecResult,
+    OutputCallback,
+    _Collector,
+    apply_reply,
+)
 from .rpc import Event, Reply
 
 #: after an interrupt, how long the kernel gets to report the KeyboardInterrupt
@@ -170,24 +177,5 @@ async def execute_relayed(
     result_obj = collector.result(status)
     result_obj.duration_s = time.monotonic() - started
     if reply is not None:
-        _apply_reply(result_obj, reply, status, max_output_chars, limits)
+        apply_reply(result_obj, reply, status, max_output_chars, limits)
     return result_obj
-
-
-def _apply_reply(result: ExecResult, reply: dict[str, Any], status: str,
-                 max_output_chars: int, limits: ExecLimits) -> None:
-    """The execute_reply's part of the result, as ``execute`` takes it."""
-    if status != "ok":
-        return  # a timeout stays a timeout, whatever the interrupted cell replied
-    count = reply.get("execution_count")
-    result.execution_count = count if isinstance(count, int) else None
-    expressions = reply.get("user_expressions")
-    result.user_expressions = expressions if isinstance(expressions, dict) else {}
-    if reply.get("status") == "error":
-        result.status = "error"
-        if result.error is None:
-            result.error, cut = _error_dict(reply.get("ename"), reply.get("evalue"),
-                                            reply.get("traceback"), max_output_chars, limits)
-            result.truncated = result.truncated or cut
-    elif reply.get("status") == "aborted":
-        result.status = "aborted"

@@ -264,9 +264,8 @@ class Downloader:
 
         The thread never waits for the event loop: it adds what it wrote to a counter that
         is moved into ``tracker`` every ``REPORT_EVERY_S``, and it stops within a move of
-        ``stop`` being set (a progress callback that cancels, or a dropped link).
+        ``get.abort()`` (a progress callback that cancels, or a dropped link).
         """
-        stop = threading.Event()
         done = anyio.Event()
         failure: list[BaseException] = []
         dropped = False
@@ -278,7 +277,7 @@ class Downloader:
             nonlocal pending
             with lock:
                 pending += count
-            return not stop.is_set()
+            return not get.aborted
 
         def take() -> None:
             nonlocal fetched, pending
@@ -302,7 +301,6 @@ class Downloader:
             while self._caller.connected:
                 await anyio.sleep(0.2)
             dropped = True
-            stop.set()
             get.abort()
 
         async with anyio.create_task_group() as group:
@@ -314,7 +312,6 @@ class Downloader:
                         await done.wait()
                     take()
             finally:
-                stop.set()
                 get.abort()  # unblocks the thread if we are cancelled; harmless once done
             group.cancel_scope.cancel()  # the watcher; ``work`` has finished
         if failure:

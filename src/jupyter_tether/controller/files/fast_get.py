@@ -209,6 +209,10 @@ class FilesGet:
         assert conn.sock is not None
         return conn.sock
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted.is_set()
+
     def check_aborted(self) -> None:
         if self._aborted.is_set():
             raise ReceiveError("aborted")
