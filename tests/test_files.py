@@ -164,6 +164,30 @@ def test_interrupted_download_keeps_a_partial_and_resumes(
     assert debris(tmp_path) == []
 
 
+def test_a_partial_that_was_not_this_content_starts_over_and_is_counted_anew(
+        tether: Tether, tmp_path: Path, server_root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(download_module, "REPORT_EVERY_S", 0.001)
+    size = 24 * MiB  # hashed by the remote while it travels: the sidecar names its mtime
+    digest = random_file(server_root / "dl" / "spoilt.bin", size)
+    local = tmp_path / "s.bin"
+
+    async def interrupted() -> None:
+        with anyio.CancelScope() as scope:
+            await files(tether).download(
+                "dl/spoilt.bin", local,
+                progress=lambda done, total: scope.cancel() if done >= 8 * MiB else None)
+
+    tether.portal.call(interrupted)
+    part = Path(str(local) + PART_SUFFIX)
+    with open(part, "r+b") as handle:  # what was kept is not what the remote has
+        handle.write(b"\0" * 4096)
+    result = run(tether, files(tether).download, "dl/spoilt.bin", local)
+    assert sha_of(local) == digest
+    assert (result.resumed_bytes, result.sent_bytes) == (0, size)
+    assert debris(tmp_path) == []
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 

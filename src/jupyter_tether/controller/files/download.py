@@ -143,6 +143,7 @@ class Downloader:
                 if actual != digest and part.unverified and attempt < MAX_ATTEMPTS:
                     log.info("%s: the partial matched by mtime only was not this content; "
                              "starting over", where)
+                    resumed, fetched = None, 0  # what was kept is thrown away: count anew
                     continue  # keep_partial is False: the finally removes it
                 if actual != digest:
                     raise TransferError(
