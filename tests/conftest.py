@@ -100,7 +100,8 @@ def anyio_backend() -> str:
 FAST_MODULES = frozenset({
     "test_concurrency", "test_docs", "test_errors", "test_files_service", "test_files_supervisor",
     "test_fuzz_supervisor", "test_jobs_service", "test_jobs_supervisor", "test_layers",
-    "test_payload_portability", "test_payload_units", "test_remote_limits", "test_resources",
+    "test_kernel_wire", "test_payload_portability", "test_payload_units", "test_remote_limits",
+    "test_resources",
     "test_rpc", "test_submit", "test_sync_plan",
 })
 

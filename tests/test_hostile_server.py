@@ -20,6 +20,10 @@ from typing import Any
 import anyio
 import pytest
 import websockets
+from jupyter_server.services.kernels.connection.base import (
+    deserialize_msg_from_ws_v1,
+    serialize_msg_to_ws_v1,
+)
 from websockets.asyncio.server import ServerConnection, serve
 
 from jupyter_tether import AsyncTether, LimitExceeded, Tether
@@ -96,6 +100,55 @@ async def open_socket(target: Target, **options: Any) -> AsyncIterator[KernelSoc
         finally:
             await sock.aclose()
             group.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def fake_v1_kernel(before_reply: list[bytes]) -> AsyncIterator[Target]:
+    """A kernel websocket that speaks the v1 protocol: each execute_request gets the raw
+    frames ``before_reply`` first, then a stream output and a normal reply."""
+
+    def frame(request: dict[str, Any], msg_type: str, content: dict[str, Any],
+              channel: str) -> bytes:
+        msg = json.loads(_message(request, msg_type, content, channel))
+        return serialize_msg_to_ws_v1([json.dumps(msg[k]).encode() for k in (
+            "header", "parent_header", "metadata", "content")], channel)
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for raw in ws:
+                channel, parts = deserialize_msg_from_ws_v1(raw)
+                request = {"header": json.loads(parts[0])}
+                kind = request["header"]["msg_type"]
+                if kind == "kernel_info_request":
+                    await ws.send(frame(request, "kernel_info_reply", {"status": "ok"}, channel))
+                    await ws.send(frame(request, "status", {"execution_state": "idle"}, "iopub"))
+                elif kind == "execute_request":
+                    for bad in before_reply:
+                        await ws.send(bad)
+                    await ws.send(frame(request, "stream", {"name": "stdout", "text": "fine\n"},
+                                        "iopub"))
+                    await ws.send(frame(request, "execute_reply", {"status": "ok"}, "shell"))
+                    await ws.send(frame(request, "status", {"execution_state": "idle"}, "iopub"))
+
+    async with serve(handler, "127.0.0.1", 0, subprotocols=[kernel_ws.V1_PROTOCOL]) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield Target(base_url=f"http://127.0.0.1:{port}/")
+
+
+async def test_malformed_v1_frames_are_dropped_and_the_reply_still_comes() -> None:
+    malformed = [
+        # 2**62 offsets declared in 16 bytes: believing the count exhausts memory.
+        struct.pack("<QQ", 1 << 62, 8),
+        struct.pack("<7Q", 6, 56, 60, 70, 80, 90, 100),  # offsets past the frame's end
+        serialize_msg_to_ws_v1([b"[]", b"{}", b"{}", b"{}"], "iopub"),  # header not an object
+        serialize_msg_to_ws_v1([b"{", b"{}", b"{}", b"{}"], "iopub"),  # not JSON
+    ]
+    async with fake_v1_kernel(malformed) as target, open_socket(target) as sock:
+        assert sock.protocol == "v1"
+        with anyio.fail_after(20):
+            result = await execute(sock, "1", timeout=20)
+        assert result.status == "ok" and result.stdout == "fine\n"
+        assert not sock.closed.is_set()
 
 
 async def _claim_a_huge_frame(ws: ServerConnection, request: dict[str, Any]) -> None:

@@ -132,14 +132,17 @@ def test_the_cli_and_the_mcp_server_use_the_public_face() -> None:
     assert direct == [], "import these through jupyter_tether (or a neutral module)"
 
 
-def test_starting_the_cli_or_the_mcp_server_does_not_load_nbformat() -> None:
+def test_starting_the_cli_or_the_mcp_server_does_not_load_heavy_modules() -> None:
     # nbformat brings jsonschema's format checkers, whose grammar takes ~1.4 s to build: a cost
-    # every CLI run and MCP start would pay. Only writing a notebook needs it.
+    # every CLI run and MCP start would pay. Only writing a notebook needs it. jupyter_client
+    # and jupyter_server (with zmq and tornado) cost ~90 ms: the controller frames kernel
+    # messages itself (kernel_wire).
     import subprocess
     import sys
 
     probe = ("import sys, jupyter_tether.cli.app, jupyter_tether.mcp_server.server; "
-             "print(sorted(m for m in ('nbformat', 'jsonschema') if m in sys.modules))")
+             "print(sorted(m for m in ('nbformat', 'jsonschema', 'jupyter_client', "
+             "'jupyter_server', 'zmq', 'tornado') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert loaded == "[]"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import shlex
 import subprocess
 import threading
@@ -26,14 +28,19 @@ from .remote_checks import expected_job_output
 from .test_cli import SCRIPT, cli_env, one_error_line, tether_cli
 from .test_mcp import Calls
 
+# "west" speaks the kernel websocket's legacy (JSON and binary-blob) protocol, as a server
+# that forwards to a gateway does; "east" the v1 protocol every recent server offers.
+LEGACY_WEBSOCKET = "--ZMQChannelsWebsocketConnection.kernel_ws_protocol="
+
 
 @pytest.fixture(scope="module")
 def two_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LocalJupyterServer]]:
     servers = []
     try:
-        for name in ("east", "west"):
+        for name, args in ("east", []), ("west", [LEGACY_WEBSOCKET]):
             root = tmp_path_factory.mktemp(f"server-{name}")
-            servers.append(LocalJupyterServer(root, log_path=root.parent / f"{name}.log").start())
+            servers.append(LocalJupyterServer(root, log_path=root.parent / f"{name}.log",
+                                              extra_args=args).start())
         yield servers
     finally:
         for server in servers:
@@ -45,6 +52,24 @@ def _job(tag: str, lines: int) -> str:
     return (f"python3 -c \"import sys, time\nfor i in range({lines}):\n"
             f"    print('{tag}', i)\n    if i == {lines // 2}: sys.stdout.flush(); time.sleep(0.5)\n"
             f"sys.exit({len(tag)})\"")
+
+
+@pytest.mark.anyio
+async def test_binary_comm_traffic_round_trips_over_the_legacy_protocol(
+        two_servers: list[LocalJupyterServer], tmp_path: Path) -> None:
+    _, west = two_servers
+    data = os.urandom(5 * 1024 * 1024 + 7)
+    (tmp_path / "up.bin").write_bytes(data)
+    async with AsyncTether(target=west.target, options=fast_options()) as t:
+        sock = t.link._sock
+        assert sock is not None and sock.protocol == "legacy"
+        # Chunks travel as binary frames with buffers both ways.
+        up = await t.files.upload(tmp_path / "up.bin", "legacy/up.bin")
+        assert (west.root_dir / "legacy" / "up.bin").read_bytes() == data
+        down = await t.files.download("legacy/up.bin", tmp_path / "down.bin", via="comm")
+        assert (tmp_path / "down.bin").read_bytes() == data
+        assert up.sha256 == down.sha256 == hashlib.sha256(data).hexdigest()
+        assert (await t.exec("print(6 * 7)")).stdout == "42\n"
 
 
 @pytest.mark.anyio

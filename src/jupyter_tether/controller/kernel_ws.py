@@ -29,19 +29,20 @@ import anyio
 import anyio.lowlevel
 import websockets
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from jupyter_client.jsonutil import json_default
-from jupyter_client.session import Session
-from jupyter_server.services.kernels.connection.base import (
-    deserialize_binary_message,
-    deserialize_msg_from_ws_v1,
-    serialize_binary_message,
-    serialize_msg_to_ws_v1,
-)
 from websockets.asyncio.client import ClientConnection
 
 from ..agent_payload import wire
 from ..credentials import redact
 from ..errors import AuthError, ConnectionLost, KernelError, LimitExceeded
+from .kernel_wire import (
+    FrameError,
+    dumps,
+    frame_legacy,
+    frame_v1,
+    new_message,
+    unframe_legacy,
+    unframe_v1,
+)
 from .target import Target
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,10 @@ class KernelMessage:
         return str(value) if value else None
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, default=json_default, separators=(",", ":")).encode()
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FrameError(f"the message's {what} is not a JSON object")
+    return value
 
 
 def _tune_socket(connection: ClientConnection) -> socket.socket | None:
@@ -127,9 +130,8 @@ class KernelSocket:
     ) -> None:
         self.target = target
         self.kernel_id = kernel_id
-        # The server re-signs what we send; a key only silences the "signing disabled" warning.
-        self.session = Session(session=session_id, username="jupyter-tether",
-                               key=secrets.token_bytes(16))
+        # The server signs what it forwards to the kernel: ours go unsigned.
+        self._session_id = session_id
         self._cookies = cookies or {}
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -151,7 +153,7 @@ class KernelSocket:
 
     @property
     def session_id(self) -> str:
-        return str(self.session.session)
+        return self._session_id
 
     async def open(self, task_group: anyio.abc.TaskGroup) -> None:
         url = self.target.ws_url(f"api/kernels/{self.kernel_id}/channels",
@@ -206,10 +208,10 @@ class KernelSocket:
     def build(self, msg_type: str, content: dict[str, Any], *, channel: str = "shell",
               metadata: dict[str, Any] | None = None,
               header_extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        msg = self.session.msg(msg_type, content, metadata=metadata)
+        msg = new_message(msg_type, content, session=self._session_id,
+                          username="jupyter-tether", channel=channel, metadata=metadata)
         if header_extra:
             msg["header"].update(header_extra)
-        msg["channel"] = channel
         return msg
 
     async def send(self, msg: dict[str, Any], buffers: list[bytes] | tuple[bytes, ...] = ()) -> str:
@@ -218,16 +220,13 @@ class KernelSocket:
             raise ConnectionLost(f"kernel websocket is closed ({self.close_reason or 'not open'})")
         channel = msg["channel"]
         if self.protocol == "v1":
-            parts = [_dumps(msg["header"]), _dumps(msg["parent_header"]),
-                     _dumps(msg["metadata"]), _dumps(msg["content"]), *buffers]
-            frame: bytes | str = serialize_msg_to_ws_v1(parts, channel)
-        elif buffers:
+            parts = [dumps(msg["header"]), dumps(msg["parent_header"]),
+                     dumps(msg["metadata"]), dumps(msg["content"]), *buffers]
+            frame: bytes | str = frame_v1(channel, parts)
+        else:
             legacy = {k: msg[k] for k in ("header", "parent_header", "metadata", "content",
                                           "channel")}
-            legacy["buffers"] = list(buffers)
-            frame = serialize_binary_message(legacy)
-        else:
-            frame = json.dumps(msg, default=json_default)
+            frame = frame_legacy(legacy, list(buffers)) if buffers else dumps(legacy).decode()
         try:
             await connection.send(frame)
         except websockets.ConnectionClosed as exc:
@@ -264,20 +263,24 @@ class KernelSocket:
             stream.close()
 
     def _decode(self, frame: bytes | str) -> KernelMessage:
-        if isinstance(frame, str):
-            msg = json.loads(frame)
-            return KernelMessage(msg.get("channel", ""), msg["header"], msg["parent_header"],
-                                 msg.get("metadata", {}), msg.get("content", {}),
-                                 list(msg.get("buffers", [])))
-        if self.protocol == "v1":
-            channel, parts = deserialize_msg_from_ws_v1(frame)
-            header, parent, metadata, content = (json.loads(p) for p in parts[:4])
-            return KernelMessage(channel, header, parent, metadata, content,
-                                 [bytes(p) for p in parts[4:]])
-        msg = deserialize_binary_message(frame)
-        return KernelMessage(msg.get("channel", ""), msg["header"], msg["parent_header"],
-                             msg.get("metadata", {}), msg.get("content", {}),
-                             [bytes(b) for b in msg.get("buffers", [])])
+        """The message in ``frame``; FrameError (or a JSON error) when it is not one."""
+        if self.protocol == "v1" and not isinstance(frame, str):
+            channel, parts = unframe_v1(frame)
+            header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[:4])
+            buffers = [bytes(p) for p in parts[4:]]
+        else:
+            if isinstance(frame, str):
+                msg, views = _object(json.loads(frame), "frame"), list[memoryview]()
+            else:
+                msg, views = unframe_legacy(frame)
+            channel = msg.get("channel", "")
+            header, parent = msg.get("header"), msg.get("parent_header")
+            metadata, content = msg.get("metadata", {}), msg.get("content", {})
+            buffers = [bytes(p) for p in views]
+        return KernelMessage(channel if isinstance(channel, str) else "",
+                             _object(header, "header"), _object(parent, "parent header"),
+                             _object(metadata, "metadata"), _object(content, "content"),
+                             buffers)
 
     async def _keepalive(self) -> None:
         """Ping every ``ping_interval``; abort when neither the pong nor any byte came back.
