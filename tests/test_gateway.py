@@ -7,6 +7,7 @@ working directory (its kernels' cwd, so the root that relative paths mean).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,10 @@ from .remote_checks import (
 )
 from .remote_servers import KernelGateway
 
-pytest.importorskip("kernel_gateway", reason="jupyter_kernel_gateway is a test dependency")
+# Looked up, not imported: importing kernel_gateway loads nbformat's schema checkers (~1 s) in
+# every test worker at collection.
+if importlib.util.find_spec("kernel_gateway") is None:
+    pytest.skip("jupyter_kernel_gateway is a test dependency", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

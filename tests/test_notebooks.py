@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import nbformat
 import pytest
 
 from jupyter_tether import InvalidArgument, LimitExceeded, NotFound, Tether
@@ -28,6 +27,14 @@ from jupyter_tether.errors import Conflict
 from .conftest import fast_options
 from .server_extensions import extension_site, server_with_extension
 
+
+def _nbformat() -> Any:
+    # Imported when a test uses it: nbformat's schema checkers cost ~1 s to import, which
+    # every test worker would otherwise pay at collection.
+    import nbformat
+
+    return nbformat
+
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5E"
     "rkJggg==")
@@ -35,10 +42,10 @@ PNG = base64.b64decode(
 
 def write_nb(path: Path, sources: list[str], *, minor: int = 5, tags: dict[int, list[str]]
              | None = None) -> None:
-    nb = nbformat.v4.new_notebook()
+    nb = _nbformat().v4.new_notebook()
     nb.nbformat_minor = minor
     for i, source in enumerate(sources):
-        cell = nbformat.v4.new_code_cell(source)
+        cell = _nbformat().v4.new_code_cell(source)
         if tags and i in tags:
             cell.metadata["tags"] = tags[i]
         if minor < 5:
@@ -225,8 +232,8 @@ def test_read_edit_run_round_trip_stays_valid_for_the_server(tether: Tether,
     edited = tether.notebooks.edit(rel, [{"op": "insert", "source": "print(x + 1)"}],
                                    expected_revision=run["revision"])
     tether.notebooks.run(rel, [edited["ops"][0]["id"]])
-    on_disk = nbformat.read(server_root / rel, as_version=4)
-    nbformat.validate(on_disk)
+    on_disk = _nbformat().read(server_root / rel, as_version=4)
+    _nbformat().validate(on_disk)
     assert on_disk.cells[1].outputs[0]["data"]["text/plain"] == "42"
     assert on_disk.cells[2].outputs[0]["text"] == "43\n"
     assert on_disk.cells[2].execution_count == on_disk.cells[1].execution_count + 1
@@ -277,8 +284,8 @@ def test_a_cell_that_prints_displays_and_raises_leaves_its_outputs(tether: Tethe
     cell = run["cells"][0]
     assert cell["status"] == "error" and len(run["skipped"]) == 1
     assert Path(cell["outputs"][1]["data"]["image/png"]["saved_to"]).read_bytes() == PNG
-    on_disk = nbformat.read(server_root / rel, as_version=4)
-    nbformat.validate(on_disk)
+    on_disk = _nbformat().read(server_root / rel, as_version=4)
+    _nbformat().validate(on_disk)
     first = on_disk.cells[0]
     kinds = [o["output_type"] for o in first.outputs]
     assert kinds == ["stream", "display_data", "error"]
@@ -302,7 +309,7 @@ def test_a_long_run_returns_a_handle_and_keeps_writing(tether: Tether, server_ro
     assert first["status"] == "running" and first["run_id"] and "run_id=" in first["hint"]
     done = tether.notebooks.wait(first["run_id"], timeout=60)
     assert done["status"] == "ok" and done["cells_done"] == 2
-    cells = nbformat.read(server_root / rel, as_version=4).cells
+    cells = _nbformat().read(server_root / rel, as_version=4).cells
     assert cells[0].outputs[0]["text"] == "slept\n" and cells[1].outputs[0]["text"] == "after\n"
 
 
@@ -321,7 +328,7 @@ def test_a_cancelled_run_interrupts_the_kernel_and_keeps_what_finished(
     assert stopped["status"] == "cancelled"
     assert [c["status"] for c in stopped["cells"]] == ["ok", "aborted"]
     assert len(stopped["skipped"]) == 1
-    cells = nbformat.read(server_root / rel, as_version=4).cells
+    cells = _nbformat().read(server_root / rel, as_version=4).cells
     assert cells[0].outputs[0]["text"] == "first\n" and cells[2].outputs == []
     # The kernel was interrupted, not left sleeping: it answers at once.
     assert tether.exec("1 + 1", timeout=20).ok
@@ -376,15 +383,15 @@ def test_a_notebook_job_survives_a_controller_restart(jupyter_server: LocalJupyt
     assert info.exit_code == 0, text
     assert text.count(" started") == 21 and text.count(" ok in ") == 21, text
     assert text.index("[cell 20/21") < text.index("[cell 21/21")
-    out = nbformat.read(server_root / out_rel, as_version=4)
-    nbformat.validate(out)
+    out = _nbformat().read(server_root / out_rel, as_version=4)
+    _nbformat().validate(out)
     code = [c for c in out.cells if c.cell_type == "code"]
     assert len(code) == 21 and "injected-parameters" in code[1].metadata["tags"]
     assert [c.execution_count for c in code] == list(range(1, 22))
     assert code[-1].outputs[0]["text"] == "cell 190\n"  # 19 * the injected steps
     assert out.metadata["jupyter_tether"]["status"] == "completed"
     # The source notebook is untouched (its outputs went to the output file).
-    assert nbformat.read(server_root / rel, as_version=4).cells[1].outputs == []
+    assert _nbformat().read(server_root / rel, as_version=4).cells[1].outputs == []
 
 
 def test_a_failing_notebook_job_logs_the_traceback_and_exits_1(tether: Tether,
@@ -398,8 +405,8 @@ def test_a_failing_notebook_job_logs_the_traceback_and_exits_1(tether: Tether,
     assert info.exit_code == 1, log
     assert "[cell 2/3" in log and "error in" in log and "KeyError: 'boom'" in log
     assert "raise KeyError('boom')" in log and "[cell 3/3" not in log
-    nb = nbformat.read(server_root / rel, as_version=4)
-    nbformat.validate(nb)
+    nb = _nbformat().read(server_root / rel, as_version=4)
+    _nbformat().validate(nb)
     assert nb.metadata["jupyter_tether"]["status"] == "failed"
     assert nb.cells[1].outputs[-1]["ename"] == "KeyError" and nb.cells[2].outputs == []
 
