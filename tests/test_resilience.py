@@ -280,7 +280,9 @@ async def test_follow_gives_every_line_once_in_order_across_fault(
 #: size of the transfers broken mid-way (the issue asks for 200 MiB; smaller for a quick run)
 # Big enough that the link breaks mid-transfer and that what crossed before the break (half
 # the file) exceeds the resend bound below: sending everything again would fail the test.
-TRANSFER_MIB = int(os.environ.get("JUPYTER_TETHER_FAULT_MIB", "96"))
+TRANSFER_MIB = int(os.environ.get("JUPYTER_TETHER_FAULT_MIB", "48"))
+# Smaller than the defaults (2 MiB x 8): the bound on what may be sent again shrinks with them.
+TRANSFER_CHUNK, TRANSFER_WINDOW = 1024 * 1024, 4
 MiB = 1024 * 1024
 
 
@@ -305,11 +307,13 @@ def file_sha256(path: Path) -> str:
 
 
 async def break_when(proxy: FaultProxy, t: AsyncTether, fault: Fault,
-                     moved: Callable[[], int], threshold: int) -> None:
-    """Break the link once ``moved()`` passes ``threshold`` bytes, stay down 1 s, heal."""
+                     moved: Callable[[], int], threshold: int, at_break: list[int]) -> None:
+    """Break the link once ``moved()`` passes ``threshold`` bytes (noting ``moved()`` then in
+    ``at_break``), stay down 1 s, heal."""
     while moved() < threshold:
         await anyio.sleep(0.005)
     break_link(proxy, fault)
+    at_break.append(moved())
     with anyio.fail_after(20):
         while t.link.connected:
             await anyio.sleep(0.02)
@@ -332,8 +336,6 @@ def _transfer_cases() -> list[Any]:
 async def test_transfer_completes_with_equal_hash_across_fault(
         proxied_server: tuple[FaultProxy, str, str], server_root: Path,
         big_file: tuple[Path, str], tmp_path: Path, fault: Fault, direction: str) -> None:
-    from jupyter_tether.controller.files import DEFAULT_CHUNK_BYTES, DEFAULT_WINDOW
-
     proxy, url, token = proxied_server
     local, digest = big_file
     size = local.stat().st_size
@@ -348,26 +350,31 @@ async def test_transfer_completes_with_equal_hash_across_fault(
             return counters.bytes_up if direction == "upload" else counters.bytes_down
 
         before = moved()
+        at_break: list[int] = []
         started = anyio.current_time()
         with anyio.fail_after(120):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(break_when, proxy, t, fault, moved, before + size // 2)
+                tg.start_soon(break_when, proxy, t, fault, moved, before + size // 2, at_break)
                 if direction == "upload":
-                    result = await t.files.upload(local, remote)
+                    result = await t.files.upload(local, remote, chunk_size=TRANSFER_CHUNK,
+                                                  window=TRANSFER_WINDOW)
                     landed = server_root / remote
                 else:
                     landed = tmp_path / "downloaded.bin"
                     via = "comm" if direction == "download-comm" else "auto"
-                    result = await t.files.download(remote, landed, via=via)
+                    result = await t.files.download(remote, landed, via=via,
+                                                    chunk_size=TRANSFER_CHUNK,
+                                                    window=TRANSFER_WINDOW)
         elapsed = anyio.current_time() - started
         resent = moved() - before - size
         print(f"\n[resilience] {direction} {size // MiB} MiB across {fault}: {elapsed:.1f}s, "
               f"{max(resent, 0) / MiB:.1f} MiB beyond the file crossed the wire again")
         assert result.sha256 == digest
         assert file_sha256(landed) == digest
-        assert t.link.reconnects >= 1, "the fault really broke the link mid-transfer"
+        assert t.link.reconnects >= 1 and at_break[0] - before < size, \
+            "the fault really broke the link mid-transfer"
         # What had arrived is not sent again: at most the chunks in flight at the drop.
-        bound = 2 * DEFAULT_WINDOW * DEFAULT_CHUNK_BYTES + 4 * MiB
+        bound = 2 * TRANSFER_WINDOW * TRANSFER_CHUNK + 4 * MiB
         assert bound < size // 2, "a transfer started over would pass unnoticed"
         assert resent < bound
 
