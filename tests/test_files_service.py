@@ -514,6 +514,55 @@ def test_a_response_head_that_stops_halfway_times_out(monkeypatch: pytest.Monkey
         server.close()
 
 
+@pytest.mark.parametrize(("answer", "error"), [
+    # Another range than asked, or a length that disagrees with it: not taken as the bytes.
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/100\r\n"
+     b"Content-Length: 10\r\n\r\n", "NotSimple"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-19/100\r\n"
+     b"Content-Length: 99999999999\r\n\r\n", "NotSimple"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-19/100\r\n"
+     b"Content-Length: 10\r\nContent-Encoding: gzip\r\n\r\n", "NotSimple"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-19/100\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n", "NotSimple"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", "NotSimple"),  # whole file
+    (b"HTTP/1.1 2x6 Odd\r\n\r\n", "NotSimple"),
+    (b"HTTP/1.1 206 Partial Content\r\n folded: header\r\n\r\n", "NotSimple"),
+    (b"HTTP/1.1 206 Partial Content\r\n" + b"X: " + b"y" * 70_000, "NotSimple"),  # no end
+    (b"", "ReceiveError"),  # closed without a word
+])
+def test_a_hostile_files_answer_is_refused_before_any_byte_is_written(
+        answer: bytes, error: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from jupyter_tether.controller.files import fast_get
+
+    monkeypatch.setattr(fast_get, "TIMEOUT_S", 5)
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def answer_once() -> None:
+        peer, _ = server.accept()
+        accepted.append(peer)
+        peer.recv(4096)
+        if answer:
+            peer.sendall(answer + b"0123456789")
+        else:
+            peer.close()
+
+    threading.Thread(target=answer_once, daemon=True).start()
+    get = fast_get.FilesGet(f"http://127.0.0.1:{server.getsockname()[1]}/files/x", {}, 100)
+    try:
+        get.send(0, 10, 20)
+        with pytest.raises((fast_get.NotSimple, fast_get.ReceiveError)) as caught:
+            get.receive(0, 10, 20)
+        assert type(caught.value).__name__ == error
+    finally:
+        get.close()
+        for peer in accepted:
+            peer.close()
+        server.close()
+
+
 def test_each_request_gets_only_the_cookies_of_its_own_url() -> None:
     from jupyter_tether.controller.rest import JupyterRest
     from jupyter_tether.controller.target import Target
