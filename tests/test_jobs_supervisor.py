@@ -127,7 +127,10 @@ def test_follow_100k_lines_every_line_once_in_order(h: InProcess) -> None:
                 h.ok("job_follow_ack", {"job_id": job_id, "offset": len(received)})
             elif envelope["event"] == "job_exit" and body["job_id"] == job_id:
                 exit_body = body
-    assert exit_body["exit_code"] == 0 and exit_body["size"] == len(received)
+    # Seen once in ~20 whole-suite runs under load: a job_exit with size 0 before the bytes
+    # (unexplained); the events say which announcement it was if it comes back.
+    assert exit_body["exit_code"] == 0 and exit_body["size"] == len(received), \
+        [e for e, _ in h.events if e["event"] == "job_exit"]
     assert received.decode().splitlines() == [str(i) for i in range(100000)]
     seqs = [e["seq"] for e, _ in h.events]
     assert seqs == sorted(seqs)
