@@ -22,10 +22,64 @@ from .inprocess import Services, services_fixture  # noqa: F401 (the ``services`
 from .test_files import MiB, debris, random_file, sha_of
 
 
-def test_interrupted_upload_resumes_without_resending(services: Services, tmp_path: Path) -> None:
+def _settle(path: Path) -> None:
+    """Make ``path`` look written a minute ago: uploads hash it while they send it."""
+    past = time.time_ns() - 60 * 10**9
+    os.utime(path, ns=(past, past))
+
+
+def _record_calls(services: Services, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    calls: list[tuple[str, Any]] = []
+    original = services.remote.call
+
+    async def recording(op: str, args: dict[str, Any] | None = None, **options: Any) -> Any:
+        calls.append((op, dict(args or {})))
+        return await original(op, args, **options)
+
+    monkeypatch.setattr(services.remote, "call", recording)
+    return calls
+
+
+def test_a_settled_file_is_hashed_while_it_is_sent(services: Services, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "settled.bin"
+    digest = random_file(source, 5 * MiB + 1)
+    _settle(source)
+    calls = _record_calls(services, monkeypatch)
+    result = services.run(services.files.upload, source, "settled.bin", chunk_size=MiB)
+    assert result.sha256 == digest and sha_of(services.root / "settled.bin") == digest
+    begins = [args for op, args in calls if op == "upload_begin"]
+    commits = [args for op, args in calls if op == "upload_commit"]
+    assert len(begins) == 1 and "sha256" not in begins[0] and begins[0]["key"]
+    assert str(tmp_path) not in begins[0]["key"], "the key does not carry the local path"
+    assert commits[0]["sha256"] == digest
+
+
+def test_a_settled_file_changed_during_its_upload_is_not_committed(
+        services: Services, tmp_path: Path) -> None:
+    source = tmp_path / "moving.bin"
+    random_file(source, 8 * MiB)
+    _settle(source)
+
+    def progress(done: int, total: int) -> None:
+        if done >= 2 * MiB and done < total:
+            with open(source, "r+b") as handle:  # a writer at work: new bytes, a new mtime
+                handle.write(b"changed")
+
+    with pytest.raises(TransferError, match="changed while it was being uploaded"):
+        services.run(services.files.upload, source, "moving.bin", chunk_size=MiB, window=2,
+                     progress=progress)
+    assert not (services.root / "moving.bin").exists()
+
+
+@pytest.mark.parametrize("settled", [False, True], ids=["fresh", "settled"])
+def test_interrupted_upload_resumes_without_resending(services: Services, tmp_path: Path,
+                                                      settled: bool) -> None:
     size = 48 * MiB
     source = tmp_path / "resume.bin"
     digest = random_file(source, size)
+    if settled:
+        _settle(source)  # begun by key, hashed while sent; the resume hashes it whole
     remote = services.root / "resume" / "r.bin"
 
     async def interrupted() -> int:

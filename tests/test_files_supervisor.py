@@ -66,6 +66,55 @@ def test_upload_out_of_order_chunks_commits_equal_hash_without_debris(remote: In
                  [data[:MiB]])
 
 
+def test_an_upload_named_by_key_gets_its_sha256_at_commit_and_is_checked(remote: InProcess):
+    data = os.urandom(3 * MiB + 5)
+    args = {"path": "keyed.bin", "size": len(data), "key": "k1", "chunk_size": MiB}
+    remote.fails("invalid_argument", "upload_begin", {**args, "key": None})  # nothing names it
+    remote.fails("invalid_argument", "upload_begin", {**args, "key": "no spaces"})
+    begun = remote.ok("upload_begin", args)
+    for offset, piece in chunks(data, MiB)[:2]:
+        remote.ok("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": offset},
+                  [piece])
+    # A retried begin by the same key, now with the sha256, finds what arrived.
+    again = remote.ok("upload_begin", {**args, "sha256": sha(data)})
+    assert again["transfer_id"] == begun["transfer_id"] and again["received_bytes"] == 2 * MiB
+    # Another key for the same path starts over.
+    other = remote.ok("upload_begin", {**args, "key": "k2"})
+    assert other["transfer_id"] != begun["transfer_id"] and other["received_bytes"] == 0
+    for offset, piece in chunks(data, MiB):
+        remote.ok("upload_chunk", {"transfer_id": other["transfer_id"], "offset": offset},
+                  [piece])
+    remote.fails("invalid_argument", "upload_commit", {"transfer_id": other["transfer_id"]})
+    wrong = remote.err("upload_commit", {"transfer_id": other["transfer_id"],
+                                         "sha256": sha(b"something else")})
+    assert wrong["code"] == "conflict" and wrong["details"]["reason"] == "hash_mismatch"
+    assert not (remote.root / "keyed.bin").exists() and debris(remote.root) == []
+    # And with the right one it lands.
+    third = remote.ok("upload_begin", {**args, "key": "k3"})
+    for offset, piece in chunks(data, MiB):
+        remote.ok("upload_chunk", {"transfer_id": third["transfer_id"], "offset": offset},
+                  [piece])
+    done = remote.ok("upload_commit", {"transfer_id": third["transfer_id"], "sha256": sha(data)})
+    assert done["sha256"] == sha(data) and (remote.root / "keyed.bin").read_bytes() == data
+
+
+def test_a_key_named_part_resumes_from_its_sidecar_in_a_new_supervisor(
+        remote: InProcess) -> None:
+    data = os.urandom(2 * MiB)
+    args = {"path": "side.bin", "size": len(data), "key": "kside", "chunk_size": MiB}
+    begun = remote.ok("upload_begin", args)
+    remote.ok("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": 0},
+              [data[:MiB]])
+    remote.supervisor.close()  # a kernel restart: the sidecar is saved at close
+    remote.supervisor = remote._new_supervisor()
+    resumed = remote.ok("upload_begin", args)
+    assert resumed["received_bytes"] == MiB
+    remote.ok("upload_chunk", {"transfer_id": resumed["transfer_id"], "offset": MiB},
+              [data[MiB:]])
+    remote.ok("upload_commit", {"transfer_id": resumed["transfer_id"], "sha256": sha(data)})
+    assert (remote.root / "side.bin").read_bytes() == data
+
+
 def test_upload_in_order_hashes_as_it_goes_and_applies_mode_and_mtime(remote: InProcess):
     data = os.urandom(3 * MiB)
     begun = begin_upload(remote, "run.sh", data, MiB, mode=0o750, mtime_ns=1_600_000_000_123)

@@ -65,9 +65,12 @@ def parse_sidecar(data: Any, part_size: int) -> Optional[Dict[str, Any]]:
 class TransferState:
     """Size, sha256 and received ranges of one transfer, plus its in-order running hash."""
 
-    def __init__(self, size: int, sha256: str):
+    def __init__(self, size: int, sha256: str, key: str = ""):
         self.size = size
+        # "" until the client says it (an upload that hashes while it sends names its content
+        # by ``key`` at first, and gives the sha256 at commit)
         self.sha256 = sha256
+        self.key = key
         self.received: Ranges = []
         # Hashes the prefix [0, hashed_upto) as it arrives; None once bytes came out of order
         # in a way it cannot follow (a rewrite of hashed bytes, or a resume).
@@ -75,12 +78,22 @@ class TransferState:
         self.hashed_upto = 0
 
     @classmethod
-    def resume(cls, size: int, sha256: str, rows: Iterable[Any]) -> "TransferState":
+    def resume(cls, size: int, sha256: str, rows: Iterable[Any],
+               key: str = "") -> "TransferState":
         """The state recorded by an earlier process: its bytes must be hashed from the file."""
-        state = cls(size, sha256)
+        state = cls(size, sha256, key)
         state.received = clean_ranges(rows, size)
         state.hasher = None
         return state
+
+    def same_content(self, size: int, sha256: str, key: str) -> bool:
+        """Whether a client's (size, sha256, key) names this transfer's content: by sha256
+        where both sides know it, else by a non-empty key."""
+        if size != self.size:
+            return False
+        if sha256 and self.sha256:
+            return sha256 == self.sha256
+        return bool(key) and key == self.key
 
     @property
     def received_bytes(self) -> int:
@@ -115,5 +128,5 @@ class TransferState:
         """The sidecar record: ``extra`` (who and where) plus version, size, sha256, ranges."""
         data: Dict[str, Any] = {"version": SIDECAR_VERSION}
         data.update(extra)
-        data.update(size=self.size, sha256=self.sha256, received=self.received)
+        data.update(size=self.size, sha256=self.sha256, key=self.key, received=self.received)
         return data

@@ -46,6 +46,8 @@ MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
 _TRANSFER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# A client's name for content it has not hashed yet (see upload_begin).
+_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class _Upload:
@@ -245,10 +247,14 @@ class Uploads:
                 del self._uploads[upload.transfer_id]
 
     def upload_begin(self, req: Request) -> Dict[str, Any]:
+        """Start or resume an upload of ``size`` bytes to ``path``. Its content is named by
+        ``sha256``, or, by a client that hashes while it sends, by a ``key`` of its own (the
+        sha256 then comes with ``upload_commit``, and is checked all the same)."""
         args = req.args
         target = self.resolve(arg(args, "path", str))
         size = arg(args, "size", int)
-        sha256 = arg(args, "sha256", str).lower()
+        sha256 = (arg(args, "sha256", str, "", allow_none=True) or "").lower()
+        key = arg(args, "key", str, "", allow_none=True) or ""
         chunk_size = arg(args, "chunk_size", int, wire.DEFAULT_CHUNK_BYTES)
         wanted_id = arg(args, "transfer_id", str, None, allow_none=True)
         mode = optional_mode(args)
@@ -256,8 +262,14 @@ class Uploads:
         make_dirs = arg(args, "make_dirs", bool, True)
         if size < 0:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "size must be >= 0")
-        if not _SHA256.match(sha256):
+        if sha256 and not _SHA256.match(sha256):
             raise OpError(ErrorCode.INVALID_ARGUMENT, "sha256 must be 64 hex digits")
+        if key and not _KEY.match(key):
+            raise OpError(ErrorCode.INVALID_ARGUMENT,
+                          "key must be 1-64 characters of [A-Za-z0-9_.-]")
+        if not sha256 and not key:
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "give the content's sha256, or a key "
+                          "naming it and the sha256 at upload_commit")
         if not 0 < chunk_size <= wire.MAX_CHUNK_BYTES:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "chunk_size must be 1..%d"
                           % wire.MAX_CHUNK_BYTES)
@@ -277,8 +289,10 @@ class Uploads:
             if current is not None and current.committing:
                 raise OpError(ErrorCode.BUSY, "%s: an upload to this path is being committed"
                               % target, {"path": target})
-            if current is not None and (current.size, current.sha256) == (size, sha256):
+            if current is not None and current.state.same_content(size, sha256, key):
                 upload = current  # a retried or resumed begin: keep what arrived
+                upload.state.sha256 = upload.state.sha256 or sha256
+                upload.state.key = upload.state.key or key
             else:
                 if current is not None:
                     self._uploads.pop(current.transfer_id, None)
@@ -288,7 +302,7 @@ class Uploads:
             with current.lock:
                 current.remove_debris()  # a different file now goes to this path: restart
         if upload is None:
-            upload = self._resume_or_create(target, size, sha256, chunk_size, wanted_id)
+            upload = self._resume_or_create(target, size, sha256, key, chunk_size, wanted_id)
             with self._lock:
                 self._uploads[upload.transfer_id] = upload
         else:
@@ -300,15 +314,20 @@ class Uploads:
         self._trim_open_uploads(upload)
         return upload.describe()
 
-    def _resume_or_create(self, target: str, size: int, sha256: str, chunk_size: int,
+    def _resume_or_create(self, target: str, size: int, sha256: str, key: str, chunk_size: int,
                           wanted_id: Optional[str]) -> _Upload:
         sidecar = _load_sidecar(target)
-        if sidecar is not None and (sidecar.get("size"), sidecar.get("sha256")) == (size, sha256):
-            # Bytes from an earlier life: the state hashes the file at commit.
-            state = TransferState.resume(size, sha256, sidecar["received"])
-            return _Upload(wanted_id or str(sidecar.get("transfer_id") or uuid.uuid4().hex),
-                           target, state, chunk_size)
-        upload = _Upload(wanted_id or uuid.uuid4().hex, target, TransferState(size, sha256),
+        if sidecar is not None:
+            known = sidecar.get("sha256")
+            state = TransferState.resume(
+                size, known if isinstance(known, str) and _SHA256.match(known) else "",
+                sidecar["received"], str(sidecar.get("key") or ""))
+            if state.same_content(size, sha256, key):
+                # Bytes from an earlier life: the state hashes the file at commit.
+                state.sha256, state.key = state.sha256 or sha256, state.key or key
+                return _Upload(wanted_id or str(sidecar.get("transfer_id") or uuid.uuid4().hex),
+                               target, state, chunk_size)
+        upload = _Upload(wanted_id or uuid.uuid4().hex, target, TransferState(size, sha256, key),
                          chunk_size)
         upload.remove_debris()  # another file's partial, or a damaged one
         try:
@@ -376,10 +395,20 @@ class Uploads:
 
     def upload_commit(self, req: Request) -> Dict[str, Any]:
         upload = self._upload(req.args.get("transfer_id"))
+        sha256 = (arg(req.args, "sha256", str, "", allow_none=True) or "").lower()
+        if sha256 and not _SHA256.match(sha256):
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "sha256 must be 64 hex digits")
         with upload.lock:
             if upload.committing:
                 raise OpError(ErrorCode.BUSY, "upload %s is already being committed"
                               % upload.transfer_id)
+            if sha256 and upload.sha256 and sha256 != upload.sha256:
+                raise OpError(ErrorCode.INVALID_ARGUMENT, "upload %s was begun for sha256 %s, "
+                              "not %s" % (upload.transfer_id, upload.sha256, sha256))
+            if not (sha256 or upload.sha256):
+                raise OpError(ErrorCode.INVALID_ARGUMENT, "upload %s was begun with a key only: "
+                              "commit needs the sha256" % upload.transfer_id)
+            upload.state.sha256 = upload.sha256 or sha256
             # Chunks accepted before this commit may still be queued for writing.
             deadline = time.monotonic() + COMMIT_WAIT_S
             while upload.pending and time.monotonic() < deadline:

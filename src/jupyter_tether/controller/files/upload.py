@@ -1,9 +1,13 @@
 """Uploads: one local file (or bytes in memory) to a remote file, resumably, in chunks.
 
-The local file is hashed (streaming) first, ``upload_begin`` says which ranges the remote
-already holds (a resumed upload skips them), chunks go out with ``window`` requests in
-flight, and ``upload_commit`` verifies the sha256 and renames into place: the remote file
-appears whole or not at all.
+A settled local file (not modified in the last seconds) is hashed while it is sent: its
+``upload_begin`` names the content by a key (path, size, mtime, inode), the chunks are read
+and hashed in offset order, and ``upload_commit`` brings the sha256, which the remote checks
+against what it wrote. A file whose hash is cached, one modified moments ago, and any
+resumed upload are hashed first and begun by sha256. Either way ``begin`` says which ranges
+the remote already holds (a resumed upload skips them), chunks go out with ``window``
+requests in flight, and the commit verifies the sha256 and renames into place: the remote
+file appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ from .tuning import CHUNK_TIMEOUT_S, MAX_ATTEMPTS
 log = logging.getLogger(__name__)
 
 
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file's content may have: size, mtime, ctime, inode, device."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
 class Uploader:
     """Sends local files and in-memory bytes to remote paths over a ``Caller``."""
 
@@ -65,40 +74,58 @@ class Uploader:
         source = LocalFile(fd)
         try:
             st = os.fstat(fd)
-            cached = self._hashes.get(local, st)
-            if cached is not None:
-                digest = cached
-            else:
-                digest = str(await anyio.to_thread.run_sync(
-                    lambda: source.hash_from(0, hashlib.sha256()).hexdigest()))
-                if cacheable(st, time.time_ns()):
-                    self._hashes.put(local, st, digest)
-            mtime_ns = st.st_mtime_ns if keep_mtime and not racy(st, time.time_ns()) else None
+
+            def hash_all() -> str:
+                return str(source.hash_from(0, hashlib.sha256()).hexdigest())
+
+            def unchanged() -> bool:
+                now = os.stat(local)
+                return _fingerprint(now) == _fingerprint(st)
+
+            started_ns = time.time_ns()
+            digest = self._hashes.get(local, st)
+            key = None
+            if digest is None and racy(st, started_ns):
+                # Written moments ago: a write within the same mtime tick would go unseen by
+                # ``unchanged``; hash first, so a change shows as a mismatch at commit.
+                digest = str(await anyio.to_thread.run_sync(hash_all))
+            elif digest is None:
+                key = hashlib.sha256(repr((local, *_fingerprint(st))).encode()).hexdigest()[:32]
+            mtime_ns = st.st_mtime_ns if keep_mtime and not racy(st, started_ns) else None
             try:
-                return await self.upload(source.read_at, st.st_size, digest, remote_path, local,
-                                         progress=progress, chunk_size=chunk_size,
-                                         window=window, mode=mode, mtime_ns=mtime_ns)
+                result = await self.upload(source.read_at, st.st_size, digest, remote_path, local,
+                                           progress=progress, chunk_size=chunk_size,
+                                           window=window, mode=mode, mtime_ns=mtime_ns,
+                                           key=key, hash_all=hash_all, unchanged=unchanged)
             except RemoteError as exc:
-                if exc.details.get("reason") == "hash_mismatch":
-                    now = os.stat(local)
-                    if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-                        raise TransferError(f"{where}: {local} changed while it was being "
-                                            "uploaded; upload it again") from exc
+                if exc.details.get("reason") == "hash_mismatch" and not unchanged():
+                    raise TransferError(f"{where}: {local} changed while it was being "
+                                        "uploaded; upload it again") from exc
                 raise
+            if cacheable(st, time.time_ns()):
+                self._hashes.put(local, st, result.sha256)
+            return result
         except OSError as exc:
             raise TransferError(f"{where}: reading {local} failed: {exc.strerror or exc}") from None
         finally:
             source.close()
 
-    async def upload(self, read_at: Callable[[int, int], bytes], size: int, digest: str,
+    async def upload(self, read_at: Callable[[int, int], bytes], size: int, digest: str | None,
                      remote_path: str, local_label: str, *, progress: ProgressCallback | None,
                      chunk_size: int, window: int, mode: int | None,
-                     mtime_ns: int | None) -> TransferResult:
-        """Upload ``size`` bytes read with ``read_at(offset, length)``, whose sha256 is ``digest``."""
+                     mtime_ns: int | None, key: str | None = None,
+                     hash_all: Callable[[], str] | None = None,
+                     unchanged: Callable[[], bool] | None = None) -> TransferResult:
+        """Upload ``size`` bytes read with ``read_at(offset, length)``, whose sha256 is
+        ``digest``; or, with ``digest`` None, named by ``key`` and hashed as the chunks are
+        read (``hash_all`` hashes everything when the remote holds part of it already, and
+        ``unchanged`` says before the commit whether the source still is what was read)."""
         where = f"upload {local_label} -> {remote_path}"
         started = time.perf_counter()
-        args: dict[str, Any] = {"path": remote_path, "size": size, "sha256": digest,
-                                "chunk_size": chunk_size, "make_dirs": True}
+        if digest is None and (key is None or hash_all is None):
+            raise ValueError("an upload without its sha256 needs a key and hash_all")
+        args: dict[str, Any] = {"path": remote_path, "size": size, "chunk_size": chunk_size,
+                                "make_dirs": True}
         if mode is not None:
             args["mode"] = mode
         if mtime_ns is not None:
@@ -111,6 +138,11 @@ class Uploader:
         while True:
             attempt += 1
             try:
+                if digest is None and attempt > 1:
+                    # Some chunks arrived before the failure: hash what will not be read again.
+                    assert hash_all is not None
+                    digest = str(await anyio.to_thread.run_sync(hash_all))
+                args.update({"sha256": digest} if digest is not None else {"key": key})
                 begun = (await self._caller.call(Op.UPLOAD_BEGIN, args)).result
                 target = str(begun["path"])
                 where = f"upload {local_label} -> {target}"
@@ -118,9 +150,19 @@ class Uploader:
                 missing = missing_ranges(clean_ranges(begun.get("received") or [], size), size)
                 if resumed is None:
                     resumed = int(begun.get("received_bytes", 0))
+                if digest is None and missing != [[0, size]]:
+                    assert hash_all is not None  # a part from an earlier try: resumed
+                    digest = str(await anyio.to_thread.run_sync(hash_all))
+                hasher = hashlib.sha256() if digest is None else None
                 tracker.set(size - sum(e - s for s, e in missing))
                 sent += await self._send_chunks(str(begun["transfer_id"]), read_at, missing,
-                                                chunk_size, window, tracker)
+                                                chunk_size, window, tracker, hasher)
+                if hasher is not None:
+                    if unchanged is not None and not await anyio.to_thread.run_sync(unchanged):
+                        raise TransferError(f"{where}: {local_label} changed while it was "
+                                            "being uploaded; upload it again")
+                    digest = hasher.hexdigest()
+                assert digest is not None
                 committed = await self._commit(str(begun["transfer_id"]), target, size, digest)
                 break
             except RemoteError as exc:
@@ -128,7 +170,8 @@ class Uploader:
                     # A commit whose reply was lost is still running: wait for its outcome
                     # rather than begin (and send) the whole file again.
                     await anyio.sleep(0.5)
-                    if target is not None and await self.remote_has(target, size, digest):
+                    if target is not None and digest is not None \
+                            and await self.remote_has(target, size, digest):
                         committed = {"path": target}
                         break
                     continue
@@ -148,18 +191,28 @@ class Uploader:
                     continue
                 raise TransferError(f"{where}: {exc} (the remote keeps what arrived: upload "
                                     "again to resume)") from exc
+        assert digest is not None
         return TransferResult(path=str(committed["path"]), local_path=local_label, bytes=size,
                               seconds=time.perf_counter() - started, sha256=digest,
                               resumed_bytes=resumed or 0, sent_bytes=sent, direction="upload")
 
     async def _send_chunks(self, transfer_id: str, read_at: Callable[[int, int], bytes],
                            ranges: Sequence[Sequence[int]], chunk_size: int, window: int,
-                           tracker: Progress) -> int:
+                           tracker: Progress, hasher: Any = None) -> int:
         """Send ``ranges`` with ``window`` chunks in flight; returns the bytes acknowledged.
 
         Chunks are read here, one after the other in offset order (a sequential disk read),
-        and only the sends overlap; the first error wins.
+        and fed to ``hasher`` (if any) on the reading thread; only the sends overlap; the
+        first error wins.
         """
+        if hasher is not None:
+            plain_read = read_at
+
+            def read_at(offset: int, length: int) -> bytes:
+                data = plain_read(offset, length)
+                hasher.update(data)
+                return data
+
         caller = self._caller
         acked = 0
 
@@ -185,7 +238,8 @@ class Uploader:
         # Generous: a resumed upload is re-hashed from disk on the remote before the rename.
         timeout = 120.0 + size / 20e6
         try:
-            reply = await self._caller.call(Op.UPLOAD_COMMIT, {"transfer_id": transfer_id},
+            reply = await self._caller.call(Op.UPLOAD_COMMIT, {"transfer_id": transfer_id,
+                                                               "sha256": digest},
                                             timeout=timeout)
             result: dict[str, Any] = reply.result
             return result
