@@ -205,14 +205,12 @@ class Uploader:
         and fed to ``hasher`` (if any) on the reading thread; only the sends overlap; the
         first error wins.
         """
-        if hasher is not None:
-            plain_read = read_at
+        def read_and_hash(offset: int, length: int) -> bytes:
+            data = read_at(offset, length)
+            hasher.update(data)
+            return data
 
-            def read_at(offset: int, length: int) -> bytes:
-                data = plain_read(offset, length)
-                hasher.update(data)
-                return data
-
+        read = read_at if hasher is None else read_and_hash
         caller = self._caller
         acked = 0
 
@@ -227,7 +225,7 @@ class Uploader:
             for offset, length in chunks(ranges, chunk_size):
                 if not await tasks.slot():
                     break
-                data = await anyio.to_thread.run_sync(read_at, offset, length)
+                data = await anyio.to_thread.run_sync(read, offset, length)
                 if len(data) != length:
                     raise TransferError(f"the local file shrank while uploading (short read "
                                         f"at offset {offset})")
