@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import queue
+import select
 import socket
 import struct
 import sys
@@ -53,6 +54,9 @@ _F_SETPIPE_SZ = 1031
 USE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 # splice refused by this socket or file system: copy through a buffer instead
 _NO_SPLICE = {errno.EINVAL, errno.ENOSYS, getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
+
+
+_POLLRDHUP = getattr(select, "POLLRDHUP", None)
 
 
 class NotSimple(Exception):
@@ -125,6 +129,13 @@ class _Conn:
         # A peek returns at once while any byte waits, so the socket's own timeout never
         # fires on a head that stops halfway: this deadline does.
         deadline = time.monotonic() + TIMEOUT_S
+        # A peek cannot see the end of the stream behind unread bytes: where the system
+        # says when the peer has hung up (Linux), a head cut off by a close ends at once.
+        hangup = None
+        if _POLLRDHUP is not None:
+            hangup = select.poll()
+            hangup.register(self.sock.fileno(), _POLLRDHUP)
+        closed = False
         while True:
             if time.monotonic() > deadline:
                 raise ReceiveError(f"the response head did not come whole within {TIMEOUT_S} s")
@@ -136,7 +147,14 @@ class _Conn:
                 break
             if len(peek) >= MAX_HEAD_BYTES:
                 raise NotSimple("a response head over 64 KiB")
-            time.sleep(0.001)  # a head in pieces: a peek returns at once, so wait a little
+            if closed:  # hung up, and nothing came after the last peek: the head ends here
+                raise ReceiveError("the server closed the connection in the middle of the "
+                                   "response head")
+            # A head in pieces: a peek returns at once, so wait a little.
+            if hangup is None:
+                time.sleep(0.001)
+            else:
+                closed = bool(hangup.poll(1))
         wanted = end + 4
         head = b""
         while len(head) < wanted:
