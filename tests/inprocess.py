@@ -189,10 +189,14 @@ class InProcess:
             await group.__aexit__(None, None, None)
         self.close()
 
-    async def restart(self) -> None:
-        """A supervisor kernel restart: a new supervisor on the same root, then re-attach."""
+    def replace_supervisor(self) -> None:
+        """A supervisor kernel restart as the payload sees it: a new one on the same root."""
         self.supervisor.close()
         self.supervisor = self._new_supervisor()
+
+    async def restart(self) -> None:
+        """A supervisor kernel restart: a new supervisor on the same root, then re-attach."""
+        self.replace_supervisor()
         for hook in list(self._hooks):
             self.start_soon(hook)
 

@@ -77,7 +77,7 @@ def drop_link(t: Tether) -> None:
     async def intrude() -> None:
         async with anyio.create_task_group() as group:
             sock = KernelSocket(t.aio.target, status["kernel_id"],
-                                session_id=status["session_id"], cookies=t.aio.rest.cookies)
+                                session_id=status["session_id"], cookies=t.aio.rest.cookie_header)
             await sock.open(group)
             # Fully attached before it goes: the server keeps its channels for the session.
             await kernel_info(sock)

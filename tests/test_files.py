@@ -6,6 +6,7 @@ import functools
 import hashlib
 import itertools
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +48,12 @@ def random_file(path: Path, size: int) -> str:
             handle.write(block)
             left -= len(block)
     return digest.hexdigest()
+
+
+def settle(path: Path) -> None:
+    """Make ``path`` look written a minute ago: uploads hash it while they send it."""
+    past = time.time_ns() - 60 * 10**9
+    os.utime(path, ns=(past, past))
 
 
 def sha_of(path: Path) -> str:

@@ -105,8 +105,7 @@ def test_a_key_named_part_resumes_from_its_sidecar_in_a_new_supervisor(
     begun = remote.ok("upload_begin", args)
     remote.ok("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": 0},
               [data[:MiB]])
-    remote.supervisor.close()  # a kernel restart: the sidecar is saved at close
-    remote.supervisor = remote._new_supervisor()
+    remote.replace_supervisor()  # a kernel restart: the sidecar is saved at close
     resumed = remote.ok("upload_begin", args)
     assert resumed["received_bytes"] == MiB
     remote.ok("upload_chunk", {"transfer_id": resumed["transfer_id"], "offset": MiB},
@@ -276,7 +275,7 @@ def test_chunks_are_written_off_the_kernel_thread_and_a_commit_waits_for_them(
     write_at = uploads.write_at
 
     def held_write(fd: int, offset: int, chunk: bytes) -> None:
-        gate.wait(5)  # a slow disk
+        gate.wait(60)  # a slow disk (the ping below must not wait for it)
         write_at(fd, offset, chunk)
 
     monkeypatch.setattr(uploads, "write_at", held_write)
@@ -284,7 +283,7 @@ def test_chunks_are_written_off_the_kernel_thread_and_a_commit_waits_for_them(
                                            "offset": offset}, [piece])
             for offset, piece in chunks(data, MiB)]
     commit = remote.submit("upload_commit", {"transfer_id": begun["transfer_id"]})
-    assert remote.ok("ping", timeout=2)["pong"] is True
+    assert remote.ok("ping", timeout=30)["pong"] is True
     assert not any(remote.has_reply(request) for request in [*sent, commit])
     gate.set()
     for request in sent:
@@ -336,10 +335,10 @@ def test_background_hashes_and_piece_lists_are_bounded(remote: InProcess,
     gate = threading.Event()
     digest_pass = downloads.digest_pass
 
-    def held(fd: int, piece: int, want: bool, stopped: Any) -> Any:
+    def held(fd: int, piece: int, stopped: Any) -> Any:
         if threading.current_thread().name == "tether-download-hash":
             gate.wait(10)  # a background hash holds until the test lets it go
-        return digest_pass(fd, piece, want, stopped)
+        return digest_pass(fd, piece, stopped)
 
     monkeypatch.setattr(downloads, "digest_pass", held)
     monkeypatch.setattr(downloads, "MAX_BACKGROUND_HASHES", 1)
@@ -356,6 +355,15 @@ def test_background_hashes_and_piece_lists_are_bounded(remote: InProcess,
     assert "crc32" not in remote.ok("download_begin", {"path": "three.bin", "checks": 64 * 1024})
     (remote.root / "two-pieces.bin").write_bytes(data[:2 * 64 * 1024])
     assert len(remote.ok("download_begin", {"path": "two-pieces.bin",
+                                            "checks": 64 * 1024})["crc32"]) == 2
+    # Piece lists are cached up to a number of pieces in all: the oldest go first, and a
+    # file whose list went (its sha256 still cached) is then offered none.
+    monkeypatch.setattr(downloads, "MAX_CACHED_PIECES", 3)
+    (remote.root / "two-more.bin").write_bytes(data[2 * 64 * 1024:4 * 64 * 1024])
+    remote.ok("download_begin", {"path": "two-more.bin", "checks": 64 * 1024})
+    assert "crc32" not in remote.ok("download_begin", {"path": "two-pieces.bin",
+                                                       "checks": 64 * 1024})
+    assert len(remote.ok("download_begin", {"path": "two-more.bin",
                                             "checks": 64 * 1024})["crc32"]) == 2
 
 

@@ -47,7 +47,7 @@ def test_legacy_binary_frames_match_jupyter_servers_both_ways(buffers: list[byte
     ours = frame_legacy(msg, buffers)
     theirs = serialize_binary_message({**msg, "buffers": buffers})
     # The same layout; the JSON text differs only in spacing.
-    assert deserialize_binary_message(ours)["buffers"] == buffers
+    assert deserialize_binary_message(ours) == {**msg, "buffers": buffers}
     decoded, views = unframe_legacy(theirs)
     assert decoded == msg and [bytes(v) for v in views] == buffers
 
@@ -96,5 +96,6 @@ def test_malformed_v1_frames_raise_frame_error(frame: bytes) -> None:
     struct.pack("!II", 1, 8) + b"[]",  # a message that is not an object
 ])
 def test_malformed_legacy_frames_raise(frame: bytes) -> None:
-    with pytest.raises((FrameError, ValueError)):
+    # FrameError is a ValueError, as json's errors are: the reader drops either.
+    with pytest.raises(ValueError):
         unframe_legacy(frame)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -185,11 +185,11 @@ def test_one_read_gives_the_sha256_and_the_crc32_of_each_piece(tmp_path: Path):
     piece = 300 * 1000  # not a divisor of the read block: pieces straddle reads
     fd = os.open(path, os.O_RDONLY)
     try:
-        sha, crcs, end = digest_pass(fd, piece, True, lambda: False)
+        sha, crcs, end = digest_pass(fd, piece, lambda: False)
         assert (sha, end) == (hashlib.sha256(data).hexdigest(), len(data))
         assert crcs == [zlib.crc32(data[o:o + piece]) for o in range(0, len(data), piece)]
-        assert digest_pass(fd, 0, False, lambda: False) == (None, None, len(data))
-        assert digest_pass(fd, piece, True, lambda: True)[2] == 0  # stopped at once
+        assert digest_pass(fd, 0, lambda: False) == (sha, None, len(data))
+        assert digest_pass(fd, piece, lambda: True)[2] == 0  # stopped at once
     finally:
         os.close(fd)
 
@@ -199,7 +199,8 @@ def test_the_upload_writer_outlives_a_failing_chunk_and_bounds_what_waits(
     from jupyter_tether.agent_payload import uploads
 
     monkeypatch.setattr(uploads, "MAX_QUEUED_BYTES", 10)
-    writer = uploads._ChunkWriter()
+    counters: collections.Counter[str] = collections.Counter()
+    writer = uploads._ChunkWriter(counters)
     gate = threading.Event()
     done: list[int] = []
 
@@ -208,12 +209,20 @@ def test_the_upload_writer_outlives_a_failing_chunk_and_bounds_what_waits(
         raise OSError("disk full")
 
     writer.submit(failing, 8)
-    second = threading.Thread(target=lambda: writer.submit(lambda: done.append(1), 8))
+    started, submitted = threading.Event(), threading.Event()
+
+    def submit_second() -> None:
+        started.set()
+        writer.submit(lambda: done.append(1), 8)
+        submitted.set()
+
+    second = threading.Thread(target=submit_second)
     second.start()
-    time.sleep(0.3)
-    assert second.is_alive(), "16 bytes queued would pass the 10-byte bound: the caller waits"
+    assert started.wait(10)
+    # 16 bytes queued would pass the 10-byte bound: the caller waits while the first is held.
+    assert not submitted.wait(0.5), "the second submit returned past the bound"
     gate.set()
     second.join(10)
     assert not second.is_alive()
     writer.close()
-    assert done == [1] and writer.failures == 1
+    assert done == [1] and counters["upload_writer_errors"] == 1

@@ -33,8 +33,10 @@ MAX_KNOWN_DOWNLOADS = 1024
 # Smaller files are hashed before download_begin answers even when asked to defer: it takes
 # milliseconds, and spares the client a download_hash round trip.
 DEFER_HASH_MIN_BYTES = 8 * 1024 * 1024
-# Piece CRC32s kept for this many files (by path, piece size and stat).
+# Piece CRC32s kept for this many files (by path, piece size and stat), and this many
+# pieces in all (a Python int each: ~40 MiB at most).
 MAX_CACHED_CHECKS = 256
+MAX_CACHED_PIECES = 1 << 20
 MIN_PIECE_BYTES = 64 * 1024
 # Beyond this many pieces no CRC32s are offered (the client hashes what it gets): the list
 # travels in one reply and is cached.
@@ -58,16 +60,15 @@ class _Hashing:
     once, on whichever thread.
     """
 
-    def __init__(self, path: str, fd: int, st: os.stat_result, want_sha256: bool,
-                 piece_bytes: int, store: Callable[[Optional[str], Optional[List[int]]], None]):
+    def __init__(self, path: str, fd: int, st: os.stat_result, piece_bytes: int,
+                 store: Callable[[Optional[str], Optional[List[int]]], None]):
         self.path = path
         self._lock = threading.Lock()
         self._callbacks: List[Callable[..., None]] = []
         self._outcome: Optional[Outcome] = None
         self._stopped = False
-        self.running = True
         self._identity: Identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-        self._want_sha256, self._piece_bytes, self._store = want_sha256, piece_bytes, store
+        self._piece_bytes, self._store = piece_bytes, store
         threading.Thread(target=self._run, args=(fd,), name="tether-download-hash",
                          daemon=True).start()
 
@@ -76,8 +77,7 @@ class _Hashing:
         crcs: Optional[List[int]] = None
         error: Optional[OpError] = None
         try:
-            digest, crcs, end = digest_pass(fd, self._piece_bytes, self._want_sha256,
-                                            lambda: self._stopped)
+            digest, crcs, end = digest_pass(fd, self._piece_bytes, lambda: self._stopped)
             st = os.fstat(fd)
             if self._stopped:
                 error = OpError(ErrorCode.CONFLICT, "%s: the download ended before its hash "
@@ -96,10 +96,13 @@ class _Hashing:
             os.close(fd)
         with self._lock:
             self._outcome = (digest, crcs, error)
-            self.running = False
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback(digest, crcs, error)
+
+    @property
+    def running(self) -> bool:
+        return self._outcome is None
 
     def then(self, callback: Callable[[Optional[str], Optional[List[int]], Optional[OpError]],
                                       None]) -> None:
@@ -185,8 +188,9 @@ class Downloads:
             with self._lock:
                 self._checks[(path, piece_bytes)] = (cache_key(st), crcs)
                 self._checks.move_to_end((path, piece_bytes))
-                while len(self._checks) > MAX_CACHED_CHECKS:
-                    self._checks.popitem(last=False)
+                pieces = sum(len(entry[1]) for entry in self._checks.values())
+                while len(self._checks) > MAX_CACHED_CHECKS or pieces > MAX_CACHED_PIECES:
+                    pieces -= len(self._checks.popitem(last=False)[1][1])
 
     def resolve(self, path: Any) -> str:
         return paths.resolve(self.supervisor.root_dir, path)
@@ -212,7 +216,7 @@ class Downloads:
         digest = self.hashes.get(path, st) if want_hash else None
         crcs = self._cached_checks(path, st, piece_bytes) if piece_bytes else None
         need_sha256 = want_hash and digest is None
-        # Piece checks only where they cost no read of their own.
+        # Piece checks only where they cost no read of their own: new ones come with a sha256.
         offer_checks = bool(piece_bytes) and (crcs is not None or need_sha256) and \
             -(-st.st_size // piece_bytes) <= MAX_CHECK_PIECES
         need_pieces = piece_bytes if offer_checks and crcs is None else 0
@@ -220,15 +224,15 @@ class Downloads:
             hashing_now = sum(1 for d in self._downloads.values()
                               if d.hashing is not None and d.hashing.running)
         try:
-            if (need_sha256 or need_pieces) and defer_hash and \
-                    st.st_size >= DEFER_HASH_MIN_BYTES and hashing_now < MAX_BACKGROUND_HASHES:
-                hashing = _Hashing(path, os.dup(fd), st, need_sha256, need_pieces,
+            if need_sha256 and defer_hash and st.st_size >= DEFER_HASH_MIN_BYTES and \
+                    hashing_now < MAX_BACKGROUND_HASHES:
+                hashing = _Hashing(path, os.dup(fd), st, need_pieces,
                                    lambda sha, pieces: self._store(path, st, piece_bytes, sha,
                                                                    pieces))
-            elif need_sha256 or need_pieces:
-                sha, pieces, _ = digest_pass(fd, need_pieces, need_sha256, lambda: False)
-                self._store(path, st, piece_bytes, sha, pieces)
-                digest, crcs = sha or digest, pieces if pieces is not None else crcs
+            elif need_sha256:
+                digest, pieces, _ = digest_pass(fd, need_pieces, lambda: False)
+                self._store(path, st, piece_bytes, digest, pieces)
+                crcs = pieces if pieces is not None else crcs
         except OSError as exc:
             os.close(fd)
             raise paths.os_error(exc, path) from None
@@ -264,14 +268,14 @@ class Downloads:
         if download.hashing is None:
             return {"sha256": download.sha256, "crc32": download.crc32s}
         reply = self.supervisor.defer(req)
-        known_sha, known_crcs = download.sha256, download.crc32s
+        known_crcs = download.crc32s
 
         def settle(digest: Optional[str], crcs: Optional[List[int]],
                    error: Optional[OpError]) -> None:
             if error is not None:
                 reply.reject(error)
             else:
-                reply.resolve({"sha256": digest or known_sha,
+                reply.resolve({"sha256": digest,
                                "crc32": crcs if crcs is not None else known_crcs})
 
         download.hashing.then(settle)

@@ -27,20 +27,19 @@ def hash_fd(fd: int, start: int = 0, hasher: Any = None) -> Tuple[Any, int]:
         offset += len(block)
 
 
-def digest_pass(fd: int, piece_bytes: int, want_sha256: bool,
-                stopped: Callable[[], bool]) -> Tuple[Optional[str], Optional[List[int]], int]:
-    """One read of the file from its start: its sha256 (if ``want_sha256``), the CRC32 of
-    each ``piece_bytes`` piece (if ``piece_bytes``; the last may be shorter), and the
-    offset the read ended at (early if ``stopped()``)."""
-    hasher = hashlib.sha256() if want_sha256 else None
+def digest_pass(fd: int, piece_bytes: int,
+                stopped: Callable[[], bool]) -> Tuple[str, Optional[List[int]], int]:
+    """One read of the file from its start: its sha256, the CRC32 of each ``piece_bytes``
+    piece (if ``piece_bytes``; the last may be shorter), and the offset the read ended at
+    (early if ``stopped()``)."""
+    hasher = hashlib.sha256()
     crcs: Optional[List[int]] = [] if piece_bytes else None
     crc = filled = offset = 0
     while not stopped():
         block = read_at(fd, offset, HASH_BLOCK_BYTES)
         if not block:
             break
-        if hasher is not None:
-            hasher.update(block)
+        hasher.update(block)
         if crcs is not None:
             view, pos = memoryview(block), 0
             while pos < len(view):
@@ -53,7 +52,7 @@ def digest_pass(fd: int, piece_bytes: int, want_sha256: bool,
         offset += len(block)
     if crcs is not None and filled:
         crcs.append(crc)
-    return (hasher.hexdigest() if hasher is not None else None), crcs, offset
+    return hasher.hexdigest(), crcs, offset
 
 
 def sha256_file(path: str) -> str:

@@ -83,7 +83,7 @@ class TransferState:
         """The state recorded by an earlier process: its bytes must be hashed from the file."""
         state = cls(size, sha256, key)
         state.received = clean_ranges(rows, size)
-        state.hasher = None
+        state.forget_hash()
         return state
 
     def same_content(self, size: int, sha256: str, key: str) -> bool:
@@ -117,6 +117,10 @@ class TransferState:
             elif offset < self.hashed_upto:
                 self.hasher = None  # hashed bytes were rewritten: re-read them
             # Beyond hashed_upto: a gap, read back from the file at the end.
+
+    def forget_hash(self) -> None:
+        """Keep no running hash: the sha256, if wanted, is read back from the file."""
+        self.hasher = None
 
     def hash_resume(self) -> Tuple[Any, int]:
         """The hasher and the file offset from which to feed it the rest of the file."""

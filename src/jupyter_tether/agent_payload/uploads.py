@@ -44,10 +44,17 @@ COMMIT_WAIT_S = 120.0
 #: chunk bytes accepted and not yet written, all uploads together
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
-_TRANSFER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Transfer ids, and the keys a client names content by before it has hashed it.
+_TOKEN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# A client's name for content it has not hashed yet (see upload_begin).
-_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _optional_sha256(args: Dict[str, Any]) -> str:
+    """The ``sha256`` argument, lower case; "" when not given."""
+    value = (arg(args, "sha256", str, "", allow_none=True) or "").lower()
+    if value and not _SHA256.match(value):
+        raise OpError(ErrorCode.INVALID_ARGUMENT, "sha256 must be 64 hex digits")
+    return str(value)
 
 
 class _Upload:
@@ -139,14 +146,14 @@ class _ChunkWriter:
     faster than the disk writes, or ignores its window, cannot grow our memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, counters: Dict[str, int]) -> None:
+        self._counters = counters  # the supervisor's: a failed item shows in its status
         self._queue: "queue.SimpleQueue[Optional[Tuple[Callable[[], None], int]]]" = \
             queue.SimpleQueue()
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._queued_bytes = 0
         self._thread: Optional[threading.Thread] = None
-        self.failures = 0
 
     def submit(self, work: Callable[[], None], nbytes: int = 0) -> None:
         with self._lock:
@@ -168,7 +175,7 @@ class _ChunkWriter:
             try:
                 work()
             except Exception:  # the one writer must outlive any chunk
-                self.failures += 1
+                self._counters["upload_writer_errors"] += 1
             finally:
                 with self._lock:
                     self._queued_bytes -= nbytes
@@ -192,7 +199,7 @@ class Uploads:
         self.hashes = hashes
         self._lock = threading.Lock()
         self._uploads: "OrderedDict[str, _Upload]" = OrderedDict()  # least recent first
-        self._writer = _ChunkWriter()
+        self._writer = _ChunkWriter(supervisor.counters)
 
     def resolve(self, path: Any) -> str:
         return paths.resolve(self.supervisor.root_dir, path)
@@ -253,7 +260,7 @@ class Uploads:
         args = req.args
         target = self.resolve(arg(args, "path", str))
         size = arg(args, "size", int)
-        sha256 = (arg(args, "sha256", str, "", allow_none=True) or "").lower()
+        sha256 = _optional_sha256(args)
         key = arg(args, "key", str, "", allow_none=True) or ""
         chunk_size = arg(args, "chunk_size", int, wire.DEFAULT_CHUNK_BYTES)
         wanted_id = arg(args, "transfer_id", str, None, allow_none=True)
@@ -262,9 +269,7 @@ class Uploads:
         make_dirs = arg(args, "make_dirs", bool, True)
         if size < 0:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "size must be >= 0")
-        if sha256 and not _SHA256.match(sha256):
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "sha256 must be 64 hex digits")
-        if key and not _KEY.match(key):
+        if key and not _TOKEN.match(key):
             raise OpError(ErrorCode.INVALID_ARGUMENT,
                           "key must be 1-64 characters of [A-Za-z0-9_.-]")
         if not sha256 and not key:
@@ -273,7 +278,7 @@ class Uploads:
         if not 0 < chunk_size <= wire.MAX_CHUNK_BYTES:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "chunk_size must be 1..%d"
                           % wire.MAX_CHUNK_BYTES)
-        if wanted_id is not None and not _TRANSFER_ID.match(wanted_id):
+        if wanted_id is not None and not _TOKEN.match(wanted_id):
             raise OpError(ErrorCode.INVALID_ARGUMENT,
                           "transfer_id must be 1-64 characters of [A-Za-z0-9_.-]")
         refuse_directory(target)
@@ -395,9 +400,7 @@ class Uploads:
 
     def upload_commit(self, req: Request) -> Dict[str, Any]:
         upload = self._upload(req.args.get("transfer_id"))
-        sha256 = (arg(req.args, "sha256", str, "", allow_none=True) or "").lower()
-        if sha256 and not _SHA256.match(sha256):
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "sha256 must be 64 hex digits")
+        sha256 = _optional_sha256(req.args)
         with upload.lock:
             if upload.committing:
                 raise OpError(ErrorCode.BUSY, "upload %s is already being committed"

@@ -121,7 +121,7 @@ class KernelSocket:
         kernel_id: str,
         *,
         session_id: str,
-        cookies: dict[str, str] | None = None,
+        cookies: Callable[[str], str | None] | None = None,
         ping_interval: float | None = 10.0,
         ping_timeout: float | None = 10.0,
         open_timeout: float = 20.0,
@@ -132,7 +132,8 @@ class KernelSocket:
         self.kernel_id = kernel_id
         # The server signs what it forwards to the kernel: ours go unsigned.
         self._session_id = session_id
-        self._cookies = cookies or {}
+        # The Cookie header for a URL path (``JupyterRest.cookie_header``): asked at open.
+        self._cookies = cookies
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._open_timeout = open_timeout
@@ -159,8 +160,9 @@ class KernelSocket:
         url = self.target.ws_url(f"api/kernels/{self.kernel_id}/channels",
                                  session_id=self.session_id)
         headers = dict(self.target.auth_headers())
-        if self._cookies:
-            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self._cookies.items())
+        cookie = self._cookies(f"api/kernels/{self.kernel_id}/channels") if self._cookies else None
+        if cookie:
+            headers["Cookie"] = cookie
         try:
             self._connection = await websockets.connect(
                 url,

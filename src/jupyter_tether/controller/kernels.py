@@ -171,7 +171,7 @@ async def _find_or_claim_by_marker(rest: JupyterRest, name: str,
     try:
         async with anyio.create_task_group() as tg:
             sock = KernelSocket(rest.target, fresh, session_id=new_session_id(),
-                                cookies=rest.cookies, ping_interval=None)
+                                cookies=rest.cookie_header, ping_interval=None)
             try:
                 await sock.open(tg)
                 chosen = await _claim(rest, sock, name, fresh)

@@ -339,7 +339,7 @@ class SupervisorLink:
                                            kernel_name=self.options.kernel_name,
                                            state=self.state)
         sock = KernelSocket(self.target, kernel_id, session_id=self.session_id,
-                            cookies=self.rest.cookies,
+                            cookies=self.rest.cookie_header,
                             ping_interval=self.options.ping_interval,
                             ping_timeout=self.options.ping_timeout,
                             max_message_bytes=self.options.max_message_bytes)

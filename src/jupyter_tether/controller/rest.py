@@ -52,13 +52,6 @@ class JupyterRest:
         #: False once the server answered 404 on /api/status (Kernel Gateway has none)
         self._has_status = True
 
-    @property
-    def cookies(self) -> dict[str, str]:
-        """The cookies the server's API URLs get, by name (for the kernel websocket)."""
-        header = self.cookie_header("api/kernels")
-        return dict(part.split("=", 1) for part in header.split("; ") if "=" in part) \
-            if header else {}
-
     def cookie_header(self, path: str) -> str | None:
         """The ``Cookie`` header a request for ``path`` gets: only the cookies whose domain,
         path and secure flag match it (a hub sets ``_xsrf`` on two paths; other hosts'

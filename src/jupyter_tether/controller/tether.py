@@ -365,7 +365,7 @@ class AsyncTether:
                 self._state.release_session_id(sock.session_id)
             session_id = self._state.claim_session_id(f"kernel:{kernel_id}")
             sock = KernelSocket(self.target, kernel_id, session_id=session_id,
-                                cookies=self.rest.cookies, ping_interval=self.options.ping_interval,
+                                cookies=self.rest.cookie_header, ping_interval=self.options.ping_interval,
                                 ping_timeout=self.options.ping_timeout,
                                 max_message_bytes=self.options.max_message_bytes)
             await sock.open(self.task_group)

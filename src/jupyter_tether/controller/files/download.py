@@ -227,11 +227,9 @@ class Downloader:
     def _likely_http(self, remote_path: str) -> bool:
         """Whether ``remote_path`` will probably come over ``GET /files`` (a guess before
         the remote resolves it: it only decides whether to ask for piece checks)."""
-        if not self._caller.files_root:
-            return False
-        if remote_path.startswith("/"):
-            return self._files_url_path(remote_path) is not None
-        return not any(name.startswith(".") for name in remote_path.split("/"))
+        root = self._caller.files_root  # the supervisor's root: relative paths start there
+        return bool(root) and self._files_url_path(
+            os.path.normpath(os.path.join(root or "", remote_path))) is not None
 
     async def _end(self, transfer_id: str) -> None:
         with anyio.move_on_after(5), contextlib.suppress(RemoteError, ConnectionLost,
@@ -261,7 +259,7 @@ class Downloader:
     async def _fetch_direct(self, url_path: str, get: FilesGet, part: DownloadPart,
                             tracker: Progress) -> int:
         """What ``part`` misses through ``fast_get`` on a worker thread; returns the bytes
-        written. NotSimple comes before anything is written.
+        written. A NotSimple answer ends it; what came before it stays in ``part``.
 
         The thread never waits for the event loop: it adds what it wrote to a counter that
         is moved into ``tracker`` every ``REPORT_EVERY_S``, and it stops within a move of

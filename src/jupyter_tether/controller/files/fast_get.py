@@ -53,7 +53,7 @@ MAX_HEAD_BYTES = 64 * 1024
 _F_SETPIPE_SZ = 1031
 USE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 # splice refused by this socket or file system: copy through a buffer instead
-_NO_SPLICE = {errno.EINVAL, errno.ENOSYS, getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
+_NO_SPLICE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
 
 _POLLRDHUP = getattr(select, "POLLRDHUP", None)

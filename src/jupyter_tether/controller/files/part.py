@@ -187,7 +187,7 @@ class DownloadPart:
     def check_pieces(self, piece_bytes: int) -> None:
         """Check CRC32s of pieces instead of keeping a running sha256 (a fresh part only)."""
         self.checks = PieceChecks(self.size, piece_bytes)
-        self.state.hasher = None  # a sha256 still needed is read back from the file
+        self.state.forget_hash()
 
     def digest(self) -> str:
         """The sha256 of the part: the running hash, fed what it has not seen from disk."""

@@ -1,7 +1,7 @@
 """Uploads: one local file (or bytes in memory) to a remote file, resumably, in chunks.
 
 A settled local file (not modified in the last seconds) is hashed while it is sent: its
-``upload_begin`` names the content by a key (path, size, mtime, inode), the chunks are read
+``upload_begin`` names the content by a key (path and the hash cache's stat key), the chunks are read
 and hashed in offset order, and ``upload_commit`` brings the sha256, which the remote checks
 against what it wrote. A file whose hash is cached, one modified moments ago, and any
 resumed upload are hashed first and begun by sha256. Either way ``begin`` says which ranges
@@ -25,7 +25,7 @@ import anyio
 
 from ...agent_payload import wire
 from ...agent_payload.fsutil import O_BINARY
-from ...agent_payload.hashing import HashCache
+from ...agent_payload.hashing import HashCache, cache_key
 from ...agent_payload.transfer_state import clean_ranges, missing_ranges
 from ...agent_payload.wire import Op
 from ...errors import ConnectionLost, NotFound, RemoteError, TetherTimeout, TransferError
@@ -39,11 +39,6 @@ from .result import TransferResult
 from .tuning import CHUNK_TIMEOUT_S, MAX_ATTEMPTS
 
 log = logging.getLogger(__name__)
-
-
-def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int, int]:
-    """What changes when a file's content may have: size, mtime, ctime, inode, device."""
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
 class Uploader:
@@ -80,7 +75,7 @@ class Uploader:
 
             def unchanged() -> bool:
                 now = os.stat(local)
-                return _fingerprint(now) == _fingerprint(st)
+                return cache_key(now) == cache_key(st)
 
             started_ns = time.time_ns()
             digest = self._hashes.get(local, st)
@@ -90,7 +85,7 @@ class Uploader:
                 # ``unchanged``; hash first, so a change shows as a mismatch at commit.
                 digest = str(await anyio.to_thread.run_sync(hash_all))
             elif digest is None:
-                key = hashlib.sha256(repr((local, *_fingerprint(st))).encode()).hexdigest()[:32]
+                key = hashlib.sha256(repr((local, *cache_key(st))).encode()).hexdigest()[:32]
             mtime_ns = st.st_mtime_ns if keep_mtime and not racy(st, started_ns) else None
             try:
                 result = await self.upload(source.read_at, st.st_size, digest, remote_path, local,
