@@ -147,7 +147,7 @@ class _ChunkWriter:
     """
 
     def __init__(self, counters: Dict[str, int]) -> None:
-        self._counters = counters  # the supervisor's: a failed item shows in its status
+        self._counters = counters  # the supervisor's, beside its other error counts
         self._queue: "queue.SimpleQueue[Optional[Tuple[Callable[[], None], int]]]" = \
             queue.SimpleQueue()
         self._lock = threading.Lock()
