@@ -136,3 +136,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem
         item.add_marker(pytest.mark.fast if module in FAST_MODULES else pytest.mark.integration)
+
+
+def gated(gate: Path, then: str) -> str:
+    """A command that runs until `gate` exists (at most a minute), then `then`: a job that is
+    surely still running when the test looks, however slow the machine."""
+    return (f"for i in $(seq 600); do [ -e {gate} ] && break; sleep 0.1; done; {then}")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from jupyter_tether import Tether
 from jupyter_tether.controller.jobs import AsyncJob, JobInfo
 
-from .conftest import follow_all
+from .conftest import follow_all, gated
 
 
 def start(t: Tether, command: str, **kwargs: object) -> AsyncJob:
@@ -16,7 +17,6 @@ def start(t: Tether, command: str, **kwargs: object) -> AsyncJob:
 
 def wait(t: Tether, job: AsyncJob, timeout: float = 60) -> JobInfo:
     return t.portal.call(lambda: job.wait(timeout))
-
 
 
 def test_failing_job_reports_its_exit_code(tether: Tether) -> None:
@@ -33,8 +33,10 @@ def test_follow_of_100k_lines_gives_every_line_once_in_order(tether: Tether) -> 
     assert wait(tether, job).exit_code == 0
 
 
-def test_job_survives_supervisor_kernel_restart_and_is_readopted(tether: Tether) -> None:
-    job = start(tether, "echo before; sleep 4; echo after; exit 5")
+def test_job_survives_supervisor_kernel_restart_and_is_readopted(tether: Tether,
+                                                                 tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    job = start(tether, "echo before; " + gated(gate, "echo after; exit 5"))
     old_pid = tether.info()["pid"]
     kernel_id = tether.status()["kernel_id"]
     # What JupyterLab's "Restart kernel" sends.
@@ -49,6 +51,7 @@ def test_job_survives_supervisor_kernel_restart_and_is_readopted(tether: Tether)
         time.sleep(0.2)
     assert tether.info()["pid"] != old_pid, "a new supervisor should have been injected"
     assert tether.portal.call(job.status).state == "running"
+    gate.touch()
     info = wait(tether, job)
     assert (info.state, info.exit_code) == ("exited", 5)
     assert tether.portal.call(lambda: job.tail(5)) == "before\nafter\n"

@@ -17,6 +17,7 @@ import pytest
 
 from jupyter_tether.agent_payload import follow, procs
 
+from .conftest import gated
 from .inprocess import InProcess
 
 PY = shlex.quote(sys.executable)
@@ -241,7 +242,8 @@ def test_kill_plain_job_with_term(h: InProcess) -> None:
 
 def test_new_supervisor_re_adopts_a_running_job(tmp_path: Path) -> None:
     first = InProcess(tmp_path)
-    job = start(first, "sleep 2; exit 3")
+    gate = tmp_path / "gate"
+    job = start(first, gated(gate, "exit 3"))
     first.close()
     second = InProcess(tmp_path)
     try:
@@ -249,6 +251,7 @@ def test_new_supervisor_re_adopts_a_running_job(tmp_path: Path) -> None:
         assert [j["job_id"] for j in hello["jobs"]] == [job["job_id"]]
         status = second.ok("job_status", {"job_id": job["job_id"]})
         assert status["state"] == "running" and status["pid"] == job["pid"]
+        gate.touch()
         done = second.ok("job_wait", {"job_id": job["job_id"], "timeout": 10})
         assert (done["state"], done["exit_code"]) == ("exited", 3)
         event = second.wait_event(lambda e: e["event"] == "job_exit")
