@@ -5,6 +5,7 @@ import under ``TYPE_CHECKING`` or inside a function counts too."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,11 @@ def imports_of(name: str) -> set[str]:
     return {f for f in found if f in MODULES and f != name}
 
 
-GRAPH = {name: imports_of(name) for name in MODULES}
+@functools.cache
+def graph() -> dict[str, set[str]]:
+    """Module -> the project's modules it imports. Built on first use, not at import: every
+    xdist worker collects this module, one runs it."""
+    return {name: imports_of(name) for name in MODULES}
 
 
 def layer(name: str) -> str:
@@ -55,9 +60,9 @@ def layer(name: str) -> str:
 
 def test_the_graph_is_read() -> None:
     # A parser that found nothing would let every check below pass.
-    assert f"{PACKAGE}.controller.tether" in GRAPH[f"{PACKAGE}.controller.blocking"]
-    assert f"{PACKAGE}.agent_payload.wire" in GRAPH[f"{PACKAGE}.controller.files.upload"]
-    assert f"{PACKAGE}.controller.files.service" in GRAPH[f"{PACKAGE}.controller.files"]
+    assert f"{PACKAGE}.controller.tether" in graph()[f"{PACKAGE}.controller.blocking"]
+    assert f"{PACKAGE}.agent_payload.wire" in graph()[f"{PACKAGE}.controller.files.upload"]
+    assert f"{PACKAGE}.controller.files.service" in graph()[f"{PACKAGE}.controller.files"]
 
 
 def test_no_import_cycles() -> None:
@@ -68,7 +73,7 @@ def test_no_import_cycles() -> None:
     def visit(name: str) -> None:
         state[name] = 1
         path.append(name)
-        for other in sorted(GRAPH[name]):
+        for other in sorted(graph()[name]):
             if state.get(other) == 1:
                 cycles.append([*path[path.index(other):], other])
             elif other not in state:
@@ -76,7 +81,7 @@ def test_no_import_cycles() -> None:
         path.pop()
         state[name] = 2
 
-    for name in sorted(GRAPH):
+    for name in sorted(graph()):
         if name not in state:
             visit(name)
     assert cycles == [], "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
@@ -88,7 +93,7 @@ def test_no_import_cycles() -> None:
     ("mcp_server", {"cli"}),
 ])
 def test_layers_import_only_downwards(low: str, forbidden: set[str]) -> None:
-    wrong = sorted(f"{name} -> {other}" for name, others in GRAPH.items() if layer(name) == low
+    wrong = sorted(f"{name} -> {other}" for name, others in graph().items() if layer(name) == low
                    for other in others
                    if layer(other) in forbidden or (other == PACKAGE and "__init__" in forbidden))
     assert wrong == []
@@ -125,7 +130,7 @@ def test_the_cli_and_the_mcp_server_use_the_public_face() -> None:
     def short(name: str) -> str:
         return name.removeprefix(PACKAGE + ".")
 
-    direct = sorted(f"{short(name)} -> {short(other)}" for name, others in GRAPH.items()
+    direct = sorted(f"{short(name)} -> {short(other)}" for name, others in graph().items()
                     if layer(name) in ("cli", "mcp_server") for other in others
                     if layer(other) == "controller"
                     and (short(name), short(other)) not in FACE_TO_CONTROLLER)
