@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ from jupyter_tether.controller.jobs import AsyncJob
 
 #: the python that runs the session's jupyter_server (default: this one)
 SERVER_PYTHON_ENV = "JUPYTER_TETHER_TEST_SERVER_PYTHON"
+
+# A run started in the background by a script (``pytest ... &``, no job control) ignores
+# SIGINT, and the CLIs the tests start inherit that: the tests that press Ctrl-C would press
+# it on processes that cannot hear it. The children get the default, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    with contextlib.suppress(ValueError):  # not the main thread: leave it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
