@@ -8,6 +8,7 @@ for what a hostile or broken client may send; the rest goes through a real Jupyt
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import psutil
 import pytest
@@ -153,7 +155,8 @@ def test_stream_refuses_other_hosts_unless_asked_and_bad_ports(remote: InProcess
     remote.ok(Op.STREAM_OPEN, open_args(server.port, host="127.0.0.2", allow_remote_host=True))
     for port in (0, 65536, -1, "80", True, None, 2.5):
         remote.fails(ErrorCode.INVALID_ARGUMENT, Op.STREAM_OPEN, open_args(port, sid=2))  # type: ignore[arg-type]
-    for host in ("", "a/b", "x" * 300, 7):
+    # Control characters never make a host: refused, not echoed into a terminal line.
+    for host in ("", "a/b", "x" * 300, 7, "evil\x1b[2J", "a\nb", "h\x7f"):
         remote.fails(ErrorCode.INVALID_ARGUMENT, Op.STREAM_OPEN,
                      open_args(server.port, sid=3, host=host))
     closed = free_port()
@@ -237,6 +240,102 @@ def test_stream_counts_are_bounded(remote: InProcess, monkeypatch: pytest.Monkey
     assert "limit per controller" in error.message
     remote.fails(ErrorCode.CONFLICT, Op.STREAM_OPEN, open_args(server.port, sid=2))
     server.close()
+
+
+def stream_service(remote: InProcess) -> streams.StreamService:
+    (service,) = [getattr(c, "__self__", None) for c in remote.supervisor._closers
+                  if isinstance(getattr(c, "__self__", None), streams.StreamService)]
+    return service
+
+
+def test_first_bytes_over_the_window_are_refused_before_any_connect(remote: InProcess) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(2)
+    port = listener.getsockname()[1]
+    remote.submit(Op.STREAM_OPEN, open_args(port, window=st.MIN_WINDOW, quiet=True),
+                  [b"x" * (st.MIN_WINDOW + 1)])
+    until(lambda: [v for k, v, _ in stream_items(remote, 1) if k == st.RESET])
+    assert "window" in stream_items(remote, 1)[0][1]
+    error = remote.fails(ErrorCode.TOO_LARGE, Op.STREAM_OPEN,
+                         open_args(port, sid=2, window=st.MIN_WINDOW),
+                         [b"x" * (st.MIN_WINDOW + 1)])
+    assert "window" in error.message
+    with pytest.raises(TimeoutError):  # a refused stream reaches nothing on the remote
+        listener.accept()
+    listener.close()
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_connect_that_cannot_start_fails_the_stream_and_frees_it(
+        remote: InProcess, monkeypatch: pytest.MonkeyPatch, quiet: bool) -> None:
+    def no_ipv6(host: str, port: int, family: int) -> Any:  # a remote with IPv6 disabled
+        raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+
+    monkeypatch.setattr(streams, "start_connect", no_ipv6)
+    args = open_args(80, host="::1", quiet=quiet)
+    if quiet:
+        remote.submit(Op.STREAM_OPEN, args)
+        until(lambda: [v for k, v, _ in stream_items(remote, 1) if k == st.RESET])
+        reason = stream_items(remote, 1)[0][1]
+    else:
+        reason = remote.fails(ErrorCode.NOT_FOUND, Op.STREAM_OPEN, args).message
+    assert "cannot connect to ::1:80 on the remote" in reason
+    assert remote.ok(Op.STREAM_SYNC, {"owner": OWNER, "live": [1]})["unknown"] == [1]
+
+
+def test_connects_by_name_are_bounded_and_skipped_once_reset(
+        remote: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(st, "MAX_STREAMS", 16)
+    release, calls = threading.Event(), []
+
+    def slow_resolver(host: str, port: int) -> socket.socket:  # a resolver that hangs
+        calls.append(host)
+        release.wait(20)
+        raise OSError(errno.ECONNREFUSED, "refused")
+
+    monkeypatch.setattr(streams, "connect_by_name", slow_resolver)
+    try:
+        for sid in range(1, streams.CONNECTORS + 1):  # every connector thread busy
+            remote.submit(Op.STREAM_OPEN, open_args(80, sid=sid, host="localhost", quiet=True))
+        until(lambda: len(calls) == streams.CONNECTORS)
+        for sid in range(100, 140):  # opened and reset at once, again and again
+            remote.submit(Op.STREAM_OPEN, open_args(80, sid=sid, host="localhost", quiet=True))
+            remote.submit(Op.STREAM_CLOSE, {"owner": OWNER, "sid": sid, "how": "reset"})
+        refused = until(lambda: [v for k, v, _ in stream_items(remote, 139) if k == st.RESET])
+        assert "retry" in refused[0], "the connect queue is bounded"
+    finally:
+        release.set()
+    until(lambda: stream_service(remote)._resolving == 0)
+    assert len(calls) == streams.CONNECTORS, "no connect for a stream already reset"
+    assert remote.ok(Op.PING)["pong"]
+
+
+def test_a_host_name_that_cannot_be_resolved_at_all_fails_its_stream(
+        remote: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    for sid, host in enumerate(("a..b", "x" * 64), 1):  # getaddrinfo raises UnicodeError
+        error = remote.fails(ErrorCode.INVALID_ARGUMENT, Op.STREAM_OPEN,
+                             open_args(80, sid=sid, host=host, allow_remote_host=True))
+        assert "not a valid host name" in error.message
+    # Whatever else the resolver raises ends the stream too, not the connector thread.
+    monkeypatch.setattr(streams, "connect_by_name", lambda host, port: 1 / 0)
+    remote.submit(Op.STREAM_OPEN, open_args(80, sid=3, host="localhost", quiet=True))
+    reason = until(lambda: [v for k, v, _ in stream_items(remote, 3) if k == st.RESET])[0]
+    assert "cannot connect to localhost:80 on the remote" in reason
+    assert remote.ok(Op.STREAM_SYNC, {"owner": OWNER, "live": [3]})["unknown"] == [3]
+
+
+def test_owners_a_client_makes_up_do_not_grow_the_supervisor(
+        remote: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(st, "MAX_STREAMS", 8)
+    closed = free_port()
+    for i in range(40):
+        for op, args in ((Op.STREAM_SYNC, {"live": []}), (Op.STREAM_WRITE, {"sid": 1}),
+                         (Op.STREAM_ACK, {"acks": []}), (Op.STREAM_CLOSE, {"sid": 1})):
+            remote.submit(op, {"owner": f"{op}-{i}", **args})
+        remote.fails(ErrorCode.NOT_FOUND, Op.STREAM_OPEN, {"owner": f"open-{i}", "sid": 1,
+                                                           "port": closed})
+    assert remote.ok(Op.PING)["pong"]
+    assert len(stream_service(remote)._leases) <= st.MAX_STREAMS + 1
 
 
 def test_streams_of_a_silent_controller_are_reset_when_its_lease_ends(
@@ -448,6 +547,53 @@ def test_forward_arguments_are_checked_before_anything_listens(tether: Tether) -
         with pytest.raises(ConfigError, match="already in use"):
             tether.forward(free_port(), local_port=busy.getsockname()[1])
     assert len(tether.forwards()) == before
+
+
+def test_forwards_of_one_tether_are_bounded(tether: Tether,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from jupyter_tether.controller import forward as forward_module
+
+    monkeypatch.setattr(forward_module, "MAX_FORWARDS", len(tether.forwards()) + 1)
+    with tether.forward(free_port()), pytest.raises(ConfigError, match="close one"):
+        tether.forward(free_port())
+    tether.forward(free_port()).close()  # closing one makes room again
+
+
+def test_remote_reset_reasons_become_one_bounded_clean_line() -> None:
+    from jupyter_tether.controller.forward_streams import ByteCounters, StreamMux
+
+    async def main() -> None:
+        # Only routing runs here: no link or socket is touched on a reset.
+        mux = StreamMux(None)  # type: ignore[arg-type]
+        counters = ByteCounters()
+        mux.new(None, counters)  # type: ignore[arg-type]
+        hostile = "\x1b]0;owned\x07\x1b[2J\r\nfake prompt$ " + "x" * 10_000
+        mux._on_message({"owner": mux.owner, "items": [[1, st.RESET, hostile]]}, [])
+        assert counters.last_error.isprintable() and len(counters.last_error) <= 400
+        assert "fake prompt" in counters.last_error
+
+    anyio.run(main)
+
+
+_item = hyp.one_of(hyp.tuples(hyp.integers(0, 3), hyp.sampled_from([*st.KINDS, "x"]),
+                              _values).map(list),
+                   hyp.lists(hyp.one_of(hyp.integers(0, 3), _values), max_size=4), _values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=hyp.one_of(hyp.lists(_item, max_size=6), _values),
+       blobs=hyp.lists(hyp.binary(max_size=8), max_size=4), ours=hyp.booleans())
+def test_controller_survives_whatever_the_remote_pushes(items: Any, blobs: list[bytes],
+                                                         ours: bool) -> None:
+    from jupyter_tether.controller.forward_streams import ByteCounters, StreamMux
+
+    async def main() -> None:
+        mux = StreamMux(None)  # type: ignore[arg-type]
+        for _ in range(2):
+            mux.new(None, ByteCounters())  # type: ignore[arg-type]
+        mux._on_message({"owner": mux.owner if ours else "other", "items": items}, blobs)
+
+    anyio.run(main)  # the link logs what a handler raises: here it must raise nothing
 
 
 def test_no_jupyter_server_proxy_means_no_proxy_url(http_forward: BlockingPortForward) -> None:

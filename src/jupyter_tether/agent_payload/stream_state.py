@@ -19,7 +19,7 @@ stream, so a lost message is noticed), ``eof``
 bytes written to the remote socket). Standard library only; Python >= 3.9.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from .wire import ErrorCode, OpError, arg
 
@@ -48,6 +48,8 @@ MAX_STREAMS_PER_OWNER = 256
 MAX_OWNER_CHARS = 64
 MAX_SID = (1 << 53) - 1
 MAX_HOST_CHARS = 255
+#: the longest reset reason either side passes on
+MAX_REASON_CHARS = 300
 #: hosts a stream may reach without ``allow_remote_host``: the remote machine itself
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -126,16 +128,29 @@ def check_port(port: Any, what: str = "port") -> int:
 def check_host(host: Any, allow_remote_host: bool) -> str:
     """The host a stream may connect to: the remote's loopback, anything else only when the
     client asked for it explicitly (a forward is not an open proxy into the remote's network)."""
+    # No control characters: the host is echoed in messages a terminal or an agent reads.
     if not isinstance(host, str) or not host or len(host) > MAX_HOST_CHARS \
-            or any(c in host for c in "\x00/ "):
+            or any(c in "/ " or not c.isprintable() for c in host):
         raise OpError(ErrorCode.INVALID_ARGUMENT, "remote_host must be a host name or address, "
                       "got %r" % (host,))
+    try:  # what the resolver would refuse with UnicodeError (an empty or 64+ char label)
+        host.encode("idna")
+    except UnicodeError:
+        raise OpError(ErrorCode.INVALID_ARGUMENT, "remote_host %r is not a valid host name "
+                      "(each dot-separated part 1..63 chars)" % (host,)) from None
     if host.lower() not in LOOPBACK_HOSTS and not allow_remote_host:
         raise OpError(ErrorCode.PERMISSION_DENIED,
                       "connecting to %s from the remote needs allow_remote_host=True: a forward "
                       "reaches the remote's own loopback (127.0.0.1) unless asked otherwise"
                       % host, {"host": host})
     return host
+
+
+def clean_reason(value: Any, limit: int = MAX_REASON_CHARS) -> str:
+    """A peer's reason as one bounded line: control characters (a terminal's escapes, line
+    breaks) become spaces, so it can be shown in a terminal line or a tool result as is."""
+    text = value if isinstance(value, str) else repr(value)
+    return "".join(c if c.isprintable() else " " for c in text[:limit])
 
 
 def check_owner(args: Dict[str, Any]) -> str:
@@ -174,3 +189,32 @@ def parse_items(envelope: Dict[str, Any], blob_count: int) -> Optional[List[List
         if item[1] == DATA:
             data_items += 1
     return items if data_items == blob_count else None
+
+
+class Leases:
+    """When each controller (owner) was last heard from; its streams end when it goes
+    silent for a lease. Only an open makes an entry, so owners a client makes up in other
+    ops never grow the table, and a full table first drops the owners with no stream."""
+
+    def __init__(self) -> None:
+        self._at: Dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def opened(self, owner: str, now: float, live: Callable[[], Set[str]]) -> None:
+        if owner not in self._at and len(self._at) >= MAX_STREAMS:
+            keep = live()
+            self._at = {o: t for o, t in self._at.items() if o in keep}
+        self._at[owner] = now
+
+    def renew(self, owner: str, now: float) -> None:
+        if owner in self._at:
+            self._at[owner] = now
+
+    def expired(self, owner: str, now: float, lease_s: float) -> bool:
+        return now - self._at.get(owner, 0.0) > lease_s
+
+    def forget_expired(self, now: float, lease_s: float, live: Set[str]) -> None:
+        """Drop the silent owners that have no stream left."""
+        self._at = {o: t for o, t in self._at.items() if o in live or now - t <= lease_s}

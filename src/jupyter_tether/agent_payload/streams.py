@@ -58,7 +58,6 @@ CHANNEL_BUDGET = 4 * st.MIB
 CONNECTORS = 8  # threads that connect new streams (a loopback connect is instant)
 OWNER_LEASE_S = 60.0
 LEASE_CHECK_S = 1.0
-MAX_REASON_CHARS = 200
 
 
 class StreamService:
@@ -68,7 +67,7 @@ class StreamService:
         self.sup = supervisor
         self._lock = threading.Lock()
         self._streams: Dict[Tuple[str, int], Stream] = {}
-        self._leases: Dict[str, float] = {}  # owner -> monotonic time last heard from
+        self._leases = st.Leases()
         self._batches: Dict[Tuple[Any, str], Batch] = {}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -81,6 +80,7 @@ class StreamService:
         self._tokens = PUSH_BURST
         self._tokens_at = time.monotonic()
         self._connector: Optional[ThreadPoolExecutor] = None
+        self._resolving = 0  # connects by name queued or running (a reset does not end one)
         self._settle: List[Tuple[Deferred, Any]] = []  # open replies due, sent unlocked
         self._last_lease_check = 0.0
         self.counters = supervisor.counters
@@ -98,7 +98,7 @@ class StreamService:
             return self._open(req, owner, sid)
         except OpError as exc:  # nobody reads a reply to a quiet open: say it in the stream
             with self._lock:
-                self._queue(req.channel, owner, [sid, st.RESET, exc.message[:MAX_REASON_CHARS]])
+                self._queue(req.channel, owner, [sid, st.RESET, exc.message[:st.MAX_REASON_CHARS]])
             self._ensure_thread()
             self._wake()
             return NO_REPLY
@@ -112,6 +112,9 @@ class StreamService:
         # as a ``reset`` item
         quiet = arg(req.args, "quiet", bool, False)
         first = self._payload(req)  # the connection's first bytes may ride along
+        if len(first) > window:  # refused before it connects anywhere
+            raise OpError(ErrorCode.TOO_LARGE, "the open carries %d bytes, more than its "
+                          "window of %d: send at most a window first" % (len(first), window))
         key = (owner, sid)
         stream = Stream(key, None, req.channel, host, port, window)
         stream.deferred = None if quiet else self.sup.defer(req)
@@ -120,7 +123,11 @@ class StreamService:
             if self._stop.is_set():
                 raise OpError(ErrorCode.INTERNAL, "the supervisor is shutting down")
             self._check_room(owner, key)
-            self._leases[owner] = time.monotonic()
+            if family is None and self._resolving >= st.MAX_STREAMS:
+                raise OpError(ErrorCode.BUSY, "the remote is resolving %d host names for "
+                              "forwarded connections: retry shortly, or forward to an IP "
+                              "address" % self._resolving)
+            self._leases.opened(owner, time.monotonic(), lambda: {k[0] for k in self._streams})
             self._streams[key] = stream
             if first:
                 self._take(req.channel, owner, sid, first)
@@ -133,13 +140,18 @@ class StreamService:
                     self._connector = ThreadPoolExecutor(max_workers=CONNECTORS,
                                                          thread_name_prefix="tether-connect")
                 self._connector.submit(self._connect_by_name, stream)
+                self._resolving += 1
         self._ensure_thread()
         self._wake()
         return NO_REPLY if stream.deferred is None else stream.deferred
 
     def _start_connect(self, stream: Stream, family: int) -> None:
         """Lock held."""
-        stream.sock, code = start_connect(stream.host, stream.port, family)
+        try:
+            stream.sock, code = start_connect(stream.host, stream.port, family)
+        except OSError as exc:  # no socket of that family here (IPv6 disabled, say)
+            self._connected(stream, exc.errno or errno.EINVAL)
+            return
         if code is None and connect_done(stream.sock):
             # A loopback connect is usually done by now: finish it and send the bytes that
             # rode with the open here, a turn of the I/O thread sooner.
@@ -169,11 +181,18 @@ class StreamService:
     def _connect_by_name(self, stream: Stream) -> None:
         sock: Optional[socket.socket] = None
         error: Optional[OpError] = None
+        with self._lock:
+            wanted = self._streams.get(stream.key) is stream
         try:
-            sock = connect_by_name(stream.host, stream.port)
+            if wanted:  # not for a stream reset while it waited for a thread
+                sock = connect_by_name(stream.host, stream.port)
         except OSError as exc:
             error = connect_error(exc, stream.host, stream.port)
+        except Exception as exc:  # the resolver's own errors: the stream must still end
+            error = OpError(ErrorCode.INVALID_ARGUMENT, "cannot connect to %s:%d on the remote: "
+                            "%s: %s" % (stream.host, stream.port, type(exc).__name__, exc))
         with self._lock:
+            self._resolving -= 1
             if self._streams.get(stream.key) is not stream:  # reset while it connected
                 if sock is not None:
                     reset_socket(sock)
@@ -221,7 +240,7 @@ class StreamService:
         sid = st.check_sid(arg(req.args, "sid", int))
         data = self._payload(req)
         with self._lock:
-            self._leases[owner] = time.monotonic()
+            self._leases.renew(owner, time.monotonic())
             self._take(req.channel, owner, sid, data)
         self._wake()
         return NO_REPLY
@@ -253,7 +272,7 @@ class StreamService:
         if len(acks) > st.MAX_STREAMS:
             raise OpError(ErrorCode.TOO_LARGE, "acks lists more than %d streams" % st.MAX_STREAMS)
         with self._lock:
-            self._leases[owner] = time.monotonic()
+            self._leases.renew(owner, time.monotonic())
             for pair in acks:
                 if not isinstance(pair, list) or len(pair) != 2:
                     continue
@@ -270,7 +289,7 @@ class StreamService:
         if how not in ("eof", "reset"):
             raise OpError(ErrorCode.INVALID_ARGUMENT, "how must be 'eof' or 'reset'")
         with self._lock:
-            self._leases[owner] = time.monotonic()
+            self._leases.renew(owner, time.monotonic())
             stream = self._streams.get((owner, sid))
             if stream is not None:
                 if how == "reset":
@@ -287,7 +306,7 @@ class StreamService:
         live = set(st.sid_list(req.args, "live"))
         reset_below = arg(req.args, "reset_below", int, 0)
         with self._lock:
-            self._leases[owner] = time.monotonic()
+            self._leases.renew(owner, time.monotonic())
             for stream in [s for k, s in self._streams.items() if k[0] == owner]:
                 if stream.key[1] < reset_below:
                     self._drop(stream)
@@ -318,7 +337,7 @@ class StreamService:
         """Reset the stream and tell its controller why."""
         self.counters["streams_failed"] += 1
         self._queue(stream.channel, stream.key[0], [stream.key[1], st.RESET,
-                                                    reason[:MAX_REASON_CHARS]])
+                                                    reason[:st.MAX_REASON_CHARS]])
         self._drop(stream)
 
     def _drop(self, stream: Stream) -> None:
@@ -530,12 +549,9 @@ class StreamService:
 
     def _expire(self, now: float) -> None:
         """Reset the streams of owners not heard from within the lease; lock held."""
-        owners = {k[0] for k in self._streams}
-        for owner in list(self._leases):
-            if owner not in owners and now - self._leases[owner] > OWNER_LEASE_S:
-                del self._leases[owner]
+        self._leases.forget_expired(now, OWNER_LEASE_S, {k[0] for k in self._streams})
         for stream in list(self._streams.values()):
-            if now - self._leases.get(stream.key[0], 0.0) > OWNER_LEASE_S:
+            if self._leases.expired(stream.key[0], now, OWNER_LEASE_S):
                 self.counters["streams_expired"] += 1
                 self._drop(stream)
             elif stream.connecting and now > stream.connect_deadline:

@@ -30,6 +30,8 @@ PROXY_PROBE_TIMEOUT_S = 5.0
 #: connections one forward carries at once (the supervisor allows
 #: ``stream_state.MAX_STREAMS_PER_OWNER`` per controller)
 MAX_CONNECTIONS = 128
+#: forwards one tether keeps open at once (each is a listening socket here)
+MAX_FORWARDS = 64
 
 
 def check_forward_args(remote_port: Any, local_port: Any, remote_host: Any,
@@ -180,12 +182,24 @@ class Forwarder:
         self._rest = rest
         self._task_group = task_group
         self._forwards: list[PortForward] = []
+        self._opening = 0  # opens in progress count against the limit too
         self.mux.start(task_group)
 
     async def open(self, remote_port: int, local_port: int = 0,
                    remote_host: str = "127.0.0.1", *,
                    allow_remote_host: bool = False) -> PortForward:
         check_forward_args(remote_port, local_port, remote_host, allow_remote_host)
+        if len(self._forwards) + self._opening >= MAX_FORWARDS:
+            raise ConfigError(f"{MAX_FORWARDS} forwards are open, the limit: close one first "
+                              "(fwd.close(), or jupyter_port_forward_close)")
+        self._opening += 1
+        try:
+            return await self._open(remote_port, local_port, remote_host, allow_remote_host)
+        finally:
+            self._opening -= 1
+
+    async def _open(self, remote_port: int, local_port: int, remote_host: str,
+                    allow_remote_host: bool) -> PortForward:
         try:
             listeners = await anyio.create_tcp_listener(local_host="127.0.0.1",
                                                         local_port=local_port)

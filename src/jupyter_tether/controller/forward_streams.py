@@ -339,7 +339,8 @@ class StreamMux:
             elif kind == st.ACK:
                 connection.on_ack(value)
             else:
-                connection.on_remote_reset(str(value)[:300])
+                # Shown in the forward's last_error (tool results) and the log: one clean line.
+                connection.on_remote_reset(st.clean_reason(value))
 
     def _on_drop(self) -> None:
         self._reset_below = next(self._sids)
