@@ -299,6 +299,7 @@ def interrupt_after_line(server: LocalJupyterServer, args: list[str],
             proc.kill()
     return proc.returncode, err
 
+
 def test_ctrl_c_detaches_from_run_and_the_job_keeps_running(
         jupyter_server: LocalJupyterServer) -> None:
     returncode, err = interrupt_after_line(jupyter_server, ["run", "echo started; sleep 60"],

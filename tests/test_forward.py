@@ -671,7 +671,12 @@ def test_cli_forward_prints_urls_as_json_forwards_until_ctrl_c(
             assert body == (web_root / "small-5.txt").read_text()
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:  # deaf to Ctrl-C: the test fails, nothing is left running
+                proc.kill()
+                proc.communicate()
     assert proc.returncode == 0, err
     with pytest.raises(httpx2.ConnectError):  # Ctrl-C closed the listeners
         httpx2.get(forwards[0]["url"], timeout=5)
