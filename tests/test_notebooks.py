@@ -213,6 +213,107 @@ def test_the_remote_runner_needs_only_python_3_9_and_jupyter_client() -> None:
             assert root in sys.stdlib_module_names or root == "jupyter_client", name
 
 
+# --- hostile notebooks and outputs --------------------------------------------------------------
+
+
+def _deep(levels: int) -> Any:
+    return json.loads("[" * levels + "]" * levels)
+
+
+def test_parse_refuses_nesting_that_an_edit_could_not_write_back() -> None:
+    # json.loads takes ~990 levels, but deepcopy and nbformat's writer recurse in Python:
+    # a notebook nested 600 deep parsed, then every edit died of RecursionError.
+    nb = _nb("x = 1")
+    nb["cells"][0]["metadata"]["deep"] = _deep(600)
+    with pytest.raises(InvalidArgument, match="nested deeper than"):
+        doc.parse(json.dumps(nb).encode(), "x.ipynb")
+    nb["cells"][0]["metadata"]["deep"] = _deep(doc.DOC_LIMITS.max_depth - 5)
+    parsed = doc.parse(json.dumps(nb).encode(), "x.ipynb")
+    doc.apply_ops(parsed, [{"op": "insert", "source": "y = 2"}])
+    assert doc.dumps(parsed, "x.ipynb")
+
+
+def test_a_malformed_cell_is_refused_in_one_line_not_a_traceback() -> None:
+    # nbformat's own error reporting raises TypeError on a cell_type that is not a string.
+    nb = doc.parse(json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": 5, "id": "a", "metadata": {}, "source": ""}]}).encode(), "x.ipynb")
+    with pytest.raises(InvalidArgument, match=r"would not be a valid notebook.*nothing was"):
+        doc.dumps(nb, "x.ipynb")
+
+
+def test_recorded_outputs_stay_writable_whatever_the_kernel_sends() -> None:
+    rec = OutputRecorder()
+    rec.feed("display_data", {"data": {"text/plain": "x", "application/json": {"a": _deep(600)},
+                                       "text/html": _deep(600)},
+                              "metadata": {"m": _deep(600)}})
+    rec.feed("display_data", {"data": {"text/plain": "y"}, "metadata": {"ok": {"a": [1]}}})
+    nb = _nb("x")
+    nb["cells"][0]["outputs"] = rec.result()
+    assert doc.dumps(nb, "x.ipynb")  # was RecursionError
+    first, second = nb["cells"][0]["outputs"]
+    assert first["metadata"] == {} and "application/json" not in first["data"]
+    assert isinstance(first["data"]["text/html"], str)  # a text type: kept as its JSON text
+    assert second["metadata"] == {"ok": {"a": [1]}}
+
+
+def test_views_show_only_sane_ids_and_bounded_facts() -> None:
+    nb = _nb("a", "b")
+    nb["cells"][0]["id"] = "a" * 1_000_000
+    nb["cells"][1]["id"] = "x\x1b]0;owned\x07"
+    nb["nbformat_minor"] = "9" * 1_000_000
+    view = doc.notebook_view(nb, start=0, limit=5, mode="brief", images=None)
+    assert [c["id"] for c in view["cells"]] == [None, None]
+    assert len(json.dumps(view)) < 2_000
+    doc.ensure_ids(nb)  # what an edit or a run does first: ids it can address
+    assert all(c["id"] for c in doc.notebook_view(nb, start=0, limit=5, mode="brief",
+                                                  images=None)["cells"])
+
+
+def test_the_cli_prints_remote_text_without_terminal_controls() -> None:
+    from jupyter_tether.cli.notebooks import _cell_lines
+
+    osc = "\x1b]52;c;ZWNobyBvd25lZA==\x1b\\"  # OSC 52: writes the terminal's clipboard
+    cell = {"index": 0, "id": "a\x1b[2J", "cell_type": "code", "status": "error\x9b2J",
+            "source": f"print(1)  {osc}\n\x1b]0;title\x07x = 1",
+            "outputs": [{"type": "stream", "text": f"out {osc}\r\n"},
+                        {"type": "error", "traceback": [f"\x1b[31mValueError\x1b[0m: {osc}"]},
+                        {"type": "execute_result", "data": {"text/plain": f"'{osc}'"}}]}
+    text = "\n".join(_cell_lines(cell))
+    assert not [c for c in text if (ord(c) < 32 and c not in "\n\t") or 127 <= ord(c) < 160]
+    assert "print(1)" in text and "ValueError: " in text and "out " in text
+    # A progress bar redrawn in place shows as the terminal would end up showing it.
+    bar = {"index": 1, "cell_type": "code", "source": "",
+           "outputs": [{"type": "stream", "text": " 10%|#  \r 50%|#####  \r100%|##########\r\n"}]}
+    assert _cell_lines(bar) == ["[1] code", "  | 100%|##########"]
+
+
+def test_the_runner_does_not_write_through_a_planted_temp_file(tmp_path: Path) -> None:
+    from jupyter_tether.controller.notebooks import remote_runner
+
+    out = tmp_path / "out.ipynb"
+    out.write_text("{}")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    # Another user on the host plants a link where the runner's temp file used to go.
+    (tmp_path / f".out.ipynb.tether-{os.getpid()}.tmp").symlink_to(victim)
+    remote_runner.write_atomic(str(out), _nb("a"))
+    assert victim.read_text() == "precious"
+    assert json.loads(out.read_text())["cells"][0]["source"] == "a"
+
+
+@pytest.mark.parametrize("content", ["[]", '{"nbformat": 4, "cells": [1]}',
+                                     '{"nbformat": 4, "cells": [], "metadata": []}'])
+def test_the_runner_refuses_a_malformed_notebook_with_exit_2(
+        tmp_path: Path, content: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from jupyter_tether.controller.notebooks import remote_runner
+
+    (tmp_path / "bad.ipynb").write_text(content)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"notebook": str(tmp_path / "bad.ipynb"), "parameters": {}}))
+    assert remote_runner.main(["runner", str(spec)]) == 2
+    assert "cannot read" in capsys.readouterr().out
+
+
 # --- against a real server ----------------------------------------------------------------------
 
 
@@ -332,6 +433,39 @@ def test_a_cancelled_run_interrupts_the_kernel_and_keeps_what_finished(
     assert cells[0].outputs[0]["text"] == "first\n" and cells[2].outputs == []
     # The kernel was interrupted, not left sleeping: it answers at once.
     assert tether.exec("1 + 1", timeout=20).ok
+
+
+def test_outputs_too_deep_to_write_back_leave_the_tether_working(
+        jupyter_server: LocalJupyterServer, server_root: Path, tmp_path: Path) -> None:
+    rel, bad = "nbtest/deep.ipynb", "nbtest/badspec.ipynb"
+    write_nb(server_root / rel, [
+        "from IPython.display import publish_display_data\n"
+        "deep = []\nfor _ in range(600):\n    deep = [deep]\n"
+        "publish_display_data({'text/plain': 'shown'}, metadata={'deep': deep})\n"
+        "print('after')"])
+    write_nb(server_root / bad, ["print('ran')"])
+    nb = json.loads((server_root / bad).read_text())
+    nb["metadata"]["kernelspec"] = "python3"  # the wrong type, as a hand-edited file may have
+    (server_root / bad).write_text(json.dumps(nb))
+    # Its own tether: before, the write-back's RecursionError escaped the run and ended the
+    # tether's task group (every later call failed).
+    with Tether(jupyter_server.url, jupyter_server.token, options=fast_options(),
+                output_dir=tmp_path) as t:
+        run = t.notebooks.run(rel, kernel="work", timeout=60)
+        assert run["status"] == "ok" and run["written"], (run.get("write_error"),
+                                                          run.get("problem"))
+        cell = _nbformat().read(server_root / rel, as_version=4).cells[0]
+        assert [o["output_type"] for o in cell.outputs] == ["display_data", "stream"]
+        assert cell.outputs[0]["metadata"] == {} and cell.outputs[1]["text"] == "after\n"
+        assert t.exec("1 + 1", timeout=20).ok
+        # A kernelspec of the wrong type: the cells run (was AttributeError), and the file,
+        # which nbformat would not accept, is left as it was, saying why.
+        run = t.notebooks.run(bad, kernel="notebook", timeout=60)
+        assert run["status"] == "ok" and run["cells"][0]["outputs"][0]["text"] == "ran\n"
+        assert "would not be a valid notebook" in run["write_error"]
+        for session in t.list_sessions():
+            if session.get("path") == bad:
+                t.portal.call(t.aio.rest.delete_session, session["id"])
 
 
 def test_a_run_uses_the_kernel_of_the_open_notebook(tether: Tether, server_root: Path) -> None:

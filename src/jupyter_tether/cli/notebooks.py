@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from typing import Any
 
 from .context import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Ctx, UsageError, add_command
@@ -53,7 +54,31 @@ def _cmd_missing(ctx: Ctx) -> int:
     raise UsageError("nb needs a subcommand: show, run or start")
 
 
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Remote text for a terminal: colours dropped, a line redrawn with ``\\r`` (a progress
+    bar) as it ends up, other control characters (an OSC that writes the clipboard or the
+    title, a cursor move) shown as ``\\x1b``, never sent."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", _redrawn(_COLOURS.sub("", text)))
+
+
+def _redrawn(text: str) -> str:
+    """Each line as a terminal ends up showing it: what follows its last ``\\r``."""
+    if "\r" not in text:
+        return text
+    return "\n".join(next((part for part in reversed(line.split("\r")) if part), "")
+                     for line in text.split("\n"))
+
+
 def _cell_lines(cell: dict[str, Any]) -> list[str]:
+    """A cell (from a read or a run) as lines to print, every one safe for a terminal."""
+    return [_printable(line) for line in _raw_cell_lines(cell)]
+
+
+def _raw_cell_lines(cell: dict[str, Any]) -> list[str]:
     head = f"[{cell['index']}] {cell.get('cell_type', 'code')}"
     if cell.get("id"):
         head += f" id={cell['id']}"
@@ -67,7 +92,7 @@ def _cell_lines(cell: dict[str, Any]) -> list[str]:
     if "source" in cell:
         lines += ["    " + line for line in str(cell["source"]).splitlines()]
     for output in cell.get("outputs", []):
-        lines += ["  | " + line for line in _output_text(output).splitlines()]
+        lines += ["  | " + line for line in _redrawn(_output_text(output)).splitlines()]
     return lines
 
 
@@ -132,10 +157,10 @@ def cmd_run(ctx: Ctx) -> int:
     else:
         for key in ("problem", "write_error"):
             if result.get(key):
-                ctx.err.print(f"{key.replace('_', ' ')}: {result[key]}", markup=False,
-                              highlight=False)
+                ctx.err.print(_printable(f"{key.replace('_', ' ')}: {result[key]}"),
+                              markup=False, highlight=False)
         ctx.note(f"[{result['status']}: {result['cells_done']}/{result['cells_total']} cells "
-                 f"in kernel {result['kernel_id']} ({result['kernel']})]")
+                 f"in kernel {_printable(str(result['kernel_id']))} ({result['kernel']})]")
     return EXIT_OK if result["status"] == "ok" else EXIT_ERROR
 
 

@@ -37,6 +37,9 @@ class DocLimits:
     #: the largest notebook file read (notebooks with many plots run to tens of MiB)
     max_bytes: int = 64 * 1024 * 1024
     max_cells: int = 20_000
+    #: JSON nesting (json.loads takes ~990 levels, but deepcopy and nbformat's writer recurse
+    #: in Python and fail far sooner; real notebooks nest a few dozen at most)
+    max_depth: int = 100
     #: cells one read returns at most (``limit`` is clamped to it)
     max_view_cells: int = 200
     #: a cell's source in a view (the start is kept)
@@ -72,6 +75,26 @@ def text_of(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests more than ``limit`` lists and dicts (no recursion)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth >= limit and any(isinstance(c, (dict, list)) for c in children):
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def valid_id(value: Any) -> bool:
+    """A cell id jupyter-tether keeps and shows (nbformat's pattern, at most 64 chars)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and value.isascii() and \
+        all(c.isalnum() or c in "-_" for c in value)
+
+
 def parse(data: bytes, path: str, limits: DocLimits = DOC_LIMITS) -> dict[str, Any]:
     """The notebook in ``data`` as a dict, refused when too big, not JSON, or not v4."""
     if len(data) > limits.max_bytes:
@@ -86,6 +109,10 @@ def parse(data: bytes, path: str, limits: DocLimits = DOC_LIMITS) -> dict[str, A
                       path=path) from None
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise invalid(f"{path}: not a notebook (no list of cells)", path=path)
+    if too_deep(nb, limits.max_depth):
+        raise invalid(f"{path}: not a notebook jupyter-tether edits (JSON nested deeper than "
+                      f"{limits.max_depth} levels); clear its outputs in JupyterLab first",
+                      path=path)
     if nb.get("nbformat") != 4:
         raise invalid(f"{path}: nbformat {str(nb.get('nbformat'))[:20]} is not supported (only "
                       "v4): convert it with `jupyter nbconvert --to notebook`", path=path)
@@ -138,8 +165,7 @@ def ensure_ids(nb: dict[str, Any]) -> bool:
     seen: set[str] = set()
     for cell in nb["cells"]:
         cid = cell.get("id")
-        if not isinstance(cid, str) or not cid or cid in seen or len(cid) > 64 or \
-                not all(c.isalnum() or c in "-_" for c in cid) or not cid.isascii():
+        if not valid_id(cid) or cid in seen:
             cell["id"] = cid = new_id()
             changed = True
         seen.add(cid)
@@ -154,7 +180,7 @@ def validate(nb: dict[str, Any], path: str) -> None:
 
     try:
         nbformat.validate(nb)
-    except nbformat.ValidationError as exc:
+    except Exception as exc:  # nbformat's own reporting fails on some wrong types (TypeError)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise invalid(f"{path}: the result would not be a valid notebook ({first[:300]}); "
                       "nothing was written", path=path) from None
@@ -410,8 +436,9 @@ def cell_view(cell: dict[str, Any], index: int, mode: str, images: ImageSaver | 
               limits: DocLimits = DOC_LIMITS) -> dict[str, Any]:
     """One cell as a read returns it: index, id, type, source (bounded), count, outputs."""
     source, cut = cap_head(text_of(cell.get("source")), limits.max_source_chars, "source")
-    view: dict[str, Any] = {"index": index, "id": cell.get("id") if isinstance(
-        cell.get("id"), str) else None, "cell_type": str(cell.get("cell_type", ""))[:20],
+    # An id from the file that edits would replace (too long, odd characters) is not shown.
+    view: dict[str, Any] = {"index": index, "id": cell.get("id") if valid_id(
+        cell.get("id")) else None, "cell_type": str(cell.get("cell_type", ""))[:20],
         "source": source}
     if cut:
         view["source_truncated"] = True
@@ -449,7 +476,7 @@ def notebook_view(nb: dict[str, Any], *, start: int, limit: int, mode: str,
     return {
         "n_cells": len(cells), "start": start,
         "kernel_name": str(spec.get("name"))[:100] if spec.get("name") else None,
-        "nbformat": f"{nb.get('nbformat')}.{nb.get('nbformat_minor')}",
+        "nbformat": f"{nb.get('nbformat')}.{str(nb.get('nbformat_minor'))[:10]}",
         "cells": [cell_view(cells[i], i, mode, images, limits)
                   for i in range(start, min(start + limit, len(cells)))],
     }

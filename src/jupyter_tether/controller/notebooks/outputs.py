@@ -20,6 +20,7 @@ from ...errors import ConnectionLost, KernelError
 from ..execute import cap_text
 from ..kernel_requests import await_reply, drain_after_interrupt
 from ..kernel_ws import KernelSocket
+from .document import DOC_LIMITS, too_deep
 
 _JSON_MIME = re.compile(r"^application/(.*\+)?json$")
 
@@ -40,11 +41,24 @@ class FileLimits:
 FILE_LIMITS = FileLimits()
 
 
+#: nesting one output's metadata or JSON value may have: the notebook holds it 5 levels down
+#: and must stay within ``DocLimits.max_depth`` (deeper, the write-back's writer recursed out)
+_MAX_DEPTH = DOC_LIMITS.max_depth - 10
+
+
 def _json_size(value: Any) -> int:
     try:
         return len(json.dumps(value, separators=(",", ":"), default=str))
     except (TypeError, ValueError, RecursionError):
         return 1 << 62
+
+
+def _flat(value: Any) -> str:
+    """A non-string value of a text MIME type as one string (its JSON when it has one)."""
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return f"[... a {type(value).__name__} value that is not JSON ...]"
 
 
 class OutputRecorder:
@@ -69,11 +83,11 @@ class OutputRecorder:
         for mime, value in list(data.items())[:32]:
             mime = str(mime)[:200]
             if _JSON_MIME.match(mime):
-                held = _json_size(value)
+                held = _json_size(value) if not too_deep(value, _MAX_DEPTH) else 1 << 62
             else:
                 if not isinstance(value, str):
                     value = "".join(value) if isinstance(value, list) and all(
-                        isinstance(v, str) for v in value) else json.dumps(value, default=str)
+                        isinstance(v, str) for v in value) else _flat(value)
                 held = len(value)
             if held > self.limits.max_value_chars:
                 left_out += held
@@ -121,6 +135,7 @@ class OutputRecorder:
             metadata = content.get("metadata")
             output: dict[str, Any] = {"output_type": msg_type, "data": bundle,
                                       "metadata": metadata if isinstance(metadata, dict) and
+                                      not too_deep(metadata, _MAX_DEPTH) and
                                       _json_size(metadata) < 100_000 else {}}
             if msg_type == "execute_result":
                 count = content.get("execution_count")

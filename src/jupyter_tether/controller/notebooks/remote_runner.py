@@ -78,8 +78,12 @@ def write_atomic(path: str, nb: dict[str, Any]) -> None:
     """Replace ``path`` whole (a reader sees the old file or the new, never half)."""
     text = json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
     folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.tether-{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    # A fresh name, created exclusively and never through a link: the folder may be shared
+    # with other users, who could plant a link at a name known in advance.
+    tmp = os.path.join(folder, f".{name}.tether-{uuid.uuid4().hex[:16]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o600)
+    with open(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -219,7 +223,10 @@ def main(argv: list[str]) -> int:
     try:
         with open(source_path, encoding="utf-8") as handle:
             nb = json.load(handle)
-        if nb.get("nbformat") != 4 or not isinstance(nb.get("cells"), list):
+        if not isinstance(nb, dict) or nb.get("nbformat") != 4 or \
+                not isinstance(nb.get("cells"), list) or \
+                not all(isinstance(c, dict) for c in nb["cells"]) or \
+                not isinstance(nb.setdefault("metadata", {}), dict):
             raise ValueError("not an nbformat 4 notebook")
     except (OSError, ValueError) as exc:
         log(f"[notebook] cannot read {source_path}: {exc}")
@@ -238,8 +245,9 @@ def main(argv: list[str]) -> int:
     from jupyter_client.kernelspec import NoSuchKernel
     from jupyter_client.manager import KernelManager
 
-    kernelspec = nb.get("metadata", {}).get("kernelspec") or {}
-    name = spec.get("kernel_name") or kernelspec.get("name") or "python3"
+    kernelspec = nb["metadata"].get("kernelspec")
+    found = kernelspec.get("name") if isinstance(kernelspec, dict) else None
+    name = spec.get("kernel_name") or (found if isinstance(found, str) else "") or "python3"
     km = KernelManager(kernel_name=name)
     kc = None
     code, started = 0, time.monotonic()

@@ -246,10 +246,12 @@ class AsyncNotebooks:
                 raise invalid(f"{rel} is not open in JupyterLab (no notebook session): use "
                               "kernel='notebook' to start one, or 'work'")
         if choice == "notebook":
-            spec = (nb.get("metadata") or {}).get("kernelspec") or {}
+            spec = nb["metadata"].get("kernelspec")  # the file's: any type, any size
+            name = spec.get("name") if isinstance(spec, dict) else None
             model = await self._tether.rest.create_session(
                 name=posixpath.basename(rel), path=rel, session_type="notebook",
-                kernel_name=str(spec.get("name") or self._tether.options.kernel_name))
+                kernel_name=name if isinstance(name, str) and 0 < len(name) <= 200
+                else self._tether.options.kernel_name)
             return str(model["kernel"]["id"]), "notebook"
         if choice in ("auto", "work"):
             return await self._tether.work_kernel_id(), "work"
