@@ -348,6 +348,21 @@ def test_streams_of_a_silent_controller_are_reset_when_its_lease_ends(
     assert remote.ok(Op.STREAM_SYNC, {"owner": OWNER, "live": [1]})["unknown"] == [1]
 
 
+def test_streams_their_controller_no_longer_lists_are_dropped(
+        remote: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A connection cancelled while its open was on the way: the controller forgot it, the
+    # supervisor holds it, and the lease (renewed by the other connections) never runs out.
+    server = EchoServer(record=True)
+    remote.ok(Op.STREAM_OPEN, open_args(server.port))
+    remote.ok(Op.STREAM_OPEN, {**open_args(server.port), "sid": 2})
+    fresh = remote.ok(Op.STREAM_SYNC, {"owner": OWNER, "live": [2]})
+    assert fresh["open"] == 2, "a fresh stream is kept: its open may be in flight"
+    monkeypatch.setattr(streams, "UNLISTED_S", 0.0)
+    assert remote.ok(Op.STREAM_SYNC, {"owner": OWNER, "live": [2]})["open"] == 1
+    assert server.closed.wait(10), "the unlisted stream's remote connection was closed"
+    assert remote.ok(Op.STREAM_SYNC, {"owner": OWNER, "live": [2]})["unknown"] == []
+
+
 # --- through a real Jupyter server: servers started as remote jobs -----------------------------
 
 

@@ -57,6 +57,10 @@ PUSH_BURST = 50.0
 CHANNEL_BUDGET = 4 * st.MIB
 CONNECTORS = 8  # threads that connect new streams (a loopback connect is instant)
 OWNER_LEASE_S = 60.0
+#: a stream its controller's sync has not listed for this long is one it no longer has (an
+#: open cancelled on the way, a probe that timed out): dropped. Longer than a connect may
+#: take, and than an open in flight while a sync goes out.
+UNLISTED_S = 30.0
 LEASE_CHECK_S = 1.0
 
 
@@ -301,14 +305,17 @@ class StreamService:
 
     def op_sync(self, req: Request) -> Dict[str, Any]:
         """Renew ``owner``'s lease, reset its streams below ``reset_below`` (those of
-        connections a drop reset), and say which ``live`` streams are unknown here."""
+        connections a drop reset) and those ``live`` has long left out, and say which
+        ``live`` streams are unknown here."""
         owner = st.check_owner(req.args)
         live = set(st.sid_list(req.args, "live"))
         reset_below = arg(req.args, "reset_below", int, 0)
+        now = time.time()
         with self._lock:
             self._leases.renew(owner, time.monotonic())
             for stream in [s for k, s in self._streams.items() if k[0] == owner]:
-                if stream.key[1] < reset_below:
+                if stream.key[1] < reset_below or (
+                        stream.key[1] not in live and now - stream.opened_at > UNLISTED_S):
                     self._drop(stream)
             known = {k[1] for k in self._streams if k[0] == owner}
             open_count = len(self._streams)
