@@ -222,8 +222,10 @@ def test_a_quiet_open_that_fails_says_why_in_the_stream(remote: InProcess) -> No
 def test_a_client_overrunning_its_window_gets_a_reset_not_our_memory(remote: InProcess) -> None:
     server = EchoServer(record=True)
     remote.ok(Op.STREAM_OPEN, open_args(server.port, window=st.MIN_WINDOW))
-    for _ in range(3):  # three times the window, with no credit back
-        remote.submit(Op.STREAM_WRITE, {"owner": OWNER, "sid": 1}, [b"x" * st.MIN_WINDOW])
+    # A window, then twice more: however much of the first the remote has written out (and
+    # so credited back) by then, the second overruns.
+    for size in (st.MIN_WINDOW, 2 * st.MIN_WINDOW):
+        remote.submit(Op.STREAM_WRITE, {"owner": OWNER, "sid": 1}, [b"x" * size])
     until(lambda: [v for k, v, _ in stream_items(remote, 1) if k == st.RESET])
     reasons = [v for k, v, _ in stream_items(remote, 1) if k == st.RESET]
     assert "overran" in reasons[0]
