@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import anyio
 from _common import fmt, local_server, summary
 
 from jupyter_tether import AsyncTether
+from jupyter_tether.controller.embedded import free_port
 
 MIB = 1024 * 1024
 
@@ -54,12 +54,6 @@ for _ in range(count):
     sizes.append(size)
 print(json.dumps({"times": times, "sizes": sizes}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def run_client(port: int, path: str, count: int) -> dict[str, list[float]]:

@@ -124,12 +124,15 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
-# The modules that take longest (mostly waiting on servers, faults and timeouts), longest
-# first: xdist hands out modules in collection order, and one of these started last would
-# leave the other workers idle at the end. Measured wall seconds in one process (2 cores).
-LONGEST_FIRST = ("test_resilience", "test_proxy", "test_mcp", "test_first_hour_cli",
-                 "test_forward", "test_notebooks", "test_cli", "test_trust_credentials",
-                 "test_gateway", "test_hub", "test_kernel_exec", "test_jobs_supervisor")
+# The modules by the wall time they take under ``-n 4`` on 2 cores, longest first (mostly
+# waiting on servers, faults and timeouts): xdist hands out modules in this order, so the
+# short ones come last and fill the gaps instead of one long module ending the run alone.
+LONGEST_FIRST = ("test_resilience", "test_proxy", "test_mcp", "test_cli", "test_first_hour_cli",
+                 "test_forward", "test_notebooks", "test_trust_credentials", "test_hub",
+                 "test_gateway", "test_multi_target", "test_hostile_server",
+                 "test_fuzz_supervisor", "test_trust_files", "test_local_roots", "test_files",
+                 "test_jobs_service", "test_kernel_exec", "test_jobs_supervisor",
+                 "test_connect", "test_files_service", "test_resources_faces")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -24,6 +24,8 @@ from jupyter_tether.controller.files import (
 from jupyter_tether.controller.files import download as download_module
 from jupyter_tether.errors import TransferError
 
+from .inprocess import until
+
 MiB = 1024 * 1024
 T = TypeVar("T")
 
@@ -249,9 +251,20 @@ def test_transfers_survive_a_supervisor_kernel_restart(tether: Tether, tmp_path:
     # restart drops the comm link, which the HTTP path takes as a dead connection and
     # leaves the rest to the comm (unless the GET finished first): both must end whole.
     back_http = tmp_path / "back-http.bin"
+    before_http = tether.info()["pid"]
     down_http = tether.portal.call(restart_at, 12 * MiB,
                                    functools.partial(files(tether).download, via="auto"),
                                    "restart/r.bin", back_http)
     assert down_http.via in ("http", "comm")
     assert down_http.sha256 == digest and sha_of(back_http) == digest
     assert debris(tmp_path) == []
+
+    # A GET that finished first leaves its restart still landing: the shared tether must be
+    # back on the new supervisor before the next test uses it.
+    def new_supervisor() -> bool:
+        try:
+            return bool(tether.status()["connected"] and tether.info()["pid"] != before_http)
+        except Exception:
+            return False
+
+    until(new_supervisor, 60)

@@ -29,8 +29,9 @@ from jupyter_tether import (
     connect,
 )
 from jupyter_tether.config import select_target
+from jupyter_tether.controller import embedded
 from jupyter_tether.controller.blocking_services import Files, Job, Jobs
-from jupyter_tether.controller.embedded import LocalJupyterServer
+from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 from jupyter_tether.controller.files import AsyncFiles
 from jupyter_tether.controller.jobs import AsyncJob, AsyncJobs
 from jupyter_tether.controller.notebooks.blocking import Notebooks
@@ -331,3 +332,11 @@ def test_a_pasted_api_url_reaches_the_server(jupyter_server: LocalJupyterServer)
     with connect(jupyter_server.url + "api/kernels", jupyter_server.token,
                  options=fast_options()) as t:
         assert t.ping()["ok"] and t.status()["target"] == jupyter_server.url
+
+
+def test_free_ports_are_picked_below_the_ephemeral_range() -> None:
+    # Outgoing connections take their source ports from the ephemeral range: a server port
+    # picked there can be taken before the server binds it.
+    low = embedded._ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(20000 <= port < low for port in ports), (low, ports)

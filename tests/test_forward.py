@@ -34,6 +34,7 @@ from jupyter_tether import ConfigError, Tether
 from jupyter_tether.agent_payload import stream_state as st
 from jupyter_tether.agent_payload import streams
 from jupyter_tether.agent_payload.wire import ErrorCode, Op
+from jupyter_tether.controller.embedded import free_port
 from jupyter_tether.controller.forward import BlockingPortForward
 
 from .conftest import fast_options
@@ -45,12 +46,6 @@ __all__ = ["proxied_server", "remote_fixture"]  # fixtures: imported for pytest
 
 MIB = 1024 * 1024
 OWNER = "test-owner"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the pure credit windows ------------------------------------------------------------------

@@ -32,8 +32,29 @@ _LAUNCH = (f"import sys; sys.modules.update(dict.fromkeys({_SKIPPED!r})); "
            "from jupyter_server.serverapp import launch_new_instance; launch_new_instance()")
 
 
+def _ephemeral_low() -> int:
+    """Where the system's ephemeral ports start (outgoing connections' source ports)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free loopback port for a server to bind, below the ephemeral range: a port the
+    system hands out (``bind(0)``) is also a source port for outgoing connections, and one
+    may take it before the server binds it (seen: a test JupyterHub's proxy, EADDRINUSE)."""
+    high = _ephemeral_low() - 1
+    for _ in range(50):
+        port = secrets.randbelow(max(1, high - 20000)) + 20000 if high > 21000 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    with socket.socket() as sock:  # all taken: any free port
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
