@@ -30,7 +30,7 @@ from types import TracebackType
 import httpx2
 import psutil
 
-from jupyter_tether.controller.embedded import free_port
+from jupyter_tether.controller.embedded import free_port, run_module_argv
 
 REPO = Path(__file__).resolve().parent.parent
 #: where ``.ci/run`` installs configurable-http-proxy (``npm install --prefix .ci/node``)
@@ -114,7 +114,7 @@ class KernelGateway:
 
     def start(self) -> KernelGateway:
         self.root.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "kernel_gateway",
+        argv = [*run_module_argv(sys.executable, "kernel_gateway"),
                 "--KernelGatewayApp.ip=127.0.0.1", f"--KernelGatewayApp.port={self.port}",
                 "--KernelGatewayApp.port_retries=0",
                 f"--JupyterWebsocketPersonality.list_kernels={self.list_kernels}"]
@@ -156,7 +156,7 @@ c.JupyterHub.authenticator_class = "dummy"
 c.Authenticator.allow_all = True
 c.JupyterHub.spawner_class = "simple"
 c.SimpleLocalProcessSpawner.home_dir_template = {home_template!r}
-c.Spawner.cmd = [{python!r}, "-m", "jupyterhub.singleuser"]
+c.Spawner.cmd = {spawner_cmd!r}
 c.Spawner.args = {spawner_args!r}
 c.Spawner.start_timeout = 60
 c.Spawner.http_timeout = 60
@@ -207,7 +207,8 @@ class JupyterHub:
             cookie_secret_file=str(self.workdir / "jupyterhub_cookie_secret"),
             pid_file=str(self.workdir / "jupyterhub.pid"),
             home_template=str(self.workdir / "home" / "{username}"),
-            python=sys.executable, spawner_args=args, chp=self.chp,
+            spawner_cmd=run_module_argv(sys.executable, "jupyterhub.singleuser"),
+            spawner_args=args, chp=self.chp,
             proxy_api_url=f"http://127.0.0.1:{self.proxy_api_port}",
             proxy_token=secrets.token_hex(16),
             proxy_pid_file=str(self.workdir / "proxy.pid"),
@@ -216,7 +217,7 @@ class JupyterHub:
         config_path.write_text(textwrap.dedent(config))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "jupyterhub", "-f", str(config_path)],
+                [*run_module_argv(sys.executable, "jupyterhub"), "-f", str(config_path)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=_child_env(),
                 start_new_session=True)
         # Through the proxy: both the hub and the proxy's route to it are up.
