@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
 import signal
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from anyio.from_thread import BlockingPortal
 
+import jupyter_tether
 from jupyter_tether import LinkOptions, Tether
 from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.jobs import AsyncJob
@@ -139,6 +141,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # xdist would otherwise order modules by their number of tests, not by LONGEST_FIRST.
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
+    if not hasattr(config, "workerinput"):
+        # On a fresh clone, before any worker starts: the package compiled once here, not by
+        # each worker at once, nor by every CLI and MCP process that starts before a worker
+        # has imported what it needs (those cannot write the cache; see tests/__init__.py).
+        compileall.compile_dir(Path(jupyter_tether.__file__).parent, quiet=2)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
