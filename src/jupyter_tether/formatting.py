@@ -9,6 +9,7 @@ both to the few numbers each face shows.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Protocol
 
@@ -174,3 +175,11 @@ def job_duration(info: _Timed) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without its terminal colour and cursor sequences (CSI), as a reader sees it."""
+    return _ANSI.sub("", text)

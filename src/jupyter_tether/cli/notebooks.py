@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+from ..formatting import strip_ansi
 from .context import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, Ctx, UsageError, add_command
 from .jobs import follow_job
 
@@ -54,15 +55,14 @@ def _cmd_missing(ctx: Ctx) -> int:
     raise UsageError("nb needs a subcommand: show, run or start")
 
 
-_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def _printable(text: str) -> str:
-    """Remote text for a terminal: colours dropped, a line redrawn with ``\\r`` (a progress
-    bar) as it ends up, other control characters (an OSC that writes the clipboard or the
-    title, a cursor move) shown as ``\\x1b``, never sent."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", _redrawn(_COLOURS.sub("", text)))
+    """Remote text for a terminal: colour and cursor sequences dropped, a line redrawn with
+    ``\\r`` (a progress bar) as it ends up, other control characters (an OSC that writes the
+    clipboard or the title) shown as ``\\x1b``, never sent."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", _redrawn(strip_ansi(text)))
 
 
 def _redrawn(text: str) -> str:

@@ -12,7 +12,6 @@ import binascii
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,20 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConnectionLost, ExecError, KernelError, TetherTimeout
+from ..formatting import strip_ansi
 from .kernel_requests import await_reply, drain_after_interrupt
 from .kernel_ws import KernelSocket
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif",
                 "image/svg+xml": ".svg", "application/pdf": ".pdf"}
 
 log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[str, str], None]
-
-
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
 
 
 def cap_text(text: str, limit: int) -> tuple[str, bool]:

@@ -22,7 +22,8 @@ from typing import Any
 
 from ...agent_payload.wire import ErrorCode
 from ...errors import InvalidArgument, LimitExceeded
-from ..execute import cap_head, cap_text, cap_traceback, strip_ansi
+from ...formatting import strip_ansi
+from ..execute import cap_head, cap_text, cap_traceback
 
 CELL_TYPES = ("code", "markdown", "raw")
 OUTPUT_MODES = ("brief", "full", "none")
