@@ -123,8 +123,12 @@ class KernelGateway:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                             cwd=self.root, env=env, start_new_session=True)
-        _wait_http(self.url + "api", self.process, self.log_path, timeout=60,
-                   headers={"Authorization": f"token {self.token}"})
+        try:
+            _wait_http(self.url + "api", self.process, self.log_path, timeout=60,
+                       headers={"Authorization": f"token {self.token}"})
+        except BaseException:
+            self.stop()  # a start that failed leaves nothing running
+            raise
         return self
 
     def kernel_pids(self) -> list[int]:
@@ -221,7 +225,11 @@ class JupyterHub:
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=_child_env(),
                 start_new_session=True)
         # Through the proxy: both the hub and the proxy's route to it are up.
-        _wait_http(self.url + "hub/api/", self.process, self.log_path, timeout=60)
+        try:
+            _wait_http(self.url + "hub/api/", self.process, self.log_path, timeout=60)
+        except BaseException:
+            self.stop()  # a start that failed leaves nothing running (the hub, its proxy)
+            raise
         return self
 
     def api(self, method: str, path: str, **kwargs: object) -> httpx2.Response:
