@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from jupyter_tether import (
     connect,
 )
 from jupyter_tether.agent_payload import bundle, wire
-from jupyter_tether.controller.embedded import LocalJupyterServer
+from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 from jupyter_tether.controller.kernels import SUPERVISOR_SESSION
 
 from .conftest import fast_options, iopub_seen
@@ -217,6 +219,29 @@ def test_embedded_server_starts_and_stops_cleanly(tmp_path: Path,
     assert process.poll() is not None, "the embedded server must stop with the tether"
     with pytest.raises(ConnectionLost):
         connect(server.url, server.token)
+
+
+def test_embedded_server_log_is_private_follows_no_planted_link_and_goes_with_it(
+        tmp_path: Path) -> None:
+    # Another local user can read /tmp and plant links there: a log at a guessable name
+    # (/tmp/jupyter-tether-server-PORT.log, 0644, as before) was readable by them, and a link
+    # planted at that name made the server's start truncate the file it points to.
+    port = free_port()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    planted = Path(tempfile.gettempdir()) / f"jupyter-tether-server-{port}.log"
+    planted.unlink(missing_ok=True)
+    planted.symlink_to(victim)
+    try:
+        with LocalJupyterServer(tmp_path / "root", port=port) as server:
+            log = server.log_path
+            assert log is not None and log.parent != Path(tempfile.gettempdir())
+            assert stat.S_IMODE(log.stat().st_mode) == 0o600
+            assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
+        assert victim.read_text() == "keep me"
+        assert not log.parent.exists(), "a cleanly stopped server leaves no log behind"
+    finally:
+        planted.unlink(missing_ok=True)
 
 
 def test_each_rpc_reply_is_a_single_iopub_message(tether: Tether) -> None:

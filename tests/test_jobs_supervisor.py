@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import resource
 import shlex
 import signal
 import sys
@@ -80,6 +81,25 @@ def test_failing_job_exit_code_log_and_exit_event(h: InProcess, tmp_path: Path) 
     assert ok["log_path"] == str(tmp_path / "custom" / "out.log")
     assert h.ok("job_wait", {"job_id": ok["job_id"], "timeout": 10})["exit_code"] == 0
     assert [j["job_id"] for j in h.ok("job_list")["jobs"]] == [ok["job_id"], job["job_id"]]
+
+
+def test_jobs_start_in_a_supervisor_holding_more_than_1024_fds(h: InProcess) -> None:
+    # A long-lived supervisor (forwarded connections, work kernels' ports) can pass 1024 open
+    # fds; the wrapper's pipe then gets a number that select() refuses ("filedescriptor out
+    # of range"), and every job_start failed. The in-process supervisor shares our fds.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1400:
+        pytest.skip(f"the hard fd limit here is {hard}; this test holds 1,100 fds")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(4096, hard)), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        job = start(h, "echo many")
+        done = h.ok("job_wait", {"job_id": job["job_id"], "timeout": 10})
+        assert (done["state"], done["exit_code"]) == ("exited", 0)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_idempotent_start_runs_once_even_across_supervisors(h: InProcess, tmp_path: Path) -> None:

@@ -226,3 +226,41 @@ def test_the_upload_writer_outlives_a_failing_chunk_and_bounds_what_waits(
     assert not second.is_alive()
     writer.close()
     assert done == [1] and counters["upload_writer_errors"] == 1
+
+
+# --- forwarded streams: room and push pacing ------------------------------------------------
+
+
+def test_check_room_refuses_a_duplicate_and_each_limit() -> None:
+    from jupyter_tether.agent_payload import stream_state as st
+
+    st.check_room([("a", 1)], "a", ("a", 2))  # room: no error
+    with pytest.raises(wire.OpError) as dup:
+        st.check_room([("a", 1)], "a", ("a", 1))
+    assert dup.value.code == wire.ErrorCode.CONFLICT
+    mine = [("a", i) for i in range(st.MAX_STREAMS_PER_OWNER)]
+    with pytest.raises(wire.OpError, match="per controller") as per_owner:
+        st.check_room(mine, "a", ("a", -1))
+    assert per_owner.value.code == wire.ErrorCode.TOO_LARGE
+    st.check_room(mine, "b", ("b", 0))  # another controller still has room
+    everyone = mine + [("b", i) for i in range(st.MAX_STREAMS - len(mine))]
+    with pytest.raises(wire.OpError, match="its limit") as full:
+        st.check_room(everyone, "c", ("c", 0))
+    assert full.value.details == {"limit": st.MAX_STREAMS}
+
+
+def test_push_pacer_spends_its_burst_then_paces_at_its_rate() -> None:
+    from jupyter_tether.agent_payload.stream_state import PushPacer
+
+    pacer = PushPacer(rate=100.0, burst=3.0, now=0.0)
+    assert pacer.wait_s() == 0.0  # a quiet link sends at once
+    pacer.take(3)
+    assert pacer.wait_s() == pytest.approx(0.01)  # one token comes every 1/rate s
+    pacer.refill(0.005)
+    assert pacer.wait_s() == pytest.approx(0.005)
+    pacer.refill(0.01)
+    assert pacer.wait_s() == 0.0
+    pacer.refill(100.0)  # a long quiet spell saves up the burst, no more
+    assert pacer.tokens == 3.0
+    pacer.refill(50.0)  # a clock that goes back adds nothing
+    assert pacer.tokens == 3.0

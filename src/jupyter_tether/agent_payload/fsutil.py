@@ -1,9 +1,11 @@
-"""Low-level file I/O of the file ops: positional reads and writes, atomic writes, safe opens.
+"""Low-level file I/O of the file ops: positional reads and writes, atomic writes, safe opens;
+and ``wait_ready``, an fd readiness check with no limit on the fd's number.
 
 Standard library only. ``read_at`` and ``write_at`` are shared with the controller.
 """
 
 import os
+import select
 import stat
 import uuid
 from typing import List, Optional, Tuple
@@ -14,6 +16,20 @@ from .wire import ErrorCode, OpError
 
 O_BINARY = getattr(os, "O_BINARY", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def wait_ready(fd: int, write: bool = False, timeout: float = 0.0) -> bool:
+    """Whether ``fd`` is readable (``write``: writable) within ``timeout`` seconds.
+
+    ``poll``, not ``select``: a long-lived supervisor can hold more than 1024 fds (forwarded
+    connections, work kernels' ports), and ``select`` raises ``ValueError`` past that."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT if write else select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000.0))
+    fds = [fd]  # pragma: no cover - Windows, where select takes any socket
+    ready = select.select([], fds, [], timeout) if write else select.select(fds, [], [], timeout)
+    return any(ready)
 
 
 def read_at(fd: int, offset: int, length: int) -> bytes:

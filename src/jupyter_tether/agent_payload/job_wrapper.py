@@ -11,13 +11,14 @@ line that reports its pids.
 import hashlib
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional
+
+from .fsutil import wait_ready
 
 START_TIMEOUT_S = 15.0
 STANDBY_IDLE_S = 600.0  # a warm wrapper no job took by then exits
@@ -261,8 +262,7 @@ def read_pids(popen: subprocess.Popen) -> Dict[str, Any]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
+        if not wait_ready(fd, timeout=remaining):
             break
         data = os.read(fd, 4096)
         if not data:

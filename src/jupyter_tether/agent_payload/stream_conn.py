@@ -8,13 +8,13 @@ closing with or without a reset. Standard library only.
 
 import collections
 import errno
-import select
 import socket
 import struct
 import time
 from typing import Any, Deque, List, Optional, Tuple
 
 from . import stream_state as st
+from .fsutil import wait_ready
 from .supervisor import Deferred
 from .wire import ErrorCode, OpError
 
@@ -95,10 +95,9 @@ def start_connect(host: str, port: int, family: int) -> Tuple[socket.socket, Opt
 def connect_done(sock: socket.socket) -> bool:
     """Whether a non-blocking connect has ended (writable), without waiting."""
     try:
-        _, writable, _ = select.select([], [sock], [], 0)
+        return wait_ready(sock.fileno(), write=True)
     except (OSError, ValueError):
         return False
-    return bool(writable)
 
 
 def connect_by_name(host: str, port: int) -> socket.socket:

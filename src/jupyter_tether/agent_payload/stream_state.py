@@ -19,7 +19,7 @@ stream, so a lost message is noticed), ``eof``
 bytes written to the remote socket). Standard library only; Python >= 3.9.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from .wire import ErrorCode, OpError, arg
 
@@ -218,3 +218,41 @@ class Leases:
     def forget_expired(self, now: float, lease_s: float, live: Set[str]) -> None:
         """Drop the silent owners that have no stream left."""
         self._at = {o: t for o, t in self._at.items() if o in live or now - t <= lease_s}
+
+
+def check_room(keys: Iterable[Tuple[str, int]], owner: str, key: Tuple[str, int]) -> None:
+    """Refuse a new stream ``key`` when it is open already or a limit is reached; ``keys``
+    are the open streams' (owner, sid)."""
+    keys = list(keys)
+    if key in keys:
+        raise OpError(ErrorCode.CONFLICT, "stream %d is already open" % key[1])
+    if len(keys) >= MAX_STREAMS:
+        raise OpError(ErrorCode.TOO_LARGE, "the remote has %d forwarded connections open, "
+                      "its limit: close some" % MAX_STREAMS, {"limit": MAX_STREAMS})
+    if sum(1 for k in keys if k[0] == owner) >= MAX_STREAMS_PER_OWNER:
+        raise OpError(ErrorCode.TOO_LARGE, "this controller has %d forwarded connections "
+                      "open, the limit per controller: close some" % MAX_STREAMS_PER_OWNER,
+                      {"limit": MAX_STREAMS_PER_OWNER})
+
+
+class PushPacer:
+    """A token bucket for pushed messages: iopub carries about 1000 messages a second, so a
+    saturated tunnel sends few large messages while the first after a quiet spell goes at
+    once. ``rate`` tokens a second, at most ``burst`` saved up; a push spends one."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self._at = now
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+
+    def wait_s(self) -> float:
+        """How long until a token is there (0: now)."""
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+    def take(self, count: int) -> None:
+        self.tokens -= count

@@ -49,9 +49,7 @@ from .wire import ErrorCode, Op, OpError, arg
 READ_BYTES = 1024 * st.KIB  # one recv
 READS_PER_TURN = 4
 PUSH_BYTES = 4 * st.MIB  # blobs of one pushed message
-# iopub carries about 1000 messages a second: pushes are paced by a token bucket, so a
-# saturated tunnel sends few large messages while a quiet one answers at once.
-PUSH_RATE = 500.0
+PUSH_RATE = 500.0  # pushed messages a second (st.PushPacer)
 PUSH_BURST = 50.0
 #: bytes read from the remote sockets and not yet consumed by the controller, per channel
 CHANNEL_BUDGET = 4 * st.MIB
@@ -81,8 +79,7 @@ class StreamService:
         self._woken = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._tokens = PUSH_BURST
-        self._tokens_at = time.monotonic()
+        self._pacer = st.PushPacer(PUSH_RATE, PUSH_BURST, time.monotonic())
         self._connector: Optional[ThreadPoolExecutor] = None
         self._resolving = 0  # connects by name queued or running (a reset does not end one)
         self._settle: List[Tuple[Deferred, Any]] = []  # open replies due, sent unlocked
@@ -126,7 +123,7 @@ class StreamService:
         with self._lock:
             if self._stop.is_set():
                 raise OpError(ErrorCode.INTERNAL, "the supervisor is shutting down")
-            self._check_room(owner, key)
+            st.check_room(self._streams, owner, key)
             if family is None and self._resolving >= st.MAX_STREAMS:
                 raise OpError(ErrorCode.BUSY, "the remote is resolving %d host names for "
                               "forwarded connections: retry shortly, or forward to an IP "
@@ -225,19 +222,6 @@ class StreamService:
                 deferred.reject(outcome)
             else:
                 deferred.resolve(outcome)
-
-    def _check_room(self, owner: str, key: Tuple[str, int]) -> None:
-        """Call with the lock held."""
-        if key in self._streams:
-            raise OpError(ErrorCode.CONFLICT, "stream %d is already open" % key[1])
-        if len(self._streams) >= st.MAX_STREAMS:
-            raise OpError(ErrorCode.TOO_LARGE, "the remote has %d forwarded connections open, "
-                          "its limit: close some" % st.MAX_STREAMS, {"limit": st.MAX_STREAMS})
-        mine = sum(1 for k in self._streams if k[0] == owner)
-        if mine >= st.MAX_STREAMS_PER_OWNER:
-            raise OpError(ErrorCode.TOO_LARGE, "this controller has %d forwarded connections "
-                          "open, the limit per controller: close some"
-                          % st.MAX_STREAMS_PER_OWNER, {"limit": st.MAX_STREAMS_PER_OWNER})
 
     def op_write(self, req: Request) -> Any:
         owner = st.check_owner(req.args)
@@ -413,8 +397,8 @@ class StreamService:
             pending = any(b.items for b in self._batches.values())
         timeout = LEASE_CHECK_S
         if pending:
-            self._refill(now)
-            timeout = max(0.0, (1.0 - self._tokens) / PUSH_RATE)
+            self._pacer.refill(now)
+            timeout = self._pacer.wait_s()
         events = self._selector.select(timeout)
         with self._lock:
             for key, mask in events:
@@ -443,19 +427,15 @@ class StreamService:
                 self._last_lease_check = now
                 self._expire(now)
             ready = []
-            self._refill(now)
-            if self._tokens >= 1.0:
+            self._pacer.refill(now)
+            if self._pacer.wait_s() == 0.0:
                 ready = [b for b in self._batches.values() if b.items]
                 self._batches = {}
-                self._tokens -= len(ready)
+                self._pacer.take(len(ready))
         for batch in ready:
             self._push(batch)
         if self._settle:
             self._settle_replies()
-
-    def _refill(self, now: float) -> None:
-        self._tokens = min(PUSH_BURST, self._tokens + (now - self._tokens_at) * PUSH_RATE)
-        self._tokens_at = now
 
     def _update_interest(self) -> None:
         """Read where credit allows, write where bytes wait; lock held."""
@@ -475,7 +455,7 @@ class StreamService:
                     and (batch is None or batch.bytes < PUSH_BYTES):
                 mask |= selectors.EVENT_READ
             if stream.connecting:
-                pass
+                pass  # the write interest above is the connect's
             elif stream.outq:
                 mask |= selectors.EVENT_WRITE
             elif stream.out_eof and not stream.wr_shut:

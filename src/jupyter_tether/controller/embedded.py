@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,8 +77,12 @@ class LocalJupyterServer:
         self.port = port or free_port()
         self.token = secrets.token_hex(16) if token is None else token
         self.extra_args = extra_args or []
-        self.log_path = Path(log_path) if log_path else Path(
-            tempfile.gettempdir()) / f"jupyter-tether-server-{self.port}.log"
+        #: the server's log; by default in a private folder of its own (``mkdtemp``: 0700
+        #: and an unguessable name, so no other local user reads it or plants a link at its
+        #: name), removed when the server stops unless its start failed
+        self.log_path = Path(log_path) if log_path else None
+        self._given_log = self.log_path is not None
+        self._log_dir: Path | None = None
         #: the interpreter that runs ``jupyter_server`` (and, through its kernelspec, the
         #: kernels): another environment's python runs the server versions installed there
         # (absolute: the server starts in root_dir; not resolved: a venv's python is a link)
@@ -120,14 +125,20 @@ class LocalJupyterServer:
             argv.append("--IdentityProvider.token=")
         # Keep user-level config out of what we start.
         env.setdefault("JUPYTER_PLATFORM_DIRS", "1")
-        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                        cwd=self.root_dir, env=env, start_new_session=True)
-        log.close()
+        if self.log_path is None or not self._given_log:
+            self._log_dir = Path(tempfile.mkdtemp(prefix="jupyter-tether-server-"))
+            self.log_path = self._log_dir / "server.log"
+        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=self.root_dir, env=env, start_new_session=True)
+        finally:
+            os.close(log)
         deadline = time.monotonic() + timeout
         headers = {"Authorization": f"token {self.token}"} if self.token else {}
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self._log_dir = None  # kept: the error points at it
                 raise TetherError(
                     f"the local Jupyter server exited with {self.process.returncode}; "
                     f"see {self.log_path}"
@@ -138,19 +149,22 @@ class LocalJupyterServer:
             except httpx2.HTTPError:
                 pass
             time.sleep(0.1)
+        self._log_dir = None  # kept: the error points at it
         self.stop()
         raise TetherError(f"the local Jupyter server did not start in {timeout}s; see {self.log_path}")
 
     def stop(self, timeout: float = 10.0) -> None:
         process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()  # jupyter_server shuts its kernels down on SIGTERM
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        if process is not None and process.poll() is None:
+            process.terminate()  # jupyter_server shuts its kernels down on SIGTERM
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        log_dir, self._log_dir = self._log_dir, None
+        if log_dir is not None:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalJupyterServer:
         return self.start()
