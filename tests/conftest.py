@@ -127,8 +127,9 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 
 # The modules by the wall time they take under ``-n 4`` on 2 cores, longest first (mostly
-# waiting on servers, faults and timeouts): xdist hands out modules in this order, so the
-# short ones come last and fill the gaps instead of one long module ending the run alone.
+# waiting on servers, faults and timeouts; README's ``-n 5`` keeps the order): xdist hands
+# out modules in this order, so the short ones come last and fill the gaps instead of one
+# long module ending the run alone.
 LONGEST_FIRST = ("test_resilience", "test_proxy", "test_mcp", "test_cli", "test_first_hour_cli",
                  "test_forward", "test_notebooks", "test_trust_credentials", "test_hub",
                  "test_gateway", "test_multi_target", "test_hostile_server",
