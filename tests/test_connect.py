@@ -22,6 +22,7 @@ from jupyter_tether import (
 )
 from jupyter_tether.agent_payload import bundle, wire
 from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
+from jupyter_tether.controller.kernel_requests import control_request
 from jupyter_tether.controller.kernels import SUPERVISOR_SESSION
 
 from .conftest import fast_options, iopub_seen
@@ -242,6 +243,31 @@ def test_embedded_server_log_is_private_follows_no_planted_link_and_goes_with_it
         assert not log.parent.exists(), "a cleanly stopped server leaves no log behind"
     finally:
         planted.unlink(missing_ok=True)
+
+
+def test_upgrades_reuse_the_supervisors_subshell_and_jobs_still_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each newer payload shuts the old supervisor down and parks the new one's comm traffic
+    # in a subshell. A subshell outlives the cell parked in it, and a fresh one per upgrade
+    # kept a thread and ~10 fds in the kernel for good (controllers of two versions taking
+    # turns on one server upgrade it on every connect).
+    real = bundle.payload_hash()
+    with LocalJupyterServer(tmp_path / "root", log_path=tmp_path / "server.log") as server:
+        outcomes, subshells = [], []
+        for i in range(3):
+            monkeypatch.setattr(bundle, "_HASH", f"{real[:8]}-v{i}")
+            with Tether(server.url, server.token, options=fast_options()) as t:
+                link = t.aio.link
+                outcomes.append(link.install_outcome)
+                job = t.jobs.start("echo after-upgrade")
+                assert job.wait(timeout=30).exit_code == 0
+                if link.subshell_id is not None:  # ipykernel >= 7
+                    listed = t.portal.call(control_request, link._sock,
+                                           "list_subshell_request", {})
+                    subshells.append(listed["subshell_id"])
+    assert outcomes == ["installed", "upgraded", "upgraded"]
+    if subshells:
+        assert subshells == [subshells[0]] * 3 and len(subshells[0]) == 1
 
 
 def test_each_rpc_reply_is_a_single_iopub_message(tether: Tether) -> None:

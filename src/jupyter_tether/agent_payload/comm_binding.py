@@ -95,6 +95,9 @@ async def park() -> None:
     kernel = _kernel()
     parent = kernel.get_parent() or {}
     subshell_id = (parent.get("header") or {}).get("subshell_id")
+    parked = _state.get("parked")
+    if parked and parked["subshell_id"] == subshell_id:
+        return  # two controllers parked at once: the first cell holds it already
     release = asyncio.Event()
     loop = asyncio.get_running_loop()
     _state["parked"] = {"subshell_id": subshell_id, "release": release, "loop": loop}

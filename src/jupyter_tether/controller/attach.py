@@ -70,10 +70,18 @@ async def park_subshell(sock: KernelSocket) -> str | None:
     one iopub message (see ``comm_binding.park``). The cell ends when the supervisor is
     upgraded or the kernel goes; every controller attached meanwhile shares it.
     """
-    reply = await control_request(sock, "create_subshell_request", {})
-    if reply.get("status") != "ok":
-        return None
-    subshell_id = str(reply["subshell_id"])
+    # A subshell outlives the supervisor that parked in it (an upgrade ends the parked cell,
+    # not the subshell): park in the newest one there is. A new one per upgrade kept a
+    # thread and ~10 fds each in the kernel. Nothing else makes subshells in this kernel.
+    listed = await control_request(sock, "list_subshell_request", {})
+    ids = listed.get("subshell_id") if listed.get("status") == "ok" else None
+    if isinstance(ids, list) and ids and isinstance(ids[-1], str):
+        subshell_id = ids[-1]
+    else:
+        reply = await control_request(sock, "create_subshell_request", {})
+        if reply.get("status") != "ok":
+            return None
+        subshell_id = str(reply["subshell_id"])
     park = sock.build("execute_request", {
         "code": f"await __import__('sys').modules[{bundle.REMOTE_PACKAGE!r}]"
                 ".comm_binding.park()",
