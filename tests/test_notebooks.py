@@ -20,6 +20,7 @@ import pytest
 from jupyter_tether import InvalidArgument, LimitExceeded, NotFound, Tether
 from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.notebooks import document as doc
+from jupyter_tether.controller.notebooks import runs
 from jupyter_tether.controller.notebooks.outputs import FileLimits, OutputRecorder
 from jupyter_tether.controller.notebooks.remote_runner import inject_parameters
 from jupyter_tether.errors import Conflict
@@ -401,6 +402,37 @@ def test_a_cell_that_prints_displays_and_raises_leaves_its_outputs(tether: Tethe
     for session in tether.list_sessions():
         if session.get("path") == rel:
             tether.portal.call(tether.aio.rest.delete_session, session["id"])
+
+
+def test_a_write_back_failing_in_any_way_ends_only_the_run_not_the_tether(
+        tether: Tether) -> None:
+    # A run lives in the tether's task group: an error from writing its outputs back that
+    # was not a TetherError (a bug, or a file shaped to trip the merge) escaped ``drive``
+    # and ended the tether itself, with every call on it.
+    aio = tether.aio
+
+    async def failing_write(updates: runs.Updates) -> tuple[str, list[str]]:
+        raise RuntimeError("merge tripped")
+
+    async def scenario() -> runs.NotebookRun:
+        kernel_id = await aio.work_kernel_id()
+        run = runs.NotebookRun(run_id="r-write", path="x.ipynb", kernel_id=kernel_id,
+                               kernel="work", write_back=True,
+                               cells=[runs.CellRecord(id="c1", index=0, code="6 * 7")])
+
+        async def interrupt() -> None:
+            pass
+
+        hooks = runs.RunHooks(socket=lambda: aio._work_socket(kernel_id),
+                              lock=aio._work_locks.setdefault(kernel_id, anyio.Lock()),
+                              interrupt=interrupt, write=failing_write)
+        await runs.drive(run, hooks)
+        return run
+
+    run = tether.portal.call(scenario)
+    assert run.done.is_set() and run.status == "ok" and run.cells[0].status == "ok"
+    assert run.write_error == "outputs not written back: RuntimeError: merge tripped"
+    assert tether.exec("1 + 1").status == "ok"  # the tether lives on
 
 
 def test_a_long_run_returns_a_handle_and_keeps_writing(tether: Tether, server_root: Path) -> None:

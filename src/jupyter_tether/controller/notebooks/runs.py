@@ -127,6 +127,10 @@ async def drive(run: NotebookRun, hooks: RunHooks) -> None:
         except TetherError as exc:
             run.write_error = f"outputs not written back: {exc}"
             return
+        except Exception as exc:  # a run lives in the tether's task group: anything raised
+            # here would end the tether, and every call on it, with the run
+            run.write_error = f"outputs not written back: {type(exc).__name__}: {exc}"
+            return
         for key in batch:
             if pending.get(key) is batch[key]:
                 del pending[key]
