@@ -66,6 +66,34 @@ def test_upload_out_of_order_chunks_commits_equal_hash_without_debris(remote: In
                  [data[:MiB]])
 
 
+def test_conditional_writes_replace_only_the_content_they_were_based_on(remote: InProcess):
+    # An edit read the file, then writes it back: a save by someone else in between must be
+    # refused (checked right before the rename), never overwritten. "": only if absent.
+    target = remote.root / "nb.ipynb"
+    remote.ok("fs_write", {"path": "nb.ipynb", "if_sha256": ""}, [b"v1"])
+    assert target.read_bytes() == b"v1"
+    refused = remote.fails("conflict", "fs_write", {"path": "nb.ipynb", "if_sha256": ""}, [b"x"])
+    assert refused.details == {"path": str(target), "reason": "changed", "sha256": sha(b"v1")}
+    target.write_bytes(b"v2 saved by a person")
+    remote.fails("conflict", "fs_write", {"path": "nb.ipynb", "if_sha256": sha(b"v1")}, [b"x"])
+    assert target.read_bytes() == b"v2 saved by a person"
+    remote.ok("fs_write", {"path": "nb.ipynb", "if_sha256": sha(target.read_bytes())}, [b"v3"])
+    assert target.read_bytes() == b"v3"
+    # The same check on a chunked upload's commit; the part file stays for another commit.
+    data = os.urandom(MiB + 5)
+    begun = begin_upload(remote, "nb.ipynb", data, MiB)
+    for offset, piece in chunks(data, MiB):
+        remote.ok("upload_chunk", {"transfer_id": begun["transfer_id"], "offset": offset},
+                  [piece])
+    stale = {"transfer_id": begun["transfer_id"], "if_sha256": sha(b"v1")}
+    assert remote.fails("conflict", "upload_commit", stale).details["reason"] == "changed"
+    assert target.read_bytes() == b"v3"
+    done = remote.ok("upload_commit", {"transfer_id": begun["transfer_id"],
+                                       "if_sha256": sha(b"v3")})
+    assert done["sha256"] == sha(data) and target.read_bytes() == data
+    assert debris(remote.root) == []
+
+
 def test_an_upload_named_by_key_gets_its_sha256_at_commit_and_is_checked(remote: InProcess):
     data = os.urandom(3 * MiB + 5)
     args = {"path": "keyed.bin", "size": len(data), "key": "k1", "chunk_size": MiB}

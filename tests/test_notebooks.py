@@ -6,6 +6,7 @@ restart, real-time collaboration (the real jupyter-server-ydoc) detected; the pu
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -369,6 +370,33 @@ def test_a_save_between_read_and_edit_is_refused(tether: Tether, server_root: Pa
     assert done["revision"] != again["revision"]
     with pytest.raises(NotFound):
         tether.notebooks.read("nbtest/missing.ipynb")
+
+
+def test_a_save_landing_after_the_read_is_refused_at_the_write(tether: Tether,
+                                                              server_root: Path) -> None:
+    # The check used to be a stat just before the write: a save landing between that stat and
+    # the write (a round trip, longer behind a proxy) was overwritten. Now the remote checks
+    # the content read against the file right before its rename.
+    rel = "nbtest/race.ipynb"
+    write_nb(server_root / rel, ["a = 1"])
+    notebooks = tether.aio.notebooks
+    persons = b'"a = 2  # saved by a person"'
+
+    async def edit_racing_a_save() -> None:
+        read_sha256, data, _ = await notebooks._load(rel)
+        (server_root / rel).write_bytes(data.replace(b'"a = 1"', persons))
+        await notebooks._write(rel, read_sha256, data.replace(b'"a = 1"', b'"a = 3"'))
+
+    with pytest.raises(Conflict, match="changed since you read it"):
+        tether.portal.call(edit_racing_a_save)
+    assert persons in (server_root / rel).read_bytes()
+    # The same for a file too big for one message (a chunked upload's commit).
+    big = server_root / "nbtest" / "big.bin"
+    big.write_bytes(b"person")
+    with pytest.raises(Conflict, match="changed since it was read"):
+        tether.files.write_bytes("nbtest/big.bin", b"x" * (5 * 1024 * 1024),
+                                 if_sha256=hashlib.sha256(b"earlier").hexdigest())
+    assert big.read_bytes() == b"person"
 
 
 def test_a_cell_that_prints_displays_and_raises_leaves_its_outputs(tether: Tether,

@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 from . import paths
 from .args import optional_mode, optional_mtime_ns
 from .fsutil import atomic_write, ensure_parent, file_type, open_regular, read_at, refuse_directory
-from .hashing import HashCache
+from .hashing import HashCache, require_unchanged
 from .supervisor import Request, Result, Supervisor
 from .wire import ErrorCode, OpError, arg
 
@@ -108,8 +108,10 @@ class FsOps:
         else:
             raise OpError(ErrorCode.INVALID_ARGUMENT,
                           "fs_write needs the content in buffers[1] (or a 'text' argument)")
+        if_sha256 = arg(req.args, "if_sha256", str, None, allow_none=True)
         refuse_directory(path)
         ensure_parent(path, make_dirs)
+        require_unchanged(path, if_sha256)
         try:
             st = atomic_write(path, data, mode, optional_mtime_ns(req.args))
         except OSError as exc:

@@ -11,6 +11,7 @@ import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .fsutil import O_BINARY, atomic_write, read_at
+from .wire import ErrorCode, OpError
 
 HASH_BLOCK_BYTES = 1024 * 1024
 
@@ -62,6 +63,26 @@ def sha256_file(path: str) -> str:
         return hash_fd(fd)[0].hexdigest()
     finally:
         os.close(fd)
+
+
+def require_unchanged(path: str, if_sha256: Optional[str]) -> None:
+    """A conditional write's check, made right before the rename: ``path`` must still hold
+    the content hashing to ``if_sha256`` ("": must not exist), or nothing is written. A save
+    by someone else since the writer read the file is then refused, not overwritten."""
+    if if_sha256 is None:
+        return
+    try:
+        current = sha256_file(path)
+    except FileNotFoundError:
+        current = ""
+    except OSError as exc:
+        raise OpError(ErrorCode.CONFLICT, "%s: cannot check its content before writing: %s"
+                      % (path, exc.strerror or exc), {"path": path}) from None
+    if current != if_sha256.lower():
+        raise OpError(ErrorCode.CONFLICT, "%s changed since it was read (%s): nothing was "
+                      "written" % (path, "now it exists" if not if_sha256 else
+                                   "now it is gone" if not current else "saved in between"),
+                      {"path": path, "reason": "changed", "sha256": current})
 
 
 CacheKey = Tuple[int, int, int, int]

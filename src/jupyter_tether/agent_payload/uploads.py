@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import paths, wire
 from .args import check_chunk_length, optional_mode, optional_mtime_ns
 from .fsutil import O_BINARY, ensure_parent, refuse_directory, write_at
-from .hashing import HashCache, hash_fd
+from .hashing import HashCache, hash_fd, require_unchanged
 from .paths import PART_SUFFIX, SIDECAR_SUFFIX, side_path
 from .supervisor import Deferred, Request, Supervisor
 from .transfer_state import TransferState, parse_sidecar
@@ -401,6 +401,7 @@ class Uploads:
     def upload_commit(self, req: Request) -> Dict[str, Any]:
         upload = self._upload(req.args.get("transfer_id"))
         sha256 = _optional_sha256(req.args)
+        if_sha256 = arg(req.args, "if_sha256", str, None, allow_none=True)
         with upload.lock:
             if upload.committing:
                 raise OpError(ErrorCode.BUSY, "upload %s is already being committed"
@@ -429,11 +430,11 @@ class Uploads:
                                "received_bytes": received, "size": upload.size})
             upload.committing = True
         try:
-            return self._commit(upload)
+            return self._commit(upload, if_sha256)
         finally:
             upload.committing = False
 
-    def _commit(self, upload: _Upload) -> Dict[str, Any]:
+    def _commit(self, upload: _Upload, if_sha256: Optional[str] = None) -> Dict[str, Any]:
         try:
             fd = upload.open()
             st = os.fstat(fd)
@@ -467,6 +468,7 @@ class Uploads:
             if upload.mtime_ns is not None:
                 os.utime(upload.part, ns=(upload.mtime_ns, upload.mtime_ns))
             refuse_directory(upload.target)
+            require_unchanged(upload.target, if_sha256)  # the part file stays: commit again
             os.replace(upload.part, upload.target)
         except OSError as exc:
             raise paths.os_error(exc, upload.target) from None

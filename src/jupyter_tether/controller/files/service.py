@@ -106,12 +106,19 @@ class AsyncFiles:
         decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
         return str(decoder.decode(data, final=eof))
 
-    async def write_bytes(self, path: str, data: bytes, *, mode: int | None = None) -> dict[str, Any]:
-        """Create or replace a remote file atomically; returns path, size, sha256."""
+    async def write_bytes(self, path: str, data: bytes, *, mode: int | None = None,
+                          if_sha256: str | None = None) -> dict[str, Any]:
+        """Create or replace a remote file atomically; returns path, size, sha256.
+
+        ``if_sha256``: only if the remote file still has that content ("": only if there is
+        none), checked right before the rename; else ``Conflict`` (details: ``reason``
+        "changed", the file's ``sha256`` now) and nothing is written."""
         if len(data) <= INLINE_WRITE_BYTES:
             args: dict[str, Any] = {"path": path}
             if mode is not None:
                 args["mode"] = mode
+            if if_sha256 is not None:
+                args["if_sha256"] = if_sha256
             reply = await self._caller.call(Op.FS_WRITE, args, buffers=[bytes(data)])
             result: dict[str, Any] = reply.result
             return result
@@ -121,7 +128,7 @@ class AsyncFiles:
         done = await self._uploader.upload(
             lambda offset, length: bytes(view[offset:offset + length]), len(data), digest,
             path, "<memory>", progress=None, chunk_size=DEFAULT_CHUNK_BYTES,
-            window=DEFAULT_WINDOW, mode=mode, mtime_ns=None)
+            window=DEFAULT_WINDOW, mode=mode, mtime_ns=None, if_sha256=if_sha256)
         return {"path": done.path, "size": done.bytes, "sha256": done.sha256}
 
     async def write_text(self, path: str, content: str, *, encoding: str = "utf-8") -> dict[str, Any]:

@@ -110,11 +110,14 @@ class Uploader:
                      chunk_size: int, window: int, mode: int | None,
                      mtime_ns: int | None, key: str | None = None,
                      hash_all: Callable[[], str] | None = None,
-                     unchanged: Callable[[], bool] | None = None) -> TransferResult:
+                     unchanged: Callable[[], bool] | None = None,
+                     if_sha256: str | None = None) -> TransferResult:
         """Upload ``size`` bytes read with ``read_at(offset, length)``, whose sha256 is
         ``digest``; or, with ``digest`` None, named by ``key`` and hashed as the chunks are
         read (``hash_all`` hashes everything when the remote holds part of it already, and
-        ``unchanged`` says before the commit whether the source still is what was read)."""
+        ``unchanged`` says before the commit whether the source still is what was read).
+        ``if_sha256``: replace the remote file only if it still has that content ("": only
+        if there is none), checked by the remote right before the rename."""
         where = f"upload {local_label} -> {remote_path}"
         started = time.perf_counter()
         if digest is None and (key is None or hash_all is None):
@@ -158,7 +161,8 @@ class Uploader:
                                             "being uploaded; upload it again")
                     digest = hasher.hexdigest()
                 assert digest is not None
-                committed = await self._commit(str(begun["transfer_id"]), target, size, digest)
+                committed = await self._commit(str(begun["transfer_id"]), target, size, digest,
+                                               if_sha256)
                 break
             except RemoteError as exc:
                 if exc.code == wire.ErrorCode.BUSY and attempt < MAX_ATTEMPTS * 20:
@@ -227,13 +231,15 @@ class Uploader:
                 tasks.start(send, offset, data)
         return acked
 
-    async def _commit(self, transfer_id: str, target: str, size: int, digest: str) -> dict[str, Any]:
+    async def _commit(self, transfer_id: str, target: str, size: int, digest: str,
+                      if_sha256: str | None = None) -> dict[str, Any]:
         # Generous: a resumed upload is re-hashed from disk on the remote before the rename.
         timeout = 120.0 + size / 20e6
+        args: dict[str, Any] = {"transfer_id": transfer_id, "sha256": digest}
+        if if_sha256 is not None:
+            args["if_sha256"] = if_sha256
         try:
-            reply = await self._caller.call(Op.UPLOAD_COMMIT, {"transfer_id": transfer_id,
-                                                               "sha256": digest},
-                                            timeout=timeout)
+            reply = await self._caller.call(Op.UPLOAD_COMMIT, args, timeout=timeout)
             result: dict[str, Any] = reply.result
             return result
         except (ConnectionLost, TetherTimeout, NotFound) as exc:

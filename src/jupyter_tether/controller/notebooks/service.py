@@ -123,30 +123,30 @@ class AsyncNotebooks:
         root = self._tether.link.facts.get("root_dir") or ""
         return rel if posixpath.isabs(rel) else posixpath.join(str(root), rel)
 
-    async def _stat_key(self, rel: str) -> tuple[Any, Any] | None:
+    async def _exists(self, rel: str) -> bool:
         st = await self._tether.files.stat(rel)
-        if not st.get("exists"):
-            return None
-        if st.get("type") == "directory":
+        if st.get("exists") and st.get("type") == "directory":
             raise invalid(f"{rel} is a directory, not a notebook")
-        return st.get("size"), st.get("mtime")
+        return bool(st.get("exists"))
 
-    async def _load(self, rel: str) -> tuple[tuple[Any, Any] | None, bytes, dict[str, Any]]:
-        """(stat key, bytes, parsed notebook); NotFound when there is no such file."""
-        key = await self._stat_key(rel)
-        if key is None:
+    async def _load(self, rel: str) -> tuple[str | None, bytes, dict[str, Any]]:
+        """(sha256 of the bytes read, bytes, parsed notebook); NotFound when there is none."""
+        if not await self._exists(rel):
             raise NotFound(ErrorCode.NOT_FOUND, f"{rel}: no such notebook", {"path": rel})
         data = await self._tether.files.read_bytes(rel, max_bytes=DOC_LIMITS.max_bytes + 1)
-        return key, data, parse(data, rel)
+        return hashlib.sha256(data).hexdigest(), data, parse(data, rel)
 
-    async def _write(self, rel: str, key: tuple[Any, Any] | None, data: bytes) -> str:
-        """Write ``data`` unless the file changed since ``key`` was taken; its revision."""
-        now = await self._stat_key(rel)
-        if now != key:
-            current = await self._tether.files.read_bytes(rel, max_bytes=DOC_LIMITS.max_bytes + 1) \
-                if now is not None else b""
-            raise _changed(rel, None, revision_of(current))
-        await self._tether.files.write_bytes(rel, data)
+    async def _write(self, rel: str, read_sha256: str | None, data: bytes) -> str:
+        """Write ``data`` unless the file changed since it was read (``read_sha256``, None:
+        there was none); its revision. The remote checks right before the rename, so a save
+        landing at any moment in between is refused, never overwritten."""
+        try:
+            await self._tether.files.write_bytes(rel, data, if_sha256=read_sha256 or "")
+        except Conflict as exc:
+            if exc.details.get("reason") != "changed":
+                raise
+            now = exc.details.get("sha256")
+            raise _changed(rel, None, now[:16] if isinstance(now, str) else "") from None
         return revision_of(data)
 
     # --- real-time collaboration ------------------------------------------------------------
