@@ -99,8 +99,10 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, *, timeout
 class KernelGateway:
     """``with KernelGateway(workdir) as kg: Tether(kg.url, kg.token)``."""
 
-    def __init__(self, workdir: Path, *, list_kernels: bool = False) -> None:
+    def __init__(self, workdir: Path, *, list_kernels: bool = False,
+                 jupyter_path: Path | None = None) -> None:
         self.workdir = workdir
+        self.jupyter_path = jupyter_path  # more kernelspecs (``<path>/kernels/<name>``)
         self.root = workdir / "root"  # the gateway's cwd: where its kernels start
         self.log_path = workdir / "kernel-gateway.log"
         self.port = free_port()
@@ -120,6 +122,8 @@ class KernelGateway:
                 f"--JupyterWebsocketPersonality.list_kernels={self.list_kernels}"]
         env = _child_env()
         env["KG_AUTH_TOKEN"] = self.token  # kept out of the kernels' environment by KG
+        if self.jupyter_path is not None:
+            env["JUPYTER_PATH"] = str(self.jupyter_path)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                             cwd=self.root, env=env, start_new_session=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,9 +43,26 @@ if importlib.util.find_spec("kernel_gateway") is None:
     pytest.skip("jupyter_kernel_gateway is a test dependency", allow_module_level=True)
 
 
+#: a kernelspec whose first kernel hangs as it starts and never answers, as one did in this
+#: suite when another process took one of its ports first (ipykernel printed "Address
+#: already in use" and its process stayed up, so the gateway's restarter left it alone);
+#: the kernels after it start normally
+HANGS_ONCE = "hangs-once"
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelGateway]:
-    with KernelGateway(tmp_path_factory.mktemp("kernel-gateway")) as kg:
+    workdir = tmp_path_factory.mktemp("kernel-gateway")
+    flag = str(workdir / "hung-once")
+    spec = workdir / "share" / "kernels" / HANGS_ONCE
+    spec.mkdir(parents=True)
+    code = (f"import os, time\nif not os.path.exists({flag!r}):\n    open({flag!r}, 'w').close()\n"
+            "    time.sleep(600)\nfrom ipykernel.kernelapp import launch_new_instance\n"
+            "launch_new_instance()\n")
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-c", code, "-f", "{connection_file}"],
+        "display_name": "hangs once", "language": "python"}))
+    with KernelGateway(workdir, jupyter_path=workdir / "share") as kg:
         yield kg
 
 
@@ -136,6 +154,27 @@ def test_gateway_that_lists_sessions_is_found_by_session_path(
             sessions = first.list_sessions()
             assert [s["notebook"]["path"] for s in sessions] == [SUPERVISOR_SESSION]
         assert not (kg.root / MARKER_PATH).exists()
+
+
+@pytest.mark.anyio
+async def test_a_fresh_kernel_that_never_answers_is_replaced_by_another(
+        gateway: KernelGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # On a gateway the marker is read through a fresh kernel. One that never came up (a
+    # port taken by another process first: seen in this suite) left its websocket
+    # unanswered, and the connect failed after the open timeout instead of trying another.
+    target = parse_target(gateway.url, gateway.token)
+    rest = JupyterRest(target)
+    try:
+        kernel_id, started = await find_or_start(
+            rest, "jupyter-tether-hangs-once", kernel_name=HANGS_ONCE,
+            state=TargetState(target.key, tmp_path / "state"), open_timeout=5.0)
+        assert started and (gateway.workdir / "hung-once").exists()
+        assert "did not answer" in caplog.text
+        model = await rest.get_kernel(kernel_id)
+        assert model is not None and model.get("execution_state") != "dead"
+        await rest.shutdown_kernel(kernel_id)
+    finally:
+        await rest.aclose()
 
 
 @pytest.mark.anyio

@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import KernelError, ServerError, TetherError
+from ..errors import ConnectionLost, KernelError, ServerError, TetherError
 from .execute import execute
 from .kernel_ws import KernelSocket, new_session_id
 from .rest import JupyterRest
@@ -107,8 +107,17 @@ async def _start_bare(rest: JupyterRest, kernel_name: str) -> str:
     return str((await rest.start_kernel(kernel_name, path=""))["id"])
 
 
+#: how long a kernel just started on a gateway may take to answer its websocket
+FRESH_OPEN_TIMEOUT_S = 20.0
+
+
+class _FreshKernelMute(Exception):
+    """The fresh kernel's websocket never opened (``__cause__`` says how it failed)."""
+
+
 async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
-                        state: TargetState) -> tuple[str, bool]:
+                        state: TargetState,
+                        open_timeout: float = FRESH_OPEN_TIMEOUT_S) -> tuple[str, bool]:
     """Return (kernel_id, started_now) for the named kernel, starting it if needed."""
     sessions = await rest.listable_sessions()
     kernel = _live_session_kernel(sessions or [], name)
@@ -132,7 +141,8 @@ async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
                 # Kernel Gateway 3 answers 500 to a second session on one path.
                 log.info("cannot register the %s session (%s); using the marker", name, exc)
         if not kernel_id:
-            kernel_id, started = await _find_or_claim_by_marker(rest, name, kernel_name)
+            kernel_id, started = await _find_or_claim_by_marker(rest, name, kernel_name,
+                                                                open_timeout)
     state.update(**{f"kernel:{name}": kernel_id})
     return kernel_id, started
 
@@ -162,18 +172,41 @@ async def _converge(rest: JupyterRest, name: str, session_id: str, kernel_id: st
     return str(winner["kernel"]["id"])
 
 
-async def _find_or_claim_by_marker(rest: JupyterRest, name: str,
-                                   kernel_name: str) -> tuple[str, bool]:
-    """Gateways: read the marker from a fresh kernel; re-use its kernel or let the fresh one claim."""
+async def _find_or_claim_by_marker(rest: JupyterRest, name: str, kernel_name: str,
+                                   open_timeout: float) -> tuple[str, bool]:
+    """Gateways: read the marker from a fresh kernel; re-use its kernel or let the fresh one claim.
+
+    A fresh kernel can die as it starts: jupyter_client picks its five ports by binding port
+    0 and lets them go, and another process can take one before the kernel binds it
+    ("Address already in use"). The gateway then never answers that kernel's websocket, and
+    a second fresh kernel is tried."""
+    try:
+        return await _claim_in_fresh(rest, name, kernel_name, open_timeout)
+    except _FreshKernelMute as exc:
+        log.warning("a fresh %s kernel on %s did not answer (%s); starting another",
+                    kernel_name, rest.target.display_url, exc.__cause__)
+    try:
+        return await _claim_in_fresh(rest, name, kernel_name, open_timeout)
+    except _FreshKernelMute as exc:
+        assert isinstance(exc.__cause__, Exception)
+        raise exc.__cause__ from None
+
+
+async def _claim_in_fresh(rest: JupyterRest, name: str, kernel_name: str,
+                          open_timeout: float) -> tuple[str, bool]:
     fresh = await _start_bare(rest, kernel_name)
     chosen: str | None = None
     error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
             sock = KernelSocket(rest.target, fresh, session_id=new_session_id(),
-                                cookies=rest.cookie_header, ping_interval=None)
+                                cookies=rest.cookie_header, ping_interval=None,
+                                open_timeout=open_timeout)
             try:
-                await sock.open(tg)
+                try:
+                    await sock.open(tg)
+                except ConnectionLost as exc:
+                    raise _FreshKernelMute() from exc
                 chosen = await _claim(rest, sock, name, fresh)
             except _MarkerUnavailable as exc:
                 # A read-only root, say: the fresh kernel serves, found again only through
