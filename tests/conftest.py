@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import compileall
 import contextlib
+import json
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem
         item.add_marker(pytest.mark.fast if module in FAST_MODULES else pytest.mark.integration)
+
+
+def hangs_once_kernelspec(share: Path) -> str:
+    """Install under ``share`` (a ``JUPYTER_PATH`` entry) a kernelspec whose first kernel hangs
+    as it starts and never answers, as one does when another process takes one of its ports
+    first (ipykernel prints "Address already in use" and its process stays up, so the
+    server's restarter leaves it alone); the kernels after it start normally. Its name."""
+    name = "hangs-once"
+    flag = str(share / f"{name}.started")
+    spec = share / "kernels" / name
+    spec.mkdir(parents=True)
+    code = (f"import os, time\nif not os.path.exists({flag!r}):\n    open({flag!r}, 'w').close()\n"
+            "    time.sleep(600)\nfrom ipykernel.kernelapp import launch_new_instance\n"
+            "launch_new_instance()\n")
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-c", code, "-f", "{connection_file}"],
+        "display_name": "hangs once", "language": "python"}))
+    return name
 
 
 def gated(gate: Path, then: str) -> str:

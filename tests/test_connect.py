@@ -25,7 +25,7 @@ from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 from jupyter_tether.controller.kernel_requests import control_request
 from jupyter_tether.controller.kernels import SUPERVISOR_SESSION
 
-from .conftest import fast_options, iopub_seen
+from .conftest import fast_options, hangs_once_kernelspec, iopub_seen
 
 
 def test_connect_injects_supervisor_and_says_hello(tether: Tether, server_root: Path) -> None:
@@ -243,6 +243,25 @@ def test_embedded_server_log_is_private_follows_no_planted_link_and_goes_with_it
         assert not log.parent.exists(), "a cleanly stopped server leaves no log behind"
     finally:
         planted.unlink(missing_ok=True)
+
+
+def test_a_supervisor_kernel_that_never_answers_is_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A kernel can hang as it starts (a port taken by another process first: seen in this
+    # suite on a gateway). The supervisor's session then kept a kernel that never answered,
+    # and every connect, now and later, failed on its websocket's open timeout.
+    share = tmp_path / "share"
+    name = hangs_once_kernelspec(share)
+    monkeypatch.setenv("JUPYTER_PATH", str(share))
+    with LocalJupyterServer(tmp_path / "root", log_path=tmp_path / "server.log") as server, \
+            Tether(server.url, server.token,
+                   options=fast_options(kernel_name=name, open_timeout=5.0)) as t:
+        assert (share / f"{name}.started").exists() and "did not answer" in caplog.text
+        job = t.jobs.start("echo on the second kernel")
+        assert job.wait(timeout=30).exit_code == 0
+        sessions = t.portal.call(t.aio.rest.listable_sessions) or []
+        ours = [s for s in sessions if s.get("name") == SUPERVISOR_SESSION]
+        assert [s["kernel"]["id"] for s in ours] == [t.aio.link.kernel_id]
 
 
 def test_upgrades_reuse_the_supervisors_subshell_and_jobs_still_start(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from jupyter_tether.controller.rest import JupyterRest
 from jupyter_tether.controller.state import TargetState
 from jupyter_tether.controller.target import parse_target
 
-from .conftest import fast_options
+from .conftest import fast_options, hangs_once_kernelspec
 from .remote_checks import (
     check_connect,
     check_exec,
@@ -43,25 +42,10 @@ if importlib.util.find_spec("kernel_gateway") is None:
     pytest.skip("jupyter_kernel_gateway is a test dependency", allow_module_level=True)
 
 
-#: a kernelspec whose first kernel hangs as it starts and never answers, as one did in this
-#: suite when another process took one of its ports first (ipykernel printed "Address
-#: already in use" and its process stayed up, so the gateway's restarter left it alone);
-#: the kernels after it start normally
-HANGS_ONCE = "hangs-once"
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelGateway]:
     workdir = tmp_path_factory.mktemp("kernel-gateway")
-    flag = str(workdir / "hung-once")
-    spec = workdir / "share" / "kernels" / HANGS_ONCE
-    spec.mkdir(parents=True)
-    code = (f"import os, time\nif not os.path.exists({flag!r}):\n    open({flag!r}, 'w').close()\n"
-            "    time.sleep(600)\nfrom ipykernel.kernelapp import launch_new_instance\n"
-            "launch_new_instance()\n")
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-c", code, "-f", "{connection_file}"],
-        "display_name": "hangs once", "language": "python"}))
+    hangs_once_kernelspec(workdir / "share")
     with KernelGateway(workdir, jupyter_path=workdir / "share") as kg:
         yield kg
 
@@ -166,9 +150,9 @@ async def test_a_fresh_kernel_that_never_answers_is_replaced_by_another(
     rest = JupyterRest(target)
     try:
         kernel_id, started = await find_or_start(
-            rest, "jupyter-tether-hangs-once", kernel_name=HANGS_ONCE,
+            rest, "jupyter-tether-hangs-once", kernel_name="hangs-once",
             state=TargetState(target.key, tmp_path / "state"), open_timeout=5.0)
-        assert started and (gateway.workdir / "hung-once").exists()
+        assert started and (gateway.workdir / "share" / "hangs-once.started").exists()
         assert "did not answer" in caplog.text
         model = await rest.get_kernel(kernel_id)
         assert model is not None and model.get("execution_state") != "dead"

@@ -32,7 +32,7 @@ from .attach import inject, open_watching, park_subshell, probe_server
 from .caller import EventListener
 from .kernel_requests import kernel_info
 from .kernel_ws import KernelMessage, KernelSocket
-from .kernels import SUPERVISOR_SESSION, find_or_start
+from .kernels import FRESH_OPEN_TIMEOUT_S, SUPERVISOR_SESSION, find_or_start
 from .rest import JupyterRest
 from .rpc import Event, EventSequencer, PendingCall, PendingCalls, Reply
 from .state import TargetState
@@ -69,6 +69,9 @@ class LinkOptions:
     #: the largest websocket message accepted from the server; a bigger one closes the
     #: connection and fails the calls in flight with LimitExceeded
     max_message_bytes: int = wire.MAX_KERNEL_MESSAGE_BYTES
+    #: how long the supervisor kernel's websocket may take to open (the server holds the
+    #: handshake until the kernel answers)
+    open_timeout: float = FRESH_OPEN_TIMEOUT_S
 
 
 class SupervisorLink:
@@ -333,17 +336,44 @@ class SupervisorLink:
             f"{self.options.reconnect_wait:.0f}s (last error: {self.last_error or 'unknown'})"
         )
 
+    async def _open_supervisor_kernel(self) -> tuple[str, KernelSocket]:
+        """Find or start the supervisor kernel and open its websocket.
+
+        A kernel started just now whose websocket never opens is replaced once: one can
+        hang as it starts (jupyter_client picks its ports by binding port 0 and lets them
+        go; another process may take one first, and ipykernel then stays up without
+        answering, so the server's restarter leaves it). Found again, it would fail every
+        connect until someone deleted it."""
+        assert self._task_group is not None
+        for attempt in (1, 2):
+            kernel_id, started = await find_or_start(
+                self.rest, SUPERVISOR_SESSION, kernel_name=self.options.kernel_name,
+                state=self.state, open_timeout=self.options.open_timeout)
+            sock = KernelSocket(self.target, kernel_id, session_id=self.session_id,
+                                cookies=self.rest.cookie_header,
+                                ping_interval=self.options.ping_interval,
+                                ping_timeout=self.options.ping_timeout,
+                                max_message_bytes=self.options.max_message_bytes,
+                                open_timeout=self.options.open_timeout)
+            try:
+                await open_watching(sock, kernel_id, self.rest, self._task_group)
+            except ConnectionLost as exc:
+                if not started or attempt == 2:
+                    raise
+                log.warning("the supervisor kernel %s just started on %s did not answer (%s); "
+                            "starting another", kernel_id, self.target.display_url, exc)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    try:
+                        await self.rest.shutdown_kernel(kernel_id)
+                    except TetherError:
+                        pass
+                continue
+            return kernel_id, sock
+        raise AssertionError("unreachable")
+
     async def _connect(self) -> None:
         assert self._task_group is not None
-        kernel_id, _ = await find_or_start(self.rest, SUPERVISOR_SESSION,
-                                           kernel_name=self.options.kernel_name,
-                                           state=self.state)
-        sock = KernelSocket(self.target, kernel_id, session_id=self.session_id,
-                            cookies=self.rest.cookie_header,
-                            ping_interval=self.options.ping_interval,
-                            ping_timeout=self.options.ping_timeout,
-                            max_message_bytes=self.options.max_message_bytes)
-        await open_watching(sock, kernel_id, self.rest, self._task_group)
+        kernel_id, sock = await self._open_supervisor_kernel()
         try:
             sock.comm_handler = self._on_comm
             info = await kernel_info(sock)
