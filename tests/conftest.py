@@ -134,10 +134,10 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 # long module ending the run alone.
 LONGEST_FIRST = ("test_resilience", "test_proxy", "test_mcp", "test_cli", "test_first_hour_cli",
                  "test_forward", "test_notebooks", "test_trust_credentials", "test_hub",
-                 "test_gateway", "test_connect", "test_multi_target", "test_hostile_server",
+                 "test_gateway", "test_multi_target", "test_hostile_server",
                  "test_fuzz_supervisor", "test_trust_files", "test_local_roots", "test_files",
                  "test_jobs_service", "test_kernel_exec", "test_jobs_supervisor",
-                 "test_files_service", "test_resources_faces")
+                 "test_connect", "test_files_service", "test_resources_faces")
 
 
 def pytest_configure(config: pytest.Config) -> None:
