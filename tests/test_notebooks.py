@@ -374,9 +374,10 @@ def test_a_save_between_read_and_edit_is_refused(tether: Tether, server_root: Pa
 
 def test_a_save_landing_after_the_read_is_refused_at_the_write(tether: Tether,
                                                               server_root: Path) -> None:
-    # The check used to be a stat just before the write: a save landing between that stat and
-    # the write (a round trip, longer behind a proxy) was overwritten. Now the remote checks
-    # the content read against the file right before its rename.
+    # The write carries the sha256 of what the edit read, and the remote compares it with the
+    # file right before its rename. (The old check, a stat one round trip before the write,
+    # refuses this sequence too; the race it missed, a save inside that round trip, is
+    # shown by test_conditional_writes_replace_only_the_content_they_were_based_on.)
     rel = "nbtest/race.ipynb"
     write_nb(server_root / rel, ["a = 1"])
     notebooks = tether.aio.notebooks

@@ -23,10 +23,11 @@ def wait_ready(fd: int, write: bool = False, timeout: float = 0.0) -> bool:
 
     ``poll``, not ``select``: a long-lived supervisor can hold more than 1024 fds (forwarded
     connections, work kernels' ports), and ``select`` raises ``ValueError`` past that."""
+    timeout = max(0.0, timeout)
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(fd, select.POLLOUT if write else select.POLLIN)
-        return bool(poller.poll(max(0.0, timeout) * 1000.0))
+        return bool(poller.poll(timeout * 1000.0))
     fds = [fd]  # pragma: no cover - Windows, where select takes any socket
     ready = select.select([], fds, [], timeout) if write else select.select(fds, [], [], timeout)
     return any(ready)

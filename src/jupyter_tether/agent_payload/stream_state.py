@@ -19,7 +19,7 @@ stream, so a lost message is noticed), ``eof``
 bytes written to the remote socket). Standard library only; Python >= 3.9.
 """
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Set, Tuple
 
 from .wire import ErrorCode, OpError, arg
 
@@ -220,10 +220,9 @@ class Leases:
         self._at = {o: t for o, t in self._at.items() if o in live or now - t <= lease_s}
 
 
-def check_room(keys: Iterable[Tuple[str, int]], owner: str, key: Tuple[str, int]) -> None:
+def check_room(keys: Collection[Tuple[str, int]], owner: str, key: Tuple[str, int]) -> None:
     """Refuse a new stream ``key`` when it is open already or a limit is reached; ``keys``
     are the open streams' (owner, sid)."""
-    keys = list(keys)
     if key in keys:
         raise OpError(ErrorCode.CONFLICT, "stream %d is already open" % key[1])
     if len(keys) >= MAX_STREAMS:

@@ -80,8 +80,8 @@ class LocalJupyterServer:
         #: the server's log; by default in a private folder of its own (``mkdtemp``: 0700
         #: and an unguessable name, so no other local user reads it or plants a link at its
         #: name), removed when the server stops unless its start failed
-        self.log_path = Path(log_path) if log_path else None
-        self._given_log = self.log_path is not None
+        self._log_arg = Path(log_path) if log_path else None
+        self.log_path = self._log_arg
         self._log_dir: Path | None = None
         #: the interpreter that runs ``jupyter_server`` (and, through its kernelspec, the
         #: kernels): another environment's python runs the server versions installed there
@@ -125,9 +125,11 @@ class LocalJupyterServer:
             argv.append("--IdentityProvider.token=")
         # Keep user-level config out of what we start.
         env.setdefault("JUPYTER_PLATFORM_DIRS", "1")
-        if self.log_path is None or not self._given_log:
+        if self._log_arg is None:
             self._log_dir = Path(tempfile.mkdtemp(prefix="jupyter-tether-server-"))
             self.log_path = self._log_dir / "server.log"
+        else:
+            self.log_path = self._log_arg
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,

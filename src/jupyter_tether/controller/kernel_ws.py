@@ -108,6 +108,11 @@ class _TrackedConnection(ClientConnection):
         super().data_received(data)
 
 
+#: how long a kernel websocket may take to open: the server holds the handshake until the
+#: kernel answers (a kernel just started takes a few seconds; one that hangs, forever)
+OPEN_TIMEOUT_S = 20.0
+
+
 class KernelSocket:
     """A connected kernel websocket with a reader task and message routing.
 
@@ -124,7 +129,7 @@ class KernelSocket:
         cookies: Callable[[str], str | None] | None = None,
         ping_interval: float | None = 10.0,
         ping_timeout: float | None = 10.0,
-        open_timeout: float = 20.0,
+        open_timeout: float = OPEN_TIMEOUT_S,
         close_timeout: float = 1.0,
         max_message_bytes: int = wire.MAX_KERNEL_MESSAGE_BYTES,
     ) -> None:

@@ -31,7 +31,7 @@ import anyio
 
 from ..errors import ConnectionLost, KernelError, ServerError, TetherError
 from .execute import execute
-from .kernel_ws import KernelSocket, new_session_id
+from .kernel_ws import OPEN_TIMEOUT_S, KernelSocket, new_session_id
 from .rest import JupyterRest
 from .state import TargetState
 
@@ -107,17 +107,17 @@ async def _start_bare(rest: JupyterRest, kernel_name: str) -> str:
     return str((await rest.start_kernel(kernel_name, path=""))["id"])
 
 
-#: how long a kernel just started on a gateway may take to answer its websocket
-FRESH_OPEN_TIMEOUT_S = 20.0
-
-
 class _FreshKernelMute(Exception):
-    """The fresh kernel's websocket never opened (``__cause__`` says how it failed)."""
+    """The fresh kernel's websocket never opened; ``error`` says how it failed."""
+
+    def __init__(self, error: ConnectionLost) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
                         state: TargetState,
-                        open_timeout: float = FRESH_OPEN_TIMEOUT_S) -> tuple[str, bool]:
+                        open_timeout: float = OPEN_TIMEOUT_S) -> tuple[str, bool]:
     """Return (kernel_id, started_now) for the named kernel, starting it if needed."""
     sessions = await rest.listable_sessions()
     kernel = _live_session_kernel(sessions or [], name)
@@ -176,20 +176,17 @@ async def _find_or_claim_by_marker(rest: JupyterRest, name: str, kernel_name: st
                                    open_timeout: float) -> tuple[str, bool]:
     """Gateways: read the marker from a fresh kernel; re-use its kernel or let the fresh one claim.
 
-    A fresh kernel can die as it starts: jupyter_client picks its five ports by binding port
-    0 and lets them go, and another process can take one before the kernel binds it
-    ("Address already in use"). The gateway then never answers that kernel's websocket, and
-    a second fresh kernel is tried."""
-    try:
-        return await _claim_in_fresh(rest, name, kernel_name, open_timeout)
-    except _FreshKernelMute as exc:
-        log.warning("a fresh %s kernel on %s did not answer (%s); starting another",
-                    kernel_name, rest.target.display_url, exc.__cause__)
-    try:
-        return await _claim_in_fresh(rest, name, kernel_name, open_timeout)
-    except _FreshKernelMute as exc:
-        assert isinstance(exc.__cause__, Exception)
-        raise exc.__cause__ from None
+    A fresh kernel that never answers its websocket (one can hang as it starts: see
+    ``SupervisorLink._open_supervisor_kernel``) is shut down and a second one tried."""
+    for attempt in (1, 2):
+        try:
+            return await _claim_in_fresh(rest, name, kernel_name, open_timeout)
+        except _FreshKernelMute as exc:
+            if attempt == 2:
+                raise exc.error from None
+            log.warning("a fresh %s kernel on %s did not answer (%s); starting another",
+                        kernel_name, rest.target.display_url, exc)
+    raise AssertionError("unreachable")
 
 
 async def _claim_in_fresh(rest: JupyterRest, name: str, kernel_name: str,
@@ -206,7 +203,7 @@ async def _claim_in_fresh(rest: JupyterRest, name: str, kernel_name: str,
                 try:
                     await sock.open(tg)
                 except ConnectionLost as exc:
-                    raise _FreshKernelMute() from exc
+                    raise _FreshKernelMute(exc) from exc
                 chosen = await _claim(rest, sock, name, fresh)
             except _MarkerUnavailable as exc:
                 # A read-only root, say: the fresh kernel serves, found again only through

@@ -31,8 +31,8 @@ from ..errors import AuthError, ConnectionLost, KernelError, TetherError, Tether
 from .attach import inject, open_watching, park_subshell, probe_server
 from .caller import EventListener
 from .kernel_requests import kernel_info
-from .kernel_ws import KernelMessage, KernelSocket
-from .kernels import FRESH_OPEN_TIMEOUT_S, SUPERVISOR_SESSION, find_or_start
+from .kernel_ws import OPEN_TIMEOUT_S, KernelMessage, KernelSocket
+from .kernels import SUPERVISOR_SESSION, find_or_start
 from .rest import JupyterRest
 from .rpc import Event, EventSequencer, PendingCall, PendingCalls, Reply
 from .state import TargetState
@@ -69,9 +69,8 @@ class LinkOptions:
     #: the largest websocket message accepted from the server; a bigger one closes the
     #: connection and fails the calls in flight with LimitExceeded
     max_message_bytes: int = wire.MAX_KERNEL_MESSAGE_BYTES
-    #: how long the supervisor kernel's websocket may take to open (the server holds the
-    #: handshake until the kernel answers)
-    open_timeout: float = FRESH_OPEN_TIMEOUT_S
+    #: how long the supervisor kernel's websocket may take to open
+    open_timeout: float = OPEN_TIMEOUT_S
 
 
 class SupervisorLink:

@@ -64,7 +64,12 @@ def invalid(message: str, **details: Any) -> InvalidArgument:
 
 def revision_of(data: bytes) -> str:
     """The notebook's revision: a hash of the file's bytes (any save changes it)."""
-    return hashlib.sha256(data).hexdigest()[:16]
+    return revision_from_sha256(hashlib.sha256(data).hexdigest())
+
+
+def revision_from_sha256(sha256: str) -> str:
+    """The revision of bytes whose sha256 is known already."""
+    return sha256[:16]
 
 
 def text_of(value: Any) -> str:

@@ -124,12 +124,10 @@ async def drive(run: NotebookRun, hooks: RunHooks) -> None:
             run.revision, missing = await hooks.write(batch)
             run.missing.extend(m for m in missing if m not in run.missing)
             run.write_error = None
-        except TetherError as exc:
-            run.write_error = f"outputs not written back: {exc}"
-            return
         except Exception as exc:  # a run lives in the tether's task group: anything raised
             # here would end the tether, and every call on it, with the run
-            run.write_error = f"outputs not written back: {type(exc).__name__}: {exc}"
+            why = exc if isinstance(exc, TetherError) else f"{type(exc).__name__}: {exc}"
+            run.write_error = f"outputs not written back: {why}"
             return
         for key in batch:
             if pending.get(key) is batch[key]:

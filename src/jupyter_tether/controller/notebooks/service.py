@@ -43,6 +43,7 @@ from .document import (
     new_notebook,
     notebook_view,
     parse,
+    revision_from_sha256,
     revision_of,
     text_of,
 )
@@ -129,7 +130,7 @@ class AsyncNotebooks:
             raise invalid(f"{rel} is a directory, not a notebook")
         return bool(st.get("exists"))
 
-    async def _load(self, rel: str) -> tuple[str | None, bytes, dict[str, Any]]:
+    async def _load(self, rel: str) -> tuple[str, bytes, dict[str, Any]]:
         """(sha256 of the bytes read, bytes, parsed notebook); NotFound when there is none."""
         if not await self._exists(rel):
             raise NotFound(ErrorCode.NOT_FOUND, f"{rel}: no such notebook", {"path": rel})
@@ -146,7 +147,8 @@ class AsyncNotebooks:
             if exc.details.get("reason") != "changed":
                 raise
             now = exc.details.get("sha256")
-            raise _changed(rel, None, now[:16] if isinstance(now, str) else "") from None
+            raise _changed(rel, None, revision_from_sha256(now) if isinstance(now, str) else "") \
+                from None
         return revision_of(data)
 
     # --- real-time collaboration ------------------------------------------------------------
@@ -180,12 +182,12 @@ class AsyncNotebooks:
         tether's ``output_dir`` and referenced by path.
         """
         rel = self._rel(path)
-        _, data, nb = await self._load(rel)
+        sha256, data, nb = await self._load(rel)
         images = ImageSaver(Path(self._tether.output_dir))
         view = await anyio.to_thread.run_sync(
             lambda: notebook_view(nb, start=start, limit=limit, mode=outputs, images=images))
         session = await self._session_kernel(rel)
-        return {"path": rel, "revision": revision_of(data), "size": len(data), **view,
+        return {"path": rel, "revision": revision_from_sha256(sha256), "size": len(data), **view,
                 "open_kernel_id": session}
 
     async def edit(self, path: str, ops: Sequence[dict[str, Any]], *,
@@ -202,17 +204,19 @@ class AsyncNotebooks:
         """
         rel = self._rel(path)
         await self._check_writable(rel, force)
+        key: str | None
         try:
-            key, data, nb = await self._load(rel)
+            key, _, nb = await self._load(rel)
         except NotFound:
             if not create:
                 raise
-            key, data, nb = None, b"", new_notebook()
+            key, nb = None, new_notebook()
             created = True
         else:
             created = False
-            if expected_revision is not None and revision_of(data) != expected_revision:
-                raise _changed(rel, expected_revision, revision_of(data))
+            revision = revision_from_sha256(key)
+            if expected_revision is not None and revision != expected_revision:
+                raise _changed(rel, expected_revision, revision)
         ensure_ids(nb)
         done = apply_ops(nb, list(ops)) if ops or not created else []
         new = dumps(nb, rel)
@@ -309,10 +313,11 @@ class AsyncNotebooks:
         cells still run and the result says the outputs were not written.
         """
         rel = self._rel(path)
-        key, data, nb = await self._load(rel)
+        key, _, nb = await self._load(rel)
+        revision = revision_from_sha256(key)
         write_back = force or not await self.collaboration()
-        if ensure_ids(nb) and write_back:
-            await self._write(rel, key, await anyio.to_thread.run_sync(dumps, nb, rel))
+        if ensure_ids(nb) and write_back:  # the run's revision is the file with the ids
+            revision = await self._write(rel, key, await anyio.to_thread.run_sync(dumps, nb, rel))
         records = self._select(nb, cells)
         kernel_id, source = await self._pick_kernel(rel, kernel, nb)
         tether = self._tether
@@ -323,7 +328,7 @@ class AsyncNotebooks:
 
         run = NotebookRun(run_id=uuid.uuid4().hex[:12], path=rel, kernel_id=kernel_id,
                           kernel=source, cells=records, write_back=write_back,
-                          stop_on_error=stop_on_error, revision=revision_of(data))
+                          stop_on_error=stop_on_error, revision=revision)
         if not write_back:
             run.write_error = str(rtc_refusal(rel))
         hooks = RunHooks(socket=lambda: tether._work_socket(kernel_id),
