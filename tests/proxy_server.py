@@ -47,6 +47,8 @@ import pytest
 
 from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 
+from . import loopback_http
+
 REPO = Path(__file__).resolve().parent.parent
 #: where ``.ci/run`` builds the environment with Kaggle's pins
 KAGGLE_VENV = REPO / ".venv-kaggle"
@@ -217,7 +219,7 @@ class KaggleProxy:
 
     def _status(self, url: str) -> int | None:
         try:
-            return httpx2.get(url + "api/status", timeout=2).status_code
+            return loopback_http.get(url + "api/status", timeout=2).status_code
         except httpx2.HTTPError:
             return None
 

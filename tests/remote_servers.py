@@ -32,6 +32,8 @@ import psutil
 
 from jupyter_tether.controller.embedded import free_port, run_module_argv
 
+from . import loopback_http
+
 REPO = Path(__file__).resolve().parent.parent
 #: where ``.ci/run`` installs configurable-http-proxy (``npm install --prefix .ci/node``)
 CHP_PREFIX = REPO / ".ci" / "node"
@@ -87,7 +89,7 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, *, timeout
             raise RuntimeError(f"{url}: the process exited with {process.returncode}:\n"
                                + log.read_text(errors="replace")[-3000:])
         try:
-            if httpx2.get(url, headers=headers, timeout=2).status_code in ok:
+            if loopback_http.get(url, headers=headers, timeout=2).status_code in ok:
                 return
         except httpx2.HTTPError:
             pass
@@ -237,9 +239,9 @@ class JupyterHub:
         return self
 
     def api(self, method: str, path: str, **kwargs: object) -> httpx2.Response:
-        response = httpx2.request(method, self.url + "hub/api/" + path.lstrip("/"),
-                                  headers={"Authorization": f"token {self.admin_token}"},
-                                  timeout=30, **kwargs)  # type: ignore[arg-type]
+        response = loopback_http.request(method, self.url + "hub/api/" + path.lstrip("/"),
+                                         headers={"Authorization": f"token {self.admin_token}"},
+                                         timeout=30, **kwargs)  # type: ignore[arg-type]
         if response.status_code >= 400:
             raise RuntimeError(f"{method} hub/api/{path}: HTTP {response.status_code}: "
                                f"{response.text[:500]}")

@@ -37,6 +37,7 @@ from jupyter_tether.agent_payload.wire import ErrorCode, Op
 from jupyter_tether.controller.embedded import free_port
 from jupyter_tether.controller.forward import BlockingPortForward
 
+from . import loopback_http
 from .conftest import fast_options
 from .inprocess import InProcess, remote_fixture, until
 from .netfault import FaultProxy, proxied_server
@@ -415,7 +416,7 @@ def test_get_of_64_mib_file_through_forward_is_byte_equal(
     expected = hashlib.sha256((web_root / "big.bin").read_bytes()).hexdigest()
     digest = hashlib.sha256()
     size = 0
-    with httpx2.stream("GET", http_forward.url + "big.bin", timeout=120) as response:
+    with loopback_http.stream("GET", http_forward.url + "big.bin", timeout=120) as response:
         assert response.status_code == 200
         for chunk in response.iter_bytes():
             digest.update(chunk)
@@ -428,7 +429,7 @@ def test_get_of_64_mib_file_through_forward_is_byte_equal(
 def test_fifty_concurrent_small_gets_are_all_correct(
         http_forward: BlockingPortForward, web_root: Path) -> None:
     def get(i: int) -> bool:
-        response = httpx2.get(f"{http_forward.url}small-{i}.txt", timeout=60)
+        response = loopback_http.get(f"{http_forward.url}small-{i}.txt", timeout=60)
         return response.text == (web_root / f"small-{i}.txt").read_text()
 
     with ThreadPoolExecutor(50) as pool:
@@ -634,7 +635,7 @@ def test_forward_keeps_working_after_a_fault_of_the_link(
         web = f"{sys.executable} -m http.server {web_port} --bind 127.0.0.1 --directory {web_root}"
         with remote_job(t, web, web_port) as fwd, \
                 remote_job(t, f"{sys.executable} {endless} {endless_port}", endless_port) as busy:
-            assert httpx2.get(fwd.url + "small-3.txt", timeout=30).status_code == 200
+            assert loopback_http.get(fwd.url + "small-3.txt", timeout=30).status_code == 200
             held = socket.create_connection(("127.0.0.1", busy.local_port))
             held.settimeout(60)
             assert len(held.recv(65536)) > 0
@@ -647,7 +648,7 @@ def test_forward_keeps_working_after_a_fault_of_the_link(
             held.close()
             proxy.heal()
             # New connections work again, with no call from the user.
-            response = httpx2.get(fwd.url + "small-7.txt", timeout=60)
+            response = loopback_http.get(fwd.url + "small-7.txt", timeout=60)
             assert response.text == (web_root / "small-7.txt").read_text()
             until(lambda: open_streams(t) < baseline, timeout=20)
             assert t.status()["reconnects"] >= 1
@@ -679,7 +680,7 @@ def test_cli_forward_prints_urls_as_json_forwards_until_ctrl_c(
         assert len(forwards) == 2 and forwards[0]["local_port"] != forwards[1]["local_port"]
         for row in forwards:
             assert row["url"].startswith("http://127.0.0.1:") and row["remote_listening"]
-            body = httpx2.get(row["url"] + "small-5.txt", timeout=30).text
+            body = loopback_http.get(row["url"] + "small-5.txt", timeout=30).text
             assert body == (web_root / "small-5.txt").read_text()
     finally:
         proc.send_signal(signal.SIGINT)
@@ -691,7 +692,7 @@ def test_cli_forward_prints_urls_as_json_forwards_until_ctrl_c(
                 proc.communicate()
     assert proc.returncode == 0, err
     with pytest.raises(httpx2.ConnectError):  # Ctrl-C closed the listeners
-        httpx2.get(forwards[0]["url"], timeout=5)
+        loopback_http.get(forwards[0]["url"], timeout=5)
 
 
 def test_cli_forward_spec_parsing() -> None:
@@ -771,6 +772,6 @@ def test_server_proxy_url_is_offered_where_the_server_has_it(
         with remote_job(t, web, port) as fwd:
             assert fwd.url.startswith("http://127.0.0.1:")  # the comm tunnel, either way
             assert fwd.proxy_url == f"{proxy_server.url.rstrip('/')}/proxy/{port}/"
-            through_proxy = httpx2.get(fwd.proxy_url + "small-1.txt",
+            through_proxy = loopback_http.get(fwd.proxy_url + "small-1.txt",
                                        params={"token": proxy_server.token}, timeout=30)
             assert through_proxy.text == (web_root / "small-1.txt").read_text()

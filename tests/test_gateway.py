@@ -12,7 +12,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx2
 import pytest
 
 from jupyter_tether import AuthError, Tether
@@ -26,6 +25,7 @@ from jupyter_tether.controller.rest import JupyterRest
 from jupyter_tether.controller.state import TargetState
 from jupyter_tether.controller.target import parse_target
 
+from . import loopback_http
 from .conftest import fast_options, hangs_once_kernelspec
 from .remote_checks import (
     check_connect,
@@ -60,10 +60,10 @@ def kg_tether(gateway: KernelGateway, tmp_path_factory: pytest.TempPathFactory) 
 def test_gateway_has_no_contents_api_and_hides_its_sessions(gateway: KernelGateway) -> None:
     # What the rest of this file relies on: the stock gateway really lacks these.
     headers = {"Authorization": f"token {gateway.token}"}
-    assert httpx2.get(gateway.url + "api/contents", headers=headers).status_code == 404
-    assert httpx2.get(gateway.url + "api/status", headers=headers).status_code == 404
-    assert httpx2.get(gateway.url + "api/sessions", headers=headers).status_code == 403
-    assert httpx2.get(gateway.url + "api/kernels", headers=headers).status_code == 403
+    assert loopback_http.get(gateway.url + "api/contents", headers=headers).status_code == 404
+    assert loopback_http.get(gateway.url + "api/status", headers=headers).status_code == 404
+    assert loopback_http.get(gateway.url + "api/sessions", headers=headers).status_code == 403
+    assert loopback_http.get(gateway.url + "api/kernels", headers=headers).status_code == 403
 
 
 def test_connect_injects_the_supervisor_at_the_gateway_cwd(kg_tether: Tether,

@@ -24,6 +24,8 @@ from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 from jupyter_tether.errors import ConfigError
 from jupyter_tether.mcp_server import TOOL_NAMES, build_server, http_app
 
+from . import loopback_http
+
 pytestmark = pytest.mark.anyio
 
 REQUIRED = object()
@@ -106,7 +108,7 @@ class McpProcess:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, log_path.read_text()
             try:
-                httpx2.get(f"http://127.0.0.1:{self.port}/", timeout=1)
+                loopback_http.get(f"http://127.0.0.1:{self.port}/", timeout=1)
                 return
             except httpx2.HTTPError:
                 time.sleep(0.05)
@@ -135,13 +137,11 @@ def mcp_server(jupyter_server: LocalJupyterServer, mcp_state: Path) -> Iterator[
 
 @asynccontextmanager
 async def connect(url: str, headers: dict[str, str] | None = None) -> AsyncIterator[Client]:
-    if headers:
-        http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300))
-        async with http, Client(streamable_http_client(url, http_client=http)) as client:
-            yield client
-    else:
-        async with Client(url) as client:
-            yield client
+    # mcp's own client timeouts; our http client for its cheap TLS context (loopback_http)
+    http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300),
+                              verify=loopback_http.NO_TLS)
+    async with http, Client(streamable_http_client(url, http_client=http)) as client:
+        yield client
 
 
 class Calls:

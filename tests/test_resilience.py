@@ -23,6 +23,7 @@ from jupyter_tether import AsyncTether, AuthError, ConnectionLost, Tether, conne
 from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.kernels import SUPERVISOR_SESSION
 
+from . import loopback_http
 from .conftest import fast_options
 from .netfault import FaultProxy, fault_proxy, proxied_server
 from .test_files import settle
@@ -407,9 +408,8 @@ def test_new_controller_reattaches_to_the_same_live_supervisor_and_jobs(
 
 
 def connect_rest_sessions(url: str, token: str) -> list[dict[str, Any]]:
-    import httpx2
 
-    response = httpx2.get(url.rstrip("/") + "/api/sessions",
+    response = loopback_http.get(url.rstrip("/") + "/api/sessions",
                           headers={"Authorization": f"token {token}"}, timeout=10)
     response.raise_for_status()
     result: list[dict[str, Any]] = response.json()

@@ -32,6 +32,7 @@ from jupyter_tether.errors import ConfigError
 from jupyter_tether.mcp_server import build_server, http_app
 from jupyter_tether.mcp_server.server import split_allowed_host
 
+from . import loopback_http
 from .conftest import fast_options
 from .test_cli import SCRIPT, cli_env, one_error_line
 from .test_mcp import Calls, McpProcess, connect
@@ -272,7 +273,7 @@ def test_local_jupyter_server_takes_its_token_from_the_environment(tmp_path: Pat
         process = psutil.Process(server.process.pid)
         assert "embedded-token-abcdef123456" not in _argv_of(process)
         assert process.environ()["JUPYTER_TOKEN"] == "embedded-token-abcdef123456"
-        assert httpx2.get(server.url + "api/kernels").status_code == 403
+        assert loopback_http.get(server.url + "api/kernels").status_code == 403
 
 
 @pytest.mark.anyio
@@ -296,7 +297,7 @@ async def test_mcp_server_and_what_it_starts_keep_tokens_out_of_argv(
         while True:
             assert process.poll() is None, log.read_text()
             try:
-                unauthorized = httpx2.post(url, json={}, timeout=1)
+                unauthorized = loopback_http.post(url, json={}, timeout=1)
                 break
             except httpx2.HTTPError:
                 assert time.monotonic() < deadline, log.read_text()

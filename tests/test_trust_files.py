@@ -48,6 +48,7 @@ from jupyter_tether.controller.files import AsyncFiles, check_local_name, safe_l
 from jupyter_tether.controller.rpc import Reply
 from jupyter_tether.errors import ConfigError, RemoteError, TransferError
 
+from . import loopback_http
 from .conftest import fast_options
 from .inprocess import InProcess
 
@@ -235,7 +236,7 @@ class McpServer:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, log.read_text()
             try:
-                httpx2.get(f"http://127.0.0.1:{self.port}/", timeout=1)
+                loopback_http.get(f"http://127.0.0.1:{self.port}/", timeout=1)
                 return
             except httpx2.HTTPError:
                 time.sleep(0.05)

@@ -21,7 +21,7 @@ import httpx2
 
 from ..config import default_root
 from ..errors import TetherError
-from .target import Target
+from .target import Target, tls_context
 
 # jsonschema's optional format checkers: jupyter_events (in every Jupyter server) loads them
 # all, and rfc3987_syntax alone builds an IRI grammar at import (0.9 s of a 1.35 s start,
@@ -138,19 +138,20 @@ class LocalJupyterServer:
             os.close(log)
         deadline = time.monotonic() + timeout
         headers = {"Authorization": f"token {self.token}"} if self.token else {}
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._log_dir = None  # kept: the error points at it
-                raise TetherError(
-                    f"the local Jupyter server exited with {self.process.returncode}; "
-                    f"see {self.log_path}"
-                )
-            try:
-                if httpx2.get(self.url + "api/status", headers=headers, timeout=2).status_code == 200:
-                    return self
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.1)
+        with httpx2.Client(headers=headers, timeout=2, verify=tls_context()) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    self._log_dir = None  # kept: the error points at it
+                    raise TetherError(
+                        f"the local Jupyter server exited with {self.process.returncode}; "
+                        f"see {self.log_path}"
+                    )
+                try:
+                    if http.get(self.url + "api/status").status_code == 200:
+                        return self
+                except httpx2.HTTPError:
+                    pass
+                time.sleep(0.1)
         self._log_dir = None  # kept: the error points at it
         self.stop()
         raise TetherError(f"the local Jupyter server did not start in {timeout}s; see {self.log_path}")

@@ -43,7 +43,7 @@ from .kernel_wire import (
     unframe_legacy,
     unframe_v1,
 )
-from .target import Target
+from .target import Target, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,8 @@ class KernelSocket:
         cookie = self._cookies(f"api/kernels/{self.kernel_id}/channels") if self._cookies else None
         if cookie:
             headers["Cookie"] = cookie
+        # Only for wss: an ssl argument, even None, breaks websockets' ws->wss redirect.
+        tls: dict[str, Any] = {"ssl": tls_context()} if url.startswith("wss:") else {}
         try:
             self._connection = await websockets.connect(
                 url,
@@ -188,6 +190,7 @@ class KernelSocket:
                 write_limit=4 * 1024 * 1024,
                 max_queue=MAX_QUEUED_FRAMES,
                 proxy=None,
+                **tls,
             )
         except websockets.InvalidStatus as exc:
             status = exc.response.status_code

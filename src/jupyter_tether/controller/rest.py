@@ -18,7 +18,7 @@ from ..errors import (
     NotFound,
     ServerError,
 )
-from .target import Target
+from .target import Target, tls_context
 
 #: the most bytes read from one REST answer (after decompression): kernel and session
 #: listings are kilobytes; a server sending more is broken or hostile
@@ -47,6 +47,7 @@ class JupyterRest:
             headers={**target.auth_headers(), "User-Agent": "jupyter-tether"},
             timeout=timeout,
             follow_redirects=True,
+            verify=tls_context(),
         )
         self._xsrf: str | None = None
         #: False once the server answered 404 on /api/status (Kernel Gateway has none)

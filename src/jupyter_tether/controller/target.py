@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import ssl
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..credentials import TOKEN_ENV, URL_ENV, origin, redact
 from ..errors import ConfigError
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The TLS client context every connection of this process uses: the system's trust
+    store, as httpx2 builds it. Building one loads the whole CA store (~20 ms of CPU), so it
+    is built once per process, not per client or per reconnect."""
+    import httpx2  # here: the rest of this module is plain URL handling
+
+    return httpx2.create_ssl_context()
 
 
 @dataclass(frozen=True)
