@@ -128,16 +128,17 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
-# The modules by the wall time they take under ``-n 4`` on 2 cores, longest first (mostly
-# waiting on servers, faults and timeouts; README's ``-n 5`` keeps the order): xdist hands
+# The modules by the wall time they take under README's ``-n 5`` on 2 cores, longest first
+# (mostly waiting on servers, faults and timeouts; measured per test, summed): xdist hands
 # out modules in this order, so the short ones come last and fill the gaps instead of one
 # long module ending the run alone.
-LONGEST_FIRST = ("test_resilience", "test_proxy", "test_mcp", "test_cli", "test_first_hour_cli",
-                 "test_forward", "test_notebooks", "test_trust_credentials", "test_hub",
-                 "test_gateway", "test_multi_target", "test_hostile_server",
-                 "test_fuzz_supervisor", "test_trust_files", "test_local_roots", "test_files",
-                 "test_jobs_service", "test_kernel_exec", "test_jobs_supervisor",
-                 "test_connect", "test_files_service", "test_resources_faces")
+LONGEST_FIRST = ("test_resilience", "test_proxy", "test_mcp", "test_first_hour_cli",
+                 "test_forward", "test_cli", "test_notebooks", "test_connect", "test_gateway",
+                 "test_multi_target", "test_trust_credentials", "test_trust_files", "test_files",
+                 "test_fuzz_supervisor", "test_local_roots", "test_hostile_server",
+                 "test_kernel_exec", "test_hub", "test_files_service", "test_jobs_supervisor",
+                 "test_jobs_service", "test_resources_faces", "test_first_hour_api",
+                 "test_resources", "test_layers")
 
 
 def pytest_configure(config: pytest.Config) -> None:
