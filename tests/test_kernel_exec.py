@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +29,20 @@ from .inprocess import InProcess
 class Kernel:
     def __init__(self, runtime: Path) -> None:
         self.kernel_id = str(uuid.uuid4())
-        self.manager = KernelManager(connection_file=str(runtime / f"kernel-{self.kernel_id}.json"))
+        # ipc: a tcp kernel's ports are picked by binding port 0 and letting go, and a kernel
+        # starting at once in another xdist worker can take one first ("Address already in
+        # use": this kernel dies and the test sees no output). Unix sockets have no such race;
+        # the relay's tcp path is the one every real-server exec takes. The sockets go in a
+        # short folder: a unix socket's path has at most 107 bytes.
+        self._sockets = tempfile.mkdtemp(prefix="jt-ipc-")
+        self.manager = KernelManager(connection_file=str(runtime / f"kernel-{self.kernel_id}.json"),
+                                     transport="ipc", ip=os.path.join(self._sockets, "k"))
         self.manager.start_kernel()
 
     def stop(self) -> None:
         if self.manager.has_kernel:
             self.manager.shutdown_kernel(now=True)
+        shutil.rmtree(self._sockets, ignore_errors=True)
 
 
 @pytest.fixture
