@@ -150,6 +150,32 @@ def pytest_configure(config: pytest.Config) -> None:
         # each worker at once, nor by every CLI and MCP process that starts before a worker
         # has imported what it needs (those cannot write the cache; see tests/__init__.py).
         compileall.compile_dir(Path(jupyter_tether.__file__).parent, quiet=2)
+        _rewrite_test_modules_once(config)
+
+
+def _rewrite_test_modules_once(config: pytest.Config) -> None:
+    """Fill pytest's cache of assert-rewritten test modules, here, before the workers start.
+
+    Every xdist worker collects every module; on a fresh clone all five found no cache and
+    rewrote all of them at once: ~2 CPU-s each, and ~5 s of the suite's wall time before the
+    first test. This uses pytest's private rewrite API (what its import hook does per module),
+    so a pytest that changes it only loses the head start: the workers then rewrite as before.
+    """
+    try:
+        from _pytest.assertion import rewrite
+
+        state = config.stash.get(rewrite.assertstate_key, None)
+        if state is None:  # --assert=plain: nothing is rewritten
+            return
+        for source in sorted(Path(__file__).parent.glob("test_*.py")):
+            cache = rewrite.get_cache_dir(source)
+            pyc = cache / (source.name[:-3] + rewrite.PYC_TAIL)
+            if rewrite._read_pyc(source, pyc, state.trace) is None:
+                source_hash, code = rewrite._rewrite_test(source, config)
+                cache.mkdir(exist_ok=True)
+                rewrite._write_pyc(state, code, source_hash, pyc)
+    except Exception:  # a speed-up only: the workers rewrite on their own
+        return
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
