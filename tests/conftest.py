@@ -150,7 +150,8 @@ def pytest_configure(config: pytest.Config) -> None:
         # each worker at once, nor by every CLI and MCP process that starts before a worker
         # has imported what it needs (those cannot write the cache; see tests/__init__.py).
         compileall.compile_dir(Path(jupyter_tether.__file__).parent, quiet=2)
-        _rewrite_test_modules_once(config)
+        if getattr(config.option, "numprocesses", None):  # only workers to come gain from it
+            _rewrite_test_modules_once(config)
 
 
 def _rewrite_test_modules_once(config: pytest.Config) -> None:
