@@ -1,4 +1,5 @@
-"""The ``jupyter-tether`` command, run as a real subprocess against the shared Jupyter server."""
+"""The ``jupyter-tether`` command against the shared Jupyter server: in the test process, and
+as the real console script wherever only a process shows the behaviour."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.jobs import JobInfo
 from jupyter_tether.errors import ConfigError
 
+from .cli_inprocess import run_cli
+
 BIN = Path(sys.executable).parent
 SCRIPT = BIN / "jupyter-tether"
 COMMANDS = ["mcp", "status", "exec", "run", "jobs", "logs", "kill", "put", "get", "sync",
@@ -38,9 +41,14 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def tether_cli(server: LocalJupyterServer | None, *args: str, timeout: float = 60,
-               env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+               env: dict[str, str] | None = None, cwd: Path | None = None,
+               process: bool = False) -> subprocess.CompletedProcess[str]:
+    """``jupyter-tether [--url --token] *args``: in this process (see ``cli_inprocess``), or
+    as the console script in a subprocess with ``process=True`` (``timeout`` applies there;
+    pytest-timeout bounds an in-process call)."""
     target = ["--url", server.url, "--token", server.token] if server else []
+    if not process:
+        return run_cli([*target, *args], env or cli_env(), cwd)
     return subprocess.run([str(SCRIPT), *target, *args], capture_output=True, text=True,
                           timeout=timeout, env=env or cli_env(), cwd=cwd)
 
@@ -110,19 +118,16 @@ def test_usage_errors_are_one_line_and_exit_2() -> None:
 
 def test_bad_targets_give_one_line_errors_and_nonzero_exits(
         jupyter_server: LocalJupyterServer, tmp_path: Path) -> None:
-    bad_scheme = subprocess.run([str(SCRIPT), "--url", "ftp://example.org/", "status"],
-                                capture_output=True, text=True, env=cli_env(), timeout=30)
+    bad_scheme = tether_cli(None, "--url", "ftp://example.org/", "status")
     assert bad_scheme.returncode == 2
     assert "ftp" in one_error_line(bad_scheme)
 
-    unreachable = subprocess.run([str(SCRIPT), "--url", "http://127.0.0.1:9/", "status"],
-                                 capture_output=True, text=True, env=cli_env(), timeout=60)
+    unreachable = tether_cli(None, "--url", "http://127.0.0.1:9/", "status")
     assert unreachable.returncode == 1
     assert "cannot reach" in one_error_line(unreachable)
 
     secret = "not-the-right-token-1234"
-    wrong = subprocess.run([str(SCRIPT), "--url", f"{jupyter_server.url}?token={secret}",
-                            "status"], capture_output=True, text=True, env=cli_env(), timeout=60)
+    wrong = tether_cli(None, "--url", f"{jupyter_server.url}?token={secret}", "status")
     assert wrong.returncode == 1
     one_error_line(wrong)
     assert secret not in wrong.stderr + wrong.stdout

@@ -219,7 +219,7 @@ def test_mcp_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         proc = tether_cli(None, "mcp", "--port", str(port),
-                          env=cli_env(XDG_DATA_HOME=str(tmp_path)))
+                          env=cli_env(XDG_DATA_HOME=str(tmp_path)), process=True)
     assert proc.returncode == 2
     assert one_error_line(proc) == \
         f"error: port {port} is in use (another jupyter-tether mcp?): pass --port"

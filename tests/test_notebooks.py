@@ -26,6 +26,7 @@ from jupyter_tether.controller.notebooks.outputs import FileLimits, OutputRecord
 from jupyter_tether.controller.notebooks.remote_runner import inject_parameters
 from jupyter_tether.errors import Conflict
 
+from .cli_inprocess import run_cli
 from .conftest import fast_options
 from .server_extensions import extension_site, server_with_extension
 
@@ -628,8 +629,7 @@ def test_nb_cli_shows_runs_and_starts(jupyter_server: LocalJupyterServer, server
            "JUPYTER_TETHER_STATE_DIR": str(tmp_path)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "jupyter_tether", *args], env=env,
-                              capture_output=True, text=True, timeout=120)
+        return run_cli(list(args), env)
 
     ran = cli("nb", "run", rel)
     assert ran.returncode == 1, ran.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -74,9 +75,16 @@ def test_cli_top_once_json_and_jobs_columns(jupyter_server: LocalJupyterServer,
         assert any(line.startswith(job_id) for line in lines)
         as_json = json.loads(tether_cli(jupyter_server, "--json", "top").stdout)
         assert {"host", "gpus", "jobs", "warnings", "sampler"} <= set(as_json)
-        listed = tether_cli(jupyter_server, "jobs", "--state", "running").stdout
-        assert listed.splitlines()[0].split()[6:9] == ["CPU", "RSS", "PEAK"]
-        row = next(line for line in listed.splitlines() if line.startswith(job_id))
+        # The listing shows the sampler's cached figures (one sample a second): the job's
+        # first one may not be taken yet.
+        deadline = time.monotonic() + 10
+        while True:
+            listed = tether_cli(jupyter_server, "jobs", "--state", "running").stdout
+            assert listed.splitlines()[0].split()[6:9] == ["CPU", "RSS", "PEAK"]
+            row = next(line for line in listed.splitlines() if line.startswith(job_id))
+            if row.split()[7] != "-" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert row.split()[7].endswith("M")  # sleep's RSS, in MiB
     finally:
         tether_cli(jupyter_server, "kill", job_id, "--signal", "KILL")

@@ -49,6 +49,7 @@ from jupyter_tether.controller.rpc import Reply
 from jupyter_tether.errors import ConfigError, RemoteError, TransferError
 
 from . import loopback_http
+from .cli_inprocess import run_cli
 from .conftest import fast_options
 from .inprocess import InProcess
 
@@ -545,8 +546,7 @@ def test_cli_sync_delete_into_the_root_needs_the_flag(own_server: LocalJupyterSe
     env = _tether_env(own_server, fake_home)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "jupyter-tether"), *args], capture_output=True,
-                              text=True, timeout=120, env=env)
+        return run_cli(list(args), env)
 
     refused = cli("sync", str(local), "", "--delete")
     assert refused.returncode == 1 and "--allow-root-delete" in refused.stderr, refused.stderr
