@@ -205,6 +205,25 @@ def hangs_once_kernelspec(share: Path) -> str:
     return name
 
 
+def dies_once_kernelspec(share: Path) -> str:
+    """Install under ``share`` a kernelspec whose first kernel dies each time it starts, as
+    one does whose ports another process holds; the server's restarter gives up on it and
+    drops it. The kernels after it start normally. Its name."""
+    name = "dies-once"
+    first = str(share / f"{name}.first")
+    spec = share / "kernels" / name
+    spec.mkdir(parents=True)
+    # Restarts reuse the connection file's path: the first kernel is the one that wrote it.
+    code = ("import os, sys\nme = sys.argv[-1]\n"
+            f"if not os.path.exists({first!r}):\n    open({first!r}, 'w').write(me)\n"
+            f"if open({first!r}).read() == me:\n    sys.exit('Address already in use')\n"
+            "from ipykernel.kernelapp import launch_new_instance\nlaunch_new_instance()\n")
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-c", code, "-f", "{connection_file}"],
+        "display_name": "dies once", "language": "python"}))
+    return name
+
+
 def gated(gate: Path, then: str) -> str:
     """A command that runs until `gate` exists (at most a minute), then `then`: a job that is
     surely still running when the test looks, however slow the machine."""

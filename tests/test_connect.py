@@ -25,7 +25,7 @@ from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 from jupyter_tether.controller.kernel_requests import control_request
 from jupyter_tether.controller.kernels import SUPERVISOR_SESSION
 
-from .conftest import fast_options, hangs_once_kernelspec, iopub_seen
+from .conftest import dies_once_kernelspec, fast_options, hangs_once_kernelspec, iopub_seen
 
 
 def test_connect_injects_supervisor_and_says_hello(tether: Tether, server_root: Path) -> None:
@@ -256,9 +256,27 @@ def test_a_supervisor_kernel_that_never_answers_is_replaced(
     with LocalJupyterServer(tmp_path / "root", log_path=tmp_path / "server.log") as server, \
             Tether(server.url, server.token,
                    options=fast_options(kernel_name=name, open_timeout=5.0)) as t:
-        assert (share / f"{name}.started").exists() and "did not answer" in caplog.text
+        assert (share / f"{name}.started").exists() and "starting another" in caplog.text
         job = t.jobs.start("echo on the second kernel")
         assert job.wait(timeout=30).exit_code == 0
+        sessions = t.portal.call(t.aio.rest.listable_sessions) or []
+        ours = [s for s in sessions if s.get("name") == SUPERVISOR_SESSION]
+        assert [s["kernel"]["id"] for s in ours] == [t.aio.link.kernel_id]
+
+
+def test_a_supervisor_kernel_that_dies_as_it_starts_is_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A kernel can die as it starts, again at each restart, until the server drops it (seen
+    # once in this suite: "kernel ... went away while we connected to it").
+    share = tmp_path / "share"
+    name = dies_once_kernelspec(share)
+    monkeypatch.setenv("JUPYTER_PATH", str(share))
+    quick_giveup = ["--KernelRestarter.restart_limit=1", "--KernelRestarter.time_to_dead=0.5"]
+    with LocalJupyterServer(tmp_path / "root", log_path=tmp_path / "server.log",
+                            extra_args=quick_giveup) as server, \
+            Tether(server.url, server.token, options=fast_options(kernel_name=name)) as t:
+        assert "went away" in caplog.text and "starting another" in caplog.text
+        assert t.exec("6 * 7").value == "42"
         sessions = t.portal.call(t.aio.rest.listable_sessions) or []
         ours = [s for s in sessions if s.get("name") == SUPERVISOR_SESSION]
         assert [s["kernel"]["id"] for s in ours] == [t.aio.link.kernel_id]

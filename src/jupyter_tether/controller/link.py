@@ -338,11 +338,12 @@ class SupervisorLink:
     async def _open_supervisor_kernel(self) -> tuple[str, KernelSocket]:
         """Find or start the supervisor kernel and open its websocket.
 
-        A kernel started just now whose websocket never opens is replaced once: one can
-        hang as it starts (jupyter_client picks its ports by binding port 0 and lets them
-        go; another process may take one first, and ipykernel then stays up without
-        answering, so the server's restarter leaves it). Found again, it would fail every
-        connect until someone deleted it."""
+        A kernel started just now whose websocket never opens, or that the server drops
+        while we connect, is replaced once. jupyter_client picks a kernel's ports by binding
+        port 0 and letting go, and another process may take one first: ipykernel then hangs
+        without answering (the server's restarter leaves it, and found again it would fail
+        every connect until someone deleted it), or dies at each restart until the server
+        gives up on it."""
         assert self._task_group is not None
         for attempt in (1, 2):
             kernel_id, started = await find_or_start(
@@ -356,10 +357,10 @@ class SupervisorLink:
                                 open_timeout=self.options.open_timeout)
             try:
                 await open_watching(sock, kernel_id, self.rest, self._task_group)
-            except ConnectionLost as exc:
+            except (ConnectionLost, KernelError) as exc:
                 if not started or attempt == 2:
                     raise
-                log.warning("the supervisor kernel %s just started on %s did not answer (%s); "
+                log.warning("the supervisor kernel %s just started on %s did not come up (%s); "
                             "starting another", kernel_id, self.target.display_url, exc)
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                     try:
