@@ -10,6 +10,9 @@ loopback port, in front of a token-less ``jupyter_server``:
 - the server runs with ``base_url`` ``/k/<run>/<first jwt>/`` (what Kaggle starts it with)
   and nginx maps every valid ``/k/<run>/<jwt>/proxy/<rest>`` onto it, byte for byte (the raw
   request URI, never a decoded one), so a rotated URL reaches the same server;
+- the same site also listens with TLS (``https_url``), its certificate signed by a throwaway
+  CA (``tls.ca_cert``), as a private CA's would be: a client trusts it through
+  ``SSL_CERT_FILE`` or not at all;
 - stock proxy settings otherwise: HTTP/1.1 upstream with websocket upgrade, response
   buffering on, a default ``client_max_body_size``, and a short ``proxy_read_timeout``
   (``read_timeout``, 5 s here against Kaggle's 20 s, to keep idle tests short).
@@ -48,6 +51,7 @@ import pytest
 from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 
 from . import loopback_http
+from .tls_certs import make_tls_files
 
 REPO = Path(__file__).resolve().parent.parent
 #: where ``.ci/run`` builds the environment with Kaggle's pins
@@ -137,6 +141,10 @@ http {{
     include {prefix}/jwt.conf;
     server {{
         listen 127.0.0.1:{port};
+        # Kaggle's own URL is https: the same site, over TLS, with a certificate of our CA.
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {tls_cert};
+        ssl_certificate_key {tls_key};
         location ~ ^/k/{run}/(?<jwt>[^/]+)/proxy(/|$) {{
             if ($jwt != $valid_jwt) {{ return 403; }}
             proxy_pass http://127.0.0.1:{upstream_port}{upstream_base}$upstream_tail;
@@ -175,6 +183,8 @@ class KaggleProxy:
         self.run = run
         self.jwt = jwt
         self.read_timeout = read_timeout
+        self.tls_port = free_port()
+        self.tls = make_tls_files(workdir / "tls")
         self.process: subprocess.Popen[bytes] | None = None
         self.rotations = 0
 
@@ -187,6 +197,11 @@ class KaggleProxy:
         return f"http://127.0.0.1:{self.port}/k/{self.run}/{jwt}/proxy/"
 
     @property
+    def https_url(self) -> str:
+        """The same URL over TLS: its certificate is signed by ``tls.ca_cert`` only."""
+        return f"https://127.0.0.1:{self.tls_port}/k/{self.run}/{self.jwt}/proxy/"
+
+    @property
     def error_log(self) -> Path:
         return self.prefix / "error.log"
 
@@ -197,6 +212,7 @@ class KaggleProxy:
         user = "user root root;" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
         (self.prefix / "nginx.conf").write_text(textwrap.dedent(_NGINX_CONF.format(
             user=user, prefix=self.prefix, port=self.port, run=self.run,
+            tls_port=self.tls_port, tls_cert=self.tls.server_cert, tls_key=self.tls.server_key,
             upstream_port=self.upstream_port, upstream_base=upstream_base.rstrip("/"),
             read_timeout=max(1, round(self.read_timeout)))))
         self._write_jwt()

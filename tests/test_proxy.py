@@ -30,6 +30,7 @@ from .remote_checks import (
     check_job_follow,
     check_reconnect,
 )
+from .test_cli import cli_env, one_error_line, tether_cli
 
 #: nginx's proxy_read_timeout here (Kaggle's is 20 s): an idle test waits past it
 READ_TIMEOUT_S = 3
@@ -269,6 +270,24 @@ def test_nginx_killed_mid_follow_resumes_with_every_byte_once(
     assert b"".join(received) == slow_job_output()
     assert job.wait(30).exit_code == 3
     assert t.status()["reconnects"] >= 1, "the follow went over a new connection"
+
+
+def test_https_and_wss_trust_the_users_ca_and_refuse_an_unknown_one(site: KaggleSite) -> None:
+    # One TLS context serves the REST calls (httpx2) and the kernel websocket (wss): both
+    # must trust what SSL_CERT_FILE names, and a certificate nobody vouches for is refused.
+    # A fresh process per case: the context is built once per process.
+    without_ours = {k: v for k, v in cli_env().items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    ours = {**without_ours, "SSL_CERT_FILE": str(site.proxy.tls.ca_cert)}
+    ran = tether_cli(None, "--url", site.proxy.https_url, "exec", "print(6 * 7)",
+                     env=ours, process=True)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "42"
+    refused = tether_cli(None, "--url", site.proxy.https_url, "status", env=without_ours,
+                         process=True)
+    assert refused.returncode == 1
+    line = one_error_line(refused)
+    assert "certificate" in line and "SSL_CERT_FILE" in line, line
+    assert site.proxy.jwt not in refused.stderr
 
 
 def test_mcp_server_connections_have_nagle_off() -> None:

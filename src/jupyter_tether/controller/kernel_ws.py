@@ -43,7 +43,7 @@ from .kernel_wire import (
     unframe_legacy,
     unframe_v1,
 )
-from .target import Target, tls_context
+from .target import Target, tls_context, tls_hint
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class KernelSocket:
         except (OSError, TimeoutError, websockets.WebSocketException) as exc:
             raise ConnectionLost(
                 f"cannot open the kernel websocket to {self.target.display_url}: "
-                f"{redact(str(exc)) or type(exc).__name__}"
+                f"{redact(str(exc)) or type(exc).__name__}{tls_hint(str(exc))}"
             ) from None
         self.protocol = "v1" if self._connection.subprotocol == V1_PROTOCOL else "legacy"
         if self._ping_interval:

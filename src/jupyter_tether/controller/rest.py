@@ -18,7 +18,7 @@ from ..errors import (
     NotFound,
     ServerError,
 )
-from .target import Target, tls_context
+from .target import Target, tls_context, tls_hint
 
 #: the most bytes read from one REST answer (after decompression): kernel and session
 #: listings are kilobytes; a server sending more is broken or hostile
@@ -121,7 +121,7 @@ class JupyterRest:
             except httpx2.HTTPError as exc:
                 raise ConnectionLost(
                     f"cannot reach the Jupyter server at {self.target.display_url}: "
-                    f"{redact(str(exc)) or type(exc).__name__}"
+                    f"{redact(str(exc)) or type(exc).__name__}{tls_hint(str(exc))}"
                 ) from None
             if response.status_code not in RETRY_STATUSES or not pauses:
                 break

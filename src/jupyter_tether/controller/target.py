@@ -23,6 +23,14 @@ def tls_context() -> ssl.SSLContext:
     return httpx2.create_ssl_context()
 
 
+def tls_hint(error: str) -> str:
+    """What to do about a refused server certificate (appended to the error), else ""."""
+    if "CERTIFICATE_VERIFY_FAILED" not in error:
+        return ""
+    return ("; the server's TLS certificate is not trusted here: if a private CA signed it, "
+            "set SSL_CERT_FILE to that CA's certificate (PEM)")
+
+
 @dataclass(frozen=True)
 class Target:
     """A remote Jupyter server: its base URL (no query) and its token (may be empty)."""
