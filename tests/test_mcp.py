@@ -577,9 +577,11 @@ async def test_file_tools(mcp_server: McpProcess, server_root: Path, tmp_path: P
             or "jupyter_list_dir" in calls.texts[-1]
 
 
-async def test_submit_follow_collect_across_a_server_restart(
+async def test_submit_follow_collect_and_a_running_job_across_an_mcp_server_restart(
         jupyter_server: LocalJupyterServer, mcp_state: Path, server_root: Path,
         tmp_path: Path) -> None:
+    # Jobs belong to the supervisor, not to the MCP server: a job submitted, or one still
+    # running, before a restart is followed, tailed and collected after it.
     proj = _project(tmp_path)
     spec = {
         "sync": [{"local_dir": str(proj), "remote_dir": "sub/proj", "clean_remote": True}],
@@ -604,6 +606,8 @@ async def test_submit_follow_collect_across_a_server_restart(
             log = await calls.follow_all(job_id)
             assert log.splitlines()[:5] == [f"step {i} loss {1 / (i + 1):.3f}" for i in range(5)]
             assert "GREETING from-spec" in log
+            ticking = (await calls.ok("jupyter_job_start", {
+                "command": "for i in 1 2 3; do echo tick $i; sleep 0.3; done"}))["job_id"]
     finally:
         first.stop()
 
@@ -635,31 +639,14 @@ async def test_submit_follow_collect_across_a_server_restart(
             failed = await calls.ok("jupyter_job_submit", {"spec": {
                 "bootstrap": {"commands": ["exit 5"]}, "run": {"command": "echo no"}}})
             assert not failed["ok"] and failed["job_id"] is None and "exit" in failed["error"]
-    finally:
-        second.stop()
 
-
-async def test_job_started_before_an_mcp_server_restart_is_tailed_after_it(
-        jupyter_server: LocalJupyterServer, mcp_state: Path, tmp_path: Path) -> None:
-    first = McpProcess(jupyter_server, mcp_state, tmp_path / "first.log")
-    try:
-        async with connect(first.url) as client:
-            started = await Calls(client).ok("jupyter_job_start", {
-                "command": "for i in 1 2 3; do echo tick $i; sleep 0.3; done"})
-            job_id = started["job_id"]
-    finally:
-        first.stop()  # the job keeps running on the remote: it belongs to the supervisor
-    second = McpProcess(jupyter_server, mcp_state, tmp_path / "second.log")
-    try:
-        async with connect(second.url) as client:
-            calls = Calls(client)
-            waited = await calls.ok("jupyter_job_wait", {"job_id": job_id, "timeout_s": 30})
+            waited = await calls.ok("jupyter_job_wait", {"job_id": ticking, "timeout_s": 30})
             assert waited["done"]
             assert (waited["job"]["state"], waited["job"]["exit_code"]) == ("exited", 0)
-            tail = await calls.ok("jupyter_job_tail", {"job_id": job_id, "lines": 10})
+            tail = await calls.ok("jupyter_job_tail", {"job_id": ticking, "lines": 10})
             assert tail["text"] == "tick 1\ntick 2\ntick 3\n"
             listed = await calls.ok("jupyter_job_list", {})
-            assert job_id in json.dumps(listed)
+            assert ticking in json.dumps(listed)
     finally:
         second.stop()
 
