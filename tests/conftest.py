@@ -192,16 +192,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.fast if module in FAST_MODULES else pytest.mark.integration)
 
 
-def hangs_once_kernelspec(share: Path) -> str:
-    """Install under ``share`` (a ``JUPYTER_PATH`` entry) a kernelspec whose first kernel hangs
-    as it starts and never answers, as one does when another process takes one of its ports
-    first (ipykernel prints "Address already in use" and its process stays up, so the
-    server's restarter leaves it alone); the kernels after it start normally. Its name."""
+def hangs_once_kernelspec(share: Path, nth: int = 1) -> str:
+    """Install under ``share`` (a ``JUPYTER_PATH`` entry) a kernelspec whose ``nth`` kernel
+    hangs as it starts and never answers, as one does when another process takes one of its
+    ports first (ipykernel prints "Address already in use" and its process stays up, so the
+    server's restarter leaves it alone); the others start normally. Its name."""
     name = "hangs-once"
-    flag = str(share / f"{name}.started")
+    starts = str(share / f"{name}.started")  # one byte per kernel started
     spec = share / "kernels" / name
     spec.mkdir(parents=True)
-    code = (f"import os, time\nif not os.path.exists({flag!r}):\n    open({flag!r}, 'w').close()\n"
+    code = (f"import os, time\nn = os.path.getsize({starts!r}) if os.path.exists({starts!r}) "
+            f"else 0\nopen({starts!r}, 'a').write('x')\nif n == {nth - 1}:\n"
             "    time.sleep(600)\nfrom ipykernel.kernelapp import launch_new_instance\n"
             "launch_new_instance()\n")
     (spec / "kernel.json").write_text(json.dumps({

@@ -23,7 +23,7 @@ from jupyter_tether import (
 from jupyter_tether.agent_payload import bundle, wire
 from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 from jupyter_tether.controller.kernel_requests import control_request
-from jupyter_tether.controller.kernels import SUPERVISOR_SESSION
+from jupyter_tether.controller.kernels import SUPERVISOR_SESSION, WORK_SESSION
 
 from .conftest import dies_once_kernelspec, fast_options, hangs_once_kernelspec, iopub_seen
 
@@ -262,6 +262,26 @@ def test_a_supervisor_kernel_that_never_answers_is_replaced(
         sessions = t.portal.call(t.aio.rest.listable_sessions) or []
         ours = [s for s in sessions if s.get("name") == SUPERVISOR_SESSION]
         assert [s["kernel"]["id"] for s in ours] == [t.aio.link.kernel_id]
+
+
+def test_a_work_kernel_that_never_answers_is_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The supervisor's kernel starts first and answers; the default work kernel, the second,
+    # hangs. Found again on every exec, it failed each one after the websocket's open timeout.
+    share = tmp_path / "share"
+    name = hangs_once_kernelspec(share, nth=2)
+    monkeypatch.setenv("JUPYTER_PATH", str(share))
+    with LocalJupyterServer(tmp_path / "root", log_path=tmp_path / "server.log") as server, \
+            Tether(server.url, server.token,
+                   options=fast_options(kernel_name=name, open_timeout=5.0)) as t:
+        hung = t.portal.call(t.aio.work_kernel_id)
+        assert t.exec("6 * 7").value == "42"
+        assert "starting another" in caplog.text
+        sessions = t.portal.call(t.aio.rest.listable_sessions) or []
+        work = [s["kernel"]["id"] for s in sessions if s.get("name") == WORK_SESSION]
+        assert work == [t.aio._default_work_kernel] and hung not in work
+        assert t.portal.call(t.aio.rest.get_kernel, hung) is None
+        assert t.exec("6 * 7").value == "42"
 
 
 def test_a_supervisor_kernel_that_dies_as_it_starts_is_replaced(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,8 @@ from .rest import JupyterRest
 from .state import TargetState
 from .submit import SubmitProgress, Submits
 from .target import Target
+
+log = logging.getLogger(__name__)
 
 
 def default_output_dir() -> Path:
@@ -96,6 +99,8 @@ class AsyncTether:
         self._work_sockets: dict[str, KernelSocket] = {}
         self._work_locks: dict[str, anyio.Lock] = {}
         self._default_work_kernel: str | None = None
+        #: the default work kernel was started by this tether and has not answered yet
+        self._work_kernel_unproven = False
         self._state: TargetState | None = None
         self._forwarder: Forwarder | None = None
         #: ``exec`` through the supervisor, which drives the work kernel over its ZMQ ports
@@ -351,11 +356,25 @@ class AsyncTether:
         """The persistent default work kernel (a named session), started on first use."""
         if self._default_work_kernel is None:
             assert self._state is not None
-            kernel_id, _ = await find_or_start(self.rest, WORK_SESSION,
-                                               kernel_name=self.options.kernel_name,
-                                               state=self._state)
+            kernel_id, started = await find_or_start(self.rest, WORK_SESSION,
+                                                     kernel_name=self.options.kernel_name,
+                                                     state=self._state)
             self._default_work_kernel = kernel_id
+            self._work_kernel_unproven = started
         return self._default_work_kernel
+
+    async def _replace_unproven_work_kernel(self, kernel_id: str, error: Exception) -> str:
+        """Shut down a default work kernel we started that never answered, and start another.
+
+        As with the supervisor's: a kernel can hang as it starts (another process took one of
+        its ports first), and the server keeps it; found again, it would fail every exec."""
+        log.warning("the work kernel %s just started on %s did not come up (%s); "
+                    "starting another", kernel_id, self.target.display_url, error)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10), \
+                contextlib.suppress(TetherError):
+            await self.rest.shutdown_kernel(kernel_id)
+        self._default_work_kernel = None
+        return await self.work_kernel_id()
 
     async def _work_socket(self, kernel_id: str) -> KernelSocket:
         sock = self._work_sockets.get(kernel_id)
@@ -367,7 +386,8 @@ class AsyncTether:
             sock = KernelSocket(self.target, kernel_id, session_id=session_id,
                                 cookies=self.rest.cookie_header, ping_interval=self.options.ping_interval,
                                 ping_timeout=self.options.ping_timeout,
-                                max_message_bytes=self.options.max_message_bytes)
+                                max_message_bytes=self.options.max_message_bytes,
+                                open_timeout=self.options.open_timeout)
             await sock.open(self.task_group)
             self._work_sockets[kernel_id] = sock
         return sock
@@ -408,10 +428,12 @@ class AsyncTether:
                     Op.KERNEL_EXEC in self.link.facts.get("ops", ()):
                 try:
                     # Through the supervisor: one message per small cell behind a proxy.
-                    return await self._run_cell(functools.partial(
+                    result = await self._run_cell(functools.partial(
                         execute_relayed, self.link, target_kernel, code, timeout=timeout,
                         max_output_chars=max_output_chars, image_dir=image_dir,
                         on_output=on_output, interrupt=self._interrupter(target_kernel)))
+                    self._work_kernel_unproven = False
+                    return result
                 except RelayUnavailable as exc:
                     # Not on the supervisor's host (a gateway), or gone: the websocket
                     # path says which, and starts a fresh default work kernel if need be.
@@ -430,6 +452,12 @@ class AsyncTether:
                 self._default_work_kernel = None
                 target_kernel = await self.work_kernel_id()
                 sock = await self._work_socket(target_kernel)
+            except ConnectionLost as exc:
+                if kernel_id is not None or not self._work_kernel_unproven:
+                    raise
+                target_kernel = await self._replace_unproven_work_kernel(target_kernel, exc)
+                sock = await self._work_socket(target_kernel)
+            self._work_kernel_unproven = False
             return await self._run_cell(functools.partial(
                 execute, sock, code, timeout=timeout, max_output_chars=max_output_chars,
                 image_dir=image_dir, on_output=on_output,
