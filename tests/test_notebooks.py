@@ -593,7 +593,11 @@ def test_a_notebook_job_survives_a_controller_restart(jupyter_server: LocalJupyt
 def test_a_failing_notebook_job_logs_the_traceback_and_exits_1(tether: Tether,
                                                                server_root: Path) -> None:
     rel = "nbtest/fails.ipynb"
-    write_nb(server_root / rel, ["print('one')", "def f():\n    raise KeyError('boom')\nf()",
+    # The runner's kernel listens on unix sockets in a private folder: no tcp port to race
+    # for on a busy host, none for other local users to reach.
+    first = ("import ipykernel, json\n"
+             "print('one', json.loads(ipykernel.get_connection_info())['transport'])")
+    write_nb(server_root / rel, [first, "def f():\n    raise KeyError('boom')\nf()",
                                  "print('three')"])
     job = tether.notebooks.start(rel)
     info = job.wait(timeout=120)
@@ -605,6 +609,7 @@ def test_a_failing_notebook_job_logs_the_traceback_and_exits_1(tether: Tether,
     _nbformat().validate(nb)
     assert nb.metadata["jupyter_tether"]["status"] == "failed"
     assert nb.cells[1].outputs[-1]["ename"] == "KeyError" and nb.cells[2].outputs == []
+    assert nb.cells[0].outputs[0]["text"] == "one ipc\n"
 
 
 def test_nb_help_has_examples_and_a_missing_subcommand_is_a_usage_error(

@@ -19,8 +19,10 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -212,6 +214,18 @@ def run_cell(km: Any, kc: Any, code: str, timeout: float | None,
     return status, count, recorder
 
 
+def kernel_manager(name: str, sockets: str | None) -> Any:
+    """A manager for the notebook's kernel. With ``sockets`` (a private folder), the kernel
+    listens on unix sockets there: tcp ports are picked by binding port 0 and letting go, and
+    another process on a busy host may take one first (the kernel then dies or hangs), and
+    any local user can reach a tcp port, where the folder is ours alone."""
+    from jupyter_client.manager import KernelManager
+
+    if sockets is None:
+        return KernelManager(kernel_name=name)
+    return KernelManager(kernel_name=name, transport="ipc", ip=os.path.join(sockets, "k"))
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     raise Stopped(f"signal {signum}")
 
@@ -243,12 +257,13 @@ def main(argv: list[str]) -> int:
         signal.signal(signum, _on_signal)
 
     from jupyter_client.kernelspec import NoSuchKernel
-    from jupyter_client.manager import KernelManager
 
     kernelspec = nb["metadata"].get("kernelspec")
     found = kernelspec.get("name") if isinstance(kernelspec, dict) else None
     name = spec.get("kernel_name") or (found if isinstance(found, str) else "") or "python3"
-    km = KernelManager(kernel_name=name)
+    # mkdtemp: mode 0700, and a short path (a unix socket's has at most 107 bytes).
+    sockets = tempfile.mkdtemp(prefix="jt-nb-") if os.name == "posix" else None
+    km = kernel_manager(name, sockets)
     kc = None
     code, started = 0, time.monotonic()
     try:
@@ -256,7 +271,7 @@ def main(argv: list[str]) -> int:
             km.start_kernel(cwd=os.path.dirname(os.path.abspath(source_path)))
         except NoSuchKernel:
             log(f"[notebook] no kernel named {name!r} here: using python3")
-            km = KernelManager(kernel_name="python3")
+            km = kernel_manager("python3", sockets)
             km.start_kernel(cwd=os.path.dirname(os.path.abspath(source_path)))
         kc = km.client()
         kc.start_channels()
@@ -305,6 +320,8 @@ def main(argv: list[str]) -> int:
             km.shutdown_kernel(now=True)
         except Exception:
             pass
+        if sockets is not None:
+            shutil.rmtree(sockets, ignore_errors=True)
     took = time.monotonic() - started
     log(f"[notebook] {meta['status']}: {meta['cells_done']}/{meta['cells_total']} cells in "
         f"{took:.1f}s -> {output_path}")
