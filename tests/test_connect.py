@@ -279,7 +279,7 @@ def test_a_work_kernel_that_never_answers_is_replaced(
         assert "starting another" in caplog.text
         sessions = t.portal.call(t.aio.rest.listable_sessions) or []
         work = [s["kernel"]["id"] for s in sessions if s.get("name") == WORK_SESSION]
-        assert work == [t.aio._default_work_kernel] and hung not in work
+        assert work == [t.status()["work_kernel_id"]] and hung not in work
         assert t.portal.call(t.aio.rest.get_kernel, hung) is None
         assert t.exec("6 * 7").value == "42"
 

@@ -115,6 +115,20 @@ class _FreshKernelMute(Exception):
         self.error = error
 
 
+async def discard_failed_start(rest: JupyterRest, role: str, kernel_id: str,
+                               error: BaseException) -> None:
+    """Shut down a kernel we started just now that did not come up, so that the caller can
+    start another (once). jupyter_client picks a kernel's ports by binding port 0 and letting
+    go; another process may take one first, and ipykernel then hangs without answering (the
+    server's restarter leaves it, and found again it would fail every connect) or dies at
+    each restart until the server drops it."""
+    log.warning("the %s kernel %s just started on %s did not come up (%s); starting another",
+                role, kernel_id, rest.target.display_url, error)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(10), \
+            contextlib.suppress(TetherError):
+        await rest.shutdown_kernel(kernel_id)
+
+
 async def find_or_start(rest: JupyterRest, name: str, *, kernel_name: str,
                         state: TargetState,
                         open_timeout: float = OPEN_TIMEOUT_S) -> tuple[str, bool]:

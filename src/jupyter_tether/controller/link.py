@@ -32,7 +32,7 @@ from .attach import inject, open_watching, park_subshell, probe_server
 from .caller import EventListener
 from .kernel_requests import kernel_info
 from .kernel_ws import OPEN_TIMEOUT_S, KernelMessage, KernelSocket
-from .kernels import SUPERVISOR_SESSION, find_or_start
+from .kernels import SUPERVISOR_SESSION, discard_failed_start, find_or_start
 from .rest import JupyterRest
 from .rpc import Event, EventSequencer, PendingCall, PendingCalls, Reply
 from .state import TargetState
@@ -339,11 +339,7 @@ class SupervisorLink:
         """Find or start the supervisor kernel and open its websocket.
 
         A kernel started just now whose websocket never opens, or that the server drops
-        while we connect, is replaced once. jupyter_client picks a kernel's ports by binding
-        port 0 and letting go, and another process may take one first: ipykernel then hangs
-        without answering (the server's restarter leaves it, and found again it would fail
-        every connect until someone deleted it), or dies at each restart until the server
-        gives up on it."""
+        while we connect, is replaced once (``discard_failed_start`` says why)."""
         assert self._task_group is not None
         for attempt in (1, 2):
             kernel_id, started = await find_or_start(
@@ -360,13 +356,7 @@ class SupervisorLink:
             except (ConnectionLost, KernelError) as exc:
                 if not started or attempt == 2:
                     raise
-                log.warning("the supervisor kernel %s just started on %s did not come up (%s); "
-                            "starting another", kernel_id, self.target.display_url, exc)
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    try:
-                        await self.rest.shutdown_kernel(kernel_id)
-                    except TetherError:
-                        pass
+                await discard_failed_start(self.rest, "supervisor", kernel_id, exc)
                 continue
             return kernel_id, sock
         raise AssertionError("unreachable")

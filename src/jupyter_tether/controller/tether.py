@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +24,7 @@ from .files import AsyncFiles
 from .forward import Forwarder, PortForward
 from .jobs import AsyncJobs
 from .kernel_ws import KernelSocket
-from .kernels import SUPERVISOR_SESSION, WORK_SESSION, find_or_start
+from .kernels import SUPERVISOR_SESSION, WORK_SESSION, discard_failed_start, find_or_start
 from .link import LinkOptions, SupervisorLink
 from .notebooks.service import AsyncNotebooks
 from .relayed_exec import RelayUnavailable, execute_relayed
@@ -34,8 +33,6 @@ from .rest import JupyterRest
 from .state import TargetState
 from .submit import SubmitProgress, Submits
 from .target import Target
-
-log = logging.getLogger(__name__)
 
 
 def default_output_dir() -> Path:
@@ -99,8 +96,8 @@ class AsyncTether:
         self._work_sockets: dict[str, KernelSocket] = {}
         self._work_locks: dict[str, anyio.Lock] = {}
         self._default_work_kernel: str | None = None
-        #: the default work kernel was started by this tether and has not answered yet
-        self._work_kernel_unproven = False
+        #: the default work kernel, when this tether started it and it has not answered yet
+        self._unproven_work_kernel: str | None = None
         self._state: TargetState | None = None
         self._forwarder: Forwarder | None = None
         #: ``exec`` through the supervisor, which drives the work kernel over its ZMQ ports
@@ -360,21 +357,12 @@ class AsyncTether:
                                                      kernel_name=self.options.kernel_name,
                                                      state=self._state)
             self._default_work_kernel = kernel_id
-            self._work_kernel_unproven = started
+            self._unproven_work_kernel = kernel_id if started else None
         return self._default_work_kernel
 
-    async def _replace_unproven_work_kernel(self, kernel_id: str, error: Exception) -> str:
-        """Shut down a default work kernel we started that never answered, and start another.
-
-        As with the supervisor's: a kernel can hang as it starts (another process took one of
-        its ports first), and the server keeps it; found again, it would fail every exec."""
-        log.warning("the work kernel %s just started on %s did not come up (%s); "
-                    "starting another", kernel_id, self.target.display_url, error)
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10), \
-                contextlib.suppress(TetherError):
-            await self.rest.shutdown_kernel(kernel_id)
-        self._default_work_kernel = None
-        return await self.work_kernel_id()
+    def _proven(self, kernel_id: str) -> None:
+        if kernel_id == self._unproven_work_kernel:
+            self._unproven_work_kernel = None
 
     async def _work_socket(self, kernel_id: str) -> KernelSocket:
         sock = self._work_sockets.get(kernel_id)
@@ -432,7 +420,7 @@ class AsyncTether:
                         execute_relayed, self.link, target_kernel, code, timeout=timeout,
                         max_output_chars=max_output_chars, image_dir=image_dir,
                         on_output=on_output, interrupt=self._interrupter(target_kernel)))
-                    self._work_kernel_unproven = False
+                    self._proven(target_kernel)
                     return result
                 except RelayUnavailable as exc:
                     # Not on the supervisor's host (a gateway), or gone: the websocket
@@ -453,11 +441,15 @@ class AsyncTether:
                 target_kernel = await self.work_kernel_id()
                 sock = await self._work_socket(target_kernel)
             except ConnectionLost as exc:
-                if kernel_id is not None or not self._work_kernel_unproven:
+                if target_kernel != self._unproven_work_kernel:
                     raise
-                target_kernel = await self._replace_unproven_work_kernel(target_kernel, exc)
+                # Ours, just started, and it never answered: replace it once, as the
+                # supervisor's own.
+                await discard_failed_start(self.rest, "work", target_kernel, exc)
+                self._default_work_kernel = None
+                target_kernel = await self.work_kernel_id()
                 sock = await self._work_socket(target_kernel)
-            self._work_kernel_unproven = False
+            self._proven(target_kernel)
             return await self._run_cell(functools.partial(
                 execute, sock, code, timeout=timeout, max_output_chars=max_output_chars,
                 image_dir=image_dir, on_output=on_output,
