@@ -192,12 +192,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.fast if module in FAST_MODULES else pytest.mark.integration)
 
 
-def hangs_once_kernelspec(share: Path, nth: int = 1) -> str:
-    """Install under ``share`` (a ``JUPYTER_PATH`` entry) a kernelspec whose ``nth`` kernel
-    hangs as it starts and never answers, as one does when another process takes one of its
-    ports first (ipykernel prints "Address already in use" and its process stays up, so the
-    server's restarter leaves it alone); the others start normally. Its name."""
-    name = "hangs-once"
+def hangs_once_kernelspec(share: Path, nth: int = 1, name: str = "hangs-once") -> str:
+    """Install under ``share`` (a ``JUPYTER_PATH`` entry) a kernelspec ``name`` whose ``nth``
+    kernel hangs as it starts and never answers, as one does when another process takes one
+    of its ports first (ipykernel prints "Address already in use" and its process stays up,
+    so the server's restarter leaves it alone); the others start normally. Its name."""
     starts = str(share / f"{name}.started")  # one byte per kernel started
     spec = share / "kernels" / name
     spec.mkdir(parents=True)

@@ -6,6 +6,7 @@ import asyncio
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
 from jupyter_tether.controller.kernel_requests import control_request
 from jupyter_tether.controller.kernels import SUPERVISOR_SESSION, WORK_SESSION
 
+from . import loopback_http
 from .conftest import dies_once_kernelspec, fast_options, hangs_once_kernelspec, iopub_seen
 
 
@@ -245,18 +247,47 @@ def test_embedded_server_log_is_private_follows_no_planted_link_and_goes_with_it
         planted.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="module")
+def _kernels_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalJupyterServer]:
+    share = tmp_path_factory.mktemp("failing-kernelspecs")
+    hangs_once_kernelspec(share, name="hangs-first")
+    hangs_once_kernelspec(share, nth=2, name="hangs-second")
+    dies_once_kernelspec(share)
+    # The restarter gives up at once on a kernel that dies at each restart (default: 5 tries).
+    quick_giveup = ["--KernelRestarter.restart_limit=1", "--KernelRestarter.time_to_dead=0.5"]
+    root = tmp_path_factory.mktemp("kernels-server-root")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("JUPYTER_PATH", str(share))
+        server = LocalJupyterServer(root, log_path=root.parent / "kernels-server.log",
+                                    extra_args=quick_giveup).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_server(_kernels_server: LocalJupyterServer) -> Iterator[LocalJupyterServer]:
+    """A server no controller has used: one server for the tests of kernels that fail as
+    they start (each uses a kernelspec of its own, see conftest) and of upgrades, with every
+    kernel, and so every session, shut down after each test."""
+    server = _kernels_server
+    yield server
+    api = server.url + "api/kernels"
+    headers = {"Authorization": f"token {server.token}"}
+    for kernel in loopback_http.get(api, headers=headers, timeout=10).json():
+        loopback_http.request("DELETE", f"{api}/{kernel['id']}", headers=headers, timeout=30)
+
+
 def test_a_supervisor_kernel_that_never_answers_is_replaced(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        fresh_server: LocalJupyterServer, caplog: pytest.LogCaptureFixture) -> None:
     # A kernel can hang as it starts (a port taken by another process first: seen in this
     # suite on a gateway). The supervisor's session then kept a kernel that never answered,
     # and every connect, now and later, failed on its websocket's open timeout.
-    share = tmp_path / "share"
-    name = hangs_once_kernelspec(share)
-    monkeypatch.setenv("JUPYTER_PATH", str(share))
-    with LocalJupyterServer(tmp_path / "root", log_path=tmp_path / "server.log") as server, \
-            Tether(server.url, server.token,
-                   options=fast_options(kernel_name=name, open_timeout=5.0)) as t:
-        assert (share / f"{name}.started").exists() and "starting another" in caplog.text
+    server = fresh_server
+    with Tether(server.url, server.token,
+                options=fast_options(kernel_name="hangs-first", open_timeout=5.0)) as t:
+        assert "starting another" in caplog.text
         job = t.jobs.start("echo on the second kernel")
         assert job.wait(timeout=30).exit_code == 0
         sessions = t.portal.call(t.aio.rest.listable_sessions) or []
@@ -265,15 +296,12 @@ def test_a_supervisor_kernel_that_never_answers_is_replaced(
 
 
 def test_a_work_kernel_that_never_answers_is_replaced(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        fresh_server: LocalJupyterServer, caplog: pytest.LogCaptureFixture) -> None:
     # The supervisor's kernel starts first and answers; the default work kernel, the second,
     # hangs. Found again on every exec, it failed each one after the websocket's open timeout.
-    share = tmp_path / "share"
-    name = hangs_once_kernelspec(share, nth=2)
-    monkeypatch.setenv("JUPYTER_PATH", str(share))
-    with LocalJupyterServer(tmp_path / "root", log_path=tmp_path / "server.log") as server, \
-            Tether(server.url, server.token,
-                   options=fast_options(kernel_name=name, open_timeout=5.0)) as t:
+    server = fresh_server
+    with Tether(server.url, server.token,
+                options=fast_options(kernel_name="hangs-second", open_timeout=5.0)) as t:
         hung = t.portal.call(t.aio.work_kernel_id)
         assert t.exec("6 * 7").value == "42"
         assert "starting another" in caplog.text
@@ -285,16 +313,11 @@ def test_a_work_kernel_that_never_answers_is_replaced(
 
 
 def test_a_supervisor_kernel_that_dies_as_it_starts_is_replaced(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        fresh_server: LocalJupyterServer, caplog: pytest.LogCaptureFixture) -> None:
     # A kernel can die as it starts, again at each restart, until the server drops it (seen
     # once in this suite: "kernel ... went away while we connected to it").
-    share = tmp_path / "share"
-    name = dies_once_kernelspec(share)
-    monkeypatch.setenv("JUPYTER_PATH", str(share))
-    quick_giveup = ["--KernelRestarter.restart_limit=1", "--KernelRestarter.time_to_dead=0.5"]
-    with LocalJupyterServer(tmp_path / "root", log_path=tmp_path / "server.log",
-                            extra_args=quick_giveup) as server, \
-            Tether(server.url, server.token, options=fast_options(kernel_name=name)) as t:
+    server = fresh_server
+    with Tether(server.url, server.token, options=fast_options(kernel_name="dies-once")) as t:
         assert "went away" in caplog.text and "starting another" in caplog.text
         assert t.exec("6 * 7").value == "42"
         sessions = t.portal.call(t.aio.rest.listable_sessions) or []
@@ -303,25 +326,25 @@ def test_a_supervisor_kernel_that_dies_as_it_starts_is_replaced(
 
 
 def test_upgrades_reuse_the_supervisors_subshell_and_jobs_still_start(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        fresh_server: LocalJupyterServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # Each newer payload shuts the old supervisor down and parks the new one's comm traffic
     # in a subshell. A subshell outlives the cell parked in it, and a fresh one per upgrade
     # kept a thread and ~10 fds in the kernel for good (controllers of two versions taking
     # turns on one server upgrade it on every connect).
     real = bundle.payload_hash()
-    with LocalJupyterServer(tmp_path / "root", log_path=tmp_path / "server.log") as server:
-        outcomes, subshells = [], []
-        for i in range(3):
-            monkeypatch.setattr(bundle, "_HASH", f"{real[:8]}-v{i}")
-            with Tether(server.url, server.token, options=fast_options()) as t:
-                link = t.aio.link
-                outcomes.append(link.install_outcome)
-                job = t.jobs.start("echo after-upgrade")
-                assert job.wait(timeout=30).exit_code == 0
-                if link.subshell_id is not None:  # ipykernel >= 7
-                    listed = t.portal.call(control_request, link._sock,
-                                           "list_subshell_request", {})
-                    subshells.append(listed["subshell_id"])
+    server = fresh_server
+    outcomes, subshells = [], []
+    for i in range(3):
+        monkeypatch.setattr(bundle, "_HASH", f"{real[:8]}-v{i}")
+        with Tether(server.url, server.token, options=fast_options()) as t:
+            link = t.aio.link
+            outcomes.append(link.install_outcome)
+            job = t.jobs.start("echo after-upgrade")
+            assert job.wait(timeout=30).exit_code == 0
+            if link.subshell_id is not None:  # ipykernel >= 7
+                listed = t.portal.call(control_request, link._sock,
+                                       "list_subshell_request", {})
+                subshells.append(listed["subshell_id"])
     assert outcomes == ["installed", "upgraded", "upgraded"]
     if subshells:
         assert subshells == [subshells[0]] * 3 and len(subshells[0]) == 1

@@ -713,35 +713,32 @@ def test_cli_forward_spec_parsing() -> None:
 @pytest.mark.anyio
 async def test_mcp_port_forward_tools_open_list_and_close(
         jupyter_server: Any, tmp_path_factory: pytest.TempPathFactory,
-        http_forward: BlockingPortForward, web_root: Path) -> None:
-    from .test_mcp import McpProcess, connect
+        http_forward: BlockingPortForward, web_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .test_mcp import in_process
 
     state = tmp_path_factory.mktemp("mcp-forward")
-    mcp = McpProcess(jupyter_server, state, state / "mcp.log")
-    try:
-        async with connect(mcp.url) as client, httpx2.AsyncClient(timeout=30) as http:
-            opened = await client.call_tool("jupyter_port_forward",
-                                            {"remote_port": http_forward.aio.remote_port})
-            row = opened.structured_content
-            assert not opened.is_error and row and row["remote_listening"] is True
-            body = (await http.get(row["url"] + "small-9.txt")).text
-            assert body == (web_root / "small-9.txt").read_text()
-            listed = (await client.call_tool("jupyter_port_forward_list", {})).structured_content
-            assert listed and [f["local_port"] for f in listed["forwards"]] == [row["local_port"]]
-            assert listed["forwards"][0]["bytes_down"] >= len(body)
-            closed = await client.call_tool("jupyter_port_forward_close",
-                                            {"local_port": row["local_port"]})
-            assert not closed.is_error and closed.structured_content["closed"] is True
-            with pytest.raises(httpx2.ConnectError):
-                await http.get(row["url"])
-            again = await client.call_tool("jupyter_port_forward_close",
-                                           {"local_port": row["local_port"]})
-            assert again.is_error and "jupyter_port_forward_list" in again.content[0].text
-            refused = await client.call_tool("jupyter_port_forward", {
-                "remote_port": http_forward.aio.remote_port, "local_port": 70000})
-            assert refused.is_error and "local_port" in refused.content[0].text
-    finally:
-        mcp.stop()
+    async with in_process(jupyter_server, state, monkeypatch) as client, \
+            httpx2.AsyncClient(timeout=30) as http:
+        opened = await client.call_tool("jupyter_port_forward",
+                                        {"remote_port": http_forward.aio.remote_port})
+        row = opened.structured_content
+        assert not opened.is_error and row and row["remote_listening"] is True
+        body = (await http.get(row["url"] + "small-9.txt")).text
+        assert body == (web_root / "small-9.txt").read_text()
+        listed = (await client.call_tool("jupyter_port_forward_list", {})).structured_content
+        assert listed and [f["local_port"] for f in listed["forwards"]] == [row["local_port"]]
+        assert listed["forwards"][0]["bytes_down"] >= len(body)
+        closed = await client.call_tool("jupyter_port_forward_close",
+                                        {"local_port": row["local_port"]})
+        assert not closed.is_error and closed.structured_content["closed"] is True
+        with pytest.raises(httpx2.ConnectError):
+            await http.get(row["url"])
+        again = await client.call_tool("jupyter_port_forward_close",
+                                       {"local_port": row["local_port"]})
+        assert again.is_error and "jupyter_port_forward_list" in again.content[0].text
+        refused = await client.call_tool("jupyter_port_forward", {
+            "remote_port": http_forward.aio.remote_port, "local_port": 70000})
+        assert refused.is_error and "local_port" in refused.content[0].text
 
 
 # --- jupyter-server-proxy: offered where the server has it --------------------------------------

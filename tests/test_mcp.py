@@ -120,6 +120,16 @@ class McpProcess:
             self.process.wait(20)
 
 
+def in_process(server: LocalJupyterServer, state_dir: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Client:
+    """A client of the MCP server that ``McpProcess`` starts, built in this process instead:
+    for tests of what its tools do, where a process of its own (~0.9 CPU-s to start, almost
+    all of it importing ``mcp``) shows nothing more. Its own controller state, as there."""
+    monkeypatch.setenv("JUPYTER_TETHER_STATE_DIR", str(state_dir))
+    return Client(build_server(url=server.url, token=server.token,
+                               output_dir=state_dir / "outputs", local_roots=[state_dir.parent]))
+
+
 @pytest.fixture(scope="module")
 def mcp_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Its own controller state: the MCP server is a separate controller from the tests' own.

@@ -710,13 +710,11 @@ def test_notebook_tools_stay_lean() -> None:
 
 
 def test_mcp_edit_read_run_round_trip(jupyter_server: LocalJupyterServer, server_root: Path,
-                                      tmp_path: Path) -> None:
-    from .test_mcp import Calls, McpProcess, connect
-
-    proc = McpProcess(jupyter_server, tmp_path, tmp_path / "mcp.log")
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .test_mcp import Calls, in_process
 
     async def scenario() -> None:
-        async with connect(proc.url) as client:
+        async with in_process(jupyter_server, tmp_path, monkeypatch) as client:
             calls = Calls(client)
             made = await calls.ok("jupyter_nb_edit", {
                 "path": "nbtest/mcp.ipynb", "create": True, "expected_revision": "",
@@ -741,7 +739,4 @@ def test_mcp_edit_read_run_round_trip(jupyter_server: LocalJupyterServer, server
             log = await calls.follow_all(job["job_id"])
             assert "[cell 1/1" in log and " ok in " in log
 
-    try:
-        anyio.run(scenario)
-    finally:
-        proc.stop()
+    anyio.run(scenario)

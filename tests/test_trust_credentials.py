@@ -108,40 +108,35 @@ def test_env_token_is_bound_to_the_env_urls_origin(monkeypatch: pytest.MonkeyPat
 async def test_mcp_server_url_elsewhere_never_gets_the_token(
         jupyter_server: LocalJupyterServer, spy: Spy, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The MCP server in this process, as `jupyter-tether mcp` builds it from its environment
+    # (the flags' mapping is test_cli's): what it refuses is its tools' rule, not the process's.
     monkeypatch.setenv("JUPYTER_TETHER_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("JUPYTER_TETHER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("REMOTE_JUPYTER_URL", jupyter_server.url)
+    monkeypatch.setenv("REMOTE_JUPYTER_TOKEN", jupyter_server.token)
     token = jupyter_server.token
-    guarded = McpProcess(jupyter_server, tmp_path / "state", tmp_path / "guarded.log")
-    try:
-        async with connect(guarded.url) as client:
-            calls = Calls(client)
-            for server_url in (spy.url, f"127.0.0.1:{spy.port}", f"{spy.url}lab"):
-                text = await calls.error("jupyter_ping", {"server_url": server_url,
-                                                          "timeout_s": 10})
-                assert "refused" in text and "--allow-any-server" in text, text
-            text = await calls.error("jupyter_job_submit", {"spec": {
-                "run": {"command": "true"}, "server_url": spy.url}})
+    async with Client(build_server(options=fast_options())) as client:
+        calls = Calls(client)
+        for server_url in (spy.url, f"127.0.0.1:{spy.port}", f"{spy.url}lab"):
+            text = await calls.error("jupyter_ping", {"server_url": server_url,
+                                                      "timeout_s": 10})
             assert "refused" in text and "--allow-any-server" in text, text
-            # The default server by another URL of its origin keeps its token.
-            assert (await calls.ok("jupyter_ping",
-                                   {"server_url": jupyter_server.url + "lab"}))["ok"]
-        assert spy.requests == [], "nothing may be sent to a server that is not allowed"
-    finally:
-        guarded.stop()
+        text = await calls.error("jupyter_job_submit", {"spec": {
+            "run": {"command": "true"}, "server_url": spy.url}})
+        assert "refused" in text and "--allow-any-server" in text, text
+        # The default server by another URL of its origin keeps its token.
+        assert (await calls.ok("jupyter_ping", {"server_url": jupyter_server.url + "lab"}))["ok"]
+    assert spy.requests == [], "nothing may be sent to a server that is not allowed"
 
-    open_to_all = McpProcess(jupyter_server, tmp_path / "state", tmp_path / "open.log",
-                             "--allow-any-server")
-    try:
-        async with connect(open_to_all.url) as client:
-            calls = Calls(client)
-            assert "refused the credentials" in await calls.error(
-                "jupyter_ping", {"server_url": spy.url, "timeout_s": 10})
-            await calls.error("jupyter_job_submit", {"spec": {
-                "run": {"command": "true"}, "server_url": spy.url}})
-            await calls.error("jupyter_ping", {"server_url": f"{spy.url}?token=spy-own-token",
-                                               "timeout_s": 10})
-            assert all(token not in text for text in calls.texts)
-    finally:
-        open_to_all.stop()
+    async with Client(build_server(options=fast_options(), allow_any_server=True)) as client:
+        calls = Calls(client)
+        assert "refused the credentials" in await calls.error(
+            "jupyter_ping", {"server_url": spy.url, "timeout_s": 10})
+        await calls.error("jupyter_job_submit", {"spec": {
+            "run": {"command": "true"}, "server_url": spy.url}})
+        await calls.error("jupyter_ping", {"server_url": f"{spy.url}?token=spy-own-token",
+                                           "timeout_s": 10})
+        assert all(token not in text for text in calls.texts)
     assert len(spy.requests) >= 3, "--allow-any-server lets the calls through"
     assert not spy.saw(token), "the Jupyter token went to another origin"
     assert spy.saw("spy-own-token"), "a URL's own token goes with it"

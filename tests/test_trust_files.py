@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import httpx2
 import pytest
 from mcp import Client
 
@@ -43,12 +42,12 @@ from jupyter_tether.agent_payload.paths import (
     side_name,
 )
 from jupyter_tether.controller import submit
-from jupyter_tether.controller.embedded import LocalJupyterServer, free_port
+from jupyter_tether.controller.embedded import LocalJupyterServer
 from jupyter_tether.controller.files import AsyncFiles, check_local_name, safe_local_path
 from jupyter_tether.controller.rpc import Reply
 from jupyter_tether.errors import ConfigError, RemoteError, TransferError
+from jupyter_tether.mcp_server import build_server
 
-from . import loopback_http
 from .cli_inprocess import run_cli
 from .conftest import fast_options
 from .inprocess import InProcess
@@ -222,42 +221,19 @@ def test_cli_collect_dot_writes_nothing_into_home(jupyter_server: LocalJupyterSe
     assert tree_of(dest) == {"ok.txt": b"fine\n"}
 
 
-class McpServer:
-    """The MCP server as a process, with its own cwd and HOME."""
-
-    def __init__(self, server: LocalJupyterServer, cwd: Path, home: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/mcp"
-        env = {**_tether_env(server, home), "JUPYTER_TETHER_STATE_DIR": str(log.parent / "st")}
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "jupyter_tether", "mcp", "--port", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, log.read_text()
-            try:
-                loopback_http.get(f"http://127.0.0.1:{self.port}/", timeout=1)
-                return
-            except httpx2.HTTPError:
-                time.sleep(0.05)
-        raise AssertionError(f"MCP server did not start: {log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(20)
-
-
 @asynccontextmanager
-async def mcp_client(server: LocalJupyterServer, cwd: Path, home: Path,
-                     log: Path) -> AsyncIterator[Client]:
-    proc = McpServer(server, cwd, home, log)
-    try:
-        async with Client(proc.url) as client:
-            yield client
-    finally:
-        proc.stop()
+async def mcp_client(server: LocalJupyterServer, cwd: Path,
+                     monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Client]:
+    """The MCP server as ``jupyter-tether mcp`` builds it from its environment, here in this
+    process, run from ``cwd`` (HOME is ``fake_home``): where its file tools write is the
+    question, and that is the same in any process."""
+    monkeypatch.delenv("JUPYTER_TETHER_CONFIG", raising=False)
+    monkeypatch.setenv("REMOTE_JUPYTER_URL", server.url)
+    monkeypatch.setenv("REMOTE_JUPYTER_TOKEN", server.token)
+    monkeypatch.setenv("JUPYTER_TETHER_STATE_DIR", str(cwd.parent / "mcp-state"))
+    monkeypatch.chdir(cwd)
+    async with Client(build_server()) as client:
+        yield client
 
 
 async def _tool(client: Client, name: str, args: dict[str, Any]) -> tuple[bool, Any, str]:
@@ -267,14 +243,14 @@ async def _tool(client: Client, name: str, args: dict[str, Any]) -> tuple[bool, 
 
 
 @pytest.mark.anyio
-async def test_mcp_collect_dot_writes_nothing_into_home(jupyter_server: LocalJupyterServer,
-                                                         tether: Tether, tmp_path: Path,
-                                                         fake_home: Path) -> None:
+async def test_mcp_collect_dot_writes_nothing_into_home(
+        jupyter_server: LocalJupyterServer, tether: Tether, tmp_path: Path, fake_home: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     job_id = await anyio.to_thread.run_sync(_finished_job, tether, MAKE_TRUST, ["trust/ok.txt"])
     await anyio.to_thread.run_sync(_tamper, tether, job_id, [*HOME_ATTACKS, "trust/ok.txt"])
     dest = tmp_path / "dest"
     dest.mkdir()
-    async with mcp_client(jupyter_server, dest, fake_home, tmp_path / "mcp.log") as client:
+    async with mcp_client(jupyter_server, dest, monkeypatch) as client:
         ok, out, text = await _tool(client, "jupyter_job_collect",
                                     {"job_id": job_id, "local_dir": "."})
     assert ok, text
@@ -569,11 +545,12 @@ def test_cli_sync_delete_into_the_root_needs_the_flag(own_server: LocalJupyterSe
 
 @pytest.mark.anyio
 async def test_mcp_sync_dir_default_clean_remote_is_refused_in_the_root(
-        own_server: LocalJupyterServer, tmp_path: Path, fake_home: Path) -> None:
+        own_server: LocalJupyterServer, tmp_path: Path, fake_home: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     root = own_server.root_dir
     (root / "mcp-precious.txt").write_text("keep")
     local = _project(tmp_path / "proj", ("mcp_main.py",))
-    async with mcp_client(own_server, tmp_path, fake_home, tmp_path / "mcp.log") as client:
+    async with mcp_client(own_server, tmp_path, monkeypatch) as client:
         ok, _, text = await _tool(client, "jupyter_sync_dir",
                                   {"local_dir": str(local), "remote_dir": "."})
         assert not ok and "allow_root_delete" in text
