@@ -37,7 +37,7 @@ from jupyter_tether.controller.kernel_ws import KernelSocket, new_session_id
 from jupyter_tether.controller.rest import MAX_REST_BODY_BYTES, JupyterRest
 from jupyter_tether.controller.target import Target
 
-from .conftest import fast_options
+from .conftest import fast_options, gated
 
 pytestmark = pytest.mark.anyio
 
@@ -396,6 +396,38 @@ async def test_a_reply_above_the_link_limit_fails_the_call_and_the_link_recovers
             reply = await t.link.call("fs_read", {"path": "hostile-big.bin",
                                                   "max_bytes": MiB})
         assert reply.buffers[0] == b"\x01" * MiB
+
+
+async def test_another_controllers_reply_above_our_limit_costs_a_reconnect_not_our_call(
+        jupyter_server: LocalJupyterServer, server_root: Path, tmp_path: Path) -> None:
+    # iopub goes to every client of a kernel: a big reply to another controller on the same
+    # supervisor reaches this one too, above its limit, and closes its connection. Our call
+    # in flight then is sent again, not failed (it was, as if the reply had been its own).
+    (server_root / "hostile-theirs.bin").write_bytes(b"\x02" * (3 * MiB))
+    gate = tmp_path / "gate"
+    url, token = jupyter_server.url, jupyter_server.token
+    async with AsyncTether(url, token, options=fast_options(max_message_bytes=2 * MiB)) as ours, \
+            AsyncTether(url, token, options=fast_options()) as theirs:
+        job = await ours.jobs.start(gated(gate, "echo done"))
+        done: list[Any] = []
+
+        async def wait() -> None:
+            done.append(await job.wait(timeout=60))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wait)
+                while not any(c.op == "job_wait" and c.sent_generation >= 0
+                              for c in ours.link._pending._calls.values()):
+                    await anyio.sleep(0.01)  # our wait is in flight
+                reply = await theirs.link.call("fs_read", {"path": "hostile-theirs.bin",
+                                                           "max_bytes": 3 * MiB})
+                assert len(reply.buffers[0]) == 3 * MiB
+                while ours.link.last_drop is None:
+                    await anyio.sleep(0.01)
+                gate.touch()
+        assert "2 MiB limit" in str(ours.link.last_drop)
+        assert done[0].exit_code == 0
 
 
 @contextlib.asynccontextmanager

@@ -111,14 +111,24 @@ def test_event_sequencer_gives_up_a_gap_instead_of_holding_events_for_ever() -> 
 
 
 def test_failing_the_calls_of_a_closed_connection() -> None:
+    # Closed over a message above the limit: which call it answered is unknown (it may
+    # even be another controller's), so a call that may be re-sent gets one more try, and
+    # ends on a second such close; one that may not be re-sent ends at once.
     calls = PendingCalls()
     sent, later, answered = (calls.new("op", {}, [], True) for _ in range(3))
+    once = calls.new("op", {}, [], False)
     sent.sent_generation, later.sent_generation, answered.sent_generation = 1, 2, 1
+    once.sent_generation = 1
     calls.resolve({"id": answered.id, "ok": True, "result": {}}, [])
     failure = LimitExceeded("too big", limit="X", value=1)
     calls.fail_sent(1, failure)
-    assert sent.done and sent.failure is failure
+    assert not sent.done, "a re-sendable call is tried once more"
+    assert once.done and once.failure is failure
     assert not later.done and answered.failure is None
+    sent.sent_generation = later.sent_generation = 3  # both re-sent on the next connection
+    calls.fail_sent(3, failure)
+    assert sent.done and sent.failure is failure, "its second close over the limit ends it"
+    assert not later.done, "a call's first close over the limit: one more try"
 
 
 # --- decoded listings and manifests -------------------------------------------------------------

@@ -67,7 +67,8 @@ class LinkOptions:
     use_subshell: bool = True
     remote_state_dir: str | None = None
     #: the largest websocket message accepted from the server; a bigger one closes the
-    #: connection and fails the calls in flight with LimitExceeded
+    #: connection and fails the calls in flight with LimitExceeded (one that may be re-sent
+    #: only on a second such close: the message may have been another controller's)
     max_message_bytes: int = wire.MAX_KERNEL_MESSAGE_BYTES
     #: how long the supervisor kernel's websocket may take to open
     open_timeout: float = OPEN_TIMEOUT_S

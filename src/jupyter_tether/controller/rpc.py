@@ -54,6 +54,8 @@ class PendingCall:
         self.error: RemoteError | None = None
         #: a local verdict that ends the call (the link closed over a broken limit)
         self.failure: TetherError | None = None
+        #: a connection it was sent on closed over a message above the limit
+        self.over_limit_before = False
         self.wakeup = anyio.Event()
 
     @property
@@ -98,13 +100,20 @@ class PendingCalls:
             call.wake()
 
     def fail_sent(self, generation: int, failure: TetherError) -> None:
-        """End every unanswered call sent on connection ``generation`` with ``failure``.
+        """Connection ``generation`` closed over a message above the link's limit: end its
+        unanswered calls with ``failure``, but for a call that may be re-sent and was not
+        ended this way before.
 
-        For a connection closed over a broken limit: re-sending would most likely get the
-        same answer, so none of its calls is retried.
+        The message is refused unread, so whose it was is unknown: iopub goes to every
+        client of the kernel, and a big reply to another controller on the same supervisor
+        closes this one too. A re-sendable call is sent once more; if its own reply is
+        the one above the limit, it meets it again and ends then.
         """
         for call in self._calls.values():
             if call.sent_generation == generation and not call.done:
+                if call.idempotent and not call.over_limit_before:
+                    call.over_limit_before = True
+                    continue
                 call.failure = failure
                 call.wake()
 
