@@ -423,11 +423,35 @@ async def test_another_controllers_reply_above_our_limit_costs_a_reconnect_not_o
                 reply = await theirs.link.call("fs_read", {"path": "hostile-theirs.bin",
                                                            "max_bytes": 3 * MiB})
                 assert len(reply.buffers[0]) == 3 * MiB
-                while ours.link.last_drop is None:
+                while ours.link.last_drop_at is None:
                     await anyio.sleep(0.01)
                 gate.touch()
         assert "2 MiB limit" in str(ours.link.last_drop)
         assert done[0].exit_code == 0
+
+
+async def test_a_new_controller_is_not_sent_the_events_from_before_it_came(
+        jupyter_server: LocalJupyterServer) -> None:
+    # Every connect asked the supervisor to replay its whole event ring (up to 32 MiB), to
+    # the new controller and, iopub being broadcast, to every one attached beside it. Here a
+    # 3 MB output event from before is above the new controller's limit: it closed it.
+    url, token = jupyter_server.url, jupyter_server.token
+    async with AsyncTether(url, token, options=fast_options()) as theirs:
+        cell = ("from IPython.display import display\n"
+                "display({'text/plain': 'y' * 3_000_000}, raw=True)\n"
+                "import time\ntime.sleep(1)")
+        seen: list[str] = []
+        stop = theirs.link.add_listener(lambda event: seen.append(event.name))
+        try:
+            assert (await theirs.exec(cell)).status == "ok"
+        finally:
+            stop()
+        assert "exec_output" in seen  # the output went out as an event while the cell ran
+    async with AsyncTether(url, token, options=fast_options(max_message_bytes=2 * MiB)) as ours:
+        for _ in range(3):
+            await ours.link.call("ping")
+            await anyio.sleep(0.3)
+        assert ours.link.last_drop_at is None, ours.link.last_drop
 
 
 @contextlib.asynccontextmanager

@@ -393,13 +393,21 @@ class SupervisorLink:
         self.facts = hello
         if "msgpack" in hello.get("codecs", []) and "msgpack" in wire.available_codecs():
             self._codec = wire.MSGPACK
-        if previous_instance != hello.get("instance_id"):
+        first = previous_instance is None
+        if first:
+            # What happened before we came is none of our events: replaying the supervisor's
+            # ring (up to 32 MiB) on every connect cost each new controller, a CLI call say,
+            # and every controller attached beside it (iopub goes to all), all of it again.
+            last = hello.get("last_seq")
+            self._sequencer = EventSequencer(last if isinstance(last, int) and last > 0 else 0)
+        elif previous_instance != hello.get("instance_id"):
             # A new supervisor numbers its events from 1 again.
             self._sequencer = EventSequencer()
         self._connected.set()
         self.connected_at = time.time()
-        # In the background: the maintainer must be back watching the socket at once.
-        self._task_group.start_soon(self._request_replay)
+        if not first:
+            # In the background: the maintainer must be back watching the socket at once.
+            self._task_group.start_soon(self._request_replay)
 
     async def _handshake(self, sock: KernelSocket) -> dict[str, Any]:
         # hello goes out in JSON: a remote without msgpack can always read it.
