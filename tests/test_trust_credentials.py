@@ -33,6 +33,7 @@ from jupyter_tether.mcp_server import build_server, http_app
 from jupyter_tether.mcp_server.server import split_allowed_host
 
 from . import loopback_http
+from .cli_inprocess import run_cli
 from .conftest import fast_options
 from .test_cli import SCRIPT, cli_env, one_error_line
 from .test_mcp import Calls, McpProcess, connect
@@ -148,8 +149,7 @@ def test_cli_url_elsewhere_never_gets_the_env_token(jupyter_server: LocalJupyter
     no_config = str(tmp_path / "none.toml")
 
     def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=60,
-                              env=cli_env(JUPYTER_TETHER_CONFIG=no_config, **env))
+        return run_cli(list(args), cli_env(JUPYTER_TETHER_CONFIG=no_config, **env))
 
     env = {"REMOTE_JUPYTER_URL": jupyter_server.url, "REMOTE_JUPYTER_TOKEN": token}
     proc = run("--url", spy.url, "status", **env)
