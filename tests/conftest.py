@@ -229,6 +229,30 @@ def dies_once_kernelspec(share: Path) -> str:
     return name
 
 
+def dies_at_first_cell_kernelspec(share: Path) -> str:
+    """Install under ``share`` a kernelspec whose first kernel answers as it starts but exits
+    at the first cell it is sent, as one whose port another process took dies at once and
+    comes back through the server's restarter: a client sees "restarting" under its cell.
+    The restarted kernel, and the kernels after it, work. Its name."""
+    name = "dies-at-first-cell"
+    died = str(share / f"{name}.died")
+    spec = share / "kernels" / name
+    spec.mkdir(parents=True)
+    code = ("import os\nfrom ipykernel.ipkernel import IPythonKernel\n"
+            "run = IPythonKernel.do_execute\n"
+            "async def first_dies(self, *args, **kwargs):\n"
+            f"    if not os.path.exists({died!r}):\n"
+            f"        open({died!r}, 'w').close()\n"
+            "        os._exit(1)\n"
+            "    return await run(self, *args, **kwargs)\n"
+            "IPythonKernel.do_execute = first_dies\n"
+            "from ipykernel.kernelapp import launch_new_instance\nlaunch_new_instance()\n")
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-c", code, "-f", "{connection_file}"],
+        "display_name": "dies at its first cell", "language": "python"}))
+    return name
+
+
 def gated(gate: Path, then: str) -> str:
     """A command that runs until `gate` exists (at most a minute), then `then`: a job that is
     surely still running when the test looks, however slow the machine."""

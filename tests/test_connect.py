@@ -27,7 +27,13 @@ from jupyter_tether.controller.kernel_requests import control_request
 from jupyter_tether.controller.kernels import SUPERVISOR_SESSION, WORK_SESSION
 
 from . import loopback_http
-from .conftest import dies_once_kernelspec, fast_options, hangs_once_kernelspec, iopub_seen
+from .conftest import (
+    dies_at_first_cell_kernelspec,
+    dies_once_kernelspec,
+    fast_options,
+    hangs_once_kernelspec,
+    iopub_seen,
+)
 
 
 def test_connect_injects_supervisor_and_says_hello(tether: Tether, server_root: Path) -> None:
@@ -253,6 +259,7 @@ def _kernels_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalJ
     hangs_once_kernelspec(share, name="hangs-first")
     hangs_once_kernelspec(share, nth=2, name="hangs-second")
     dies_once_kernelspec(share)
+    dies_at_first_cell_kernelspec(share)
     # The restarter gives up at once on a kernel that dies at each restart (default: 5 tries).
     quick_giveup = ["--KernelRestarter.restart_limit=1", "--KernelRestarter.time_to_dead=0.5"]
     root = tmp_path_factory.mktemp("kernels-server-root")
@@ -319,6 +326,20 @@ def test_a_supervisor_kernel_that_dies_as_it_starts_is_replaced(
     server = fresh_server
     with Tether(server.url, server.token, options=fast_options(kernel_name="dies-once")) as t:
         assert "went away" in caplog.text and "starting another" in caplog.text
+        assert t.exec("6 * 7").value == "42"
+        sessions = t.portal.call(t.aio.rest.listable_sessions) or []
+        ours = [s for s in sessions if s.get("name") == SUPERVISOR_SESSION]
+        assert [s["kernel"]["id"] for s in ours] == [t.aio.link.kernel_id]
+
+
+def test_a_supervisor_kernel_that_restarts_under_the_install_is_replaced(
+        fresh_server: LocalJupyterServer, caplog: pytest.LogCaptureFixture) -> None:
+    # One that dies as it starts may come back through the restarter after its websocket
+    # opened: the install cell then ended in "restarting while running the code".
+    server = fresh_server
+    with Tether(server.url, server.token,
+                options=fast_options(kernel_name="dies-at-first-cell")) as t:
+        assert "restarting" in caplog.text and "starting another" in caplog.text
         assert t.exec("6 * 7").value == "42"
         sessions = t.portal.call(t.aio.rest.listable_sessions) or []
         ours = [s for s in sessions if s.get("name") == SUPERVISOR_SESSION]

@@ -26,7 +26,7 @@ from jupyter_tether.controller.state import TargetState
 from jupyter_tether.controller.target import parse_target
 
 from . import loopback_http
-from .conftest import fast_options, hangs_once_kernelspec
+from .conftest import dies_at_first_cell_kernelspec, fast_options, hangs_once_kernelspec
 from .remote_checks import (
     check_connect,
     check_exec,
@@ -46,6 +46,7 @@ if importlib.util.find_spec("kernel_gateway") is None:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelGateway]:
     workdir = tmp_path_factory.mktemp("kernel-gateway")
     hangs_once_kernelspec(workdir / "share")
+    dies_at_first_cell_kernelspec(workdir / "share")
     with KernelGateway(workdir, jupyter_path=workdir / "share") as kg:
         yield kg
 
@@ -153,7 +154,27 @@ async def test_a_fresh_kernel_that_never_answers_is_replaced_by_another(
             rest, "jupyter-tether-hangs-once", kernel_name="hangs-once",
             state=TargetState(target.key, tmp_path / "state"), open_timeout=5.0)
         assert started and (gateway.workdir / "share" / "hangs-once.started").exists()
-        assert "did not answer" in caplog.text
+        assert "did not come up" in caplog.text
+        model = await rest.get_kernel(kernel_id)
+        assert model is not None and model.get("execution_state") != "dead"
+        await rest.shutdown_kernel(kernel_id)
+    finally:
+        await rest.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_fresh_kernel_that_restarts_under_its_first_cell_is_replaced(
+        gateway: KernelGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # One that dies as it starts (its ports taken: seen in this suite) may come back through
+    # the restarter under the marker's read: the connect failed with "restarting while
+    # running the code" instead of trying another.
+    target = parse_target(gateway.url, gateway.token)
+    rest = JupyterRest(target)
+    try:
+        kernel_id, started = await find_or_start(
+            rest, "jupyter-tether-dies-at-first-cell", kernel_name="dies-at-first-cell",
+            state=TargetState(target.key, tmp_path / "state"))
+        assert started and "did not come up" in caplog.text and "restarting" in caplog.text
         model = await rest.get_kernel(kernel_id)
         assert model is not None and model.get("execution_state") != "dead"
         await rest.shutdown_kernel(kernel_id)

@@ -107,10 +107,11 @@ async def _start_bare(rest: JupyterRest, kernel_name: str) -> str:
     return str((await rest.start_kernel(kernel_name, path=""))["id"])
 
 
-class _FreshKernelMute(Exception):
-    """The fresh kernel's websocket never opened; ``error`` says how it failed."""
+class _FreshKernelFailed(Exception):
+    """The fresh kernel did not come up: its websocket never opened, or it died or restarted
+    before it answered; ``error`` says how it failed."""
 
-    def __init__(self, error: ConnectionLost) -> None:
+    def __init__(self, error: TetherError) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -190,15 +191,16 @@ async def _find_or_claim_by_marker(rest: JupyterRest, name: str, kernel_name: st
                                    open_timeout: float) -> tuple[str, bool]:
     """Gateways: read the marker from a fresh kernel; re-use its kernel or let the fresh one claim.
 
-    A fresh kernel that never answers its websocket (one can hang as it starts: see
-    ``SupervisorLink._open_supervisor_kernel``) is shut down and a second one tried."""
+    A fresh kernel that never answers its websocket, or dies or restarts before its first
+    answer (one can hang or die as it starts: see ``discard_failed_start``), is shut down
+    and a second one tried."""
     for attempt in (1, 2):
         try:
             return await _claim_in_fresh(rest, name, kernel_name, open_timeout)
-        except _FreshKernelMute as exc:
+        except _FreshKernelFailed as exc:
             if attempt == 2:
                 raise exc.error from None
-            log.warning("a fresh %s kernel on %s did not answer (%s); starting another",
+            log.warning("a fresh %s kernel on %s did not come up (%s); starting another",
                         kernel_name, rest.target.display_url, exc)
     raise AssertionError("unreachable")
 
@@ -216,9 +218,11 @@ async def _claim_in_fresh(rest: JupyterRest, name: str, kernel_name: str,
             try:
                 try:
                     await sock.open(tg)
-                except ConnectionLost as exc:
-                    raise _FreshKernelMute(exc) from exc
-                chosen = await _claim(rest, sock, name, fresh)
+                    chosen = await _claim(rest, sock, name, fresh)
+                except (ConnectionLost, KernelError) as exc:
+                    if isinstance(exc, KernelError) and not sock.kernel_lost:
+                        raise
+                    raise _FreshKernelFailed(exc) from exc
             except _MarkerUnavailable as exc:
                 # A read-only root, say: the fresh kernel serves, found again only through
                 # this controller's local state.

@@ -336,11 +336,13 @@ class SupervisorLink:
             f"{self.options.reconnect_wait:.0f}s (last error: {self.last_error or 'unknown'})"
         )
 
-    async def _open_supervisor_kernel(self) -> tuple[str, KernelSocket]:
-        """Find or start the supervisor kernel and open its websocket.
+    async def _open_supervisor_kernel(self) -> tuple[str, KernelSocket, dict[str, Any], str]:
+        """Find or start the supervisor kernel, open its websocket and install the payload:
+        its id, the open socket, its ``kernel_info`` and how the install went.
 
-        A kernel started just now whose websocket never opens, or that the server drops
-        while we connect, is replaced once (``discard_failed_start`` says why)."""
+        A kernel started just now whose websocket never opens, that the server drops while
+        we connect, or that dies or restarts under the install, is replaced once
+        (``discard_failed_start`` says why)."""
         assert self._task_group is not None
         for attempt in (1, 2):
             kernel_id, started = await find_or_start(
@@ -352,24 +354,33 @@ class SupervisorLink:
                                 ping_timeout=self.options.ping_timeout,
                                 max_message_bytes=self.options.max_message_bytes,
                                 open_timeout=self.options.open_timeout)
+            opened = False
             try:
                 await open_watching(sock, kernel_id, self.rest, self._task_group)
+                opened = True
+                sock.comm_handler = self._on_comm
+                info = await kernel_info(sock)
+                outcome = await inject(sock, kernel_id, self.options.remote_state_dir)
             except (ConnectionLost, KernelError) as exc:
-                if not started or attempt == 2:
+                await sock.aclose()
+                # Not a failed start: an install that failed in a kernel that stayed up.
+                came_up = opened and not isinstance(exc, ConnectionLost) and not sock.kernel_lost
+                if not started or attempt == 2 or came_up:
                     raise
                 await discard_failed_start(self.rest, "supervisor", kernel_id, exc)
                 continue
-            return kernel_id, sock
+            except BaseException:
+                await sock.aclose()
+                raise
+            return kernel_id, sock, info, outcome
         raise AssertionError("unreachable")
 
     async def _connect(self) -> None:
         assert self._task_group is not None
-        kernel_id, sock = await self._open_supervisor_kernel()
+        kernel_id, sock, info, outcome = await self._open_supervisor_kernel()
         try:
-            sock.comm_handler = self._on_comm
-            info = await kernel_info(sock)
             self.subshell_id = None
-            self.install_outcome = await inject(sock, kernel_id, self.options.remote_state_dir)
+            self.install_outcome = outcome
             previous_comm = self.comm_id
             self.comm_id = uuid.uuid4().hex
             self._comm_ids.append(self.comm_id)
