@@ -200,6 +200,9 @@ def test_relayed_exec_streams_and_is_interrupted_at_its_timeout(
     async def interrupt() -> None:
         kernel.manager.interrupt_kernel()
 
+    # Up first: the 1.5 s below is the cell's, not the kernel's start (on a busy machine the
+    # interrupt hit ipykernel's imports, and the kernel died with no output).
+    assert relayed(portal, h, kernel, "0", timeout=60).value == "0"
     result = relayed(portal, h, kernel, "import time\nprint('start', flush=True)\n"
                      "time.sleep(30)", timeout=1.5, interrupt=interrupt,
                      on_output=lambda kind, text: seen.append(text))
