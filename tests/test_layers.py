@@ -151,3 +151,23 @@ def test_starting_the_cli_or_the_mcp_server_does_not_load_heavy_modules() -> Non
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_a_notebook_write_in_the_cli_does_not_build_jsonschemas_format_checkers() -> None:
+    # `nb edit` validates with nbformat, which imports jsonschema, which imported every
+    # optional format checker it found (rfc3987_syntax builds a grammar: ~1 CPU-s per call).
+    import subprocess
+    import sys
+
+    probe = """
+import contextlib, io, sys
+from jupyter_tether.cli import main
+from jupyter_tether.controller.notebooks.document import validate
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    main(["--help"])
+validate({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}, "x.ipynb")
+print(sorted(m for m in ("rfc3987_syntax", "webcolors", "fqdn") if sys.modules.get(m)))
+"""
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"

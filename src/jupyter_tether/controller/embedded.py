@@ -21,21 +21,16 @@ import httpx2
 
 from ..config import default_root
 from ..errors import TetherError
+from ..lean_imports import FORMAT_CHECKERS
 from .target import Target, tls_context
-
-# jsonschema's optional format checkers: jupyter_events (in every Jupyter server) loads them
-# all, and rfc3987_syntax alone builds an IRI grammar at import (0.9 s of a 1.35 s start,
-# measured with ``-X importtime``; the others ~30 ms more). jsonschema skips a checker whose
-# module is missing, and a server only validates the events it emits itself.
-_SKIPPED = ("rfc3987_syntax", "rfc3986_validator", "rfc3339_validator", "isoduration", "fqdn",
-            "uri_template", "webcolors", "jsonpointer")
 
 
 def run_module_argv(python: str | os.PathLike[str], module: str) -> list[str]:
     """``python -m module``, started as if jsonschema's format checkers were not installed
-    (``_SKIPPED``): a Jupyter server, Kernel Gateway or JupyterHub starts 1-2 CPU-s faster."""
+    (``lean_imports``): a Jupyter server, Kernel Gateway or JupyterHub starts 1-2 CPU-s
+    faster."""
     return [os.fspath(python), "-c",
-            f"import runpy, sys; sys.modules.update(dict.fromkeys({_SKIPPED!r})); "
+            f"import runpy, sys; sys.modules.update(dict.fromkeys({FORMAT_CHECKERS!r})); "
             f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"]
 
 
