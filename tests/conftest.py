@@ -192,52 +192,51 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.fast if module in FAST_MODULES else pytest.mark.integration)
 
 
-def hangs_once_kernelspec(share: Path, nth: int = 1, name: str = "hangs-once") -> str:
-    """Install under ``share`` (a ``JUPYTER_PATH`` entry) a kernelspec ``name`` whose ``nth``
-    kernel hangs as it starts and never answers, as one does when another process takes one
-    of its ports first (ipykernel prints "Address already in use" and its process stays up,
-    so the server's restarter leaves it alone); the others start normally. Its name."""
-    starts = str(share / f"{name}.started")  # one byte per kernel started
+def _kernelspec(share: Path, name: str, code: str, display_name: str) -> str:
+    """Install under ``share`` (a ``JUPYTER_PATH`` entry) kernelspec ``name``: this python
+    running ``code`` (with the connection file after ``-f``). Its name."""
     spec = share / "kernels" / name
     spec.mkdir(parents=True)
-    code = (f"import os, time\nn = os.path.getsize({starts!r}) if os.path.exists({starts!r}) "
-            f"else 0\nopen({starts!r}, 'a').write('x')\nif n == {nth - 1}:\n"
-            "    time.sleep(600)\nfrom ipykernel.kernelapp import launch_new_instance\n"
-            "launch_new_instance()\n")
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-c", code, "-f", "{connection_file}"],
-        "display_name": "hangs once", "language": "python"}))
+        "display_name": display_name, "language": "python"}))
     return name
 
 
+_LAUNCH = "from ipykernel.kernelapp import launch_new_instance\nlaunch_new_instance()\n"
+
+
+def hangs_once_kernelspec(share: Path, nth: int = 1, name: str = "hangs-once") -> str:
+    """A kernelspec ``name`` whose ``nth`` kernel hangs as it starts and never answers, as one
+    does when another process takes one of its ports first (ipykernel prints "Address
+    already in use" and its process stays up, so the server's restarter leaves it alone);
+    the others start normally."""
+    starts = str(share / f"{name}.started")  # one byte per kernel started
+    code = (f"import os, time\nn = os.path.getsize({starts!r}) if os.path.exists({starts!r}) "
+            f"else 0\nopen({starts!r}, 'a').write('x')\nif n == {nth - 1}:\n"
+            f"    time.sleep(600)\n{_LAUNCH}")
+    return _kernelspec(share, name, code, "hangs once")
+
+
 def dies_once_kernelspec(share: Path) -> str:
-    """Install under ``share`` a kernelspec whose first kernel dies each time it starts, as
-    one does whose ports another process holds; the server's restarter gives up on it and
-    drops it. The kernels after it start normally. Its name."""
-    name = "dies-once"
-    first = str(share / f"{name}.first")
-    spec = share / "kernels" / name
-    spec.mkdir(parents=True)
+    """A kernelspec whose first kernel dies each time it starts, as one does whose ports
+    another process holds; the server's restarter gives up on it and drops it. The kernels
+    after it start normally."""
+    first = str(share / "dies-once.first")
     # Restarts reuse the connection file's path: the first kernel is the one that wrote it.
     code = ("import os, sys\nme = sys.argv[-1]\n"
             f"if not os.path.exists({first!r}):\n    open({first!r}, 'w').write(me)\n"
             f"if open({first!r}).read() == me:\n    sys.exit('Address already in use')\n"
-            "from ipykernel.kernelapp import launch_new_instance\nlaunch_new_instance()\n")
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-c", code, "-f", "{connection_file}"],
-        "display_name": "dies once", "language": "python"}))
-    return name
+            f"{_LAUNCH}")
+    return _kernelspec(share, "dies-once", code, "dies once")
 
 
 def dies_at_first_cell_kernelspec(share: Path) -> str:
-    """Install under ``share`` a kernelspec whose first kernel answers as it starts but exits
-    at the first cell it is sent, as one whose port another process took dies at once and
-    comes back through the server's restarter: a client sees "restarting" under its cell.
-    The restarted kernel, and the kernels after it, work. Its name."""
-    name = "dies-at-first-cell"
-    died = str(share / f"{name}.died")
-    spec = share / "kernels" / name
-    spec.mkdir(parents=True)
+    """A kernelspec whose first kernel answers as it starts but exits at the first cell it is
+    sent, as one whose port another process took dies at once and comes back through the
+    server's restarter: a client sees "restarting" under its cell. The restarted kernel,
+    and the kernels after it, work."""
+    died = str(share / "dies-at-first-cell.died")
     code = ("import os\nfrom ipykernel.ipkernel import IPythonKernel\n"
             "run = IPythonKernel.do_execute\n"
             "async def first_dies(self, *args, **kwargs):\n"
@@ -245,12 +244,8 @@ def dies_at_first_cell_kernelspec(share: Path) -> str:
             f"        open({died!r}, 'w').close()\n"
             "        os._exit(1)\n"
             "    return await run(self, *args, **kwargs)\n"
-            "IPythonKernel.do_execute = first_dies\n"
-            "from ipykernel.kernelapp import launch_new_instance\nlaunch_new_instance()\n")
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-c", code, "-f", "{connection_file}"],
-        "display_name": "dies at its first cell", "language": "python"}))
-    return name
+            f"IPythonKernel.do_execute = first_dies\n{_LAUNCH}")
+    return _kernelspec(share, "dies-at-first-cell", code, "dies at its first cell")
 
 
 def gated(gate: Path, then: str) -> str:

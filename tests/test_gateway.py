@@ -142,39 +142,26 @@ def test_gateway_that_lists_sessions_is_found_by_session_path(
 
 
 @pytest.mark.anyio
-async def test_a_fresh_kernel_that_never_answers_is_replaced_by_another(
-        gateway: KernelGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # On a gateway the marker is read through a fresh kernel. One that never came up (a
-    # port taken by another process first: seen in this suite) left its websocket
-    # unanswered, and the connect failed after the open timeout instead of trying another.
+@pytest.mark.parametrize(("kernel_name", "how"), [
+    # It never came up (a port taken by another process first: seen in this suite): its
+    # websocket unanswered, the connect failed after the open timeout.
+    ("hangs-once", "timed out"),
+    # It died as it started and came back through the restarter under the marker's read:
+    # the connect failed with "restarting while running the code".
+    ("dies-at-first-cell", "restarting"),
+])
+async def test_a_fresh_kernel_that_did_not_come_up_is_replaced_by_another(
+        gateway: KernelGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        kernel_name: str, how: str) -> None:
+    # On a gateway the marker is read through a fresh kernel: one that did not come up is
+    # shut down and another tried.
     target = parse_target(gateway.url, gateway.token)
     rest = JupyterRest(target)
     try:
         kernel_id, started = await find_or_start(
-            rest, "jupyter-tether-hangs-once", kernel_name="hangs-once",
+            rest, f"jupyter-tether-{kernel_name}", kernel_name=kernel_name,
             state=TargetState(target.key, tmp_path / "state"), open_timeout=5.0)
-        assert started and (gateway.workdir / "share" / "hangs-once.started").exists()
-        assert "did not come up" in caplog.text
-        model = await rest.get_kernel(kernel_id)
-        assert model is not None and model.get("execution_state") != "dead"
-        await rest.shutdown_kernel(kernel_id)
-    finally:
-        await rest.aclose()
-
-
-@pytest.mark.anyio
-async def test_a_fresh_kernel_that_restarts_under_its_first_cell_is_replaced(
-        gateway: KernelGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # One that dies as it starts (its ports taken: seen in this suite) may come back through
-    # the restarter under the marker's read: the connect failed with "restarting while
-    # running the code" instead of trying another.
-    target = parse_target(gateway.url, gateway.token)
-    rest = JupyterRest(target)
-    try:
-        kernel_id, started = await find_or_start(
-            rest, "jupyter-tether-dies-at-first-cell", kernel_name="dies-at-first-cell",
-            state=TargetState(target.key, tmp_path / "state"))
-        assert started and "did not come up" in caplog.text and "restarting" in caplog.text
+        assert started and "did not come up" in caplog.text and how in caplog.text
         model = await rest.get_kernel(kernel_id)
         assert model is not None and model.get("execution_state") != "dead"
         await rest.shutdown_kernel(kernel_id)
